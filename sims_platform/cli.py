@@ -1,0 +1,107 @@
+"""The `sims` command line: validate a pipeline, run it locally, or run one stage (as a pod does).
+
+Examples:
+  sims validate pipelines/digits.yaml
+  sims run --config pipelines/digits.yaml --out out/digits
+  sims stage train-base --config pipelines/digits.yaml --iteration 0
+  sims run --config pipelines/digits.yaml --set seed=1 --set finetune_aux.images=8192 --dry-run
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from sims_platform.config import ConfigError, PipelineConfig, dump_config, load_config
+from sims_platform.storage.layout import STAGES
+
+
+def _load(args: argparse.Namespace) -> PipelineConfig:
+    overrides = list(args.set or [])
+    if getattr(args, "out", None):
+        overrides.append(f"storage.root={os.path.abspath(args.out)}")
+    return load_config(args.config, overrides)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    cfg = load_config(args.file, list(args.set or []))
+    print(f"{args.file}: valid ({cfg.iterations.count} iteration(s), w sweep {cfg.evaluate.weights})")
+    if args.print:
+        print(dump_config(cfg), end="")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    if args.dry_run:
+        print(dump_config(cfg), end="")
+        return 0
+    from sims_platform.pipeline.runner import run_pipeline
+    from sims_platform.storage.layout import RunLayout
+    from sims_platform.tracking import resolve_tracking_uri, ui_command
+
+    run_pipeline(cfg)
+    layout = RunLayout.of(cfg.storage.root)
+    print(f"open the MLflow UI with:\n  {ui_command(resolve_tracking_uri(cfg, layout), layout)}", flush=True)
+    return 0
+
+
+def cmd_stage(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    if args.iteration >= cfg.iterations.count:
+        raise ConfigError(f"--iteration {args.iteration}: the pipeline has iterations.count = "
+                          f"{cfg.iterations.count} (iterations are 0-based)")
+    from sims_platform.pipeline.runner import open_run
+    from sims_platform.stages import StageContext, run_stage
+
+    layout, lineage, _ = open_run(cfg)
+    result = run_stage(StageContext(cfg, layout, args.iteration, lineage), args.name, force=args.force)
+    print(result, flush=True)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sims", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    set_help = "override a config value, KEY=VALUE with a dotted key (repeatable)"
+
+    p = sub.add_parser("validate", help="check a pipeline YAML file; errors name the field")
+    p.add_argument("file", help="pipeline YAML ('-' for standard input)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help=set_help)
+    p.add_argument("--print", action="store_true", help="print the resolved config with every default")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("run", help="run every iteration and stage of a pipeline in this process")
+    p.add_argument("--config", required=True, help="pipeline YAML")
+    p.add_argument("--out", help="storage root (overrides storage.root), e.g. out/digits")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help=set_help)
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and stop")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("stage", help="run one stage of one iteration (resumes from its newest checkpoint)")
+    p.add_argument("name", choices=STAGES)
+    p.add_argument("--config", required=True, help="pipeline YAML")
+    p.add_argument("--iteration", type=int, default=0, help="0-based iteration (default 0)")
+    p.add_argument("--out", help="storage root (overrides storage.root)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help=set_help)
+    p.add_argument("--force", action="store_true", help="run even if the stage is marked complete")
+    p.set_defaults(func=cmd_stage)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,203 @@
+"""The typed pipeline configuration: the one source of truth for every stage."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class Strict(BaseModel):
+    """Base for every config section: unknown keys are errors, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+# ----------------------------------------------------------------------------
+# Data and encoders
+
+
+class DataConfig(Strict):
+    source: Literal["digits", "folder", "webdataset"] = Field(
+        "digits", description="digits: scikit-learn's 1,797 handwritten digits shipped in the package; "
+        "folder: one sub-folder of images per class; webdataset: tar shards (URI, brace patterns allowed)")
+    path: str | None = Field(None, description="folder path or shard URI pattern (folder / webdataset sources)")
+    resolution: int = Field(16, ge=4, le=1024, description="images are resized to resolution x resolution")
+    channels: Literal[1, 3] = Field(1, description="1 = grayscale, 3 = RGB")
+    num_classes: int = Field(10, ge=0, description="0 = unconditional")
+    max_images: int | None = Field(None, ge=1, description="use only the first N images (deterministic order)")
+
+    @model_validator(mode="after")
+    def _path_needed(self) -> DataConfig:
+        if self.source in ("folder", "webdataset") and not self.path:
+            raise ValueError(f"data.path is required when data.source is '{self.source}'")
+        return self
+
+
+class EncoderConfig(Strict):
+    kind: Literal["pixel", "latent"] = Field("pixel", description="pixel: x in [-1, 1]; latent: VAE latents")
+    vae: str = Field("stabilityai/sd-vae-ft-mse", description="diffusers AutoencoderKL: hub id or local path")
+    vae_config: dict | None = Field(None, description="build a randomly initialised AutoencoderKL from this "
+                                    "config instead of loading weights (tests, offline smoke runs)")
+    latent_mean: list[float] = Field([5.81, 3.25, 0.12, -2.15], description="raw latent mean per channel (EDM2)")
+    latent_std: list[float] = Field([4.17, 4.62, 3.71, 3.28], description="raw latent std per channel (EDM2)")
+    final_std: float = Field(0.5, gt=0, description="latents are scaled to this std (sigma_data)")
+    batch_size: int = Field(8, ge=1, description="images per VAE call")
+
+
+# ----------------------------------------------------------------------------
+# Network
+
+
+class NetworkConfig(Strict):
+    preset: str = Field("digits-tiny", description="a row of sims_platform.models.presets.PRESETS")
+    model_channels: int | None = Field(None, ge=8, description="override the preset's base channel count")
+    channel_mult: list[int] | None = Field(None, min_length=1, description="override channel multipliers")
+    num_blocks: int | None = Field(None, ge=1, description="override blocks per resolution")
+    attn_resolutions: list[int] | None = Field(None, description="override resolutions with self-attention")
+    dropout: float | None = Field(None, ge=0, lt=1, description="override dropout")
+    sigma_data: float = Field(0.5, gt=0, description="EDM sigma_data")
+
+
+# ----------------------------------------------------------------------------
+# Training
+
+
+class OptimizerConfig(Strict):
+    lr: float = Field(1e-2, gt=0, description="EDM2 reference learning rate (Adam)")
+    betas: tuple[float, float] = Field((0.9, 0.99), description="Adam betas")
+    ref_images: int = Field(0, ge=0, description="lr decays as 1/sqrt(images/ref_images) after this many "
+                            "images; 0 disables the decay")
+    rampup_images: int = Field(0, ge=0, description="linear warm-up length in images")
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in v):
+            raise ValueError("each beta must be in [0, 1)")
+        return v
+
+
+class TrainConfig(Strict):
+    images: int = Field(..., ge=1, description="training budget in images seen (B for the aux model)")
+    batch_size: int = Field(128, ge=1, description="global batch size")
+    optimizer: OptimizerConfig = OptimizerConfig()
+    p_mean: float = Field(-0.4, description="EDM2 noise distribution: ln(sigma) ~ N(p_mean, p_std^2)")
+    p_std: float = Field(1.0, gt=0)
+    ema_std: float = Field(0.1, gt=0, lt=0.28, description="power-function EMA relative std; the EMA weights "
+                           "are the ones sampled from")
+    label_dropout: float = Field(0.0, ge=0, lt=1, description="drop class labels with this probability "
+                                 "(trains the unconditional model classifier-free guidance needs)")
+    checkpoint_images: int = Field(20000, ge=1, description="checkpoint every this many images")
+    keep_checkpoints: int = Field(2, ge=1, description="how many newest checkpoints to keep")
+    snapshots: list[int] = Field([], description="also keep the weights at these image counts for good "
+                                 "(e.g. the early model autoguidance uses as its guide)")
+    log_images: int = Field(2000, ge=1, description="log the loss every this many images")
+
+
+# ----------------------------------------------------------------------------
+# Sampling, generation, evaluation
+
+
+class SamplerConfig(Strict):
+    steps: int = Field(32, ge=1, description="Heun steps (2*steps-1 network evaluations)")
+    sigma_min: float = Field(0.002, gt=0)
+    sigma_max: float = Field(80.0, gt=0)
+    rho: float = Field(7.0, gt=0)
+
+    @model_validator(mode="after")
+    def _order(self) -> SamplerConfig:
+        if self.sigma_min >= self.sigma_max:
+            raise ValueError("sampler.sigma_min must be below sampler.sigma_max")
+        return self
+
+
+class GenerateConfig(Strict):
+    num_samples: int = Field(2000, ge=1, description="n_s: size of the synthetic set")
+    batch_size: int = Field(250, ge=1)
+    shard_size: int = Field(1000, ge=1, description="samples per WebDataset shard")
+    sampler: SamplerConfig = SamplerConfig()
+
+
+class EvaluateConfig(Strict):
+    method: Literal["sims", "cfg", "autoguidance"] = Field(
+        "sims", description="guide network: the aux model (sims), the unconditional model (cfg), "
+        "or an early base checkpoint (autoguidance)")
+    weights: list[float] = Field([0.0, 0.5, 1.0, 1.5, 2.0], min_length=1,
+                                 description="w sweep for D = D_base + w (D_base - D_guide); 0 is the base")
+    autoguidance_images: int | None = Field(None, ge=1, description="autoguidance: the base checkpoint at "
+                                            "this many images is the guide")
+    num_samples: int = Field(2000, ge=2, description="samples per w (same seeds for every w)")
+    batch_size: int = Field(250, ge=1)
+    features: Literal["digits-classifier", "inception"] = Field("digits-classifier",
+                                                                description="FID feature network")
+    inception_weights: str | None = Field(None, description="inception: URL or path of the FID weights")
+    sampler: SamplerConfig = SamplerConfig()
+    grid_size: int = Field(64, ge=1, description="samples in each PNG grid logged per w")
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, v: list[float]) -> list[float]:
+        if len(set(v)) != len(v):
+            raise ValueError("weights must be distinct")
+        if any(w < 0 for w in v):
+            raise ValueError("weights must be >= 0 (0 is the base model)")
+        return v
+
+
+class IterationsConfig(Strict):
+    count: int = Field(1, ge=1, description="how many SIMS iterations (generations) to run")
+    train_data: Literal["real", "real+synthetic", "synthetic"] = Field(
+        "real", description="what iteration k>0 trains its base on: real only, real plus the previous "
+        "iteration's feed samples (synthetic augmentation loop), or the feed only (fully synthetic loop)")
+    feed_samples: int = Field(0, ge=0, description="|D_p|: samples the previous iteration feeds forward")
+    feed_sampler: Literal["guided", "plain"] = Field("guided", description="feed from the SIMS-guided "
+                                                     "sampler (at the iteration's best w) or the plain base")
+    feed_weight: float | None = Field(None, ge=0, description="fixed w for the guided feed; null = best w")
+
+    @model_validator(mode="after")
+    def _feed(self) -> IterationsConfig:
+        if self.count > 1 and self.train_data != "real" and self.feed_samples == 0:
+            raise ValueError("iterations.feed_samples must be > 0 when train_data uses synthetic data")
+        return self
+
+
+class StorageConfig(Strict):
+    root: str = Field("file://./out/digits", description="URI of the run's folder (file://, s3://, ...)")
+
+
+class TrackingConfig(Strict):
+    uri: str | None = Field(None, description="MLflow tracking URI; null = MLFLOW_TRACKING_URI or a file "
+                            "store under the storage root")
+    experiment: str = Field("sims", description="MLflow experiment name")
+
+
+class PipelineConfig(Strict):
+    name: str = Field("sims", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+                      description="run name (lowercase, digits, '-': it becomes Kubernetes names)")
+    seed: int = Field(0, ge=0, description="base seed; every stage derives its seeds from it")
+    data: DataConfig = DataConfig()
+    encoder: EncoderConfig = EncoderConfig()
+    network: NetworkConfig = NetworkConfig()
+    train_base: TrainConfig
+    generate: GenerateConfig = GenerateConfig()
+    finetune_aux: TrainConfig
+    evaluate: EvaluateConfig = EvaluateConfig()
+    iterations: IterationsConfig = IterationsConfig()
+    storage: StorageConfig = StorageConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _cross(self) -> PipelineConfig:
+        if self.evaluate.method == "cfg" and self.train_base.label_dropout == 0:
+            raise ValueError("evaluate.method 'cfg' needs train_base.label_dropout > 0 "
+                             "(the base must also learn the unconditional model)")
+        if self.evaluate.method == "cfg" and self.data.num_classes == 0:
+            raise ValueError("evaluate.method 'cfg' needs a class-conditional model (data.num_classes > 0)")
+        if self.evaluate.method == "autoguidance":
+            if self.evaluate.autoguidance_images not in self.train_base.snapshots:
+                raise ValueError("evaluate.autoguidance_images must be one of train_base.snapshots "
+                                 "(the early base checkpoint that guides)")
+        if self.encoder.kind == "latent" and len(self.encoder.latent_mean) != len(self.encoder.latent_std):
+            raise ValueError("encoder.latent_mean and encoder.latent_std must have the same length")
+        return self

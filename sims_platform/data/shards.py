@@ -1,0 +1,205 @@
+"""Synthetic sets as WebDataset tar shards: atomic per-shard commits, restartable writes, checksummed reads."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterator
+from typing import IO, Any
+
+import fsspec
+import numpy as np
+import torch
+from webdataset import TarWriter
+from webdataset.autodecode import npy_loads
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from sims_platform.storage.fsio import atomic_open, exists, join, listdir, read_json, write_json
+
+MANIFEST = "manifest.json"
+DTYPE = "float16"
+_MTIME = 0.0  # a fixed tar mtime: the same samples always give byte-identical shards (and checksums)
+_RESERVED = {"shards", "total", "shard_size", "dtype", "shape"}
+
+
+class ShardError(ValueError):
+    """A synthetic set that is incomplete, corrupt or inconsistent with its manifest."""
+
+
+def shard_name(j: int) -> str:
+    return f"shard-{j:06d}.tar"
+
+
+def _record_name(j: int) -> str:
+    # Written right after the shard commits: its presence is what marks shard j as done.
+    return f"shard-{j:06d}.json"
+
+
+# ----------------------------------------------------------------------------
+# Tar streams (shared with the webdataset image source)
+
+
+class _Hashing:
+    """Wraps a file object and hashes the bytes passing through it, so checksums never need a second pass."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self.f = f
+        self.sha = hashlib.sha256()
+
+    def write(self, b: bytes) -> int:
+        self.sha.update(b)
+        return self.f.write(b)
+
+    def read(self, n: int = -1) -> bytes:
+        b = self.f.read(n)
+        self.sha.update(b)
+        return b
+
+
+def tar_samples(stream: IO[bytes] | _Hashing, url: str) -> Iterator[dict[str, Any]]:
+    """Samples of one open tar stream (raw bytes by extension, plus __key__), via webdataset's tar iteration."""
+    return group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))
+
+
+def iter_tar(uri: str) -> Iterator[dict[str, Any]]:
+    """Samples of the tar at uri, opened through fsspec (webdataset has no s3:// opener) and always closed."""
+    try:
+        f = fsspec.open(uri, "rb").open()
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{uri}: tar shard not found") from e
+    with f:
+        yield from tar_samples(f, uri)
+
+
+# ----------------------------------------------------------------------------
+# Writing
+
+
+class ShardWriter:
+    """Writes samples 0..total-1 as shards of shard_size; committed shards survive restarts, manifest last."""
+
+    def __init__(self, uri: str, shard_size: int, total: int, meta: dict[str, Any] | None = None) -> None:
+        if shard_size < 1 or total < 1:
+            raise ValueError(f"ShardWriter({uri}): shard_size and total must be >= 1, got {shard_size}, {total}")
+        clash = _RESERVED & set(meta or {})
+        if clash:
+            raise ValueError(f"ShardWriter({uri}): meta keys {sorted(clash)} are reserved for the manifest")
+        self.uri = uri.rstrip("/")
+        self.shard_size = shard_size
+        self.total = total
+        self.meta = dict(meta or {})
+        self.num_shards = math.ceil(total / shard_size)
+
+    def shard_range(self, j: int) -> range:
+        """Sample indexes that shard j holds."""
+        if not 0 <= j < self.num_shards:
+            raise ValueError(f"{self.uri}: shard {j} out of range 0..{self.num_shards - 1}")
+        return range(j * self.shard_size, min((j + 1) * self.shard_size, self.total))
+
+    def missing_shards(self) -> list[int]:
+        names = set(listdir(self.uri))
+        return [j for j in range(self.num_shards)
+                if shard_name(j) not in names or _record_name(j) not in names]
+
+    def write_shard(self, j: int, x: torch.Tensor, labels: torch.Tensor, seeds: torch.Tensor) -> dict[str, Any]:
+        """Write shard j atomically (readers see all of it or nothing) and record it as committed."""
+        n = len(self.shard_range(j))
+        if not (x.shape[0] == labels.shape[0] == seeds.shape[0] == n):
+            raise ValueError(f"{self.uri}: shard {j} needs {n} samples, got x {tuple(x.shape)}, "
+                             f"labels {tuple(labels.shape)}, seeds {tuple(seeds.shape)}")
+        x16 = x.detach().to("cpu", torch.float16)
+        if not torch.isfinite(x16).all():
+            raise ValueError(f"{self.uri}: shard {j} has values that are not finite in float16")
+        seed_list = [int(s) for s in seeds]
+        if min(seed_list) < 0 or len(set(seed_list)) != n:
+            raise ValueError(f"{self.uri}: shard {j} seeds must be distinct and >= 0 (they are the sample keys)")
+        arrays = x16.numpy()
+        label_list = [int(c) for c in labels]
+
+        with atomic_open(join(self.uri, shard_name(j)), "wb") as f:
+            out = _Hashing(f)
+            with TarWriter(out, mtime=_MTIME) as tar:
+                for a, c, s in zip(arrays, label_list, seed_list):
+                    tar.write({"__key__": f"{s:010d}", "x.npy": a, "cls": c, "seed": str(s)})
+        record = {"name": shard_name(j), "count": n, "first_seed": seed_list[0],
+                  "sha256": out.sha.hexdigest(), "shape": list(x16.shape[1:])}
+        write_json(join(self.uri, _record_name(j)), record)
+        return record
+
+    def finalize(self) -> dict[str, Any]:
+        """Write manifest.json (the set's commit point) from the shard records; every shard must be there."""
+        missing = self.missing_shards()
+        if missing:
+            raise ShardError(f"{self.uri}: cannot finalize, shards {missing} of {self.num_shards} are not written")
+        records = [read_json(join(self.uri, _record_name(j))) for j in range(self.num_shards)]
+        for j, r in enumerate(records):
+            if r["count"] != len(self.shard_range(j)):
+                raise ShardError(f"{self.uri}: {r['name']} holds {r['count']} samples, expected "
+                                 f"{len(self.shard_range(j))}; written with another shard_size or total?")
+        shapes = {tuple(r["shape"]) for r in records}
+        if len(shapes) != 1:
+            raise ShardError(f"{self.uri}: shards disagree on the sample shape: {sorted(shapes)}")
+        manifest = {"shards": [{k: r[k] for k in ("name", "count", "first_seed", "sha256")} for r in records],
+                    "total": self.total, "shard_size": self.shard_size, "dtype": DTYPE,
+                    "shape": list(shapes.pop()), **self.meta}
+        write_json(join(self.uri, MANIFEST), manifest)
+        return manifest
+
+
+# ----------------------------------------------------------------------------
+# Reading
+
+
+def read_manifest(uri: str) -> dict[str, Any]:
+    path = join(uri, MANIFEST)
+    if not exists(path):
+        raise ShardError(f"{uri}: no {MANIFEST}; the synthetic set is incomplete (did generate finish?)")
+    try:
+        manifest = read_json(path)
+        entries = manifest["shards"]
+        if sum(e["count"] for e in entries) != manifest["total"]:
+            raise ValueError("shard counts do not add up to total")
+    except (ValueError, KeyError, TypeError) as e:
+        raise ShardError(f"{path}: not a valid shard manifest ({e})") from e
+    return manifest
+
+
+def _read_shard(uri: str, entry: dict[str, Any],
+                shape: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    path = join(uri, entry["name"])
+    if not exists(path):
+        raise ShardError(f"{uri}: shard {entry['name']} is listed in {MANIFEST} but missing")
+    xs, labels, seeds = [], [], []
+    try:
+        with fsspec.open(path, "rb") as f:
+            stream = _Hashing(f)
+            for sample in tar_samples(stream, path):
+                xs.append(npy_loads(sample["x.npy"]))
+                labels.append(int(sample["cls"]))
+                seeds.append(int(sample["seed"]))
+            while stream.read(1 << 20):  # tar readers stop at the end marker; the checksum covers every byte
+                pass
+    except (OSError, ValueError, KeyError, EOFError) as e:
+        raise ShardError(f"{path}: unreadable shard ({e!r})") from e
+    if stream.sha.hexdigest() != entry["sha256"]:
+        raise ShardError(f"{path}: sha256 checksum mismatch (manifest {entry['sha256'][:12]}..., file "
+                         f"{stream.sha.hexdigest()[:12]}...); the shard is corrupt or was rewritten")
+    if len(xs) != entry["count"]:
+        raise ShardError(f"{path}: holds {len(xs)} samples, manifest says {entry['count']}")
+    x = torch.from_numpy(np.stack(xs)).float() if xs else torch.zeros(0, *shape)
+    if list(x.shape[1:]) != list(shape):
+        raise ShardError(f"{path}: samples have shape {list(x.shape[1:])}, manifest says {shape}")
+    return x, torch.tensor(labels, dtype=torch.int64), torch.tensor(seeds, dtype=torch.int64)
+
+
+def iter_shards(uri: str) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(x float32, labels, seeds) per shard, each yielded only after its checksum and count are verified."""
+    manifest = read_manifest(uri)
+    for entry in manifest["shards"]:
+        yield _read_shard(uri, entry, manifest["shape"])
+
+
+def read_shards(uri: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The whole synthetic set in memory: x float32 [N, ...], labels int64 [N], seeds int64 [N]."""
+    parts = list(iter_shards(uri))
+    return tuple(torch.cat(p) for p in zip(*parts))  # type: ignore[return-value]

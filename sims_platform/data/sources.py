@@ -1,0 +1,158 @@
+"""Real training images from a data source (digits, class folders, WebDataset shards) as LabeledImages."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from webdataset.shardlists import expand_urls
+
+from sims_platform.config.schema import DataConfig
+from sims_platform.data.images import LabeledImages
+from sims_platform.data.shards import iter_tar
+from sims_platform.storage.fsio import filesystem
+
+IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")  # WebDataset sample keys searched for the image, in this order
+
+
+def load_images(cfg: DataConfig) -> LabeledImages:
+    """Load cfg.source in its deterministic order, capped at cfg.max_images, resized to cfg.resolution."""
+    loaders: dict[str, Callable[[DataConfig], tuple[torch.Tensor, torch.Tensor]]] = {
+        "digits": _digits, "folder": _folder, "webdataset": _webdataset}
+    images, labels = loaders[cfg.source](cfg)
+    if len(labels) == 0:
+        raise ValueError(f"data.path: no images found in {cfg.path}")
+    if cfg.num_classes == 0:
+        labels = torch.zeros_like(labels)  # unconditional: the class is never looked at
+    elif labels.min() < 0 or labels.max() >= cfg.num_classes:
+        raise ValueError(f"data.num_classes is {cfg.num_classes} but the labels of {cfg.source} data span "
+                         f"{int(labels.min())}..{int(labels.max())}; expected 0..{cfg.num_classes - 1}")
+    return LabeledImages(images=images.float().contiguous(), labels=labels.long())
+
+
+# ----------------------------------------------------------------------------
+# Pixel conversions shared by the sources
+
+
+def resize(x: torch.Tensor, resolution: int) -> torch.Tensor:
+    """Square [N, C, S, S] in [-1, 1] to [N, C, R, R]; antialiased when shrinking so thin strokes survive."""
+    if x.shape[-1] == resolution:
+        return x
+    x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False,
+                      antialias=x.shape[-1] > resolution)
+    return x.clamp(-1, 1)
+
+
+def decode_image(data: bytes, name: str, channels: int, resolution: int) -> torch.Tensor:
+    """Encoded image bytes to [C, R, R] in [-1, 1]: converted to L or RGB, center-cropped to a square."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img = img.convert("L" if channels == 1 else "RGB")
+    except Exception as e:  # PIL raises several unrelated types for bad data; all mean the same here
+        raise ValueError(f"{name}: cannot decode as an image ({e})") from e
+    w, h = img.size
+    s = min(w, h)
+    left, top = (w - s) // 2, (h - s) // 2
+    img = img.crop((left, top, left + s, top + s))
+    a = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())
+    a = a[None] if a.ndim == 2 else a.permute(2, 0, 1)
+    return resize(a[None].float() / 127.5 - 1, resolution)[0]
+
+
+# ----------------------------------------------------------------------------
+# Sources
+
+
+def _digits(cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    from sklearn.datasets import load_digits  # lazy: sklearn is slow to import; the data ships with it
+
+    d = load_digits()
+    n = len(d.target) if cfg.max_images is None else cfg.max_images
+    x = torch.from_numpy(d.images[:n]).float()[:, None] / 8 - 1  # values 0..16 -> [-1, 1]
+    x = resize(x, cfg.resolution)
+    if cfg.channels == 3:
+        x = x.expand(-1, 3, -1, -1)
+    return x, torch.from_numpy(d.target[:n]).long()
+
+
+def _folder(cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    fs, root = filesystem(cfg.path)
+    if not fs.isdir(root):
+        raise ValueError(f"data.path: folder {cfg.path} does not exist")
+    entries = fs.ls(root, detail=True)
+    classes = sorted(e["name"] for e in entries if e["type"] == "directory" and not _hidden(e["name"]))
+    if not classes:
+        raise ValueError(f"data.path: {cfg.path} has no class sub-folders (expected one folder of images per "
+                         f"class)")
+    if cfg.num_classes > 0 and len(classes) != cfg.num_classes:
+        raise ValueError(f"data.num_classes is {cfg.num_classes} but {cfg.path} has {len(classes)} class "
+                         f"folders: {[_base(c) for c in classes]}")
+    images, labels = [], []
+    for label, folder in enumerate(classes):
+        files = sorted(e["name"] for e in fs.ls(folder, detail=True)
+                       if e["type"] == "file" and not _hidden(e["name"]))
+        for path in files:
+            if cfg.max_images is not None and len(images) == cfg.max_images:
+                break
+            images.append(decode_image(fs.cat_file(path), path, cfg.channels, cfg.resolution))
+            labels.append(label)
+    return _stack(images, cfg), torch.tensor(labels, dtype=torch.int64)
+
+
+def _webdataset(cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    images, labels = [], []
+    for url in expand_urls(cfg.path):  # webdataset's own shard-list syntax: braces and '::'
+        with contextlib.closing(iter_tar(url)) as samples:  # closes the shard even when we stop early
+            for sample in _capped(samples, cfg.max_images, len(images)):
+                name = f"{url}:{sample['__key__']}"
+                key = next((k for k in IMAGE_KEYS if k in sample), None)
+                if key is None:
+                    raise ValueError(f"{name}: no image; expected one of {list(IMAGE_KEYS)}, found "
+                                     f"{sorted(k for k in sample if not k.startswith('__'))}")
+                images.append(decode_image(sample[key], f"{name}.{key}", cfg.channels, cfg.resolution))
+                labels.append(_class_of(sample, name, cfg.num_classes))
+        if cfg.max_images is not None and len(images) == cfg.max_images:
+            break
+    return _stack(images, cfg), torch.tensor(labels, dtype=torch.int64)
+
+
+# ----------------------------------------------------------------------------
+# Helpers
+
+
+def _class_of(sample: dict, name: str, num_classes: int) -> int:
+    if "cls" not in sample:
+        if num_classes == 0:
+            return 0
+        raise ValueError(f"{name}: no 'cls' entry; data.num_classes is {num_classes} so every sample needs one")
+    try:
+        return int(sample["cls"])
+    except ValueError as e:
+        raise ValueError(f"{name}.cls: expected an integer class, got {sample['cls'][:20]!r}") from e
+
+
+def _capped(samples: Iterator[dict], cap: int | None, have: int) -> Iterator[dict]:
+    for sample in samples:
+        if cap is not None and have >= cap:
+            return
+        have += 1
+        yield sample
+
+
+def _stack(images: list[torch.Tensor], cfg: DataConfig) -> torch.Tensor:
+    if not images:
+        return torch.zeros(0, cfg.channels, cfg.resolution, cfg.resolution)
+    return torch.stack(images)
+
+
+def _base(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _hidden(path: str) -> bool:
+    return _base(path).startswith(".")

@@ -1,0 +1,62 @@
+"""Latent space through diffusers' AutoencoderKL, normalised per channel as EDM2 does."""
+
+from __future__ import annotations
+
+import torch
+
+from sims_platform.config.schema import EncoderConfig
+
+
+def load_autoencoder(cfg: EncoderConfig):
+    """The VAE from a hub id / local path, or randomly initialised from cfg.vae_config (no download)."""
+    from diffusers import AutoencoderKL
+
+    if cfg.vae_config is not None:
+        return AutoencoderKL(**cfg.vae_config)
+    try:
+        return AutoencoderKL.from_pretrained(cfg.vae)
+    except OSError as err:
+        raise RuntimeError(f"encoder.vae: cannot load AutoencoderKL '{cfg.vae}' ({err}). Give a local path, "
+                           "make the hub reachable, or set encoder.vae_config for a random VAE") from err
+
+
+class LatentEncoder:
+    """Images -> VAE latent mean (scaled to final_std per channel) and back."""
+
+    def __init__(self, cfg: EncoderConfig, vae=None, device: torch.device | str = "cpu"):
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.vae = (vae if vae is not None else load_autoencoder(cfg)).eval().requires_grad_(False).to(self.device)
+        self.channels = int(self.vae.config.latent_channels)
+        if len(cfg.latent_mean) != self.channels:
+            raise ValueError(f"encoder.latent_mean has {len(cfg.latent_mean)} values, the VAE has "
+                             f"{self.channels} latent channels")
+        self.down = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        shape = (1, self.channels, 1, 1)
+        mean = torch.tensor(cfg.latent_mean, dtype=torch.float32).reshape(shape)
+        std = torch.tensor(cfg.latent_std, dtype=torch.float32).reshape(shape)
+        # x = (raw - mean) * scale, with scale = final_std / std (EDM2's normalisation).
+        self.mean, self.scale = mean.to(self.device), (cfg.final_std / std).to(self.device)
+
+    def resolution(self, image_resolution: int) -> int:
+        if image_resolution % self.down:
+            raise ValueError(f"data.resolution {image_resolution} is not divisible by the VAE's factor {self.down}")
+        return image_resolution // self.down
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        outs = []
+        for chunk in images.split(self.cfg.batch_size):
+            if chunk.shape[1] == 1:  # the SD VAE expects RGB
+                chunk = chunk.expand(-1, 3, -1, -1)
+            raw = self.vae.encode(chunk.to(self.device, torch.float32)).latent_dist.mean
+            outs.append(((raw - self.mean) * self.scale).cpu())
+        return torch.cat(outs)
+
+    @torch.no_grad()
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        outs = []
+        for chunk in x.split(self.cfg.batch_size):
+            raw = chunk.to(self.device, torch.float32) / self.scale + self.mean
+            outs.append(self.vae.decode(raw).sample.clamp(-1, 1).cpu())
+        return torch.cat(outs)

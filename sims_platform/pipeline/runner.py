@@ -1,0 +1,47 @@
+"""Run the whole SIMS loop locally: every iteration's stages in order, then the summary."""
+
+from __future__ import annotations
+
+from sims_platform.config import PipelineConfig, dump_config
+from sims_platform.stages import StageContext, run_stage
+from sims_platform.storage import fsio
+from sims_platform.storage.layout import RunLayout
+from sims_platform.tracking import Lineage, format_table, iteration_result, resolve_tracking_uri, write_summary
+
+
+def stages_for(cfg: PipelineConfig, k: int) -> list[str]:
+    """Stage order of iteration k; feed only when a later iteration trains on synthetic data."""
+    stages = ["train-base", "generate", "finetune-aux", "evaluate"]
+    it = cfg.iterations
+    if k < it.count - 1 and it.train_data != "real":
+        stages.append("feed")
+    return stages
+
+
+def open_run(cfg: PipelineConfig) -> tuple[RunLayout, Lineage, str]:
+    """The run's layout and lineage; records the resolved config next to the results."""
+    layout = RunLayout.of(cfg.storage.root)
+    if fsio.exists(layout.config):
+        previous = fsio.read_bytes(layout.config).decode()
+        if previous != dump_config(cfg):
+            print(f"note: {layout.config} differs from this config; stages already complete are kept "
+                  "(delete the folder to start over)", flush=True)
+    fsio.write_bytes(layout.config, dump_config(cfg).encode())
+    lineage = Lineage(resolve_tracking_uri(cfg, layout), cfg.tracking.experiment, layout)
+    return layout, lineage, lineage.pipeline_run(cfg)
+
+
+def run_pipeline(cfg: PipelineConfig) -> dict:
+    layout, lineage, parent = open_run(cfg)
+    results = []
+    for k in range(cfg.iterations.count):
+        ctx = StageContext(cfg, layout, k, lineage)
+        for stage in stages_for(cfg, k):
+            out = run_stage(ctx, stage)
+            if stage == "evaluate":
+                results.append(iteration_result(k, {float(w): v for w, v in out["fid"].items()}))
+    summary = write_summary(layout, results, parent)
+    lineage.finish(parent, "FINISHED")
+    print(format_table(summary), flush=True)
+    print(f"summary: {layout.summary}", flush=True)
+    return summary

@@ -1,0 +1,1 @@
+"""Sampling: the EDM Heun sampler and guidance compositions of denoisers."""

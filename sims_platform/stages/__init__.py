@@ -1,0 +1,50 @@
+"""The SIMS stages as functions with explicit inputs and outputs (URIs); launchers only decide where they run."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from sims_platform.stages.context import StageContext
+from sims_platform.stages.evaluate import evaluate
+from sims_platform.stages.sampling import feed, generate
+from sims_platform.stages.training import finetune_aux, train_base
+from sims_platform.storage import fsio
+
+STAGE_FUNCS: dict[str, Callable[[StageContext, str], dict]] = {
+    "train-base": train_base,
+    "generate": generate,
+    "finetune-aux": finetune_aux,
+    "evaluate": evaluate,
+    "feed": feed,
+}
+
+
+def is_done(ctx: StageContext, stage: str) -> bool:
+    return fsio.exists(ctx.layout.done_marker(ctx.iteration, stage))
+
+
+def run_stage(ctx: StageContext, stage: str, force: bool = False) -> dict:
+    """Run one stage unless its completion marker exists; a rerun after a kill resumes inside the stage."""
+    if stage not in STAGE_FUNCS:
+        raise ValueError(f"unknown stage '{stage}', expected one of {', '.join(STAGE_FUNCS)}")
+    marker = ctx.layout.done_marker(ctx.iteration, stage)
+    if not force and fsio.exists(marker):
+        print(f"[iter {ctx.iteration} {stage}] already complete ({marker}); skipping", flush=True)
+        return fsio.read_json(marker)["result"]
+    run_id = ctx.lineage.stage_run(ctx.iteration, stage)
+    t0 = time.time()
+    try:
+        result = STAGE_FUNCS[stage](ctx, run_id)
+    except BaseException:
+        ctx.lineage.finish(run_id, "FAILED")
+        raise
+    seconds = time.time() - t0
+    ctx.lineage.log_metrics(run_id, {"stage_seconds": seconds}, step=0)
+    ctx.lineage.finish(run_id, "FINISHED")
+    fsio.write_json(marker, {"stage": stage, "iteration": ctx.iteration, "mlflow_run_id": run_id,
+                             "seconds": seconds, "result": result})
+    return result
+
+
+__all__ = ["STAGE_FUNCS", "StageContext", "is_done", "run_stage"]

@@ -1,0 +1,88 @@
+"""What every stage needs: the config, the run layout, the iteration, lineage, and model/data helpers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import torch
+
+from sims_platform.config.schema import PipelineConfig
+from sims_platform.data import LabeledImages, load_images, read_shards
+from sims_platform.encoders import Encoder, build_encoder
+from sims_platform.models.precond import Precond
+from sims_platform.models.presets import build_network
+from sims_platform.storage import fsio
+from sims_platform.storage.layout import RunLayout
+from sims_platform.tracking import Lineage
+
+# Seed streams: each (iteration, purpose) owns a disjoint range of 10^9 sample seeds.
+SEED_STREAMS = {"generate": 1, "evaluate": 2, "feed": 3}
+
+
+def sample_seeds(base_seed: int, k: int, stream: str, count: int, start: int = 0) -> torch.Tensor:
+    """Seeds of samples [start, start+count) of a stream; evaluation seeds are the same in every iteration."""
+    it = 0 if stream == "evaluate" else k
+    first = ((base_seed * 1000 + it) * 10 + SEED_STREAMS[stream]) * 10**9
+    return torch.arange(first + start, first + start + count, dtype=torch.int64)
+
+
+@dataclass
+class StageContext:
+    cfg: PipelineConfig
+    layout: RunLayout
+    iteration: int
+    lineage: Lineage
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    # -- data ------------------------------------------------------------------
+    @cached_property
+    def real(self) -> LabeledImages:
+        return load_images(self.cfg.data)
+
+    @cached_property
+    def encoder(self) -> Encoder:
+        return build_encoder(self.cfg.encoder, self.cfg.data.channels)
+
+    @cached_property
+    def real_encoded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encoder.encode(self.real.images), self.real.labels
+
+    def shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) of the model space."""
+        res = self.encoder.resolution(self.cfg.data.resolution)
+        return self.encoder.channels, res, res
+
+    def base_training_data(self) -> tuple[torch.Tensor, torch.Tensor, dict[str, str]]:
+        """Iteration k's base training set and the URIs it came from (lineage)."""
+        k, mode = self.iteration, self.cfg.iterations.train_data
+        real_x, real_y = self.real_encoded
+        sources = {"real": self._real_uri()}
+        if k == 0 or mode == "real":
+            return real_x, real_y, sources
+        feed_uri = self.layout.shards(k - 1, "feed")
+        feed_x, feed_y, _ = read_shards(feed_uri)
+        sources = {f"feed_iter_{k - 1}": feed_uri} | ({} if mode == "synthetic" else sources)
+        if mode == "synthetic":
+            return feed_x, feed_y, sources
+        return torch.cat([real_x, feed_x]), torch.cat([real_y, feed_y]), sources
+
+    def _real_uri(self) -> str:
+        d = self.cfg.data
+        return d.path if d.path else f"sklearn://load_digits?resolution={d.resolution}"
+
+    # -- models ----------------------------------------------------------------
+    def build_net(self) -> Precond:
+        c, h, _ = self.shape()
+        torch.manual_seed(self.cfg.seed)  # identical initial weights on every rank and every relaunch
+        return build_network(self.cfg.network, h, c, self.cfg.data.num_classes).to(self.device)
+
+    def save_model(self, uri: str, net: Precond, images: int, **meta) -> None:
+        fsio.save_torch(uri, {"ema": net.state_dict(), "images": images, **meta})
+
+    def load_model(self, uri: str) -> Precond:
+        if not fsio.exists(uri):
+            raise FileNotFoundError(f"model not found at {uri}: run the stage that writes it first")
+        net = self.build_net()
+        net.load_state_dict(fsio.load_torch(uri)["ema"])
+        return net.eval().requires_grad_(False)

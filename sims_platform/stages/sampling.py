@@ -1,0 +1,82 @@
+"""generate and feed: sample a model (plain or SIMS-guided) into WebDataset shards, resumable per shard."""
+
+from __future__ import annotations
+
+import torch
+
+from sims_platform.config.schema import SamplerConfig
+from sims_platform.data import ShardWriter
+from sims_platform.sampling.guidance import Denoiser, NetDenoiser, sims
+from sims_platform.sampling.heun import heun_sample, seeded_labels, seeded_noise
+from sims_platform.stages.context import StageContext, sample_seeds
+from sims_platform.storage import fsio
+from sims_platform.utils.progress import Progress
+
+
+def sample_batch(ctx: StageContext, denoise: Denoiser, seeds: torch.Tensor, sampler: SamplerConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Model-space samples for these seeds; each sample depends only on its seed."""
+    noise = seeded_noise(seeds, ctx.shape(), ctx.device)
+    labels = seeded_labels(seeds, ctx.cfg.data.num_classes)
+    return heun_sample(denoise, noise, labels, sampler).cpu(), labels
+
+
+def write_samples(ctx: StageContext, denoise: Denoiser, uri: str, stream: str, total: int, batch_size: int,
+                  shard_size: int, sampler: SamplerConfig, meta: dict, desc: str) -> dict:
+    """Sample `total` seeds of a stream into shards at uri; shards already committed are skipped."""
+    writer = ShardWriter(uri, shard_size=shard_size, total=total, meta=meta)
+    missing = writer.missing_shards()
+    n_shards = -(-total // shard_size)
+    progress = Progress(desc, total=total, done=(n_shards - len(missing)) * shard_size if missing else total,
+                        unit="img")
+    done = progress.done
+    for j in missing:
+        start, stop = j * shard_size, min((j + 1) * shard_size, total)
+        seeds = sample_seeds(ctx.cfg.seed, ctx.iteration, stream, stop - start, start)
+        xs, ys = [], []
+        for chunk in seeds.split(batch_size):
+            x, y = sample_batch(ctx, denoise, chunk, sampler)
+            xs.append(x)
+            ys.append(y if y is not None else torch.zeros(len(chunk), dtype=torch.int64))
+            done += len(chunk)
+            progress.update(done)
+        writer.write_shard(j, torch.cat(xs), torch.cat(ys), seeds)
+    progress.close()
+    return writer.finalize()
+
+
+def generate(ctx: StageContext, run_id: str) -> dict:
+    """The synthetic set: n_s plain samples of iteration k's base model."""
+    k, layout, g = ctx.iteration, ctx.layout, ctx.cfg.generate
+    base_uri, out = layout.model(k, "train-base"), layout.shards(k, "generate")
+    ctx.lineage.log_params(run_id, {"num_samples": g.num_samples, "steps": g.sampler.steps,
+                                    "shard_size": g.shard_size})
+    ctx.lineage.link(run_id, inputs={"base_model": base_uri}, outputs={"synthetic": out})
+    net = ctx.load_model(base_uri)
+    manifest = write_samples(ctx, NetDenoiser(net), out, "generate", g.num_samples, g.batch_size, g.shard_size,
+                             g.sampler, {"source_model": base_uri, "iteration": k}, f"iter {k} generate")
+    return {"synthetic": out, "samples": manifest["total"]}
+
+
+def feed(ctx: StageContext, run_id: str) -> dict:
+    """Samples that feed the next iteration's training set (self-consuming loops)."""
+    k, layout, it, g = ctx.iteration, ctx.layout, ctx.cfg.iterations, ctx.cfg.generate
+    base_uri, out = layout.model(k, "train-base"), layout.shards(k, "feed")
+    base = ctx.load_model(base_uri)
+    inputs = {"base_model": base_uri}
+    if it.feed_sampler == "plain":
+        w = 0.0
+        denoise: Denoiser = NetDenoiser(base)
+    else:
+        aux_uri = layout.model(k, "finetune-aux")
+        inputs["aux_model"] = aux_uri
+        if it.feed_weight is not None:
+            w = it.feed_weight
+        else:
+            fid = fsio.read_json(fsio.join(layout.stage(k, "evaluate"), "fid.json"))
+            w = float(min(fid, key=lambda key: fid[key]))
+        denoise = sims(base, ctx.load_model(aux_uri), w)
+    ctx.lineage.log_params(run_id, {"feed_samples": it.feed_samples, "feed_sampler": it.feed_sampler, "w": w})
+    ctx.lineage.link(run_id, inputs=inputs, outputs={"feed": out})
+    manifest = write_samples(ctx, denoise, out, "feed", it.feed_samples, g.batch_size, g.shard_size, g.sampler,
+                             {"source_model": base_uri, "iteration": k, "w": w}, f"iter {k} feed")
+    return {"feed": out, "samples": manifest["total"], "w": w}

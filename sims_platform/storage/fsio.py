@@ -1,0 +1,126 @@
+"""fsspec I/O that never exposes half-written files: atomic writes, JSON and torch objects at URIs."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from typing import IO, Any
+
+import fsspec
+import torch
+from fsspec.core import url_to_fs
+
+
+def normalize_uri(uri: str) -> str:
+    """Absolute file:// URIs for local paths (relative ones resolve against the working directory)."""
+    if "://" not in uri:
+        return "file://" + os.path.abspath(uri)
+    if uri.startswith("file://"):
+        path = uri[len("file://"):]
+        return "file://" + os.path.abspath(path)
+    return uri.rstrip("/")
+
+
+def join(uri: str, *parts: str) -> str:
+    out = uri.rstrip("/")
+    for p in parts:
+        out += "/" + p.strip("/")
+    return out
+
+
+def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    return url_to_fs(uri)
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.exists(path)
+
+
+def listdir(uri: str) -> list[str]:
+    """Names (not paths) of the entries under uri; empty if it does not exist."""
+    fs, path = filesystem(uri)
+    if not fs.exists(path):
+        return []
+    return sorted(os.path.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
+
+
+def remove(uri: str) -> None:
+    fs, path = filesystem(uri)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+
+
+@contextlib.contextmanager
+def atomic_open(uri: str, mode: str = "wb") -> Iterator[IO[Any]]:
+    """Open uri for writing so that readers see either nothing or the whole file.
+
+    Local files are written under a temporary name and renamed. Object stores (s3fs) only publish an
+    object when its upload completes, so there we write in place, but on an exception the upload is
+    discarded instead of committed (s3fs would otherwise publish the truncated object on close).
+    """
+    assert mode in ("wb", "w"), mode
+    fs, path = filesystem(uri)
+    parent = os.path.dirname(path)
+    if _is_local(fs):
+        fs.makedirs(parent, exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        f = fs.open(tmp, mode)
+        try:
+            yield f
+            f.close()
+            os.replace(tmp, path)
+        except BaseException:
+            f.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
+            raise
+        return
+    f = fs.open(path, mode)
+    try:
+        yield f
+    except BaseException:
+        discard = getattr(f, "discard", None)
+        if discard is not None:
+            discard()
+        else:  # pragma: no cover - stores without discard: best effort
+            f.close()
+            fs.rm(path)
+        raise
+    f.close()
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    with atomic_open(uri, "wb") as f:
+        f.write(data)
+
+
+def read_bytes(uri: str) -> bytes:
+    with fsspec.open(uri, "rb") as f:
+        return f.read()
+
+
+def write_json(uri: str, obj: Any) -> None:
+    write_bytes(uri, json.dumps(obj, indent=2, sort_keys=True).encode())
+
+
+def read_json(uri: str) -> Any:
+    return json.loads(read_bytes(uri))
+
+
+def save_torch(uri: str, obj: Any) -> None:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    write_bytes(uri, buf.getvalue())
+
+
+def load_torch(uri: str) -> Any:
+    return torch.load(io.BytesIO(read_bytes(uri)), map_location="cpu", weights_only=False)

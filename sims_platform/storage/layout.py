@@ -1,0 +1,63 @@
+"""Where each stage reads and writes under the run's storage root: one function per artifact."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sims_platform.storage.fsio import join, normalize_uri
+
+STAGES = ("train-base", "generate", "finetune-aux", "evaluate", "feed")
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    root: str
+
+    @classmethod
+    def of(cls, root: str) -> RunLayout:
+        return cls(normalize_uri(root))
+
+    # run level ------------------------------------------------------------
+    @property
+    def run_record(self) -> str:
+        """JSON with the MLflow parent run id, so stages started separately join the same run."""
+        return join(self.root, "run.json")
+
+    @property
+    def config(self) -> str:
+        return join(self.root, "pipeline.yaml")
+
+    @property
+    def summary(self) -> str:
+        return join(self.root, "summary.json")
+
+    @property
+    def features(self) -> str:
+        """Cached FID feature network and real-data reference statistics."""
+        return join(self.root, "features")
+
+    # iteration / stage level -----------------------------------------------
+    def iteration(self, k: int) -> str:
+        return join(self.root, f"iter-{k:02d}")
+
+    def stage(self, k: int, stage: str) -> str:
+        if stage not in STAGES:
+            raise ValueError(f"unknown stage '{stage}', expected one of {', '.join(STAGES)}")
+        return join(self.iteration(k), stage)
+
+    def done_marker(self, k: int, stage: str) -> str:
+        return join(self.stage(k, stage), "_SUCCESS.json")
+
+    def checkpoints(self, k: int, stage: str) -> str:
+        return join(self.stage(k, stage), "checkpoints")
+
+    def model(self, k: int, stage: str) -> str:
+        """The final (EMA) network a training stage hands to the next stages."""
+        return join(self.stage(k, stage), "model.pt")
+
+    def snapshot(self, k: int, stage: str, images: int) -> str:
+        return join(self.stage(k, stage), "snapshots", f"model-{images:010d}.pt")
+
+    def shards(self, k: int, stage: str) -> str:
+        """WebDataset shards of the generate (synthetic set) and feed (next generation's data) stages."""
+        return join(self.stage(k, stage), "shards")

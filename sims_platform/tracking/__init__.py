@@ -1,0 +1,37 @@
+"""Tracking: MLflow lineage of the pipeline's runs, summary.json, the results table and PNG figures."""
+
+from sims_platform.tracking.lineage import (
+    Lineage,
+    LineageError,
+    default_artifact_location,
+    local_store,
+    resolve_tracking_uri,
+    ui_command,
+)
+from sims_platform.tracking.results import (
+    fid_curves_png,
+    fid_plot_png,
+    format_table,
+    image_grid_png,
+    iteration_result,
+    read_summary,
+    update_summary,
+    write_summary,
+)
+
+__all__ = [
+    "Lineage",
+    "LineageError",
+    "default_artifact_location",
+    "fid_curves_png",
+    "fid_plot_png",
+    "format_table",
+    "image_grid_png",
+    "iteration_result",
+    "local_store",
+    "read_summary",
+    "resolve_tracking_uri",
+    "ui_command",
+    "update_summary",
+    "write_summary",
+]

@@ -1,0 +1,378 @@
+"""MLflow lineage: one pipeline run, one nested run per iteration and per stage, joined by explicit ids.
+
+Every stage may run in its own process or pod, so nothing here uses MLflow's global active-run stack:
+runs are found or created through `MlflowClient` by their tags and addressed by run id.
+
+Run tree (run names in quotes)::
+
+    "<pipeline name>"            sims.kind=pipeline   (id kept in <root>/run.json)
+    └── "iter-<k>"               sims.kind=iteration  sims.iteration=<k>
+        └── "iter-<k>/<stage>"   sims.kind=stage      sims.iteration=<k>  sims.stage=<stage>
+
+Tags (the lineage contract; query them in the UI search box, e.g. tags.`sims.stage` = 'train-base'):
+
+- ``mlflow.parentRunId``: the parent in the tree above (MLflow's own nesting tag).
+- ``sims.kind``: pipeline | iteration | stage.
+- ``sims.run_name``, ``sims.storage_root``: the pipeline's name and storage root URI (on every run).
+- ``sims.iteration``: k as a decimal string; ``sims.stage``: one of storage.layout.STAGES.
+- ``sims.input.<name>`` / ``sims.output.<name>``: URIs a stage read / wrote (`Lineage.link`). A model
+  and the data that fed it are joined by equal URIs: e.g. iter-1/train-base's ``sims.input.synthetic``
+  equals iter-0/feed's ``sims.output.shards``. `Lineage.producers_of(uri)` answers that question.
+  Inputs are also logged as MLflow datasets (the run page's "Datasets used"), named by their key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shlex
+import tempfile
+import time
+import warnings
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from mlflow import MlflowClient
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag, ViewType
+from mlflow.exceptions import MlflowException
+from mlflow.utils.validation import (
+    MAX_METRICS_PER_BATCH,
+    MAX_PARAM_VAL_LENGTH,
+    MAX_PARAMS_TAGS_PER_BATCH,
+    MAX_TAG_VAL_LENGTH,
+)
+
+from sims_platform.config.loader import dump_config
+from sims_platform.config.schema import PipelineConfig
+from sims_platform.storage.fsio import exists, read_json, write_json
+from sims_platform.storage.layout import STAGES, RunLayout
+
+log = logging.getLogger(__name__)
+
+PARENT = "mlflow.parentRunId"
+RUN_NAME = "mlflow.runName"
+KIND, ITERATION, STAGE = "sims.kind", "sims.iteration", "sims.stage"
+NAME, ROOT = "sims.run_name", "sims.storage_root"
+INPUT, OUTPUT = "sims.input.", "sims.output."
+TERMINAL = ("FINISHED", "FAILED", "KILLED")
+
+
+class LineageError(RuntimeError):
+    """The tracking store and the run's folder disagree, or a run cannot be found or created."""
+
+
+# ----------------------------------------------------------------------------
+# Where the tracking store is
+
+
+def _local_path(layout: RunLayout) -> str | None:
+    return layout.root[len("file://"):] if layout.root.startswith("file://") else None
+
+
+def local_store(layout: RunLayout) -> tuple[str, str]:
+    """(tracking URI, artifact root) of the SQLite store kept under a local storage root."""
+    path = _local_path(layout)
+    if path is None:
+        raise LineageError(f"storage root {layout.root} is not local, so it cannot hold an MLflow store: "
+                           "set tracking.uri (or MLFLOW_TRACKING_URI) to a tracking server, "
+                           "e.g. http://mlflow.mlflow.svc:5000")
+    # MLflow 3 refuses the file store (./mlruns) unless MLFLOW_ALLOW_FILE_STORE=true; SQLite is its default.
+    return f"sqlite:///{path}/mlflow.db", f"file://{path}/mlartifacts"
+
+
+def resolve_tracking_uri(cfg: PipelineConfig, layout: RunLayout) -> str:
+    """tracking.uri, else MLFLOW_TRACKING_URI, else a SQLite store under the (local) storage root."""
+    if cfg.tracking.uri:
+        return cfg.tracking.uri
+    if env := os.environ.get("MLFLOW_TRACKING_URI"):
+        return env
+    return local_store(layout)[0]
+
+
+def default_artifact_location(tracking_uri: str, layout: RunLayout) -> str | None:
+    """The artifact root for the local store under the storage root; None lets a server choose."""
+    if _local_path(layout) is not None and tracking_uri == local_store(layout)[0]:
+        return local_store(layout)[1]
+    return None
+
+
+def ui_command(tracking_uri: str, layout: RunLayout | None = None) -> str:
+    """The shell command that shows these runs (for a tracking server, just its URL to open)."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return tracking_uri
+    cmd = f"mlflow ui --backend-store-uri {shlex.quote(tracking_uri)}"
+    if layout is not None and (artifacts := default_artifact_location(tracking_uri, layout)):
+        cmd += f" --default-artifact-root {shlex.quote(artifacts)}"
+    return cmd
+
+
+# ----------------------------------------------------------------------------
+# Small pure helpers
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, str]:
+    """{'a': {'b': 1}} -> {'a.b': '1'}; lists stay one value (their repr), None becomes 'None'."""
+    if isinstance(obj, Mapping):
+        out: dict[str, str] = {}
+        for key, value in obj.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): str(obj)}
+
+
+def _clip(value: str, limit: int) -> str:
+    return value if len(value) <= limit else value[: limit - 3] + "..."
+
+
+def _chunks(items: list[Any], size: int) -> Iterable[list[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def _quote(value: str) -> str:
+    if "'" in value:
+        raise LineageError(f"cannot search MLflow for a value containing a quote: {value!r}")
+    return f"'{value}'"
+
+
+def _dataset_input(name: str, uri: str) -> DatasetInput | None:
+    """An MLflow dataset entry for uri, or None when MLflow has no source type for its scheme."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "can be interpreted in multiple ways" for file URIs
+            source = resolve_dataset_source(uri)
+    except MlflowException:
+        return None
+    digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
+    ds = MetaDataset(source, name=name, digest=digest)
+    return DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", name)])
+
+
+# ----------------------------------------------------------------------------
+# Lineage
+
+
+class Lineage:
+    """Get-or-create the run tree of one pipeline in one experiment, and log to runs by id."""
+
+    def __init__(self, tracking_uri: str, experiment: str, layout: RunLayout,
+                 artifact_location: str | None = None):
+        self.tracking_uri = tracking_uri
+        self.layout = layout
+        self.client = MlflowClient(tracking_uri)
+        if tracking_uri.startswith("sqlite:///"):
+            # SQLite needs its folder; the database itself is created on first connection.
+            os.makedirs(os.path.dirname(tracking_uri[len("sqlite:///"):]) or ".", exist_ok=True)
+        self.experiment_id = self._experiment(
+            experiment, artifact_location or default_artifact_location(tracking_uri, layout))
+        self._pipeline_id: str | None = None
+        self._common: dict[str, str] | None = None
+
+    @classmethod
+    def from_config(cls, cfg: PipelineConfig, layout: RunLayout) -> Lineage:
+        return cls(resolve_tracking_uri(cfg, layout), cfg.tracking.experiment, layout)
+
+    def _experiment(self, name: str, artifact_location: str | None) -> str:
+        exp = self.client.get_experiment_by_name(name)
+        if exp is None:
+            try:
+                return self.client.create_experiment(name, artifact_location=artifact_location)
+            except MlflowException:
+                # Another stage created it between our lookup and create.
+                exp = self.client.get_experiment_by_name(name)
+                if exp is None:
+                    raise
+        if exp.lifecycle_stage != "active":
+            raise LineageError(f"MLflow experiment '{name}' (id {exp.experiment_id}) at {self.tracking_uri} is "
+                               f"deleted: restore it (mlflow experiments restore --experiment-id "
+                               f"{exp.experiment_id}) or set tracking.experiment to another name")
+        return exp.experiment_id
+
+    # run tree ----------------------------------------------------------------
+    def _find(self, tags: Mapping[str, str]) -> list[str]:
+        """Active runs carrying all these tags, oldest first (the oldest is the canonical one)."""
+        flt = " and ".join(f"tags.`{k}` = {_quote(v)}" for k, v in tags.items())
+        runs = self.client.search_runs([self.experiment_id], filter_string=flt,
+                                       run_view_type=ViewType.ACTIVE_ONLY, max_results=100)
+        runs.sort(key=lambda r: (r.info.start_time, r.info.run_id))
+        return [r.info.run_id for r in runs]
+
+    def _get_or_create(self, name: str, tags: dict[str, str],
+                       extra: Mapping[str, str] | None = None) -> tuple[str, bool]:
+        """The run with these (identifying) tags; created, with extra tags, if missing.
+        Returns (run id, created)."""
+        found = self._find(tags)
+        if found:
+            return found[0], False
+        run = self.client.create_run(self.experiment_id, run_name=name, tags={**(extra or {}), **tags})
+        run_id = run.info.run_id
+        # Two processes may have raced to create it: all converge on the oldest, the loser is deleted.
+        canonical = self._find(tags)[0]
+        if canonical != run_id:
+            self.client.delete_run(run_id)
+            return canonical, False
+        return run_id, True
+
+    def _run_record(self) -> dict[str, Any]:
+        return read_json(self.layout.run_record) if exists(self.layout.run_record) else {}
+
+    def pipeline_run(self, cfg: PipelineConfig) -> str:
+        """The pipeline's single parent run: the one in run.json, else found by tags, else created."""
+        record = self._run_record()
+        if run_id := record.get("mlflow_run_id"):
+            try:
+                run = self.client.get_run(run_id)
+            except MlflowException as err:
+                raise LineageError(
+                    f"{self.layout.run_record} names MLflow run {run_id} (tracking URI "
+                    f"{record.get('tracking_uri', '?')}), but {self.tracking_uri} does not have it: point "
+                    f"tracking.uri at the store that does, or delete the record to start a new run") from err
+            if run.info.lifecycle_stage != "active":
+                raise LineageError(f"MLflow run {run_id} named in {self.layout.run_record} is deleted: restore "
+                                   "it (mlflow runs restore) or delete the record to start a new run")
+            self._pipeline_id = run_id
+            self._warn_config_change(run_id, cfg)
+            return run_id
+
+        tags = {KIND: "pipeline", ROOT: self.layout.root}
+        run_id, created = self._get_or_create(cfg.name, tags, {NAME: cfg.name})
+        if created:
+            self.log_params(run_id, flatten(cfg.model_dump(mode="json")))
+            self.log_artifact_bytes(run_id, "pipeline.yaml", dump_config(cfg).encode())
+        else:
+            self._warn_config_change(run_id, cfg)
+        record.update(mlflow_run_id=run_id, tracking_uri=self.tracking_uri, experiment_id=self.experiment_id)
+        write_json(self.layout.run_record, record)
+        self._pipeline_id = run_id
+        return run_id
+
+    def _warn_config_change(self, run_id: str, cfg: PipelineConfig) -> None:
+        logged = self.client.get_run(run_id).data.params
+        now = {k: _clip(v, MAX_PARAM_VAL_LENGTH) for k, v in flatten(cfg.model_dump(mode="json")).items()}
+        changed = sorted(k for k in now if k in logged and logged[k] != now[k])
+        if changed:
+            log.warning("pipeline config differs from the one logged to MLflow run %s in: %s",
+                        run_id, ", ".join(changed))
+
+    @property
+    def pipeline_id(self) -> str:
+        """The pipeline run id from this object or run.json; stages started alone find it there."""
+        if self._pipeline_id is None:
+            run_id = self._run_record().get("mlflow_run_id")
+            if not run_id:
+                raise LineageError(f"no pipeline run recorded in {self.layout.run_record}: call "
+                                   "Lineage.pipeline_run(cfg) (sims run does) before starting stages")
+            self._pipeline_id = run_id
+        return self._pipeline_id
+
+    def iteration_run(self, k: int) -> str:
+        """The run 'iter-<k>' under the pipeline run (created on first use)."""
+        if k < 0:
+            raise ValueError(f"iteration must be >= 0, got {k}")
+        tags = {PARENT: self.pipeline_id, KIND: "iteration", ITERATION: str(k)}
+        return self._get_or_create(f"iter-{k}", tags, self._common_tags())[0]
+
+    def stage_run(self, k: int, stage: str) -> str:
+        """The run 'iter-<k>/<stage>' under 'iter-<k>'; a re-run reuses it and marks it RUNNING again."""
+        if stage not in STAGES:
+            raise ValueError(f"unknown stage '{stage}', expected one of {', '.join(STAGES)}")
+        tags = {PARENT: self.iteration_run(k), KIND: "stage", ITERATION: str(k), STAGE: stage}
+        run_id, created = self._get_or_create(f"iter-{k}/{stage}", tags, self._common_tags())
+        if not created and self.client.get_run(run_id).info.status in TERMINAL:
+            self.client.update_run(run_id, status="RUNNING")
+        return run_id
+
+    def _common_tags(self) -> dict[str, str]:
+        if self._common is None:
+            parent = self.client.get_run(self.pipeline_id).data.tags
+            self._common = {k: parent[k] for k in (NAME, ROOT) if k in parent}
+        return self._common
+
+    # logging -------------------------------------------------------------------
+    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        """Log params (values clipped to MLflow's limit). MLflow params are immutable, so a re-run that
+        changes one records the new value as tag 'sims.param.<key>' instead of failing."""
+        logged = self.client.get_run(run_id).data.params
+        new, changed = [], {}
+        for key, value in params.items():
+            value = _clip(str(value), MAX_PARAM_VAL_LENGTH)
+            if key not in logged:
+                new.append(Param(key, value))
+            elif logged[key] != value:
+                changed[f"sims.param.{key}"] = value
+        for chunk in _chunks(new, MAX_PARAMS_TAGS_PER_BATCH):
+            self.client.log_batch(run_id, params=chunk)
+        if changed:
+            log.warning("run %s: params changed since first logged, kept as tags: %s", run_id, sorted(changed))
+            self.set_tags(run_id, changed)
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+        """Log several metrics at one step in batched calls (one round trip per 1,000)."""
+        ts = int(time.time() * 1000)
+        entries = [Metric(k, float(v), ts, step) for k, v in metrics.items()]
+        for chunk in _chunks(entries, MAX_METRICS_PER_BATCH):
+            self.client.log_batch(run_id, metrics=chunk)
+
+    def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
+        entries = [RunTag(k, _clip(str(v), MAX_TAG_VAL_LENGTH)) for k, v in tags.items()]
+        for chunk in _chunks(entries, MAX_PARAMS_TAGS_PER_BATCH):
+            self.client.log_batch(run_id, tags=chunk)
+
+    def log_artifact_bytes(self, run_id: str, name: str, data: bytes) -> None:
+        """Store data as artifact `name` (may contain '/', e.g. 'grids/w-1.0.png'); overwrites."""
+        name = name.strip("/")
+        if not name or ".." in name.split("/"):
+            raise ValueError(f"artifact name must be a relative path without '..', got {name!r}")
+        folder, base = os.path.split(name)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, base)
+            with open(path, "wb") as f:
+                f.write(data)
+            self.client.log_artifact(run_id, path, artifact_path=folder or None)
+
+    def log_png(self, run_id: str, name: str, png: bytes) -> None:
+        """Log a PNG (from tracking.results) as an artifact; the UI previews it."""
+        if not png.startswith(b"\x89PNG"):
+            raise ValueError(f"artifact {name!r}: data is not a PNG")
+        self.log_artifact_bytes(run_id, name if name.endswith(".png") else name + ".png", png)
+
+    def link(self, run_id: str, inputs: Mapping[str, str] | None = None,
+             outputs: Mapping[str, str] | None = None) -> None:
+        """Record the URIs a stage read and wrote (tags sims.input.<name> / sims.output.<name>)."""
+        inputs, outputs = dict(inputs or {}), dict(outputs or {})
+        tags = {INPUT + k: v for k, v in inputs.items()} | {OUTPUT + k: v for k, v in outputs.items()}
+        self.set_tags(run_id, tags)
+        datasets = [d for name, uri in inputs.items() if (d := _dataset_input(name, uri)) is not None]
+        if datasets:
+            self.client.log_inputs(run_id, datasets=datasets)
+
+    def finish(self, run_id: str, status: str = "FINISHED") -> None:
+        if status not in TERMINAL:
+            raise ValueError(f"status must be one of {', '.join(TERMINAL)}, got {status!r}")
+        self.client.set_terminated(run_id, status=status)
+
+    # queries -------------------------------------------------------------------
+    def stage_runs(self) -> list[dict[str, Any]]:
+        """Every stage run of this pipeline: iteration, stage, run_id, status, inputs, outputs."""
+        flt = f"tags.`{KIND}` = 'stage' and tags.`{ROOT}` = {_quote(self.layout.root)}"
+        runs = self.client.search_runs([self.experiment_id], filter_string=flt,
+                                       run_view_type=ViewType.ACTIVE_ONLY, max_results=10000)
+        out = []
+        for r in runs:
+            t = r.data.tags
+            out.append({
+                "iteration": int(t[ITERATION]), "stage": t[STAGE], "run_id": r.info.run_id,
+                "status": r.info.status,
+                "inputs": {k[len(INPUT):]: v for k, v in t.items() if k.startswith(INPUT)},
+                "outputs": {k[len(OUTPUT):]: v for k, v in t.items() if k.startswith(OUTPUT)},
+            })
+        out.sort(key=lambda s: (s["iteration"], STAGES.index(s["stage"])))
+        return out
+
+    def producers_of(self, uri: str) -> list[dict[str, Any]]:
+        """The stage runs that wrote uri (the answer to 'which iteration's data fed this model')."""
+        return [s for s in self.stage_runs() if uri in s["outputs"].values()]

@@ -1,0 +1,1 @@
+"""Training: the resumable loop and its checkpoints at storage URIs."""

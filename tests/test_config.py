@@ -1,0 +1,80 @@
+"""Pipeline configuration: every shipped pipeline validates; bad input names the field and what was expected."""
+
+from pathlib import Path
+
+import pytest
+
+from sims_platform.cli import main
+from sims_platform.config import ConfigError, config_from_dict, load_config
+
+PIPELINES = sorted(Path(__file__).parents[1].joinpath("pipelines").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", PIPELINES, ids=lambda p: p.name)
+def test_shipped_pipelines_validate(path):
+    load_config(path)
+
+
+def test_unknown_key_is_rejected_with_its_path(tiny_cfg):
+    data = tiny_cfg.model_dump()
+    data["train_base"]["batch_sise"] = 3
+    with pytest.raises(ConfigError, match=r"train_base\.batch_sise: unknown key"):
+        config_from_dict(data)
+
+
+@pytest.mark.parametrize("key,value,expected", [
+    (("evaluate", "weights"), [0.0, -1.0], r"evaluate\.weights: .*>= 0"),
+    (("train_base", "batch_size"), 0, r"train_base\.batch_size: .*greater than or equal to 1"),
+    (("generate", "sampler", "steps"), "many", r"generate\.sampler\.steps: .*integer"),
+    (("data", "source"), "imagenet", r"data\.source: .*'digits', 'folder' or 'webdataset'"),
+    (("finetune_aux", "optimizer", "betas"), [0.9, 1.5], r"finetune_aux\.optimizer\.betas: .*\[0, 1\)"),
+    (("name",), "Bad Name", r"name: .*pattern"),
+])
+def test_bad_values_name_the_field(tiny_cfg, key, value, expected):
+    data = tiny_cfg.model_dump()
+    node = data
+    for k in key[:-1]:
+        node = node[k]
+    node[key[-1]] = value
+    with pytest.raises(ConfigError, match=expected):
+        config_from_dict(data, "p.yaml")
+
+
+def test_missing_budget_and_cross_field_rules(tiny_cfg):
+    data = tiny_cfg.model_dump()
+    del data["finetune_aux"]
+    with pytest.raises(ConfigError, match=r"finetune_aux: required field is missing"):
+        config_from_dict(data)
+    data = tiny_cfg.model_dump()
+    data["evaluate"]["method"] = "cfg"
+    with pytest.raises(ConfigError, match="label_dropout"):
+        config_from_dict(data)
+    data = tiny_cfg.model_dump()
+    data["iterations"] = {"count": 2, "train_data": "real+synthetic"}
+    with pytest.raises(ConfigError, match="feed_samples"):
+        config_from_dict(data)
+    data = tiny_cfg.model_dump()
+    data["data"] = {"source": "folder"}
+    with pytest.raises(ConfigError, match="data.path is required"):
+        config_from_dict(data)
+
+
+def test_cli_validate_reports_errors_and_exit_code(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\ntrain_base: {images: -5}\nfinetune_aux: {images: 10}\nbogus: 1\n")
+    assert main(["validate", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "train_base.images" in err and "bogus: unknown key" in err and str(bad) in err
+    assert main(["validate", str(tmp_path / "missing.yaml")]) == 2
+    assert "not found" in capsys.readouterr().err
+    notyaml = tmp_path / "x.yaml"
+    notyaml.write_text("a: [1,\n")
+    assert main(["validate", str(notyaml)]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+
+
+def test_overrides_are_typed_and_validated(tmp_path):
+    cfg = load_config(PIPELINES[0], ["seed=3", "evaluate.weights=[0, 2]"])
+    assert cfg.seed == 3 and cfg.evaluate.weights == [0.0, 2.0]
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        load_config(PIPELINES[0], ["seed"])

@@ -1,0 +1,338 @@
+"""Tracking: MLflow run tree and logging (local SQLite store and a real server), summary.json, table, PNGs."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow import MlflowClient
+from PIL import Image
+
+from sims_platform.config import config_from_dict
+from sims_platform.storage.fsio import read_json
+from sims_platform.storage.layout import RunLayout
+from sims_platform.tracking import (
+    Lineage,
+    LineageError,
+    fid_plot_png,
+    format_table,
+    image_grid_png,
+    iteration_result,
+    resolve_tracking_uri,
+    ui_command,
+    update_summary,
+    write_summary,
+)
+
+
+def make_cfg(root: Path, **extra):
+    data = {"name": "demo", "train_base": {"images": 64}, "finetune_aux": {"images": 32},
+            "storage": {"root": str(root)}, **extra}
+    return config_from_dict(data)
+
+
+@pytest.fixture
+def setup(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = make_cfg(tmp_path / "run")
+    layout = RunLayout.of(cfg.storage.root)
+    return cfg, layout, Lineage.from_config(cfg, layout)
+
+
+# ----------------------------------------------------------------------------
+# Tracking URI
+
+
+def test_tracking_uri_resolution(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = make_cfg(tmp_path / "run")
+    layout = RunLayout.of(cfg.storage.root)
+    uri = resolve_tracking_uri(cfg, layout)
+    assert uri == f"sqlite:///{tmp_path}/run/mlflow.db"
+    cmd = ui_command(uri, layout)
+    assert cmd.startswith("mlflow ui --backend-store-uri sqlite:///") and f"file://{tmp_path}/run/mlartifacts" in cmd
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://env:5000")
+    assert resolve_tracking_uri(cfg, layout) == "http://env:5000"
+    cfg.tracking.uri = "http://cfg:5000"
+    assert resolve_tracking_uri(cfg, layout) == "http://cfg:5000"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    remote = make_cfg(tmp_path, storage={"root": "s3://bucket/run"})
+    with pytest.raises(LineageError, match="tracking.uri"):
+        resolve_tracking_uri(remote, RunLayout.of(remote.storage.root))
+
+
+# ----------------------------------------------------------------------------
+# Run tree
+
+
+def test_pipeline_run_is_created_once(setup):
+    cfg, layout, lin = setup
+    run_id = lin.pipeline_run(cfg)
+    assert read_json(layout.run_record)["mlflow_run_id"] == run_id
+    again = Lineage.from_config(cfg, layout)  # e.g. a stage started in another process
+    assert again.pipeline_run(cfg) == run_id
+    assert again.pipeline_id == run_id
+    client = MlflowClient(lin.tracking_uri)
+    run = client.get_run(run_id)
+    assert run.data.tags["sims.run_name"] == "demo"
+    assert run.data.tags["sims.storage_root"] == layout.root
+    assert run.data.params["train_base.images"] == "64"
+    assert run.data.params["evaluate.weights"] == "[0.0, 0.5, 1.0, 1.5, 2.0]"
+    yaml_path = client.download_artifacts(run_id, "pipeline.yaml")
+    assert "finetune_aux:" in Path(yaml_path).read_text()
+    # Artifacts live under the storage root, not in the working directory.
+    assert run.info.artifact_uri.startswith(f"{layout.root}/mlartifacts/")
+    exp = client.get_experiment(lin.experiment_id)
+    assert len(client.search_runs([exp.experiment_id], "tags.`sims.kind` = 'pipeline'")) == 1
+
+
+def test_pipeline_run_found_by_tags_without_record(setup):
+    cfg, layout, lin = setup
+    run_id = lin.pipeline_run(cfg)
+    os.remove(layout.run_record[len("file://"):])
+    assert Lineage.from_config(cfg, layout).pipeline_run(cfg) == run_id
+
+
+def test_record_pointing_elsewhere_is_an_error(setup, tmp_path):
+    cfg, layout, lin = setup
+    lin.pipeline_run(cfg)
+    other = Lineage(f"sqlite:///{tmp_path}/other/mlflow.db", "sims", layout,
+                    artifact_location=f"file://{tmp_path}/other/art")
+    with pytest.raises(LineageError, match="does not have it"):
+        other.pipeline_run(cfg)
+
+
+def test_stage_before_pipeline_is_an_error(setup):
+    _, _, lin = setup
+    with pytest.raises(LineageError, match="pipeline_run"):
+        lin.stage_run(0, "train-base")
+
+
+def test_stage_runs_nest_and_are_reused(setup):
+    cfg, layout, lin = setup
+    pipe = lin.pipeline_run(cfg)
+    client = MlflowClient(lin.tracking_uri)
+    stage = lin.stage_run(0, "train-base")
+    run = client.get_run(stage)
+    assert run.info.run_name == "iter-0/train-base"
+    assert run.data.tags["sims.stage"] == "train-base" and run.data.tags["sims.iteration"] == "0"
+    assert run.data.tags["sims.storage_root"] == layout.root
+    it = client.get_run(run.data.tags["mlflow.parentRunId"])
+    assert it.info.run_name == "iter-0" and it.data.tags["sims.kind"] == "iteration"
+    assert it.data.tags["mlflow.parentRunId"] == pipe
+
+    lin.finish(stage)
+    assert client.get_run(stage).info.status == "FINISHED"
+    other = Lineage.from_config(cfg, layout)  # a re-run in a fresh process
+    assert other.stage_run(0, "train-base") == stage
+    assert client.get_run(stage).info.status == "RUNNING"  # running again
+    assert other.iteration_run(0) == it.info.run_id
+    gen = other.stage_run(0, "generate")
+    assert gen != stage and client.get_run(gen).data.tags["mlflow.parentRunId"] == it.info.run_id
+    nxt = other.stage_run(1, "train-base")
+    assert client.get_run(nxt).data.tags["mlflow.parentRunId"] != it.info.run_id
+    with pytest.raises(ValueError, match="unknown stage"):
+        lin.stage_run(0, "bogus")
+    with pytest.raises(ValueError, match="status"):
+        lin.finish(stage, "DONE")
+
+
+def test_logging_and_lineage_links(setup):
+    cfg, layout, lin = setup
+    lin.pipeline_run(cfg)
+    client = MlflowClient(lin.tracking_uri)
+    feed = lin.stage_run(0, "feed")
+    shards = layout.shards(0, "feed")
+    lin.link(feed, inputs={"model": layout.model(0, "train-base")}, outputs={"shards": shards})
+    train = lin.stage_run(1, "train-base")
+    lin.log_params(train, {"lr": 0.01, "note": "x" * 7000})
+    lin.log_params(train, {"lr": 0.01})  # same value again: fine
+    lin.log_params(train, {"lr": 0.02})  # changed: kept as a tag instead of failing
+    lin.log_metrics(train, {"loss": 0.5, "lr": 0.01}, step=3)
+    lin.log_metrics(train, {"loss": 0.25}, step=4)
+    lin.set_tags(train, {"custom": 1})
+    lin.link(train, inputs={"synthetic": shards}, outputs={"model": layout.model(1, "train-base")})
+    lin.log_artifact_bytes(train, "notes/readme.txt", b"hello")
+    png = image_grid_png(torch.zeros(2, 1, 8, 8), nrow=2)
+    lin.log_png(train, "grids/w-1.0", png)
+
+    run = client.get_run(train)
+    assert run.data.params["lr"] == "0.01" and run.data.tags["sims.param.lr"] == "0.02"
+    assert len(run.data.params["note"]) == 6000  # clipped to MLflow's limit
+    history = client.get_metric_history(train, "loss")
+    assert [(m.step, m.value) for m in history] == [(3, 0.5), (4, 0.25)]
+    assert run.data.tags["custom"] == "1"
+    assert run.data.tags["sims.input.synthetic"] == shards
+    assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["synthetic"]
+    names = {f.path for f in client.list_artifacts(train, "grids")}
+    assert names == {"grids/w-1.0.png"}
+    assert Path(client.download_artifacts(train, "notes/readme.txt")).read_bytes() == b"hello"
+    with pytest.raises(ValueError, match="not a PNG"):
+        lin.log_png(train, "x.png", b"nope")
+
+    # The lineage question: which iteration's data fed the iteration-1 model?
+    (producer,) = lin.producers_of(shards)
+    assert (producer["iteration"], producer["stage"], producer["run_id"]) == (0, "feed", feed)
+    stages = [(s["iteration"], s["stage"]) for s in lin.stage_runs()]
+    assert stages == [(0, "feed"), (1, "train-base")]
+
+
+# ----------------------------------------------------------------------------
+# summary.json and table
+
+
+def test_summary_schema(tmp_path):
+    layout = RunLayout.of(str(tmp_path))
+    rows = [iteration_result(1, {0: 20.0, 1.5: 12.5, 0.5: 15.0}),
+            iteration_result(0, {0.0: 30.0, 1: 18.0, 2.0: 21.0})]
+    write_summary(layout, rows, "abc123")
+    data = json.loads((tmp_path / "summary.json").read_text())
+    assert data == {
+        "iterations": [
+            {"iteration": 0, "fid": {"0.0": 30.0, "1.0": 18.0, "2.0": 21.0}, "best_w": 1.0,
+             "fid_base": 30.0, "fid_best": 18.0},
+            {"iteration": 1, "fid": {"0.0": 20.0, "0.5": 15.0, "1.5": 12.5}, "best_w": 1.5,
+             "fid_base": 20.0, "fid_best": 12.5},
+        ],
+        "mlflow_run_id": "abc123",
+    }
+    update_summary(layout, iteration_result(1, {0.0: 19.0, 1.0: 9.0}), "abc123")
+    data = json.loads((tmp_path / "summary.json").read_text())
+    assert [r["fid_best"] for r in data["iterations"]] == [18.0, 9.0]
+    with pytest.raises(ValueError, match="w=0"):
+        iteration_result(2, {0.5: 1.0, 1.0: 2.0})
+    with pytest.raises(ValueError, match="keys"):
+        write_summary(layout, [{"iteration": 0}], None)
+
+
+def test_nonfinite_fid_is_null_and_never_best():
+    row = iteration_result(0, {0.0: 10.0, 1.0: float("nan"), 2.0: 8.0})
+    assert row["fid"]["1.0"] is None and row["best_w"] == 2.0
+
+
+def test_table_contains_every_value():
+    rows = [iteration_result(0, {0.0: 30.0, 1.0: 18.25, 2.0: 21.5}),
+            iteration_result(1, {0.0: 20.0, 0.5: 15.125})]
+    table = format_table({"iterations": rows, "mlflow_run_id": None})
+    for value in ("30.00", "18.25*", "21.50", "20.00", "15.12*"):
+        assert value in table
+    for w in ("w=0.0", "w=0.5", "w=1.0", "w=2.0"):
+        assert w in table
+    assert "-39.2%" in table and "-24.4%" in table  # (18.25-30)/30, (15.125-20)/20
+
+
+# ----------------------------------------------------------------------------
+# PNGs
+
+
+def test_fid_plot_png():
+    img = Image.open(io.BytesIO(fid_plot_png({0.0: 30.0, 1.0: 18.0, 2.0: 21.0}, "iter 0")))
+    assert img.format == "PNG" and img.size == (500, 350)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_image_grid_png(channels):
+    images = torch.linspace(-1, 1, 5 * channels * 16 * 16).reshape(5, channels, 16, 16)
+    img = Image.open(io.BytesIO(image_grid_png(images, nrow=3)))
+    tile, pad = 64, 2  # 16 px upscaled x4 to reach 64 px
+    assert img.format == "PNG" and img.mode == ("L" if channels == 1 else "RGB")
+    assert img.size == (3 * tile + 4 * pad, 2 * tile + 3 * pad)
+    px = img.getpixel((pad, pad))
+    assert (px if channels == 1 else px[0]) == 0  # -1 maps to black
+    with pytest.raises(ValueError, match="shape"):
+        image_grid_png(torch.zeros(2, 2, 8, 8))
+
+
+# ----------------------------------------------------------------------------
+# A real tracking server
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = _free_port()
+    mlflow_bin = shutil.which("mlflow", path=os.path.dirname(sys.executable)) or "mlflow"
+    log = open(tmp_path / "server.log", "wb")
+    # The job runner (a pool of huey consumers, for GenAI jobs) is not needed and costs seconds of CPU.
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.Popen(
+        [mlflow_bin, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
+         "--artifacts-destination", f"file://{tmp_path}/server-artifacts"],
+        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"mlflow server exited ({proc.returncode}):\n{(tmp_path / 'server.log').read_text()}")
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"mlflow server not healthy in 60 s:\n{(tmp_path / 'server.log').read_text()}")
+            time.sleep(0.5)
+        yield url, tmp_path / "server-artifacts"
+    finally:
+        # The server forks uvicorn (and maybe more); its own session's process group holds them all.
+        _signal_group(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            pass
+        _signal_group(proc.pid, signal.SIGKILL)  # stragglers whose parent already exited
+        proc.wait()
+        log.close()
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+
+
+@pytest.mark.slow
+def test_real_server_roundtrip(mlflow_server, tmp_path, monkeypatch):
+    url, artifacts = mlflow_server
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = make_cfg(tmp_path / "run", tracking={"uri": url, "experiment": "server-test"})
+    layout = RunLayout.of(cfg.storage.root)
+    lin = Lineage.from_config(cfg, layout)
+    assert ui_command(lin.tracking_uri, layout) == url
+    pipe = lin.pipeline_run(cfg)
+    stage = lin.stage_run(0, "evaluate")
+    lin.log_metrics(stage, {"fid/w_0.0": 30.0})
+    lin.log_artifact_bytes(stage, "fid.json", b'{"0.0": 30.0}')
+    lin.finish(stage)
+    assert Lineage.from_config(cfg, layout).stage_run(0, "evaluate") == stage
+
+    client = MlflowClient(url)
+    run = client.get_run(stage)
+    assert run.data.metrics["fid/w_0.0"] == 30.0
+    parent = client.get_run(run.data.tags["mlflow.parentRunId"])
+    assert parent.data.tags["mlflow.parentRunId"] == pipe
+    local = client.download_artifacts(stage, "fid.json", str(tmp_path))
+    assert Path(local).read_bytes() == b'{"0.0": 30.0}'
+    # The server stored it in its own artifacts destination (proxied upload, no client-side credentials).
+    assert any(p.name == "fid.json" for p in artifacts.rglob("*"))
