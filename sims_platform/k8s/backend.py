@@ -1,0 +1,38 @@
+"""The training workload kind behind one small interface: PyTorchJob today, Trainer v2 TrainJob later."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from kubernetes.client import V1PodTemplateSpec
+
+from sims_platform.k8s.settings import DriverSettings
+from sims_platform.k8s.state import Observed
+
+
+class TrainingBackend(Protocol):
+    """Builds and reads one custom resource kind that runs a multi-node torchrun training stage."""
+
+    group: str
+    version: str
+    plural: str
+    kind: str
+    container: str  # the container name the operator expects
+
+    def launcher(self) -> list[str]:
+        """The container command; the sims argv follows as the container args."""
+        ...
+
+    def build(self, name: str, labels: dict[str, str], template: V1PodTemplateSpec, nodes: int, gpus: int,
+              settings: DriverSettings) -> dict[str, Any]:
+        """The serialised object (apiVersion, kind, metadata, spec) ready for create_namespaced_custom_object."""
+        ...
+
+    def observe(self, obj: dict[str, Any]) -> Observed:
+        ...
+
+
+def default_backend() -> TrainingBackend:
+    from sims_platform.k8s.pytorchjob import PyTorchJobBackend
+
+    return PyTorchJobBackend()

@@ -1,0 +1,46 @@
+"""Keep charts/sims/values.schema.json's `pipeline` schema equal to PipelineConfig's (run as a module to rewrite it).
+
+The chart's own knobs are written by hand in the JSON file; the `pipeline:` mapping is checked against the very
+schema `sims validate` uses, so a misspelt pipeline key fails `helm install` too, with the field named.
+    python -m sims_platform.k8s.chart_schema charts/sims/values.schema.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from sims_platform.config.schema import PipelineConfig
+
+ROOT_DEF = "PipelineConfig"
+
+
+def pipeline_defs() -> dict[str, Any]:
+    """PipelineConfig's JSON schema as $defs (the root model under ROOT_DEF), refs kept root-relative."""
+    schema = PipelineConfig.model_json_schema(mode="validation")
+    defs = schema.pop("$defs", {})
+    defs[ROOT_DEF] = schema
+    return defs
+
+
+def with_pipeline(values_schema: dict[str, Any]) -> dict[str, Any]:
+    out = dict(values_schema)
+    out["properties"] = dict(out.get("properties", {}))
+    out["properties"]["pipeline"] = {"$ref": f"#/$defs/{ROOT_DEF}",
+                                     "description": "the pipeline config: the schema of pipelines/*.yaml"}
+    out["$defs"] = pipeline_defs()
+    return out
+
+
+def main(argv: list[str]) -> int:
+    path = Path(argv[0] if argv else "charts/sims/values.schema.json")
+    schema = with_pipeline(json.loads(path.read_text()))
+    path.write_text(json.dumps(schema, indent=2) + "\n")
+    print(f"{path}: pipeline schema updated ({len(schema['$defs'])} definitions)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,153 @@
+"""The pipeline driver: create each stage's workload in dependency order, wait on it, fail with its reason.
+
+Level-triggered and idempotent: for each step it reads the world (the stage's done marker in storage, then
+the workload by its deterministic name), and only then acts (create, or wait). A restarted driver therefore
+adopts what exists, never duplicates a finished stage, and recreates a stage deleted by hand.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from sims_platform.config import PipelineConfig
+from sims_platform.k8s import labels as L
+from sims_platform.k8s.backend import TrainingBackend, default_backend
+from sims_platform.k8s.kube import Apis, is_conflict, is_not_found, is_temporary, to_dict
+from sims_platform.k8s.settings import DriverSettings
+from sims_platform.k8s.state import Observed, Phase, job_observed
+from sims_platform.k8s.workloads import Workload, plan
+from sims_platform.storage import fsio
+from sims_platform.storage.layout import RunLayout
+
+
+class StageFailed(RuntimeError):
+    """Permanent: a stage's workload failed. The pipeline stops; the message names the stage and why."""
+
+    def __init__(self, workload: Workload, reason: str) -> None:
+        self.workload, self.reason = workload, reason
+        super().__init__(f"stage {workload.stage} (step {workload.step}) of iteration {workload.iteration} "
+                         f"failed: {workload.kind} {workload.name}: {reason}")
+
+
+class ApiUnavailable(RuntimeError):
+    """The API server kept failing past the retry budget (temporary errors that did not go away)."""
+
+
+class Driver:
+    def __init__(self, cfg: PipelineConfig, settings: DriverSettings, apis: Apis, *,
+                 backend: TrainingBackend | None = None, done: Callable[[str], bool] = fsio.exists,
+                 sleep: Callable[[float], None] = time.sleep, log: Callable[[str], None] | None = None,
+                 max_retries: int = 8) -> None:
+        self.cfg, self.settings, self.apis = cfg, settings, apis
+        self.backend = backend or default_backend()
+        self.layout = RunLayout.of(cfg.storage.root)
+        self.done, self.sleep = done, sleep
+        self.log = log or (lambda msg: print(msg, flush=True))
+        self.max_retries = max_retries
+        self.ns = settings.namespace
+
+    # ------------------------------------------------------------------------
+    # The loop
+
+    def run(self) -> None:
+        steps = plan(self.cfg, self.settings, self.backend)
+        self.log(f"run {self.cfg.name}: {len(steps)} workloads over {self.cfg.iterations.count} iteration(s) "
+                 f"in namespace {self.ns}")
+        for w in steps:
+            marker = self.layout.done_marker(w.iteration, w.stage)
+            if self._call(self.done, marker):
+                self.log(f"[iter {w.iteration} {w.step}] done ({marker}); skipping")
+                continue
+            self.run_step(w)
+        self.log(f"run {self.cfg.name}: every stage succeeded")
+
+    def run_step(self, w: Workload) -> None:
+        """Bring one workload to success: adopt it or create it, then wait; raise StageFailed if it fails."""
+        last: Observed | None = None
+        created = False
+        while True:
+            obs = self.observe(w)
+            if obs.phase is Phase.MISSING:
+                self.create(w, again=created or last is not None)
+                created = True
+            elif obs.phase is Phase.SUCCEEDED:
+                self.log(f"[iter {w.iteration} {w.step}] {w.kind} {w.name} succeeded")
+                return
+            elif obs.phase is Phase.FAILED:
+                raise StageFailed(w, self._failure_detail(w, obs))
+            elif last is None and not created:
+                self.log(f"[iter {w.iteration} {w.step}] adopting existing {w.kind} {w.name} ({obs.describe()})")
+            if obs != last and obs.phase is not Phase.MISSING:
+                self.log(f"[iter {w.iteration} {w.step}] {w.kind} {w.name}: {obs.describe()}")
+            last = obs
+            self.sleep(self.settings.poll_seconds)
+
+    # ------------------------------------------------------------------------
+    # Reading and writing one workload
+
+    def read(self, w: Workload) -> dict[str, Any] | None:
+        try:
+            if w.is_job:
+                return to_dict(self._call(self.apis.batch.read_namespaced_job, w.name, self.ns))
+            b = self.backend
+            return to_dict(self._call(self.apis.custom.get_namespaced_custom_object, b.group, b.version,
+                                      self.ns, b.plural, w.name))
+        except Exception as err:
+            if is_not_found(err):
+                return None
+            raise
+
+    def observe(self, w: Workload) -> Observed:
+        obj = self.read(w)
+        if obj is None:
+            return Observed(Phase.MISSING)
+        return job_observed(obj) if w.is_job else self.backend.observe(obj)
+
+    def create(self, w: Workload, again: bool = False) -> None:
+        try:
+            if w.is_job:
+                self._call(self.apis.batch.create_namespaced_job, self.ns, w.body)
+            else:
+                b = self.backend
+                self._call(self.apis.custom.create_namespaced_custom_object, b.group, b.version, self.ns,
+                           b.plural, w.body)
+        except Exception as err:
+            if is_conflict(err):  # created meanwhile (another driver pod): adopt it
+                return
+            raise
+        verb = "recreated (it was deleted)" if again else "created"
+        self.log(f"[iter {w.iteration} {w.step}] {verb} {w.kind} {w.name}")
+
+    def _failure_detail(self, w: Workload, obs: Observed) -> str:
+        """The workload's failure reason plus what its pods' containers said (OOMKilled, exit codes)."""
+        detail = ": ".join(p for p in (obs.reason, obs.message) if p) or "Failed"
+        selector = ",".join(f"{k}={v}" for k, v in ((L.RUN, self.cfg.name), (L.ITERATION, str(w.iteration)),
+                                                      (L.STEP, w.step)))
+        try:
+            pods = to_dict(self._call(self.apis.core.list_namespaced_pod, self.ns, label_selector=selector))
+        except Exception:  # the reason above is enough; pods may be gone already
+            return detail
+        seen = []
+        for pod in pods.get("items") or []:
+            for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+                term = (cs.get("state") or {}).get("terminated") or (cs.get("lastState") or {}).get("terminated")
+                if term and term.get("exitCode"):
+                    seen.append(f"{pod['metadata']['name']}: {term.get('reason') or 'Error'} "
+                                f"(exit {term['exitCode']})")
+        return detail + (f"; pods: {'; '.join(sorted(set(seen))[:5])}" if seen else "")
+
+    def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Call the API (or storage), retrying temporary errors with exponential backoff."""
+        for attempt in range(self.max_retries + 1):
+            try:
+                return fn(*args, **kwargs)
+            except Exception as err:
+                if not is_temporary(err) or attempt == self.max_retries:
+                    if is_temporary(err):
+                        raise ApiUnavailable(f"{getattr(fn, '__name__', fn)}: still failing after "
+                                             f"{self.max_retries} retries: {err}") from err
+                    raise
+                self.sleep(min(2.0 ** attempt, 60.0))
+        raise AssertionError("unreachable")

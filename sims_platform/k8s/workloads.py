@@ -1,0 +1,72 @@
+"""The pipeline as workloads: every iteration's stages, each built as the object the driver creates."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from sims_platform.config import PipelineConfig
+from sims_platform.k8s import labels as L
+from sims_platform.k8s.backend import TrainingBackend, default_backend
+from sims_platform.k8s.jobs import CONTAINER, batch_job
+from sims_platform.k8s.names import workload_name
+from sims_platform.k8s.pods import pod_template, stage_argv
+from sims_platform.k8s.settings import DriverSettings
+from sims_platform.pipeline.runner import stages_for
+
+TRAINING = ("train-base", "finetune-aux")
+INDEXED = ("generate", "evaluate")  # job arrays: each index samples a slice (issue 3)
+REDUCE = "evaluate-reduce"          # merges the evaluate slices' FID statistics, writes evaluate's done marker
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One object the driver creates. `stage` names the done marker; `step` the command it runs."""
+
+    name: str
+    iteration: int
+    stage: str
+    step: str
+    api_version: str
+    kind: str
+    body: dict[str, Any] = field(repr=False)
+
+    @property
+    def is_job(self) -> bool:
+        return self.kind == "Job"
+
+
+def steps_for(cfg: PipelineConfig, k: int) -> list[tuple[str, str]]:
+    """(stage, step) pairs of iteration k in dependency order: evaluate runs as slices then a reducer."""
+    out: list[tuple[str, str]] = []
+    for stage in stages_for(cfg, k):
+        out.append((stage, stage))
+        if stage == "evaluate":
+            out.append((stage, REDUCE))
+    return out
+
+
+def build_workload(cfg: PipelineConfig, settings: DriverSettings, k: int, stage: str, step: str,
+                   backend: TrainingBackend) -> Workload:
+    name = workload_name(cfg.name, k, step)
+    labels = L.workload_labels(settings, cfg.name, k, stage, step)
+    st = settings.stage(step)
+    pod_labels = L.pod_labels(labels)
+    if step in TRAINING:
+        template = pod_template(settings, st, container=backend.container, command=backend.launcher(),
+                                args=stage_argv(step, k), labels=pod_labels, restart_policy=None)
+        body = backend.build(name, labels, template, st.nodes, st.gpus, settings)
+        return Workload(name, k, stage, step, f"{backend.group}/{backend.version}", backend.kind, body)
+    count = st.shards if step in INDEXED else None
+    template = pod_template(settings, st, container=CONTAINER, command=["sims"], args=stage_argv(step, k, count),
+                            labels=pod_labels, restart_policy="Never")
+    body = batch_job(name, labels, template, settings, completions=count, parallelism=st.parallelism,
+                     active_deadline_seconds=st.active_deadline_seconds)
+    return Workload(name, k, stage, step, "batch/v1", "Job", body)
+
+
+def plan(cfg: PipelineConfig, settings: DriverSettings, backend: TrainingBackend | None = None) -> list[Workload]:
+    """Every workload of the whole pipeline, in the order the driver runs them."""
+    backend = backend or default_backend()
+    return [build_workload(cfg, settings, k, stage, step, backend)
+            for k in range(cfg.iterations.count) for stage, step in steps_for(cfg, k)]

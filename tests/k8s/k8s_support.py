@@ -1,0 +1,35 @@
+"""Helpers shared by the k8s tests: paths, YAML documents, and the real `sims` parser with `k8s` registered."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def docs_of(text: str) -> list[dict]:
+    return [d for d in yaml.safe_load_all(text) if isinstance(d, dict)]
+
+
+def sims_parser() -> argparse.ArgumentParser:
+    """sims_platform.cli.build_parser(), plus sims_platform.k8s.cli.register if the lead has not wired it yet."""
+    from sims_platform.cli import build_parser
+    from sims_platform.k8s.cli import register
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    if "k8s" not in sub.choices:
+        register(sub)
+    return parser
+
+
+def containers(obj: dict) -> list[dict]:
+    """Every container of a Job, a PyTorchJob (all replicas) or a Deployment."""
+    spec = obj.get("spec") or {}
+    templates = [r["template"] for r in (spec.get("pytorchReplicaSpecs") or {}).values()]
+    if "template" in spec:
+        templates.append(spec["template"])
+    return [c for t in templates for c in t["spec"]["containers"]]

@@ -1,0 +1,185 @@
+"""`sims k8s render`: every workload of the pipeline, schema-valid, with the platform's batch features."""
+
+from __future__ import annotations
+
+import io
+import sys
+
+import kubernetes_validate
+import pytest
+from conftest import K8S_VERSIONS, VALUES_FILES
+from k8s_support import containers, docs_of, sims_parser
+from kubeflow.training import ApiClient as KubeflowApiClient
+from kubeflow.training import KubeflowOrgV1PyTorchJob
+
+from sims_platform.k8s.names import is_dns_label
+from sims_platform.k8s.render import render, render_objects, run_specs
+from sims_platform.k8s.workloads import plan
+
+ALL_VALUES = (None, *VALUES_FILES)
+
+
+def _pod_templates(obj: dict) -> list[dict]:
+    spec = obj["spec"]
+    return [r["template"] for r in spec.get("pytorchReplicaSpecs", {}).values()] or [spec["template"]]
+
+
+@pytest.mark.parametrize("values", ALL_VALUES)
+def test_render_prints_every_stage_of_every_iteration(rendered, values, monkeypatch, capsys):
+    from sims_platform.k8s.cli import cmd_render
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO(rendered(values)))
+    assert cmd_render(sims_parser().parse_args(["k8s", "render", "-"])) == 0
+    objs = docs_of(capsys.readouterr().out)
+    spec = run_specs(rendered(values))[0]
+    assert [o["metadata"]["name"] for o in objs] == [w.name for w in plan(spec.cfg, spec.settings)]
+    iterations = spec.cfg.iterations.count
+    steps = {(o["metadata"]["labels"]["sims.io/iteration"], o["metadata"]["labels"]["sims.io/step"]) for o in objs}
+    for k in range(iterations):
+        for step in ("train-base", "generate", "finetune-aux", "evaluate", "evaluate-reduce"):
+            assert (str(k), step) in steps
+    feeds = [s for s in steps if s[1] == "feed"]
+    assert len(feeds) == (iterations - 1 if spec.cfg.iterations.train_data != "real" else 0)
+    names = [o["metadata"]["name"] for o in objs]
+    assert len(set(names)) == len(names) and all(is_dns_label(n, 52) for n in names)
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize("values", ALL_VALUES)
+def test_everything_validates_against_kubernetes_openapi(rendered, values, version):
+    chart_objs = docs_of(rendered(values))
+    objs = chart_objs + render_objects(rendered(values))
+    checked = 0
+    for obj in objs:
+        if obj["kind"] == "PyTorchJob":  # a CRD: its pod templates are core objects, validate those
+            for i, t in enumerate(_pod_templates(obj)):
+                kubernetes_validate.validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {
+                    "name": f"{obj['metadata']['name']}-{i}"}, "template": t}, version, strict=True)
+            continue
+        kubernetes_validate.validate(obj, version, strict=True)
+        checked += 1
+    assert checked >= len(chart_objs)
+
+
+def test_strict_validation_would_catch_a_typo():
+    objs = render_objects(_digits_manifests())
+    job = next(o for o in objs if o["kind"] == "Job")
+    job["spec"]["backoffLimitPerIndexx"] = 1
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(job, K8S_VERSIONS[0], strict=True)
+
+
+def _digits_manifests() -> str:
+    from conftest import CHART  # noqa: F401  (keeps the fixture module importable)
+    import subprocess
+
+    from tools import ensure_tools
+    return subprocess.run([str(ensure_tools() / "helm"), "template", "sims-run", "charts/sims", "-f",
+                           "values-digits-dev.yaml"], cwd=CHART.parent.parent, check=True, capture_output=True,
+                          text=True).stdout
+
+
+@pytest.mark.parametrize("values", ALL_VALUES)
+def test_pytorchjobs_deserialize_into_the_kubeflow_models(rendered, values):
+    objs = [o for o in render_objects(rendered(values)) if o["kind"] == "PyTorchJob"]
+    assert objs
+    spec = run_specs(rendered(values))[0]
+    for obj in objs:
+        job = KubeflowApiClient()._ApiClient__deserialize(obj, "KubeflowOrgV1PyTorchJob")
+        assert isinstance(job, KubeflowOrgV1PyTorchJob) and job.api_version == "kubeflow.org/v1"
+        assert job.spec.run_policy is not None and job.spec.pytorch_replica_specs  # required fields
+        step = obj["metadata"]["labels"]["sims.io/step"]
+        st = spec.settings.stage(step)
+        replicas = job.spec.pytorch_replica_specs
+        assert replicas["Master"].replicas == 1
+        assert (replicas["Worker"].replicas if "Worker" in replicas else 0) == st.nodes - 1
+        assert job.spec.nproc_per_node == str(max(st.gpus, 1))
+        assert job.spec.run_policy.ttl_seconds_after_finished == spec.settings.ttl_seconds_after_finished
+        for r in replicas.values():
+            assert r.restart_policy == "ExitCode"
+            pod = r.template.spec
+            (c,) = pod.containers
+            assert c.name == "pytorch" and c.command[0] == "torchrun"
+            env = {e.name for e in c.env}
+            assert not env & {"LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR"}  # the operator/torchrun own them
+            assert "SIMS_ZERO_STAGE" in env
+            shm = next(v for v in pod.volumes if v.name == "dshm")
+            assert shm.empty_dir.medium == "Memory"
+            if st.gpus:
+                assert c.resources.limits["nvidia.com/gpu"] == c.resources.requests["nvidia.com/gpu"] == str(st.gpus)
+            assert pod.node_selector == (st.placement.node_selector or None)
+            if spec.settings.s3_secret:
+                assert c.env_from[0].secret_ref.name == spec.settings.s3_secret
+
+
+def test_batch_features_on_imagenet(rendered):
+    spec = run_specs(rendered("values-imagenet512.yaml"))[0]
+    objs = render_objects(rendered("values-imagenet512.yaml"))
+    for o in objs:
+        assert o["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "sims-gpu"
+        for t in _pod_templates(o):
+            assert t["spec"]["priorityClassName"] == "sims-batch"
+            assert t["spec"]["securityContext"]["runAsNonRoot"] is True
+            assert t["spec"]["automountServiceAccountToken"] is False
+    indexed = [o for o in objs if o["kind"] == "Job" and o["spec"].get("completionMode") == "Indexed"]
+    assert {o["metadata"]["labels"]["sims.io/step"] for o in indexed} == {"generate", "evaluate"}
+    for o in indexed:
+        s = o["spec"]
+        assert s["completions"] == spec.settings.stage(o["metadata"]["labels"]["sims.io/step"]).shards
+        assert s["backoffLimitPerIndex"] == 2 and s["template"]["spec"]["restartPolicy"] == "Never"
+        assert "backoffLimit" not in s
+    reduce = [o for o in objs if o["metadata"]["labels"]["sims.io/step"] == "evaluate-reduce"]
+    assert len(reduce) == spec.cfg.iterations.count and all("completionMode" not in o["spec"] for o in reduce)
+
+
+def test_gang_scheduling_through_run_policy(rendered, helm):
+    text = helm("template", "sims-run", "charts/sims", "-f", "values-imagenet512.yaml", "--set", "gang.enabled=true",
+                "--set", "gang.schedulerName=volcano").stdout
+    for o in (o for o in render_objects(text) if o["kind"] == "PyTorchJob"):
+        sp = o["spec"]["runPolicy"]["schedulingPolicy"]
+        nodes = 1 + o["spec"]["pytorchReplicaSpecs"].get("Worker", {}).get("replicas", 0)
+        assert sp["minAvailable"] == nodes and sp["queue"] == "sims-gpu" and sp["priorityClass"] == "sims-batch"
+        assert all(t["spec"]["schedulerName"] == "volcano" for t in _pod_templates(o))
+
+
+def _lead_has_issue3() -> bool:
+    try:
+        sims_parser().parse_args(["stage", "evaluate-reduce", "--config", "x", "--iteration", "0"])
+        sims_parser().parse_args(["stage", "generate", "--config", "x", "--iteration", "0", "--count", "2"])
+        return True
+    except SystemExit:
+        return False
+
+
+@pytest.mark.parametrize("values", ALL_VALUES)
+def test_every_container_command_is_accepted_by_the_sims_parser(rendered, values, capsys):
+    if not _lead_has_issue3():
+        pytest.xfail("issue 3 (sims stage --index/--count and evaluate-reduce) is not in sims_platform.cli yet")
+    objs = docs_of(rendered(values)) + render_objects(rendered(values))
+    seen = 0
+    for obj in objs:
+        for c in containers(obj):
+            if c["name"] == "mlflow":
+                continue
+            assert c["command"][-1] == "sims", c["command"]  # sims, or torchrun --no-python sims
+            sims_parser().parse_args(c["args"])
+            seen += 1
+    assert seen > 5
+
+
+def test_stage_commands_other_than_issue3_parse_today(rendered):
+    """The part of the check that does not wait for issue 3: training, feed and the driver."""
+    objs = docs_of(rendered("values-digits-dev.yaml")) + render_objects(rendered("values-digits-dev.yaml"))
+    for obj in objs:
+        step = obj["metadata"]["labels"].get("sims.io/step")
+        if step in ("generate", "evaluate", "evaluate-reduce"):
+            continue
+        for c in containers(obj):
+            if c["name"] != "mlflow":
+                sims_parser().parse_args(c["args"])
+
+
+def test_render_without_configmap_says_what_to_pipe():
+    from sims_platform.config import ConfigError
+    with pytest.raises(ConfigError, match="helm template"):
+        render("apiVersion: v1\nkind: Service\nmetadata: {name: x}\n")

@@ -1,0 +1,140 @@
+"""End-to-end tests of the real stages on a tiny pipeline: results, lineage, standalone stages, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from sims_platform.config import config_from_dict
+from sims_platform.pipeline.runner import run_pipeline
+from sims_platform.storage.layout import RunLayout
+from sims_platform.tracking import resolve_tracking_uri
+
+from conftest import tiny_config_dict
+
+pytestmark = pytest.mark.slow
+SIMS = [sys.executable, "-m", "sims_platform.cli"]
+
+
+def stage_runs(client: MlflowClient, experiment: str) -> dict[str, object]:
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], max_results=200)
+    return {r.info.run_name: r for r in runs}
+
+
+def test_pipeline_writes_summary_lineage_and_artifacts(tiny_cfg):
+    summary = run_pipeline(tiny_cfg)
+    layout = RunLayout.of(tiny_cfg.storage.root)
+    on_disk = json.loads(Path(layout.summary[len("file://"):]).read_text())
+    assert on_disk == summary
+    (row,) = summary["iterations"]
+    assert set(row) == {"iteration", "fid", "best_w", "fid_base", "fid_best"}
+    assert set(row["fid"]) == {"0.0", "1.0"} and row["fid_base"] == row["fid"]["0.0"]
+    assert row["fid_best"] == min(row["fid"].values()) and str(row["best_w"]) in row["fid"]
+
+    client = MlflowClient(resolve_tracking_uri(tiny_cfg, layout))
+    runs = stage_runs(client, "tests")
+    parent = runs["tiny"] if "tiny" in runs else client.get_run(summary["mlflow_run_id"])
+    assert parent.info.run_id == summary["mlflow_run_id"]
+    gen, aux, ev = runs["iter-0/generate"], runs["iter-0/finetune-aux"], runs["iter-0/evaluate"]
+    # Lineage: the synthetic set generate wrote is the one the aux model was fine-tuned on.
+    assert gen.data.tags["sims.output.synthetic"] == aux.data.tags["sims.input.synthetic"]
+    assert aux.data.tags["sims.input.base_model"] == runs["iter-0/train-base"].data.tags["sims.output.model"]
+    assert ev.data.tags["sims.input.aux_model"] == aux.data.tags["sims.output.model"]
+    iter_run = client.get_run(ev.data.tags["mlflow.parentRunId"])
+    assert iter_run.data.tags["mlflow.parentRunId"] == summary["mlflow_run_id"]
+    assert "loss" in runs["iter-0/train-base"].data.metrics
+    assert ev.data.metrics["fid_base"] == pytest.approx(row["fid_base"])
+    arts = {a.path for a in client.list_artifacts(ev.info.run_id)} | \
+        {a.path for a in client.list_artifacts(ev.info.run_id, "samples")}
+    assert {"fid_vs_w.png", "samples/w-0.0.png", "samples/w-1.0.png"} <= arts
+    png = client.download_artifacts(ev.info.run_id, "samples/w-1.0.png")
+    assert Image.open(png).size[0] >= 64
+
+    # Running again does no work: every stage is complete and the same MLflow run is reused.
+    t0 = time.time()
+    again = run_pipeline(tiny_cfg)
+    assert again == summary and time.time() - t0 < 20
+
+
+def write_cfg(tmp_path: Path, **changes) -> Path:
+    d = tiny_config_dict(str(tmp_path / "run"))
+    for key, value in changes.items():
+        node = d
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(d))
+    return path
+
+
+def test_interrupted_stage_resumes_from_its_newest_checkpoint(tmp_path):
+    cfg = write_cfg(tmp_path, **{"train_base.images": 6144, "train_base.checkpoint_images": 512})
+    stage_dir = tmp_path / "run" / "iter-00" / "train-base"
+    env = dict(os.environ, SIMS_PROGRESS_INTERVAL="1")
+    cmd = SIMS + ["stage", "train-base", "--config", str(cfg)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not list((stage_dir / "checkpoints").glob("ckpt-*.pt")):
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)  # preemption: no chance to clean up
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    found = sorted(int(p.stem.split("-")[1]) for p in (stage_dir / "checkpoints").glob("ckpt-*.pt"))
+    assert found and found[-1] < 6144, "killed before the stage finished"
+    assert not (stage_dir / "_SUCCESS.json").exists()
+
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    resumed = int(out.stderr.split("resumed at ")[1].split("/")[0])
+    assert resumed >= found[-1]
+    assert (stage_dir / "_SUCCESS.json").exists() and (stage_dir / "model.pt").exists()
+    # A complete stage is skipped when run again.
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "already complete" in out.stdout
+
+
+def test_stages_run_one_by_one_join_one_mlflow_run(tmp_path):
+    cfg_path = write_cfg(tmp_path)
+    for stage in ("train-base", "generate", "finetune-aux", "evaluate"):
+        out = subprocess.run(SIMS + ["stage", stage, "--config", str(cfg_path), "--iteration", "0"],
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+    cfg = config_from_dict(yaml.safe_load(cfg_path.read_text()))
+    layout = RunLayout.of(cfg.storage.root)
+    client = MlflowClient(resolve_tracking_uri(cfg, layout))
+    runs = stage_runs(client, "tests")
+    parents = {r.data.tags.get("mlflow.parentRunId") for name, r in runs.items() if name.startswith("iter-0/")}
+    assert len(parents) == 1, "all stage runs nest under one iteration run"
+    assert sum(1 for r in runs.values() if r.data.tags.get("sims.kind") == "pipeline") == 1
+
+
+def test_two_iterations_feed_the_next_generation(tmp_path):
+    d = tiny_config_dict(str(tmp_path / "run"))
+    d["iterations"] = {"count": 2, "train_data": "real+synthetic", "feed_samples": 80, "feed_sampler": "guided"}
+    cfg = config_from_dict(d)
+    summary = run_pipeline(cfg)
+    assert [r["iteration"] for r in summary["iterations"]] == [0, 1]
+    layout = RunLayout.of(cfg.storage.root)
+    client = MlflowClient(resolve_tracking_uri(cfg, layout))
+    runs = stage_runs(client, "tests")
+    feed_out = runs["iter-0/feed"].data.tags["sims.output.feed"]
+    assert runs["iter-1/train-base"].data.tags["sims.input.feed_iter_0"] == feed_out
+    assert runs["iter-1/train-base"].data.params["train_set_size"] == str(400 + 80)
+    assert "iter-1/feed" not in runs  # the last iteration feeds nothing
