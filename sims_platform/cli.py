@@ -14,7 +14,7 @@ import os
 import sys
 
 from sims_platform.config import ConfigError, PipelineConfig, dump_config, load_config
-from sims_platform.storage.layout import STAGES
+from sims_platform.storage.layout import RUN_STAGES, STAGES
 
 
 def _load(args: argparse.Namespace) -> PipelineConfig:
@@ -55,8 +55,10 @@ def cmd_stage(args: argparse.Namespace) -> int:
     from sims_platform.pipeline.runner import open_run
     from sims_platform.stages import StageContext, run_stage
 
+    index = args.index if args.index is not None else int(os.environ.get("JOB_COMPLETION_INDEX", 0))
     layout, lineage, _ = open_run(cfg)
-    result = run_stage(StageContext(cfg, layout, args.iteration, lineage), args.name, force=args.force)
+    ctx = StageContext(cfg, layout, args.iteration, lineage, part=index, parts=args.count)
+    result = run_stage(ctx, args.name, force=args.force)
     print(result, flush=True)
     return 0
 
@@ -81,11 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("stage", help="run one stage of one iteration (resumes from its newest checkpoint)")
-    p.add_argument("name", choices=STAGES)
+    p.add_argument("name", choices=STAGES + RUN_STAGES)
     p.add_argument("--config", required=True, help="pipeline YAML")
     p.add_argument("--iteration", type=int, default=0, help="0-based iteration (default 0)")
     p.add_argument("--out", help="storage root (overrides storage.root)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help=set_help)
+    p.add_argument("--index", type=int, help="this worker's part of a job-array stage (generate, evaluate); "
+                   "default: $JOB_COMPLETION_INDEX or 0")
+    p.add_argument("--count", type=int, default=1, help="how many parts the stage is split into (default 1)")
     p.add_argument("--force", action="store_true", help="run even if the stage is marked complete")
     p.set_defaults(func=cmd_stage)
 

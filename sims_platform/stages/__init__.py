@@ -25,13 +25,20 @@ def is_done(ctx: StageContext, stage: str) -> bool:
 
 
 def run_stage(ctx: StageContext, stage: str, force: bool = False) -> dict:
-    """Run one stage unless its completion marker exists; a rerun after a kill resumes inside the stage."""
+    """Run one stage (or one part of a job-array stage) unless its completion record exists.
+
+    A rerun after a kill resumes inside the stage. A part records its own completion; the stage's record is
+    written by whoever completes the whole stage (a stage function says so with result["complete"]).
+    """
     if stage not in STAGE_FUNCS:
         raise ValueError(f"unknown stage '{stage}', expected one of {', '.join(STAGE_FUNCS)}")
-    marker = ctx.layout.done_marker(ctx.iteration, stage)
-    if not force and fsio.exists(marker):
-        print(f"[iter {ctx.iteration} {stage}] already complete ({marker}); skipping", flush=True)
-        return fsio.read_json(marker)["result"]
+    stage_marker = ctx.layout.done_marker(ctx.iteration, stage)
+    marker = stage_marker if ctx.parts == 1 else \
+        ctx.layout.part_marker(ctx.iteration, stage, ctx.part, ctx.parts)
+    for done in dict.fromkeys((stage_marker, marker)):
+        if not force and fsio.exists(done):
+            print(f"[iter {ctx.iteration} {stage}] already complete ({done}); skipping", flush=True)
+            return fsio.read_json(done)["result"]
     run_id = ctx.lineage.stage_run(ctx.iteration, stage)
     t0 = time.time()
     try:
@@ -40,10 +47,14 @@ def run_stage(ctx: StageContext, stage: str, force: bool = False) -> dict:
         ctx.lineage.finish(run_id, "FAILED")
         raise
     seconds = time.time() - t0
-    ctx.lineage.log_metrics(run_id, {"stage_seconds": seconds}, step=0)
-    ctx.lineage.finish(run_id, "FINISHED")
-    fsio.write_json(marker, {"stage": stage, "iteration": ctx.iteration, "mlflow_run_id": run_id,
-                             "seconds": seconds, "result": result})
+    record = {"stage": stage, "iteration": ctx.iteration, "mlflow_run_id": run_id, "seconds": seconds,
+              "part": ctx.part, "parts": ctx.parts, "result": result}
+    fsio.write_json(marker, record)
+    if ctx.parts == 1 or result.get("complete"):
+        if ctx.parts > 1:
+            fsio.write_json(stage_marker, record)
+        ctx.lineage.log_metrics(run_id, {"stage_seconds": seconds}, step=0)
+        ctx.lineage.finish(run_id, "FINISHED")
     return result
 
 

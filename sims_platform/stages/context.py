@@ -34,6 +34,12 @@ class StageContext:
     iteration: int
     lineage: Lineage
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    part: int = 0   # this worker's index in a job-array stage (JOB_COMPLETION_INDEX in an Indexed Job)
+    parts: int = 1  # how many workers share the stage
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.part < self.parts:
+            raise ValueError(f"--index {self.part} is outside 0..{self.parts - 1} (--count {self.parts})")
 
     # -- data ------------------------------------------------------------------
     @cached_property

@@ -21,17 +21,22 @@ def sample_batch(ctx: StageContext, denoise: Denoiser, seeds: torch.Tensor, samp
 
 
 def write_samples(ctx: StageContext, denoise: Denoiser, uri: str, stream: str, total: int, batch_size: int,
-                  shard_size: int, sampler: SamplerConfig, meta: dict, desc: str) -> dict:
-    """Sample `total` seeds of a stream into shards at uri; shards already committed are skipped."""
+                  shard_size: int, sampler: SamplerConfig, meta: dict, desc: str) -> dict | None:
+    """Sample this worker's shards of a stream into uri, skipping shards already committed.
+
+    Worker `part` of `parts` owns shards j with j % parts == part (disjoint seeds and names). Whoever finds
+    every shard committed afterwards writes the manifest (same content from any worker) and returns it;
+    otherwise None (other workers are still writing).
+    """
     writer = ShardWriter(uri, shard_size=shard_size, total=total, meta=meta)
-    missing = writer.missing_shards()
-    n_shards = -(-total // shard_size)
-    progress = Progress(desc, total=total, done=(n_shards - len(missing)) * shard_size if missing else total,
-                        unit="img")
-    done = progress.done
-    for j in missing:
-        start, stop = j * shard_size, min((j + 1) * shard_size, total)
-        seeds = sample_seeds(ctx.cfg.seed, ctx.iteration, stream, stop - start, start)
+    mine = [j for j in range(writer.num_shards) if j % ctx.parts == ctx.part]
+    todo = [j for j in writer.missing_shards() if j % ctx.parts == ctx.part]
+    mine_total = sum(len(writer.shard_range(j)) for j in mine)
+    done = mine_total - sum(len(writer.shard_range(j)) for j in todo)
+    progress = Progress(desc, total=mine_total, done=done, unit="img")
+    for j in todo:
+        rng = writer.shard_range(j)
+        seeds = sample_seeds(ctx.cfg.seed, ctx.iteration, stream, len(rng), rng.start)
         xs, ys = [], []
         for chunk in seeds.split(batch_size):
             x, y = sample_batch(ctx, denoise, chunk, sampler)
@@ -41,7 +46,7 @@ def write_samples(ctx: StageContext, denoise: Denoiser, uri: str, stream: str, t
             progress.update(done)
         writer.write_shard(j, torch.cat(xs), torch.cat(ys), seeds)
     progress.close()
-    return writer.finalize()
+    return None if writer.missing_shards() else writer.finalize()
 
 
 def generate(ctx: StageContext, run_id: str) -> dict:
@@ -54,7 +59,8 @@ def generate(ctx: StageContext, run_id: str) -> dict:
     net = ctx.load_model(base_uri)
     manifest = write_samples(ctx, NetDenoiser(net), out, "generate", g.num_samples, g.batch_size, g.shard_size,
                              g.sampler, {"source_model": base_uri, "iteration": k}, f"iter {k} generate")
-    return {"synthetic": out, "samples": manifest["total"]}
+    return {"synthetic": out, "complete": manifest is not None,
+            "samples": manifest["total"] if manifest else None}
 
 
 def feed(ctx: StageContext, run_id: str) -> dict:
@@ -79,4 +85,5 @@ def feed(ctx: StageContext, run_id: str) -> dict:
     ctx.lineage.link(run_id, inputs=inputs, outputs={"feed": out})
     manifest = write_samples(ctx, denoise, out, "feed", it.feed_samples, g.batch_size, g.shard_size, g.sampler,
                              {"source_model": base_uri, "iteration": k, "w": w}, f"iter {k} feed")
-    return {"feed": out, "samples": manifest["total"], "w": w}
+    return {"feed": out, "complete": manifest is not None, "w": w,
+            "samples": manifest["total"] if manifest else None}

@@ -6,7 +6,10 @@ from dataclasses import dataclass
 
 from sims_platform.storage.fsio import join, normalize_uri
 
-STAGES = ("train-base", "generate", "finetune-aux", "evaluate", "feed")
+# Stages of one iteration, in order; `evaluate-reduce` merges the evaluate job array's parts.
+STAGES = ("train-base", "generate", "finetune-aux", "evaluate", "evaluate-reduce", "feed")
+# Stages of the run as a whole (not per iteration): `encode` turns the real images into VAE latents once.
+RUN_STAGES = ("encode",)
 
 
 @dataclass(frozen=True)
@@ -41,12 +44,25 @@ class RunLayout:
         return join(self.root, f"iter-{k:02d}")
 
     def stage(self, k: int, stage: str) -> str:
+        if stage in RUN_STAGES:
+            return join(self.root, stage)
+        if stage == "evaluate-reduce":  # the reducer completes the evaluate stage in its folder
+            stage = "evaluate"
         if stage not in STAGES:
-            raise ValueError(f"unknown stage '{stage}', expected one of {', '.join(STAGES)}")
+            raise ValueError(f"unknown stage '{stage}', expected one of {', '.join(STAGES + RUN_STAGES)}")
         return join(self.iteration(k), stage)
 
     def done_marker(self, k: int, stage: str) -> str:
         return join(self.stage(k, stage), "_SUCCESS.json")
+
+    def part_marker(self, k: int, stage: str, index: int, count: int) -> str:
+        """Completion record of one part of a job-array stage (index of count)."""
+        return join(self.stage(k, stage), "parts", f"part-{index:05d}-of-{count:05d}.json")
+
+    @property
+    def encoded(self) -> str:
+        """The real data as model-space (latent) shards written by the encode stage."""
+        return join(self.stage(0, "encode"), "shards")
 
     def checkpoints(self, k: int, stage: str) -> str:
         return join(self.stage(k, stage), "checkpoints")
