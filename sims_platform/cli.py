@@ -63,6 +63,16 @@ def cmd_stage(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_local_cluster(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from sims_platform.launch.local_cluster import run_local_cluster
+
+    run_local_cluster(args.config, Path(args.out), procs=args.procs, writers=args.writers,
+                      eval_parts=args.eval_parts, extra=list(args.set or []))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sims", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -93,6 +103,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, default=1, help="how many parts the stage is split into (default 1)")
     p.add_argument("--force", action="store_true", help="run even if the stage is marked complete")
     p.set_defaults(func=cmd_stage)
+
+    p = sub.add_parser("local-cluster", help="run a pipeline as the cluster does, on this machine: torchrun "
+                       "training, job-array parts, a reducer, a loopback S3 endpoint and MLflow server")
+    p.add_argument("--config", required=True, help="pipeline YAML")
+    p.add_argument("--out", default="out/cluster-local", help="folder for server logs, MLflow database, summary")
+    p.add_argument("--procs", type=int, default=2, help="training processes (torchrun --nproc_per_node)")
+    p.add_argument("--writers", type=int, default=2, help="generate job-array parts")
+    p.add_argument("--eval-parts", type=int, default=2, help="evaluate job-array parts")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help=set_help)
+    p.set_defaults(func=cmd_local_cluster)
 
     from sims_platform.k8s.cli import register as register_k8s
 
