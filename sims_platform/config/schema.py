@@ -43,6 +43,7 @@ class EncoderConfig(Strict):
     latent_std: list[float] = Field([4.17, 4.62, 3.71, 3.28], description="raw latent std per channel (EDM2)")
     final_std: float = Field(0.5, gt=0, description="latents are scaled to this std (sigma_data)")
     batch_size: int = Field(8, ge=1, description="images per VAE call")
+    shard_size: int = Field(1000, ge=1, description="encode stage: latents per WebDataset shard")
 
 
 # ----------------------------------------------------------------------------
@@ -78,6 +79,41 @@ class OptimizerConfig(Strict):
         return v
 
 
+class DistributedConfig(Strict):
+    """How one training stage spreads over the ranks torchrun or a PyTorchJob starts (docs/distributed.md)."""
+
+    backend: Literal["auto", "plain", "deepspeed"] = Field(
+        "auto", description="plain: PyTorch data parallel (gradient all-reduce), no DeepSpeed needed; "
+        "deepspeed: a DeepSpeed engine with ZeRO; auto: deepspeed when zero_stage > 0 or precision is fp16")
+    zero_stage: Literal[0, 1, 2, 3] = Field(0, description="DeepSpeed ZeRO stage: 1 shards optimizer state, "
+                                            "2 adds gradients, 3 adds parameters")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="fp32; bf16 (plain: autocast, deepspeed: bf16 weights with fp32 master copy); "
+        "fp16 (deepspeed only: dynamic loss scaling)")
+    grad_clip: float | None = Field(None, gt=0, description="clip the global gradient norm to this; null = off")
+    micro_batch: int | None = Field(None, ge=1, description="images per rank per forward pass; the global "
+                                    "batch (batch_size) stays fixed and gradients accumulate over "
+                                    "batch_size / (micro_batch x world size) passes; null = batch_size / "
+                                    "world size (no accumulation)")
+    deepspeed: dict = Field({}, description="extra DeepSpeed config, merged over the generated one "
+                            "(e.g. {zero_optimization: {stage3_param_persistence_threshold: 0}})")
+
+    @model_validator(mode="after")
+    def _backend(self) -> DistributedConfig:
+        if self.backend == "plain" and self.zero_stage > 0:
+            raise ValueError(f"distributed.zero_stage={self.zero_stage} needs distributed.backend "
+                             "deepspeed or auto (plain is data parallel without ZeRO)")
+        if self.backend == "plain" and self.precision == "fp16":
+            raise ValueError("distributed.precision=fp16 needs distributed.backend deepspeed or auto "
+                             "(the plain backend has no loss scaling; use bf16)")
+        return self
+
+    def uses_deepspeed(self) -> bool:
+        if self.backend == "auto":
+            return self.zero_stage > 0 or self.precision == "fp16"
+        return self.backend == "deepspeed"
+
+
 class TrainConfig(Strict):
     images: int = Field(..., ge=1, description="training budget in images seen (B for the aux model)")
     batch_size: int = Field(128, ge=1, description="global batch size")
@@ -93,6 +129,15 @@ class TrainConfig(Strict):
     snapshots: list[int] = Field([], description="also keep the weights at these image counts for good "
                                  "(e.g. the early model autoguidance uses as its guide)")
     log_images: int = Field(2000, ge=1, description="log the loss every this many images")
+    distributed: DistributedConfig = DistributedConfig()
+
+    @model_validator(mode="after")
+    def _micro_batch(self) -> TrainConfig:
+        mb = self.distributed.micro_batch
+        if mb is not None and self.batch_size % mb:
+            raise ValueError(f"distributed.micro_batch={mb} must divide batch_size={self.batch_size} "
+                             "(the global batch is split into equal micro-batches)")
+        return self
 
 
 # ----------------------------------------------------------------------------

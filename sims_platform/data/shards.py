@@ -18,7 +18,7 @@ from sims_platform.storage.fsio import atomic_open, exists, join, listdir, read_
 
 MANIFEST = "manifest.json"
 DTYPE = "float16"
-_MTIME = 0.0  # a fixed tar mtime: the same samples always give byte-identical shards (and checksums)
+_MTIME = 0  # fixed: byte-identical shards for the same samples; an int (a float adds PAX headers)
 _RESERVED = {"shards", "total", "shard_size", "dtype", "shape"}
 
 
@@ -164,8 +164,9 @@ def read_manifest(uri: str) -> dict[str, Any]:
     return manifest
 
 
-def _read_shard(uri: str, entry: dict[str, Any],
-                shape: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def read_shard(uri: str, entry: dict[str, Any],
+               shape: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One shard of the set at uri (entry from its manifest), verified (checksum, count, shape) before return."""
     path = join(uri, entry["name"])
     if not exists(path):
         raise ShardError(f"{uri}: shard {entry['name']} is listed in {MANIFEST} but missing")
@@ -196,7 +197,7 @@ def iter_shards(uri: str) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Te
     """(x float32, labels, seeds) per shard, each yielded only after its checksum and count are verified."""
     manifest = read_manifest(uri)
     for entry in manifest["shards"]:
-        yield _read_shard(uri, entry, manifest["shape"])
+        yield read_shard(uri, entry, manifest["shape"])
 
 
 def read_shards(uri: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

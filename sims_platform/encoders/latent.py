@@ -12,7 +12,10 @@ def load_autoencoder(cfg: EncoderConfig):
     from diffusers import AutoencoderKL
 
     if cfg.vae_config is not None:
-        return AutoencoderKL(**cfg.vae_config)
+        # Seeded, so every process of a run (encode, train, evaluate) builds the same random VAE.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return AutoencoderKL(**cfg.vae_config)
     try:
         return AutoencoderKL.from_pretrained(cfg.vae)
     except OSError as err:

@@ -54,7 +54,6 @@ def _env(settings: DriverSettings, labels: dict[str, str]) -> list[V1EnvVar]:
         "SIMS_RUN": labels.get("sims.io/run", ""),
         "SIMS_ITERATION": labels.get("sims.io/iteration", ""),
         "SIMS_STAGE": labels.get("sims.io/step", ""),
-        "SIMS_ZERO_STAGE": str(settings.zero_stage),
         "PYTHONUNBUFFERED": "1",
         "HOME": "/home/sims",
     }

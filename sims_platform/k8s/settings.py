@@ -64,7 +64,6 @@ class DriverSettings(Section):
     backoff_limit: int = Field(3, ge=0, description="retries of a PyTorchJob or a plain Job")
     backoff_limit_per_index: int = Field(2, ge=0, description="retries of each Indexed Job index")
     gang: Gang = Gang()
-    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage (SIMS_ZERO_STAGE)")
     s3_secret: str | None = Field(None, description="Secret with AWS_* keys, loaded with envFrom")
     mlflow_uri: str | None = Field(None, description="MLFLOW_TRACKING_URI of every pod")
     data_claim: str | None = Field(None, description="PVC mounted at data_mount_path (file:// storage)")
@@ -75,7 +74,7 @@ class DriverSettings(Section):
 
     @model_validator(mode="after")
     def _known_stages(self) -> DriverSettings:
-        known = ("train-base", "generate", "finetune-aux", "evaluate", "evaluate-reduce", "feed")
+        known = ("encode", "train-base", "generate", "finetune-aux", "evaluate", "evaluate-reduce", "feed")
         bad = sorted(set(self.stages) - set(known))
         if bad:
             raise ValueError(f"stages: unknown stage(s) {bad}, expected some of {list(known)}")

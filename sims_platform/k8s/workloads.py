@@ -15,7 +15,7 @@ from sims_platform.k8s.settings import DriverSettings
 from sims_platform.pipeline.runner import stages_for
 
 TRAINING = ("train-base", "finetune-aux")
-INDEXED = ("generate", "evaluate")  # job arrays: each index samples a slice (issue 3)
+INDEXED = ("encode", "generate", "evaluate")  # job arrays: each index owns a disjoint slice of the work
 REDUCE = "evaluate-reduce"          # merges the evaluate slices' FID statistics, writes evaluate's done marker
 
 

@@ -78,7 +78,12 @@ class MPConv(nn.Module):
 
     The stored weight is re-normalised to unit norm per output channel on every training forward pass,
     so the effective learning rate does not drift as the weights grow (EDM2, section 3.4).
+    A DeepSpeed engine turns that in-place copy off (`inplace_normalize = False`): its master weights live
+    in the optimizer (partitioned under ZeRO), so it re-normalises those after each step instead
+    (sims_platform/training/ds_engine.py); the functional normalisation below keeps the output the same.
     """
+
+    inplace_normalize: bool = True
 
     def __init__(self, in_channels: int, out_channels: int, kernel: tuple[int, ...] = ()):
         super().__init__()
@@ -87,7 +92,7 @@ class MPConv(nn.Module):
 
     def forward(self, x: torch.Tensor, gain: float | torch.Tensor = 1.0) -> torch.Tensor:
         w = self.weight.to(torch.float32)
-        if self.training:
+        if self.training and self.inplace_normalize:
             with torch.no_grad():
                 self.weight.copy_(normalize(w))
         w = normalize(w)

@@ -10,8 +10,10 @@ from sims_platform.tracking import Lineage, format_table, iteration_result, reso
 
 
 def stages_for(cfg: PipelineConfig, k: int) -> list[str]:
-    """Stage order of iteration k; feed only when a later iteration trains on synthetic data."""
-    stages = ["train-base", "generate", "finetune-aux", "evaluate"]
+    """Stage order of iteration k; encode (once, before iteration 0) for latent models; feed only when a
+    later iteration trains on synthetic data."""
+    stages = ["encode"] if k == 0 and cfg.encoder.kind == "latent" else []
+    stages += ["train-base", "generate", "finetune-aux", "evaluate"]
     it = cfg.iterations
     if k < it.count - 1 and it.train_data != "real":
         stages.append("feed")

@@ -6,16 +6,19 @@ import time
 from collections.abc import Callable
 
 from sims_platform.stages.context import StageContext
-from sims_platform.stages.evaluate import evaluate
+from sims_platform.stages.encode import encode
+from sims_platform.stages.evaluate import evaluate, evaluate_reduce
 from sims_platform.stages.sampling import feed, generate
 from sims_platform.stages.training import finetune_aux, train_base
 from sims_platform.storage import fsio
 
 STAGE_FUNCS: dict[str, Callable[[StageContext, str], dict]] = {
+    "encode": encode,
     "train-base": train_base,
     "generate": generate,
     "finetune-aux": finetune_aux,
     "evaluate": evaluate,
+    "evaluate-reduce": evaluate_reduce,  # one process; its record is evaluate's (layout.stage maps the folder)
     "feed": feed,
 }
 
@@ -44,8 +47,10 @@ def run_stage(ctx: StageContext, stage: str, force: bool = False) -> dict:
     try:
         result = STAGE_FUNCS[stage](ctx, run_id)
     except BaseException:
-        ctx.lineage.finish(run_id, "FAILED")
+        ctx.lineage.finish(run_id, "FAILED")  # a no-op on ranks other than 0
         raise
+    if not ctx.lineage.writes:
+        return result  # ranks other than 0 of a distributed stage: rank 0 records completion
     seconds = time.time() - t0
     record = {"stage": stage, "iteration": ctx.iteration, "mlflow_run_id": run_id, "seconds": seconds,
               "part": ctx.part, "parts": ctx.parts, "result": result}

@@ -52,7 +52,14 @@ class StageContext:
 
     @cached_property
     def real_encoded(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.encoder.encode(self.real.images), self.real.labels
+        """The real data in model space: pixels as they are, latents from the encode stage's shards."""
+        if self.cfg.encoder.kind == "pixel":
+            return self.encoder.encode(self.real.images), self.real.labels
+        if not fsio.exists(self.layout.done_marker(0, "encode")):
+            raise FileNotFoundError(f"latent training data not found at {self.layout.encoded}: run "
+                                    "`sims stage encode` first (the pipeline runner does)")
+        x, y, _ = read_shards(self.layout.encoded)
+        return x, y
 
     def shape(self) -> tuple[int, int, int]:
         """(channels, height, width) of the model space."""
@@ -63,7 +70,7 @@ class StageContext:
         """Iteration k's base training set and the URIs it came from (lineage)."""
         k, mode = self.iteration, self.cfg.iterations.train_data
         real_x, real_y = self.real_encoded
-        sources = {"real": self._real_uri()}
+        sources = {"real": self.real_uri() if self.cfg.encoder.kind == "pixel" else self.layout.encoded}
         if k == 0 or mode == "real":
             return real_x, real_y, sources
         feed_uri = self.layout.shards(k - 1, "feed")
@@ -73,7 +80,7 @@ class StageContext:
             return feed_x, feed_y, sources
         return torch.cat([real_x, feed_x]), torch.cat([real_y, feed_y]), sources
 
-    def _real_uri(self) -> str:
+    def real_uri(self) -> str:
         d = self.cfg.data
         return d.path if d.path else f"sklearn://load_digits?resolution={d.resolution}"
 

@@ -3,21 +3,28 @@
 from __future__ import annotations
 
 from sims_platform.stages.context import StageContext
+from sims_platform.training import distributed
 from sims_platform.training.loop import train
 
 
 def _run_training(ctx: StageContext, stage: str, run_id: str, net, x, y, tcfg, inputs: dict[str, str],
                   **train_kwargs) -> dict:
+    """Every rank of a torchrun/PyTorchJob launch runs this; rank 0 alone logs to MLflow and writes model.pt."""
     lin, layout, k = ctx.lineage, ctx.layout, ctx.iteration
     out_uri = layout.model(k, stage)
-    lin.log_params(run_id, {"images": tcfg.images, "batch_size": tcfg.batch_size, "lr": tcfg.optimizer.lr,
-                            "ema_std": tcfg.ema_std, "train_set_size": len(x)})
-    lin.link(run_id, inputs=inputs, outputs={"model": out_uri})
+    main = distributed.detect().is_main
+    if main:
+        lin.log_params(run_id, {"images": tcfg.images, "batch_size": tcfg.batch_size, "lr": tcfg.optimizer.lr,
+                                "ema_std": tcfg.ema_std, "train_set_size": len(x),
+                                "distributed": tcfg.distributed.model_dump_json()})
+        lin.link(run_id, inputs=inputs, outputs={"model": out_uri})
     result = train(net, x, y, tcfg, seed=ctx.cfg.seed + 7919 * k + (0 if stage == "train-base" else 104729),
                    checkpoints=layout.checkpoints(k, stage),
                    on_log=lambda images, m: lin.log_metrics(run_id, m, step=images),
-                   desc=f"iter {k} {stage}", **train_kwargs)
-    ctx.save_model(out_uri, result.ema, result.images, stage=stage, iteration=k)
+                   desc=f"iter {k} {stage}", where=stage.replace("-", "_"), **train_kwargs)
+    if result.ema is not None:
+        ctx.save_model(out_uri, result.ema, result.images, stage=stage, iteration=k)
+    distributed.barrier()  # no rank reports the stage done before model.pt exists
     return {"model": out_uri, "images": result.images, "resumed_from": result.resumed_from}
 
 

@@ -33,17 +33,31 @@ def join(uri: str, *parts: str) -> str:
 
 
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem and path of uri.
+
+    s3:// goes through s3fs, configured by the standard AWS environment (botocore reads it; no options
+    here): AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION, and AWS_ENDPOINT_URL_S3 or
+    AWS_ENDPOINT_URL for an S3-compatible store (MinIO, Ceph, moto).
+    """
     return url_to_fs(uri)
+
+
+def _fresh(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    # s3fs caches listings for the life of the process; whether a shard or manifest is committed must be
+    # answered by the store now (another worker may have written it since), not by an old listing.
+    fs.invalidate_cache(path)
 
 
 def exists(uri: str) -> bool:
     fs, path = filesystem(uri)
+    _fresh(fs, path)
     return fs.exists(path)
 
 
 def listdir(uri: str) -> list[str]:
     """Names (not paths) of the entries under uri; empty if it does not exist."""
     fs, path = filesystem(uri)
+    _fresh(fs, path)
     if not fs.exists(path):
         return []
     return sorted(os.path.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
@@ -65,7 +79,10 @@ def atomic_open(uri: str, mode: str = "wb") -> Iterator[IO[Any]]:
 
     Local files are written under a temporary name and renamed. Object stores (s3fs) only publish an
     object when its upload completes, so there we write in place, but on an exception the upload is
-    discarded instead of committed (s3fs would otherwise publish the truncated object on close).
+    discarded instead of committed (s3fs would otherwise publish the truncated object on close). A
+    process killed mid-upload publishes nothing either; it may leave an incomplete multipart upload,
+    invisible to readers, which a bucket lifecycle rule (AbortIncompleteMultipartUpload) cleans up.
+    Rewriting an existing object replaces it whole, so retried writes of the same name are safe.
     """
     assert mode in ("wb", "w"), mode
     fs, path = filesystem(uri)
@@ -88,14 +105,28 @@ def atomic_open(uri: str, mode: str = "wb") -> Iterator[IO[Any]]:
     try:
         yield f
     except BaseException:
-        discard = getattr(f, "discard", None)
-        if discard is not None:
-            discard()
-        else:  # pragma: no cover - stores without discard: best effort
-            f.close()
-            fs.rm(path)
+        _discard(fs, path, f)
         raise
-    f.close()
+    try:
+        f.close()
+    except BaseException:
+        # A failed commit (e.g. complete_multipart_upload) leaves the upload open: abort it, keep the error.
+        with contextlib.suppress(Exception):
+            _discard(fs, path, f)
+        raise
+
+
+def _discard(fs: fsspec.AbstractFileSystem, path: str, f: IO[Any]) -> None:
+    discard = getattr(f, "discard", None)
+    if discard is None:  # pragma: no cover - stores without discard: best effort
+        f.close()
+        fs.rm(path)
+        return
+    discard()  # s3fs: aborts the multipart upload (if one was started) and drops the buffer
+    # Mark it closed: otherwise the garbage collector's close() tries to commit the dropped buffer
+    # (it fails, but prints "Exception ignored" tracebacks, or could start a fresh upload).
+    with contextlib.suppress(AttributeError):  # read-only on some file types; those need no help
+        f.closed = True  # type: ignore[misc]
 
 
 def write_bytes(uri: str, data: bytes) -> None:

@@ -5,6 +5,7 @@ from sims_platform.tracking.lineage import (
     LineageError,
     default_artifact_location,
     local_store,
+    process_rank,
     resolve_tracking_uri,
     ui_command,
 )
@@ -29,6 +30,7 @@ __all__ = [
     "image_grid_png",
     "iteration_result",
     "local_store",
+    "process_rank",
     "read_summary",
     "resolve_tracking_uri",
     "ui_command",

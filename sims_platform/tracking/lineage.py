@@ -14,11 +14,24 @@ Tags (the lineage contract; query them in the UI search box, e.g. tags.`sims.sta
 - ``mlflow.parentRunId``: the parent in the tree above (MLflow's own nesting tag).
 - ``sims.kind``: pipeline | iteration | stage.
 - ``sims.run_name``, ``sims.storage_root``: the pipeline's name and storage root URI (on every run).
-- ``sims.iteration``: k as a decimal string; ``sims.stage``: one of storage.layout.STAGES.
+- ``sims.iteration``: k as a decimal string; ``sims.stage``: one of storage.layout.STAGES. Run-level
+  stages (storage.layout.RUN_STAGES, e.g. encode) hang directly under the pipeline run, named "<stage>",
+  without ``sims.iteration``.
 - ``sims.input.<name>`` / ``sims.output.<name>``: URIs a stage read / wrote (`Lineage.link`). A model
   and the data that fed it are joined by equal URIs: e.g. iter-1/train-base's ``sims.input.synthetic``
   equals iter-0/feed's ``sims.output.shards``. `Lineage.producers_of(uri)` answers that question.
   Inputs are also logged as MLflow datasets (the run page's "Datasets used"), named by their key.
+
+At a distance (pods on a cluster): the tracking URI is tracking.uri, else MLFLOW_TRACKING_URI, e.g.
+http://mlflow.mlflow.svc:5000; the storage root may be s3:// (run.json lives there). The server stores
+artifacts in S3 itself and proxies them::
+
+    mlflow server --backend-store-uri postgresql://... --artifacts-destination s3://bucket/mlflow
+
+(--serve-artifacts is the default), so pods upload over HTTP and need no artifact-store credentials; only
+the server gets AWS_* (and MLFLOW_S3_ENDPOINT_URL for an S3-compatible store). Every process of a stage
+logs into the one stage run (stage_run); on ranks other than 0 (env RANK) the writes are skipped, so
+run-level results come from rank 0, from a single process, or from the evaluate reducer.
 """
 
 from __future__ import annotations
@@ -46,7 +59,7 @@ from mlflow.utils.validation import (
 from sims_platform.config.loader import dump_config
 from sims_platform.config.schema import PipelineConfig
 from sims_platform.storage.fsio import exists, read_json, write_json
-from sims_platform.storage.layout import STAGES, RunLayout
+from sims_platform.storage.layout import RUN_STAGES, STAGES, RunLayout
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +69,13 @@ KIND, ITERATION, STAGE = "sims.kind", "sims.iteration", "sims.stage"
 NAME, ROOT = "sims.run_name", "sims.storage_root"
 INPUT, OUTPUT = "sims.input.", "sims.output."
 TERMINAL = ("FINISHED", "FAILED", "KILLED")
+# Steps that log into another stage's run: the evaluate reducer completes the evaluate stage.
+RUN_OF = {"evaluate-reduce": "evaluate"}
+# How old the oldest of racing runs must be before every process trusts it (Lineage._canonical): paid only
+# right after a run is created. On a tracking server it bounds request latency plus clock skew between pods;
+# a local store has one clock, so only the time between taking a start time and committing the run counts.
+CREATE_SETTLE_S = 2.0
+LOCAL_SETTLE_S = 0.2
 
 
 class LineageError(RuntimeError):
@@ -105,6 +125,15 @@ def ui_command(tracking_uri: str, layout: RunLayout | None = None) -> str:
     if layout is not None and (artifacts := default_artifact_location(tracking_uri, layout)):
         cmd += f" --default-artifact-root {shlex.quote(artifacts)}"
     return cmd
+
+
+def process_rank() -> int:
+    """This process's rank in a distributed stage (env RANK, set by torchrun and PyTorchJob); 0 alone."""
+    raw = os.environ.get("RANK", "") or "0"
+    try:
+        return int(raw)
+    except ValueError:
+        raise LineageError(f"environment variable RANK={raw!r}: expected an integer rank") from None
 
 
 # ----------------------------------------------------------------------------
@@ -171,6 +200,8 @@ class Lineage:
             experiment, artifact_location or default_artifact_location(tracking_uri, layout))
         self._pipeline_id: str | None = None
         self._common: dict[str, str] | None = None
+        # Ranks of one distributed stage share its run; only rank 0 writes, the others would duplicate it.
+        self.writes = process_rank() == 0
 
     @classmethod
     def from_config(cls, cfg: PipelineConfig, layout: RunLayout) -> Lineage:
@@ -193,25 +224,47 @@ class Lineage:
         return exp.experiment_id
 
     # run tree ----------------------------------------------------------------
-    def _find(self, tags: Mapping[str, str]) -> list[str]:
-        """Active runs carrying all these tags, oldest first (the oldest is the canonical one)."""
+    def _find(self, tags: Mapping[str, str]) -> list[tuple[int, str]]:
+        """(start time in ms, run id) of the active runs carrying all these tags, oldest first."""
         flt = " and ".join(f"tags.`{k}` = {_quote(v)}" for k, v in tags.items())
         runs = self.client.search_runs([self.experiment_id], filter_string=flt,
                                        run_view_type=ViewType.ACTIVE_ONLY, max_results=100)
-        runs.sort(key=lambda r: (r.info.start_time, r.info.run_id))
-        return [r.info.run_id for r in runs]
+        return sorted((r.info.start_time, r.info.run_id) for r in runs)
+
+    def _canonical(self, tags: Mapping[str, str]) -> str | None:
+        """The oldest run with these tags, once it is old enough that no older one can still appear.
+
+        Start times come from the creating client's clock, taken before its request reaches the store. So
+        a racer's run may land after ours yet sort first (same millisecond, or a clock slightly behind).
+        Waiting until the oldest run is CREATE_SETTLE_S old (longer than a create request takes, plus the
+        clock skew between pods) before trusting it makes every process agree on the same run.
+        """
+        settle = CREATE_SETTLE_S if self.tracking_uri.startswith(("http://", "https://")) else LOCAL_SETTLE_S
+        while True:
+            found = self._find(tags)
+            if not found:
+                return None
+            start_ms, run_id = found[0]
+            wait = start_ms / 1000 + settle - time.time()
+            if wait <= 0:
+                return run_id
+            time.sleep(min(wait, settle))
 
     def _get_or_create(self, name: str, tags: dict[str, str],
                        extra: Mapping[str, str] | None = None) -> tuple[str, bool]:
         """The run with these (identifying) tags; created, with extra tags, if missing.
         Returns (run id, created)."""
-        found = self._find(tags)
+        found = self._canonical(tags)
         if found:
-            return found[0], False
-        run = self.client.create_run(self.experiment_id, run_name=name, tags={**(extra or {}), **tags})
-        run_id = run.info.run_id
-        # Two processes may have raced to create it: all converge on the oldest, the loser is deleted.
-        canonical = self._find(tags)[0]
+            return found, False
+        run_id = self.client.create_run(self.experiment_id, run_name=name,
+                                        tags={**(extra or {}), **tags}).info.run_id
+        # Several processes (the pods of a job array) may have raced to create it: all converge on the
+        # oldest, and each loser deletes its own.
+        canonical = self._canonical(tags)
+        if canonical is None:
+            raise LineageError(f"MLflow run {run_id} ({name}) vanished right after it was created at "
+                               f"{self.tracking_uri}: was it deleted by hand?")
         if canonical != run_id:
             self.client.delete_run(run_id)
             return canonical, False
@@ -277,12 +330,24 @@ class Lineage:
         return self._get_or_create(f"iter-{k}", tags, self._common_tags())[0]
 
     def stage_run(self, k: int, stage: str) -> str:
-        """The run 'iter-<k>/<stage>' under 'iter-<k>'; a re-run reuses it and marks it RUNNING again."""
-        if stage not in STAGES:
-            raise ValueError(f"unknown stage '{stage}', expected one of {', '.join(STAGES)}")
-        tags = {PARENT: self.iteration_run(k), KIND: "stage", ITERATION: str(k), STAGE: stage}
-        run_id, created = self._get_or_create(f"iter-{k}/{stage}", tags, self._common_tags())
-        if not created and self.client.get_run(run_id).info.status in TERMINAL:
+        """The run 'iter-<k>/<stage>' under 'iter-<k>'; a re-run reuses it and marks it RUNNING again.
+
+        Every process of a stage (the parts of a job array, the ranks of a PyTorchJob, a restarted pod)
+        gets the same run: it is found by its tags under the pipeline run named in run.json, and processes
+        that create it at the same moment converge on the oldest (see _get_or_create). The evaluate
+        reducer logs into evaluate's run, as it completes evaluate's folder (RunLayout.stage).
+        """
+        if stage in RUN_STAGES:  # once per pipeline, not per iteration
+            tags = {PARENT: self.pipeline_id, KIND: "stage", STAGE: stage}
+            name = stage
+        elif stage in STAGES:
+            stage = RUN_OF.get(stage, stage)
+            tags = {PARENT: self.iteration_run(k), KIND: "stage", ITERATION: str(k), STAGE: stage}
+            name = f"iter-{k}/{stage}"
+        else:
+            raise ValueError(f"unknown stage '{stage}', expected one of {', '.join(RUN_STAGES + STAGES)}")
+        run_id, created = self._get_or_create(name, tags, self._common_tags())
+        if not created and self.writes and self.client.get_run(run_id).info.status in TERMINAL:
             self.client.update_run(run_id, status="RUNNING")
         return run_id
 
@@ -296,6 +361,8 @@ class Lineage:
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
         """Log params (values clipped to MLflow's limit). MLflow params are immutable, so a re-run that
         changes one records the new value as tag 'sims.param.<key>' instead of failing."""
+        if not self.writes:
+            return
         logged = self.client.get_run(run_id).data.params
         new, changed = [], {}
         for key, value in params.items():
@@ -312,18 +379,24 @@ class Lineage:
 
     def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
         """Log several metrics at one step in batched calls (one round trip per 1,000)."""
+        if not self.writes:
+            return
         ts = int(time.time() * 1000)
         entries = [Metric(k, float(v), ts, step) for k, v in metrics.items()]
         for chunk in _chunks(entries, MAX_METRICS_PER_BATCH):
             self.client.log_batch(run_id, metrics=chunk)
 
     def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
+        if not self.writes:
+            return
         entries = [RunTag(k, _clip(str(v), MAX_TAG_VAL_LENGTH)) for k, v in tags.items()]
         for chunk in _chunks(entries, MAX_PARAMS_TAGS_PER_BATCH):
             self.client.log_batch(run_id, tags=chunk)
 
     def log_artifact_bytes(self, run_id: str, name: str, data: bytes) -> None:
         """Store data as artifact `name` (may contain '/', e.g. 'grids/w-1.0.png'); overwrites."""
+        if not self.writes:
+            return
         name = name.strip("/")
         if not name or ".." in name.split("/"):
             raise ValueError(f"artifact name must be a relative path without '..', got {name!r}")
@@ -343,6 +416,8 @@ class Lineage:
     def link(self, run_id: str, inputs: Mapping[str, str] | None = None,
              outputs: Mapping[str, str] | None = None) -> None:
         """Record the URIs a stage read and wrote (tags sims.input.<name> / sims.output.<name>)."""
+        if not self.writes:
+            return
         inputs, outputs = dict(inputs or {}), dict(outputs or {})
         tags = {INPUT + k: v for k, v in inputs.items()} | {OUTPUT + k: v for k, v in outputs.items()}
         self.set_tags(run_id, tags)
@@ -353,6 +428,8 @@ class Lineage:
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         if status not in TERMINAL:
             raise ValueError(f"status must be one of {', '.join(TERMINAL)}, got {status!r}")
+        if not self.writes:
+            return
         self.client.set_terminated(run_id, status=status)
 
     # queries -------------------------------------------------------------------
@@ -365,12 +442,14 @@ class Lineage:
         for r in runs:
             t = r.data.tags
             out.append({
-                "iteration": int(t[ITERATION]), "stage": t[STAGE], "run_id": r.info.run_id,
+                "iteration": int(t[ITERATION]) if ITERATION in t else None, "stage": t[STAGE],
+                "run_id": r.info.run_id,
                 "status": r.info.status,
                 "inputs": {k[len(INPUT):]: v for k, v in t.items() if k.startswith(INPUT)},
                 "outputs": {k[len(OUTPUT):]: v for k, v in t.items() if k.startswith(OUTPUT)},
             })
-        out.sort(key=lambda s: (s["iteration"], STAGES.index(s["stage"])))
+        order = RUN_STAGES + STAGES  # run-level stages (iteration None) come first
+        out.sort(key=lambda s: (-1 if s["iteration"] is None else s["iteration"], order.index(s["stage"])))
         return out
 
     def producers_of(self, uri: str) -> list[dict[str, Any]]:

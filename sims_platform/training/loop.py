@@ -1,24 +1,38 @@
-"""The training loop shared by train-base and finetune-aux: EDM2 loss, Adam, power EMA, resumable.
+"""The training loop shared by train-base and finetune-aux: EDM2 loss, Adam, power EMA, resumable, distributed.
 
 Every random draw of step s comes from a generator seeded by (seed, s), so a run resumed from a checkpoint
-takes exactly the same steps as one that was never interrupted.
+takes exactly the same steps as one that was never interrupted. Each rank draws the whole global batch and
+keeps its share (batches.py), so the steps do not depend on the world size either. One process with the
+plain engine is the original single-process loop, bit for bit.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
 
 import torch
 
 from sims_platform.config.schema import OptimizerConfig, TrainConfig
 from sims_platform.models.ema import PowerFunctionEMA
-from sims_platform.models.loss import edm2_loss
 from sims_platform.models.precond import Precond
-from sims_platform.training.checkpoints import latest_checkpoint, save_checkpoint
 from sims_platform.storage import fsio
+from sims_platform.training import distributed
+from sims_platform.training.batches import draw_batch, micro_slices, per_sample_loss, plan_batches
+from sims_platform.training.checkpoints import (
+    Checkpoint,
+    fetch_native,
+    latest,
+    read_state,
+    save_checkpoint,
+    save_sharded,
+)
+from sims_platform.training.engines import Engine, PlainEngine
 from sims_platform.utils.progress import Progress
 
 
@@ -38,7 +52,7 @@ def step_generator(seed: int, step: int) -> torch.Generator:
 
 @dataclass
 class TrainResult:
-    ema: Precond
+    ema: Precond | None  # the EMA network on rank 0; None on the other ranks
     images: int
     resumed_from: str | None
     losses: list[tuple[int, float]]
@@ -48,72 +62,151 @@ class StopTraining(Exception):
     """Raised by a callback to stop after a checkpoint (used to simulate preemption in tests)."""
 
 
+# ----------------------------------------------------------------------------
+# Start or resume
+
+
+def _native_resume(ckpt: Checkpoint | None, cfg: TrainConfig, world: int) -> bool:
+    """DeepSpeed's own files can be loaded only by the same ZeRO layout (stage, precision, world size)."""
+    if ckpt is None or ckpt.commit is None or not cfg.distributed.uses_deepspeed():
+        return False
+    c, d = ckpt.commit, cfg.distributed
+    return (c.get("engine"), c.get("world_size"), c.get("zero_stage"), c.get("precision")) == \
+        ("deepspeed", world, d.zero_stage, d.precision)
+
+
+def _start(net: Precond, cfg: TrainConfig, ckpt: Checkpoint | None, plan, device: torch.device,
+           main: bool) -> tuple[Engine, PowerFunctionEMA | None, int, int]:
+    """The engine and EMA (rank 0), resumed from `ckpt` if given; returns (engine, ema, images, step)."""
+    native = _native_resume(ckpt, cfg, plan.world_size)
+    # Native DeepSpeed resumes need the consolidated state only for the EMA (rank 0); others need it all.
+    state = read_state(ckpt) if ckpt is not None and (main or not native) else None
+    ema = PowerFunctionEMA(net, cfg.ema_std) if main else None  # before DeepSpeed partitions the net
+    if ema is not None and state is not None:
+        ema.load_state_dict(state["ema"])
+    if cfg.distributed.uses_deepspeed():
+        from sims_platform.training.ds_engine import DeepSpeedEngine
+
+        initial = (state["net"], state["optimizer"]) if state is not None and not native else None
+        engine: Engine = DeepSpeedEngine(net, cfg, plan, device, initial=initial)
+        if native:
+            assert ckpt is not None
+            local = fetch_native(ckpt, distributed.rank())
+            try:
+                engine.load_native(local)  # type: ignore[attr-defined]
+            finally:
+                shutil.rmtree(local, ignore_errors=True)
+    else:
+        engine = PlainEngine(net.to(device), cfg, device)
+        if state is not None:
+            engine.load_consolidated(state["net"], state["optimizer"])
+    if ckpt is None:
+        return engine, ema, 0, 0
+    counters = state if state is not None else ckpt.commit
+    assert counters is not None
+    return engine, ema, int(counters["images"]), int(counters["step"])
+
+
+# ----------------------------------------------------------------------------
+# The loop
+
+
 def train(net: Precond, data: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig, *, seed: int,
           checkpoints: str, snapshot_uri: Callable[[int], str] | None = None,
           on_log: Callable[[int, dict[str, float]], None] | None = None,
-          after_checkpoint: Callable[[int], None] | None = None, desc: str = "train") -> TrainResult:
-    """Train `net` on (data, labels) for cfg.images images; resume from the newest checkpoint if any."""
+          after_checkpoint: Callable[[int], None] | None = None, desc: str = "train",
+          where: str = "train") -> TrainResult:
+    """Train `net` on (data, labels) for cfg.images images; resume from the newest checkpoint if any.
+
+    Under torchrun or a PyTorchJob every rank calls this with the same arguments. Rank 0 alone keeps the
+    EMA, calls `on_log`, writes snapshots and returns the EMA network. `where` names the config section
+    in errors (train_base, finetune_aux).
+    """
     if len(data) == 0:
         raise ValueError(f"{desc}: the training set is empty")
+    denv = distributed.init(distributed.detect())
+    world, rank, main = denv.world_size, denv.rank, denv.is_main
+    plan = plan_batches(cfg, world, where)
+    device = distributed.device_for(denv) if denv.launched else next(net.parameters()).device
     net.train()
-    ema = PowerFunctionEMA(net, cfg.ema_std)
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.optimizer.lr, betas=cfg.optimizer.betas, eps=1e-8)
-    images, step = 0, 0
-    resumed = latest_checkpoint(checkpoints)
-    if resumed is not None:
-        state = fsio.load_torch(resumed)
-        net.load_state_dict(state["net"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["optimizer"])
-        images, step = state["images"], state["step"]
+    ckpt = distributed.broadcast(latest(checkpoints) if main else None)  # one answer for every rank
+    engine, ema, images, step = _start(net, cfg, ckpt, plan, device, main)
 
     losses: list[tuple[int, float]] = []
     window: list[float] = []
     next_log = (images // cfg.log_images + 1) * cfg.log_images
     next_ckpt = (images // cfg.checkpoint_images + 1) * cfg.checkpoint_images
     pending_snaps = sorted(s for s in cfg.snapshots if s > images)
-    progress = Progress(desc, total=cfg.images, done=images, unit="img")
-    n = len(data)
+    progress = Progress(desc, total=cfg.images, done=images, unit="img") if main else None
     while images < cfg.images:
         batch = min(cfg.batch_size, cfg.images - images)
-        gen = step_generator(seed, step)
-        idx = torch.randint(n, (batch,), generator=gen)
-        x, y = data[idx].to(torch.float32), labels[idx]
-        if cfg.label_dropout > 0:
-            drop = torch.rand(batch, generator=gen) < cfg.label_dropout
-            y = torch.nn.functional.one_hot(y, net.label_dim).float() * (~drop).float()[:, None]
-        for g in opt.param_groups:
-            g["lr"] = learning_rate(cfg.optimizer, images + batch)
-        loss = edm2_loss(net, x, y if net.label_dim else None, cfg.p_mean, cfg.p_std, generator=gen).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        for p in net.parameters():  # EDM2 zeroes non-finite gradients rather than skipping the step
-            if p.grad is not None:
-                torch.nan_to_num(p.grad, nan=0, posinf=0, neginf=0, out=p.grad)
-        opt.step()
+        d = draw_batch(data, labels, cfg, net.label_dim, batch, step_generator(seed, step))
+        engine.set_lr(learning_rate(cfg.optimizer, images + batch))
+        step_loss = 0.0
+        for lo, hi in micro_slices(batch, plan, rank):
+            with engine.autocast():
+                per = per_sample_loss(engine.forward, d.rows(lo, hi, device), cfg.p_mean, cfg.p_std)
+            loss = per.sum() / batch  # this slice's share of the global batch mean
+            engine.backward(loss)
+            step_loss += loss.item()
+        engine.step()
         images += batch
         step += 1
-        ema.update(net, images, batch)
-        window.append(loss.item())
-        progress.update(images, loss=window[-1])
+        params = engine.full_params()  # collective under ZeRO: every rank takes part
+        if ema is not None:
+            ema.update(SimpleNamespace(parameters=lambda: params), images, batch)  # type: ignore[arg-type]
+        engine.post_step()
+        window.append(step_loss)
+        if progress is not None:
+            progress.update(images, loss=window[-1])
 
         if images >= next_log or images >= cfg.images:
-            mean_loss = sum(window) / len(window)
+            mean_loss = _global_sum(sum(window), world) / len(window)
             losses.append((images, mean_loss))
-            if on_log:
-                on_log(images, {"loss": mean_loss, "lr": opt.param_groups[0]["lr"]})
+            if on_log and main:
+                on_log(images, {"loss": mean_loss, "lr": engine.lr()})
             window.clear()
             next_log = (images // cfg.log_images + 1) * cfg.log_images
         while pending_snaps and images >= pending_snaps[0]:
-            if snapshot_uri is not None:
+            if snapshot_uri is not None and ema is not None:
                 fsio.save_torch(snapshot_uri(pending_snaps[0]), {"ema": ema.state_dict(), "images": images})
             pending_snaps.pop(0)
         if images >= next_ckpt or images >= cfg.images:
-            save_checkpoint(checkpoints, images, {"net": net.state_dict(), "ema": ema.state_dict(),
-                                                  "optimizer": opt.state_dict(), "images": images,
-                                                  "step": step}, cfg.keep_checkpoints)
+            _checkpoint(engine, ema, cfg, checkpoints, images, step, world)
             next_ckpt = (images // cfg.checkpoint_images + 1) * cfg.checkpoint_images
             if after_checkpoint:
                 after_checkpoint(images)
-    progress.close()
-    return TrainResult(ema=copy.deepcopy(ema.ema).eval(), images=images, resumed_from=resumed, losses=losses)
+    if progress is not None:
+        progress.close()
+    result_ema = copy.deepcopy(ema.ema).eval() if ema is not None else None
+    return TrainResult(ema=result_ema, images=images, resumed_from=ckpt.uri if ckpt else None, losses=losses)
+
+
+def _global_sum(value: float, world: int) -> float:
+    if world == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64,
+                     device="cuda" if torch.distributed.get_backend() == "nccl" else "cpu")
+    torch.distributed.all_reduce(t)
+    return float(t.item())
+
+
+def _checkpoint(engine: Engine, ema: PowerFunctionEMA | None, cfg: TrainConfig, folder: str, images: int,
+                step: int, world: int) -> None:
+    def state() -> dict[str, Any] | None:
+        net_state, opt_state = engine.consolidated_state(step)  # collective for DeepSpeed
+        if ema is None:
+            return None
+        return {"net": net_state, "ema": ema.state_dict(), "optimizer": opt_state, "images": images,
+                "step": step, "engine": engine.kind, "world_size": world}
+
+    if engine.kind == "plain":  # replicated state: rank 0 writes one file
+        if ema is not None:
+            save_checkpoint(folder, images, state() or {}, cfg.keep_checkpoints)
+        distributed.barrier()
+        return
+    d = cfg.distributed
+    save_sharded(folder, images, save_native=engine.save_native, state=state,  # type: ignore[attr-defined]
+                 commit={"engine": "deepspeed", "world_size": world, "zero_stage": d.zero_stage,
+                         "precision": d.precision, "step": step},
+                 keep=cfg.keep_checkpoints)

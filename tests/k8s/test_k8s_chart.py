@@ -43,7 +43,7 @@ def test_install_dry_run_from_repo_root(helm):
 @pytest.mark.parametrize("bad, field", [
     (["--set", "stages.train-base.gpus=-1"], "/stages/train-base/gpus"),
     (["--set", "queue=Not_A_Queue"], "/queue"),
-    (["--set", "deepspeed.zeroStage=4"], "/deepspeed/zeroStage"),
+    (["--set", "pipeline.train_base.distributed.zero_stage=4"], "/pipeline/train_base/distributed/zero_stage"),
     (["--set", "pipeline.train_base.imagez=3"], "/pipeline/train_base"),     # a pipeline key the schema lacks
     (["--set", "pipeline.evaluate.method=best"], "/pipeline/evaluate/method"),
     (["--set", "stages.sampling.shards=2"], "/stages"),
@@ -81,7 +81,8 @@ def test_imagenet_values_configure_the_latent_run(rendered):
     assert p["data"]["source"] == "webdataset" and p["data"]["path"].startswith("s3://")
     assert p["storage"]["root"].startswith("s3://") and p["tracking"]["uri"].startswith("http")
     d = yaml.safe_load(cm["data"]["driver.yaml"])
-    assert d["zeroStage"] in (1, 2, 3) and d["stages"]["train-base"]["gpus"] == 8 and d["queue"]
+    assert "zeroStage" not in d and d["stages"]["train-base"]["gpus"] == 8 and d["queue"]
+    assert p["train_base"]["distributed"]["backend"] in ("plain", "deepspeed")  # the ZeRO stage lives here
     assert d["s3Secret"] == "sims-s3"
 
 

@@ -102,7 +102,7 @@ def test_pytorchjobs_deserialize_into_the_kubeflow_models(rendered, values):
             assert c.name == "pytorch" and c.command[0] == "torchrun"
             env = {e.name for e in c.env}
             assert not env & {"LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR"}  # the operator/torchrun own them
-            assert "SIMS_ZERO_STAGE" in env
+            assert "SIMS_ZERO_STAGE" not in env  # the ZeRO stage is in the pipeline YAML
             shm = next(v for v in pod.volumes if v.name == "dshm")
             assert shm.empty_dir.medium == "Memory"
             if st.gpus:
@@ -122,7 +122,7 @@ def test_batch_features_on_imagenet(rendered):
             assert t["spec"]["securityContext"]["runAsNonRoot"] is True
             assert t["spec"]["automountServiceAccountToken"] is False
     indexed = [o for o in objs if o["kind"] == "Job" and o["spec"].get("completionMode") == "Indexed"]
-    assert {o["metadata"]["labels"]["sims.io/step"] for o in indexed} == {"generate", "evaluate"}
+    assert {o["metadata"]["labels"]["sims.io/step"] for o in indexed} == {"encode", "generate", "evaluate"}  # ImageNet-512 is latent: encode once
     for o in indexed:
         s = o["spec"]
         assert s["completions"] == spec.settings.stage(o["metadata"]["labels"]["sims.io/step"]).shards

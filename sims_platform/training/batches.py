@@ -1,0 +1,96 @@
+"""One training step's data: the global batch drawn from the step's generator, then this rank's micro-batches.
+
+Every rank draws the whole global batch (indices, label dropout, noise levels, noise) from the same per-step
+generator and keeps its slice, so what a step computes does not depend on the world size or the micro-batch
+size, only the order of the float reductions does. The draws come in the order edm2_loss makes them, so one
+process with one micro-batch reproduces the original single-process loop bit for bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sims_platform.config.schema import TrainConfig
+from sims_platform.models.precond import Precond
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    micro_batch: int  # images per rank per forward pass (full batches)
+    accumulation: int  # forward/backward passes per optimizer step on each rank
+    world_size: int
+
+
+def plan_batches(cfg: TrainConfig, world_size: int, where: str = "train") -> BatchPlan:
+    """Split cfg.batch_size over ranks and micro-batches; `where` names the config section in errors."""
+    batch, mb = cfg.batch_size, cfg.distributed.micro_batch
+    if batch % world_size:
+        raise ValueError(f"{where}.batch_size={batch} must be a multiple of the world size {world_size} "
+                         "(the global batch is split evenly across ranks)")
+    per_rank = batch // world_size
+    mb = per_rank if mb is None else mb
+    if per_rank % mb:
+        raise ValueError(f"{where}.distributed.micro_batch={mb}: {where}.batch_size={batch} must be a multiple "
+                         f"of micro_batch x world size = {mb * world_size} (world size {world_size})")
+    return BatchPlan(micro_batch=mb, accumulation=per_rank // mb, world_size=world_size)
+
+
+@dataclass(frozen=True)
+class Draw:
+    """A global batch with its noise: x (images), y (labels, one-hot rows, or None), ln-sigma normals, noise."""
+
+    x: torch.Tensor
+    y: torch.Tensor | None
+    rnd: torch.Tensor
+    noise: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def rows(self, lo: int, hi: int, device: torch.device) -> Draw:
+        y = None if self.y is None else self.y[lo:hi].to(device)
+        return Draw(self.x[lo:hi].to(device), y, self.rnd[lo:hi].to(device), self.noise[lo:hi].to(device))
+
+
+def draw_batch(data: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig, label_dim: int, batch: int,
+               gen: torch.Generator) -> Draw:
+    """The step's global batch, drawn on the CPU from `gen` (the same draws in the same order as before)."""
+    idx = torch.randint(len(data), (batch,), generator=gen)
+    x, y = data[idx].to(torch.float32), labels[idx]
+    if cfg.label_dropout > 0:
+        drop = torch.rand(batch, generator=gen) < cfg.label_dropout
+        y = torch.nn.functional.one_hot(y, label_dim).float() * (~drop).float()[:, None]
+    rnd = torch.randn(batch, 1, 1, 1, generator=gen)
+    noise = torch.randn(x.shape, generator=gen)
+    return Draw(x, y if label_dim else None, rnd, noise)
+
+
+def micro_slices(batch: int, plan: BatchPlan, rank: int) -> list[tuple[int, int]]:
+    """Rows [lo, hi) of each of this rank's micro-batches; a short last batch gives uneven (maybe empty) ones.
+
+    The batch is cut into world x accumulation near-equal consecutive chunks; rank r owns chunks
+    r*accumulation ... (r+1)*accumulation - 1, so each rank always runs the same number of passes.
+    """
+    chunks = plan.world_size * plan.accumulation
+    bounds = [batch * i // chunks for i in range(chunks + 1)]
+    first = rank * plan.accumulation
+    return [(bounds[i], bounds[i + 1]) for i in range(first, first + plan.accumulation)]
+
+
+def per_sample_loss(net: torch.nn.Module, d: Draw, p_mean: float, p_std: float) -> torch.Tensor:
+    """edm2_loss (sims_platform/models/loss.py) with the noise drawn beforehand, so ranks can share one draw."""
+    sigma = (d.rnd * p_std + p_mean).exp()
+    sd = _sigma_data(net)
+    weight = (sigma**2 + sd**2) / (sigma * sd) ** 2
+    noise = d.noise * sigma
+    denoised, logvar = net(d.x + noise, sigma, d.y, return_logvar=True)
+    loss = (weight / logvar.exp()) * (denoised - d.x) ** 2 + logvar
+    return loss.flatten(1).sum(dim=1)
+
+
+def _sigma_data(net: torch.nn.Module) -> float:
+    inner = getattr(net, "module", net)  # a DeepSpeed engine wraps the Precond
+    assert isinstance(inner, Precond), type(inner)
+    return inner.sigma_data

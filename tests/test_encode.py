@@ -1,0 +1,64 @@
+"""The encode stage: real images -> VAE latents -> shards, split across parts, read back for training."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sklearn.datasets import load_digits
+
+from sims_platform.config import config_from_dict
+from sims_platform.data import SourceIndex, load_images, read_manifest, read_shards
+from sims_platform.pipeline.runner import open_run, stages_for
+from sims_platform.stages import StageContext, run_stage
+
+from conftest import tiny_config_dict
+from test_encoders import TINY_VAE
+
+
+@pytest.fixture
+def digit_folder(tmp_path):
+    d = load_digits()
+    for i in range(30):
+        folder = tmp_path / "digits" / f"class{d.target[i]}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((d.images[i] * 15).astype(np.uint8)).save(folder / f"{i:03d}.png")
+    return tmp_path / "digits"
+
+
+def latent_cfg(tmp_path, digit_folder):
+    d = tiny_config_dict(str(tmp_path / "run"))
+    classes = len(list(digit_folder.iterdir()))
+    d["data"] = {"source": "folder", "path": str(digit_folder), "resolution": 16, "channels": 3,
+                 "num_classes": classes}
+    d["encoder"] = {"kind": "latent", "vae_config": TINY_VAE, "shard_size": 8, "batch_size": 4}
+    d["train_base"]["images"] = 256
+    return config_from_dict(d)
+
+
+def test_source_index_matches_load_images_order(digit_folder, tmp_path):
+    cfg = latent_cfg(tmp_path, digit_folder)
+    index, full = SourceIndex(cfg.data), load_images(cfg.data)
+    assert len(index) == len(full) == 30
+    part = index.load([5, 0, 29])
+    assert torch.equal(part.images, full.images[[5, 0, 29]]) and torch.equal(part.labels, full.labels[[5, 0, 29]])
+
+
+def test_encode_in_two_parts_then_train_on_latents(digit_folder, tmp_path):
+    cfg = latent_cfg(tmp_path, digit_folder)
+    assert stages_for(cfg, 0)[0] == "encode" and "encode" not in stages_for(cfg, 1)
+    layout, lineage, _ = open_run(cfg)
+    results = [run_stage(StageContext(cfg, layout, 0, lineage, part=i, parts=2), "encode") for i in (1, 0)]
+    assert [r["complete"] for r in results] == [False, True]  # the part that finishes the set commits it
+    manifest = read_manifest(layout.encoded)
+    assert manifest["total"] == 30 and len(manifest["shards"]) == 4 and manifest["encoder"] == "latent"
+    x, y, keys = read_shards(layout.encoded)
+    ctx = StageContext(cfg, layout, 0, lineage)
+    expected = ctx.encoder.encode(load_images(cfg.data).images)
+    assert torch.equal(keys, torch.arange(30))
+    assert torch.allclose(x, expected, atol=2e-3 * expected.abs().max())  # stored as float16
+    assert ctx.shape() == (4, 8, 8)
+    out = run_stage(ctx, "train-base")
+    assert out["images"] == 256
+    assert run_stage(StageContext(cfg, layout, 0, lineage, part=0, parts=2), "encode")["complete"]  # skipped
