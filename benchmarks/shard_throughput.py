@@ -17,15 +17,15 @@ import contextlib
 import os
 import platform
 import shlex
-import socket
-import subprocess
 import sys
+import tempfile
 import time
-import urllib.request
 import uuid
-from collections.abc import Iterator
+from pathlib import Path
 
 import torch
+
+from sims_platform.launch.servers import moto_s3
 
 CASES = [  # (name, sample shape, samples per shard, shards)
     ("16x16x1 fp16", (1, 16, 16), 256, 16),
@@ -34,33 +34,6 @@ CASES = [  # (name, sample shape, samples per shard, shards)
     ("64x64x4 fp16 (latent)", (4, 64, 64), 512, 4),
 ]
 
-
-@contextlib.contextmanager
-def moto(timeout: float = 30.0) -> Iterator[str]:
-    """A moto server on a free loopback port, stopped on exit."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                urllib.request.urlopen(url + "/moto-api/", timeout=1).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"moto server on {url} did not start (exit code {proc.poll()})") from None
-                time.sleep(0.1)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def run_case(base: str, shape: tuple[int, ...], shard_size: int, shards: int) -> dict[str, float]:
@@ -108,10 +81,12 @@ def main() -> None:
         return
     torch.set_num_threads(1)
     with contextlib.ExitStack() as stack:
-        endpoint = a.endpoint or stack.enter_context(moto())
-        if not a.endpoint:  # moto accepts any credentials; a real store takes them from the environment
-            os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
-                               "AWS_DEFAULT_REGION": "us-east-1"})
+        if a.endpoint:  # a real store: credentials come from the environment
+            endpoint = a.endpoint
+        else:  # moto accepts any credentials
+            server = stack.enter_context(moto_s3(Path(stack.enter_context(tempfile.TemporaryDirectory()))))
+            endpoint = server.url
+            os.environ.update(server.env())
         os.environ["AWS_ENDPOINT_URL"] = endpoint
         import s3fs
 

@@ -23,7 +23,6 @@ from pathlib import Path
 
 from sims_platform.config import load_config
 from sims_platform.pipeline.runner import run_pipeline
-from sims_platform.storage.layout import RunLayout
 
 
 def run_setting(config: str, root: Path, seed: int, n_s: int, budget: int, base_root: Path | None,

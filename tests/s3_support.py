@@ -4,66 +4,25 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
-import socket
-import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from sims_platform.launch.servers import S3Endpoint, moto_s3
+
 # ----------------------------------------------------------------------------
 # The server
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def s3_env(endpoint: str) -> dict[str, str]:
     """What s3fs (through botocore) needs to talk to the endpoint; dummy credentials are fine for moto."""
-    return {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true", "OMP_NUM_THREADS": "1"}
-
-
-@contextlib.contextmanager
-def moto_server(log_dir: Path, timeout: float = 30.0) -> Iterator[str]:
-    """Run `python -m moto.server` on a free loopback port; yields its URL and always stops it."""
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    log_path = log_dir / "moto.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"moto server exited with {proc.returncode} before answering on {url}; "
-                                   f"log {log_path}:\n{log_path.read_text()[-2000:]}")
-            try:
-                urllib.request.urlopen(url + "/moto-api/", timeout=1).close()
-                break
-            except (urllib.error.URLError, OSError):
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"moto server did not answer on {url} within {timeout:.0f} s; "
-                                       f"log {log_path}") from None
-                time.sleep(0.1)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    env = S3Endpoint(endpoint).env()
+    del env["AWS_ENDPOINT_URL_S3"]  # tests move AWS_ENDPOINT_URL alone
+    return {**env, "AWS_EC2_METADATA_DISABLED": "true", "OMP_NUM_THREADS": "1"}
 
 
 # ----------------------------------------------------------------------------
@@ -73,8 +32,8 @@ def moto_server(log_dir: Path, timeout: float = 30.0) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def s3_endpoint(tmp_path_factory) -> Iterator[str]:
     """One moto server per test module: starting one costs about a second."""
-    with moto_server(tmp_path_factory.mktemp("moto")) as url:
-        yield url
+    with moto_s3(tmp_path_factory.mktemp("moto")) as endpoint:
+        yield endpoint.url
 
 
 @pytest.fixture

@@ -8,28 +8,25 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import subprocess
 import sys
 import threading
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import tiny_config_dict
 from mlflow.tracking import MlflowClient
-from s3_support import _free_port, s3_client, s3_endpoint, s3_env  # noqa: F401 (fixture)
+from s3_support import s3_client, s3_endpoint, s3_env  # noqa: F401 (fixture)
 
 from sims_platform.config import config_from_dict
+from sims_platform.launch.servers import mlflow_server
 from sims_platform.pipeline.runner import open_run
 from sims_platform.stages import StageContext, run_stage
 from sims_platform.storage import fsio
 from sims_platform.storage.layout import RunLayout
 from sims_platform.tracking import Lineage, resolve_tracking_uri
-
-from conftest import tiny_config_dict
 
 SIMS = [sys.executable, "-m", "sims_platform.cli"]
 ARTIFACTS_BUCKET = "mlflow-artifacts"
@@ -39,54 +36,13 @@ ARTIFACTS_BUCKET = "mlflow-artifacts"
 # A tracking server with S3 artifacts
 
 
-@contextlib.contextmanager
-def mlflow_server(workdir: Path, s3_url: str, timeout: float = 90.0) -> Iterator[str]:
-    """`mlflow server` on a free loopback port, artifacts proxied to s3://mlflow-artifacts/runs on the
-    S3 endpoint; yields its URL and always stops it (and whatever it forked)."""
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    log_path = workdir / "mlflow-server.log"
-    env = {**os.environ, **s3_env(s3_url), "MLFLOW_S3_ENDPOINT_URL": s3_url,
-           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # the GenAI job runner costs CPU and is unused
-    env.pop("MLFLOW_TRACKING_URI", None)
-    mlflow_bin = os.path.join(os.path.dirname(sys.executable), "mlflow")
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [mlflow_bin, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-             "--backend-store-uri", f"sqlite:///{workdir}/server.db",
-             "--artifacts-destination", f"s3://{ARTIFACTS_BUCKET}/runs"],
-            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited ({proc.returncode}); log {log_path}:\n"
-                                   f"{log_path.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"mlflow server not healthy on {url} within {timeout:.0f} s; log {log_path}")
-            time.sleep(0.5)
-        yield url
-    finally:
-        # The server forks uvicorn workers; its own session's process group holds them all.
-        for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, None)):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, sig)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=wait)
-
-
 @pytest.fixture(scope="module")
 def remote(s3_endpoint, tmp_path_factory) -> Iterator[str]:  # noqa: F811 (fixture from s3_support)
     """(tracking URL) of a server whose artifact bucket exists on the module's S3 endpoint."""
     with _s3_environ(s3_endpoint):
         s3_client().create_bucket(Bucket=ARTIFACTS_BUCKET)
-    with mlflow_server(tmp_path_factory.mktemp("mlflow"), s3_endpoint) as url:
+    with mlflow_server(tmp_path_factory.mktemp("mlflow"), f"s3://{ARTIFACTS_BUCKET}/runs",
+                       env={**s3_env(s3_endpoint), "MLFLOW_S3_ENDPOINT_URL": s3_endpoint}) as url:
         yield url
 
 

@@ -5,13 +5,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -20,6 +13,7 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from sims_platform.config import config_from_dict
+from sims_platform.launch import servers
 from sims_platform.storage.fsio import read_json
 from sims_platform.storage.layout import RunLayout
 from sims_platform.tracking import (
@@ -258,58 +252,10 @@ def test_image_grid_png(channels):
 # A real tracking server
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def mlflow_server(tmp_path):
-    port = _free_port()
-    mlflow_bin = shutil.which("mlflow", path=os.path.dirname(sys.executable)) or "mlflow"
-    log = open(tmp_path / "server.log", "wb")
-    # The job runner (a pool of huey consumers, for GenAI jobs) is not needed and costs seconds of CPU.
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    proc = subprocess.Popen(
-        [mlflow_bin, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
-         "--artifacts-destination", f"file://{tmp_path}/server-artifacts"],
-        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"mlflow server exited ({proc.returncode}):\n{(tmp_path / 'server.log').read_text()}")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"mlflow server not healthy in 60 s:\n{(tmp_path / 'server.log').read_text()}")
-            time.sleep(0.5)
+    with servers.mlflow_server(tmp_path, f"file://{tmp_path}/server-artifacts") as url:
         yield url, tmp_path / "server-artifacts"
-    finally:
-        # The server forks uvicorn (and maybe more); its own session's process group holds them all.
-        _signal_group(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            pass
-        _signal_group(proc.pid, signal.SIGKILL)  # stragglers whose parent already exited
-        proc.wait()
-        log.close()
-
-
-def _signal_group(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except ProcessLookupError:
-        pass
 
 
 @pytest.mark.slow

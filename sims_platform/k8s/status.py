@@ -73,7 +73,7 @@ def status_rows(apis: Apis, namespace: str, spec: RunSpec, backend: TrainingBack
     """One row per workload of the plan, and the link of the pipeline's MLflow run."""
     backend = backend or default_backend()
     now = now or dt.datetime.now(dt.timezone.utc)
-    run, selector = spec.cfg.name, L.run_selector(spec.cfg.name)
+    selector = L.run_selector(spec.cfg.name)
     jobs = {j["metadata"]["name"]: j for j in
             to_dict(apis.batch.list_namespaced_job(namespace, label_selector=selector)).get("items") or []}
     customs = {j["metadata"]["name"]: j for j in to_dict(apis.custom.list_namespaced_custom_object(

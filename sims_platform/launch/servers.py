@@ -85,7 +85,8 @@ def moto_s3(workdir: Path, timeout: float = 60) -> Iterator[S3Endpoint]:
     port = free_port()
     endpoint = S3Endpoint(f"http://127.0.0.1:{port}")
     argv = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
-    with _process(argv, endpoint.url + "/", workdir / "moto.log", None, timeout):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    with _process(argv, endpoint.url + "/moto-api/", workdir / "moto.log", env, timeout):
         yield endpoint
 
 
@@ -98,6 +99,8 @@ def mlflow_server(workdir: Path, artifacts: str, env: dict[str, str] | None = No
     argv = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
             "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}", "--serve-artifacts",
             "--artifacts-destination", artifacts, "--workers", "1"]
-    full_env = dict(os.environ, **(env or {}), MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    # The GenAI job runner costs seconds of CPU and is unused; an inherited client URI must not leak in.
+    full_env = {**os.environ, **(env or {}), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "OMP_NUM_THREADS": "1"}
+    full_env.pop("MLFLOW_TRACKING_URI", None)
     with _process(argv, uri + "/health", workdir / "mlflow-server.log", full_env, timeout):
         yield uri
