@@ -18,7 +18,7 @@ from webdataset.shardlists import expand_urls
 from sims_platform.config.schema import DataConfig
 from sims_platform.data.images import LabeledImages
 from sims_platform.data.shards import iter_tar
-from sims_platform.data.sources import IMAGE_KEYS, _class_of, _hidden, decode_image, load_images
+from sims_platform.data.sources import IMAGE_KEYS, _class_of, decode_image, folder_files, load_images
 from sims_platform.storage.fsio import filesystem
 
 
@@ -79,19 +79,7 @@ class SourceIndex:
 
 
 def _folder_entries(cfg: DataConfig) -> list[_Entry]:
-    fs, root = filesystem(cfg.path)
-    if not fs.isdir(root):
-        raise ValueError(f"data.path: folder {cfg.path} does not exist")
-    classes = sorted(e["name"] for e in fs.ls(root, detail=True) if e["type"] == "directory" and not _hidden(e["name"]))
-    if not classes:
-        raise ValueError(f"data.path: {cfg.path} has no class sub-folders (expected one folder of images per class)")
-    if cfg.num_classes > 0 and len(classes) != cfg.num_classes:
-        raise ValueError(f"data.num_classes is {cfg.num_classes} but {cfg.path} has {len(classes)} class folders")
-    out = []
-    for label, folder in enumerate(classes):
-        files = sorted(e["name"] for e in fs.ls(folder, detail=True) if e["type"] == "file" and not _hidden(e["name"]))
-        out += [_Entry(f, "", label if cfg.num_classes else 0) for f in files]
-    return out
+    return [_Entry(path, "", label if cfg.num_classes else 0) for path, label in folder_files(cfg)]
 
 
 def _webdataset_entries(cfg: DataConfig) -> list[_Entry]:

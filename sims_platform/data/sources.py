@@ -80,7 +80,8 @@ def _digits(cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.from_numpy(d.target[:n]).long()
 
 
-def _folder(cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def folder_files(cfg: DataConfig) -> list[tuple[str, int]]:
+    """(file path, class) of a folder source in its deterministic order: sorted classes, sorted files."""
     fs, root = filesystem(cfg.path)
     if not fs.isdir(root):
         raise ValueError(f"data.path: folder {cfg.path} does not exist")
@@ -92,16 +93,19 @@ def _folder(cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
     if cfg.num_classes > 0 and len(classes) != cfg.num_classes:
         raise ValueError(f"data.num_classes is {cfg.num_classes} but {cfg.path} has {len(classes)} class "
                          f"folders: {[_base(c) for c in classes]}")
-    images, labels = [], []
+    out = []
     for label, folder in enumerate(classes):
         files = sorted(e["name"] for e in fs.ls(folder, detail=True)
                        if e["type"] == "file" and not _hidden(e["name"]))
-        for path in files:
-            if cfg.max_images is not None and len(images) == cfg.max_images:
-                break
-            images.append(decode_image(fs.cat_file(path), path, cfg.channels, cfg.resolution))
-            labels.append(label)
-    return _stack(images, cfg), torch.tensor(labels, dtype=torch.int64)
+        out += [(path, label) for path in files]
+    return out[: cfg.max_images] if cfg.max_images is not None else out
+
+
+def _folder(cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    fs, _ = filesystem(cfg.path)
+    files = folder_files(cfg)
+    images = [decode_image(fs.cat_file(path), path, cfg.channels, cfg.resolution) for path, _ in files]
+    return _stack(images, cfg), torch.tensor([label for _, label in files], dtype=torch.int64)
 
 
 def _webdataset(cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
