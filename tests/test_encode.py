@@ -62,3 +62,29 @@ def test_encode_in_two_parts_then_train_on_latents(digit_folder, tmp_path):
     out = run_stage(ctx, "train-base")
     assert out["images"] == 256
     assert run_stage(StageContext(cfg, layout, 0, lineage, part=0, parts=2), "encode")["complete"]  # skipped
+
+
+def test_streamed_training_on_encoded_latents_and_synthetic_set(digit_folder, tmp_path):
+    """loader: stream reads the shard sets through ShardStream (manifest checked) instead of RAM."""
+    cfg = latent_cfg(tmp_path, digit_folder)
+    for section in (cfg.train_base, cfg.finetune_aux):
+        section.loader, section.loader_workers, section.shuffle_buffer = "stream", 1, 16
+    cfg = config_from_dict(cfg.model_dump())  # revalidate the whole pipeline with the change
+    layout, lineage, _ = open_run(cfg)
+    ctx = StageContext(cfg, layout, 0, lineage)
+    for stage in ("encode", "train-base", "generate", "finetune-aux"):
+        run_stage(ctx, stage)
+    from mlflow import MlflowClient
+
+    runs = {r.info.run_name: r for r in MlflowClient(lineage.tracking_uri).search_runs(
+        [lineage.experiment_id])}
+    assert runs["iter-0/train-base"].data.params["loader"] == "stream"
+    assert runs["iter-0/train-base"].data.params["train_set_size"] == "30"
+    assert runs["iter-0/finetune-aux"].data.params["train_set_size"] == "96"
+
+
+def test_stream_loader_needs_one_shard_set(tmp_path):
+    d = tiny_config_dict(str(tmp_path / "run"))
+    d["train_base"]["loader"] = "stream"
+    with pytest.raises(Exception, match="train_base.loader 'stream'"):
+        config_from_dict(d)

@@ -18,6 +18,8 @@ pytestmark = pytest.mark.slow
 def test_local_cluster_runs_the_whole_pipeline(tmp_path):
     d = tiny_config_dict("unused")  # the launcher points storage at its S3 bucket
     d["iterations"] = {"count": 2, "train_data": "real+synthetic", "feed_samples": 48}
+    # The aux model streams its synthetic set from S3: each of the 2 ranks reads its own shards.
+    d["finetune_aux"].update(loader="stream", loader_workers=1, shuffle_buffer=16)
     cfg = tmp_path / "pipeline.yaml"
     cfg.write_text(yaml.safe_dump(d))
     out = tmp_path / "cluster"

@@ -130,6 +130,12 @@ class TrainConfig(Strict):
                                  "(e.g. the early model autoguidance uses as its guide)")
     log_images: int = Field(2000, ge=1, description="log the loss every this many images")
     distributed: DistributedConfig = DistributedConfig()
+    loader: Literal["memory", "stream"] = Field(
+        "memory", description="memory: the whole training set in RAM, batches drawn by index (exact resume); "
+        "stream: shards streamed over fsspec, each rank and loader worker reading its own shards, shuffled per "
+        "epoch (for sets larger than RAM; a resume restarts the current epoch's stream)")
+    loader_workers: int = Field(2, ge=0, description="stream: DataLoader worker processes per rank")
+    shuffle_buffer: int = Field(1000, ge=1, description="stream: samples in each worker's shuffle buffer")
 
     @model_validator(mode="after")
     def _micro_batch(self) -> TrainConfig:
@@ -243,6 +249,11 @@ class PipelineConfig(Strict):
             if self.evaluate.autoguidance_images not in self.train_base.snapshots:
                 raise ValueError("evaluate.autoguidance_images must be one of train_base.snapshots "
                                  "(the early base checkpoint that guides)")
+        if self.train_base.loader == "stream" and (self.encoder.kind != "latent"
+                                                   or self.iterations.train_data == "real+synthetic"):
+            raise ValueError("train_base.loader 'stream' reads one shard set: the encoded latents (encoder.kind "
+                             "'latent') or the previous feed; use loader 'memory' for pixel data or "
+                             "iterations.train_data 'real+synthetic'")
         if self.encoder.kind == "latent" and len(self.encoder.latent_mean) != len(self.encoder.latent_std):
             raise ValueError("encoder.latent_mean and encoder.latent_std must have the same length")
         return self

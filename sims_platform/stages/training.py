@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from sims_platform.data import ShardStream
 from sims_platform.stages.context import StageContext
 from sims_platform.training import distributed
 from sims_platform.training.loop import train
@@ -15,7 +16,8 @@ def _run_training(ctx: StageContext, stage: str, run_id: str, net, x, y, tcfg, i
     main = distributed.detect().is_main
     if main:
         lin.log_params(run_id, {"images": tcfg.images, "batch_size": tcfg.batch_size, "lr": tcfg.optimizer.lr,
-                                "ema_std": tcfg.ema_std, "train_set_size": len(x),
+                                "ema_std": tcfg.ema_std, "loader": tcfg.loader,
+                                "train_set_size": len(x) if y is not None else x.num_samples,
                                 "distributed": tcfg.distributed.model_dump_json()})
         lin.link(run_id, inputs=inputs, outputs={"model": out_uri})
     result = train(net, x, y, tcfg, seed=ctx.cfg.seed + 7919 * k + (0 if stage == "train-base" else 104729),
@@ -28,10 +30,20 @@ def _run_training(ctx: StageContext, stage: str, run_id: str, net, x, y, tcfg, i
     return {"model": out_uri, "images": result.images, "resumed_from": result.resumed_from}
 
 
+def _stream(ctx: StageContext, uri: str, tcfg, salt: int):
+    """The shard set at uri as a per-rank stream (train.loader == 'stream'); manifest checked on open."""
+    return ShardStream(uri, seed=ctx.cfg.seed + salt, buffer_size=tcfg.shuffle_buffer)
+
+
 def train_base(ctx: StageContext, run_id: str, **train_kwargs) -> dict:
     """Train iteration k's base model from scratch on the data its config names."""
-    x, y, sources = ctx.base_training_data()
-    k = ctx.iteration
+    k, tcfg = ctx.iteration, ctx.cfg.train_base
+    if tcfg.loader == "stream":  # one shard set: the encoded latents, or the previous feed (validated)
+        uri = ctx.layout.encoded if k == 0 or ctx.cfg.iterations.train_data == "real" \
+            else ctx.layout.shards(k - 1, "feed")
+        x, y, sources = _stream(ctx, uri, tcfg, 7919 * k), None, {"data": uri}
+    else:
+        x, y, sources = ctx.base_training_data()
     snap = lambda images: ctx.layout.snapshot(k, "train-base", images)  # noqa: E731
     return _run_training(ctx, "train-base", run_id, ctx.build_net(), x, y, ctx.cfg.train_base, sources,
                          snapshot_uri=snap, **train_kwargs)
@@ -44,6 +56,10 @@ def finetune_aux(ctx: StageContext, run_id: str, **train_kwargs) -> dict:
     k, layout = ctx.iteration, ctx.layout
     base_uri, shards_uri = layout.model(k, "train-base"), layout.shards(k, "generate")
     net = ctx.load_model(base_uri).train().requires_grad_(True)
-    x, y, _ = read_shards(shards_uri)
+    tcfg = ctx.cfg.finetune_aux
+    if tcfg.loader == "stream":
+        x, y = _stream(ctx, shards_uri, tcfg, 7919 * k + 1), None
+    else:
+        x, y, _ = read_shards(shards_uri)
     return _run_training(ctx, "finetune-aux", run_id, net, x, y, ctx.cfg.finetune_aux,
                          {"base_model": base_uri, "synthetic": shards_uri}, **train_kwargs)

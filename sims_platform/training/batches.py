@@ -58,7 +58,52 @@ def draw_batch(data: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig, label
                gen: torch.Generator) -> Draw:
     """The step's global batch, drawn on the CPU from `gen` (the same draws in the same order as before)."""
     idx = torch.randint(len(data), (batch,), generator=gen)
-    x, y = data[idx].to(torch.float32), labels[idx]
+    return _with_noise(data[idx].to(torch.float32), labels[idx], cfg, label_dim, gen)
+
+
+class StreamRows:
+    """This rank's samples from a ShardStream, epoch after epoch (each rank reads only its own shards)."""
+
+    def __init__(self, stream, workers: int, images: int):
+        self.stream, self.workers = stream, workers
+        self.epoch = images // max(stream.num_samples, 1)  # a resume restarts the epoch it was in
+        self._it = self._epoch_iter()
+
+    def _epoch_iter(self):
+        from torch.utils.data import DataLoader
+
+        self.stream.set_epoch(self.epoch)
+        return iter(DataLoader(self.stream, batch_size=None, num_workers=self.workers))
+
+    def take(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        xs, ys = [], []
+        while len(xs) < n:
+            try:
+                x, y, _ = next(self._it)
+            except StopIteration:
+                self.epoch += 1
+                self._it = self._epoch_iter()
+                continue
+            xs.append(x)
+            ys.append(y)
+        if not xs:
+            return torch.zeros(0), torch.zeros(0, dtype=torch.int64)
+        return torch.stack(xs), torch.stack(ys)
+
+
+def draw_stream_batch(rows: StreamRows, lo: int, hi: int, shape: tuple[int, ...], cfg: TrainConfig,
+                      label_dim: int, batch: int, gen: torch.Generator) -> Draw:
+    """The step's global batch with this rank's rows [lo, hi) streamed in (other ranks' rows stay zero:
+    this rank never reads them); label dropout and noise still come from `gen` for the whole batch."""
+    x = torch.zeros(batch, *shape)
+    y = torch.zeros(batch, dtype=torch.int64)
+    if hi > lo:
+        x[lo:hi], y[lo:hi] = rows.take(hi - lo)
+    return _with_noise(x, y, cfg, label_dim, gen)
+
+
+def _with_noise(x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, label_dim: int, gen: torch.Generator) -> Draw:
+    batch = x.shape[0]
     if cfg.label_dropout > 0:
         drop = torch.rand(batch, generator=gen) < cfg.label_dropout
         y = torch.nn.functional.one_hot(y, label_dim).float() * (~drop).float()[:, None]

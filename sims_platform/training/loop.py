@@ -19,11 +19,19 @@ from typing import Any
 import torch
 
 from sims_platform.config.schema import OptimizerConfig, TrainConfig
+from sims_platform.data.stream import ShardStream
 from sims_platform.models.ema import PowerFunctionEMA
 from sims_platform.models.precond import Precond
 from sims_platform.storage import fsio
 from sims_platform.training import distributed
-from sims_platform.training.batches import draw_batch, micro_slices, per_sample_loss, plan_batches
+from sims_platform.training.batches import (
+    StreamRows,
+    draw_batch,
+    draw_stream_batch,
+    micro_slices,
+    per_sample_loss,
+    plan_batches,
+)
 from sims_platform.training.checkpoints import (
     Checkpoint,
     fetch_native,
@@ -111,18 +119,21 @@ def _start(net: Precond, cfg: TrainConfig, ckpt: Checkpoint | None, plan, device
 # The loop
 
 
-def train(net: Precond, data: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig, *, seed: int,
+def train(net: Precond, data: torch.Tensor | ShardStream, labels: torch.Tensor | None, cfg: TrainConfig, *, seed: int,
           checkpoints: str, snapshot_uri: Callable[[int], str] | None = None,
           on_log: Callable[[int, dict[str, float]], None] | None = None,
           after_checkpoint: Callable[[int], None] | None = None, desc: str = "train",
           where: str = "train") -> TrainResult:
     """Train `net` on (data, labels) for cfg.images images; resume from the newest checkpoint if any.
 
+    `data` is the training set in memory with its `labels`, or a ShardStream (labels None) that each rank
+    reads its own shards of (cfg.loader == "stream").
+
     Under torchrun or a PyTorchJob every rank calls this with the same arguments. Rank 0 alone keeps the
     EMA, calls `on_log`, writes snapshots and returns the EMA network. `where` names the config section
     in errors (train_base, finetune_aux).
     """
-    if len(data) == 0:
+    if (data.num_samples if labels is None else len(data)) == 0:
         raise ValueError(f"{desc}: the training set is empty")
     denv = distributed.init(distributed.detect())
     world, rank, main = denv.world_size, denv.rank, denv.is_main
@@ -138,9 +149,16 @@ def train(net: Precond, data: torch.Tensor, labels: torch.Tensor, cfg: TrainConf
     next_ckpt = (images // cfg.checkpoint_images + 1) * cfg.checkpoint_images
     pending_snaps = sorted(s for s in cfg.snapshots if s > images)
     progress = Progress(desc, total=cfg.images, done=images, unit="img") if main else None
+    stream = StreamRows(data, cfg.loader_workers, images) if labels is None else None
     while images < cfg.images:
         batch = min(cfg.batch_size, cfg.images - images)
-        d = draw_batch(data, labels, cfg, net.label_dim, batch, step_generator(seed, step))
+        gen = step_generator(seed, step)
+        if stream is None:
+            d = draw_batch(data, labels, cfg, net.label_dim, batch, gen)
+        else:
+            mine = micro_slices(batch, plan, rank)
+            d = draw_stream_batch(stream, mine[0][0], mine[-1][1], tuple(data.manifest["shape"]), cfg,
+                                  net.label_dim, batch, gen)
         engine.set_lr(learning_rate(cfg.optimizer, images + batch))
         step_loss = 0.0
         for lo, hi in micro_slices(batch, plan, rank):
