@@ -423,7 +423,13 @@ class Lineage:
         self.set_tags(run_id, tags)
         datasets = [d for name, uri in inputs.items() if (d := _dataset_input(name, uri)) is not None]
         if datasets:
-            self.client.log_inputs(run_id, datasets=datasets)
+            try:
+                self.client.log_inputs(run_id, datasets=datasets)
+            except MlflowException:
+                # Parts of a job array log the same dataset at once and the loser's insert collides
+                # (UNIQUE experiment/name/digest); by now the dataset exists and a retry links it.
+                time.sleep(0.5)
+                self.client.log_inputs(run_id, datasets=datasets)
 
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         if status not in TERMINAL:
