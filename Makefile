@@ -13,8 +13,8 @@ TOOLS := .tools/bin/helm
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
-$(STAMP): $(BIN)/python pyproject.toml
-	$(BIN)/pip install -q -e '.[test]'
+$(STAMP): $(BIN)/python pyproject.toml constraints-dev.txt
+	$(BIN)/pip install -q -c constraints-dev.txt -e '.[test]'
 	touch $(STAMP)
 
 setup: $(STAMP)
