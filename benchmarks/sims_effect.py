@@ -47,23 +47,26 @@ def report(records: list[dict], default: tuple[int, int]) -> tuple[str, bool]:
         gain = 100 * (1 - r["fid_best"] / r["fid_base"])
         lines.append(f"| {r['n_s']} | {r['B']} | {r['seed']} | " + " | ".join(f"{v:.2f}" for v in r["fid"].values())
                      + f" | {r['best_w']} | {gain:.1f}% |")
-    lines += ["", "| n_s | B | FID base (mean ± sd) | FID at best w (mean ± sd) | mean gain | holds |", "|---|---|---|---|---|---|"]
+    lines += ["", "| n_s | B | FID base (mean ± sd) | FID at best w (mean ± sd) | gap base - best (mean ± sd) "
+              "| mean gain | min gain | holds |", "|---|---|---|---|---|---|---|---|"]
     ok_default = False
+    sd = lambda v: statistics.stdev(v) if len(v) > 1 else 0.0  # noqa: E731
     for (n_s, b), rows in itertools.groupby(sorted(records, key=lambda r: (r["n_s"], r["B"])),
                                             key=lambda r: (r["n_s"], r["B"])):
         rows = list(rows)
         base = [r["fid_base"] for r in rows]
         best = [r["fid_best"] for r in rows]
-        sd = lambda v: statistics.stdev(v) if len(v) > 1 else 0.0  # noqa: E731
+        gaps = [r["fid_base"] - r["fid_best"] for r in rows]
         gains = [1 - r["fid_best"] / r["fid_base"] for r in rows]
-        # Holds: every seed gains >= 10% with best_w > 0, and the mean gap exceeds the seed-to-seed spread.
+        # Paired per seed: each seed trains its own base, so absolute FIDs differ between seeds; what SIMS
+        # must show is a gain on every seed (>= 10%, best_w > 0) whose mean exceeds its seed-to-seed spread.
         holds = all(g >= 0.10 and r["best_w"] > 0 for g, r in zip(gains, rows)) and \
-            statistics.mean(base) - statistics.mean(best) > max(sd(base), sd(best))
+            statistics.mean(gaps) > sd(gaps)
         if (n_s, b) == default:
             ok_default = holds
         lines.append(f"| {n_s} | {b} | {statistics.mean(base):.2f} ± {sd(base):.2f} | "
-                     f"{statistics.mean(best):.2f} ± {sd(best):.2f} | {100 * statistics.mean(gains):.1f}% | "
-                     f"{'yes' if holds else 'no'} |")
+                     f"{statistics.mean(best):.2f} ± {sd(best):.2f} | {statistics.mean(gaps):.2f} ± {sd(gaps):.2f} | "
+                     f"{100 * statistics.mean(gains):.1f}% | {100 * min(gains):.1f}% | {'yes' if holds else 'no'} |")
     return "\n".join(lines), ok_default
 
 
