@@ -13,7 +13,7 @@ from sims_platform.data import SourceIndex, load_images, read_manifest, read_sha
 from sims_platform.pipeline.runner import open_run, stages_for
 from sims_platform.stages import StageContext, run_stage
 
-from conftest import tiny_config_dict
+from pipeline_support import tiny_config_dict
 from test_encoders import TINY_VAE
 
 

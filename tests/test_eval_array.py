@@ -16,7 +16,7 @@ from sims_platform.stages import StageContext, is_done, run_stage
 from sims_platform.stages.evaluate import EvaluatePartsError, owner, part_block, work_units
 from sims_platform.storage import fsio
 
-from conftest import tiny_config_dict
+from pipeline_support import tiny_config_dict
 
 UPSTREAM = ("train-base", "generate", "finetune-aux")
 ev_mod = importlib.import_module("sims_platform.stages.evaluate")  # the package re-exports a function of that name

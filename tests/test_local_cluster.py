@@ -10,7 +10,7 @@ import sys
 import pytest
 import yaml
 
-from conftest import tiny_config_dict
+from pipeline_support import tiny_config_dict
 
 pytestmark = pytest.mark.slow
 

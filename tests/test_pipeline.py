@@ -20,7 +20,7 @@ from sims_platform.pipeline.runner import run_pipeline
 from sims_platform.storage.layout import RunLayout
 from sims_platform.tracking import resolve_tracking_uri
 
-from conftest import tiny_config_dict
+from pipeline_support import tiny_config_dict
 
 pytestmark = pytest.mark.slow
 SIMS = [sys.executable, "-m", "sims_platform.cli"]

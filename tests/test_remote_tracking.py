@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import tiny_config_dict
+from pipeline_support import tiny_config_dict
 from mlflow.tracking import MlflowClient
 from s3_support import s3_client, s3_endpoint, s3_env  # noqa: F401 (fixture)
 

@@ -13,13 +13,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).parent))
 from tools import ensure_tools  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[2]
-CHART = REPO / "charts" / "sims"
-VALUES_FILES = ("values-imagenet512.yaml", "values-digits-dev.yaml")
-RELEASE = "sims-run"
-# Oldest: backoffLimitPerIndex and successPolicy are GA from 1.33 (Chart.yaml kubeVersion); newest: the
-# schemas kubernetes-validate ships.
-K8S_VERSIONS = ("1.33.0", "1.37.0")
+from k8s_support import CHART, RELEASE, REPO, VALUES_FILES  # noqa: E402,F401  (shared with the test modules)
 
 
 @pytest.fixture(scope="session")

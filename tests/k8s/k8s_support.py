@@ -8,6 +8,15 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts" / "sims"
+VALUES_FILES = ("values-imagenet512.yaml", "values-digits-dev.yaml")
+RELEASE = "sims-run"
+# Oldest: backoffLimitPerIndex and successPolicy are GA from 1.33 (Chart.yaml kubeVersion); newest: the
+# schemas kubernetes-validate ships.
+K8S_VERSIONS = ("1.33.0", "1.37.0")
+
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def docs_of(text: str) -> list[dict]:

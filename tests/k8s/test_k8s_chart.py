@@ -6,7 +6,7 @@ import json
 
 import pytest
 import yaml
-from conftest import CHART, RELEASE, VALUES_FILES
+from k8s_support import CHART, RELEASE, VALUES_FILES
 from k8s_support import docs_of
 
 from sims_platform.cli import main as sims_main

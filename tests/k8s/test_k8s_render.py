@@ -7,7 +7,7 @@ import sys
 
 import kubernetes_validate
 import pytest
-from conftest import K8S_VERSIONS, VALUES_FILES
+from k8s_support import CHART, K8S_VERSIONS, VALUES_FILES
 from k8s_support import containers, docs_of, sims_parser
 from kubeflow.training import ApiClient as KubeflowApiClient
 from kubeflow.training import KubeflowOrgV1PyTorchJob
@@ -70,7 +70,6 @@ def test_strict_validation_would_catch_a_typo():
 
 
 def _digits_manifests() -> str:
-    from conftest import CHART  # noqa: F401  (keeps the fixture module importable)
     import subprocess
 
     from tools import ensure_tools

@@ -97,7 +97,7 @@ def test_cluster_setup_bases_build(kubectl, base):
     import subprocess
 
     import kubernetes_validate
-    from conftest import K8S_VERSIONS
+    from k8s_support import K8S_VERSIONS
     from k8s_support import REPO
 
     out = subprocess.run([str(kubectl), "kustomize", base], cwd=REPO, check=True, capture_output=True, text=True)
