@@ -2,7 +2,7 @@
 
 Every rank draws the whole global batch (indices, label dropout, noise levels, noise) from the same per-step
 generator and keeps its slice, so what a step computes does not depend on the world size or the micro-batch
-size, only the order of the float reductions does. The draws come in the order edm2_loss makes them, so one
+size, only the order of the float reductions does. The draws come in the order the original loop made them, so one
 process with one micro-batch reproduces the original single-process loop bit for bit.
 """
 
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from sims_platform.config.schema import TrainConfig
+from sims_platform.models.loss import edm2_loss
 from sims_platform.models.precond import Precond
 
 
@@ -125,14 +126,8 @@ def micro_slices(batch: int, plan: BatchPlan, rank: int) -> list[tuple[int, int]
 
 
 def per_sample_loss(net: torch.nn.Module, d: Draw, p_mean: float, p_std: float) -> torch.Tensor:
-    """edm2_loss (sims_platform/models/loss.py) with the noise drawn beforehand, so ranks can share one draw."""
-    sigma = (d.rnd * p_std + p_mean).exp()
-    sd = _sigma_data(net)
-    weight = (sigma**2 + sd**2) / (sigma * sd) ** 2
-    noise = d.noise * sigma
-    denoised, logvar = net(d.x + noise, sigma, d.y, return_logvar=True)
-    loss = (weight / logvar.exp()) * (denoised - d.x) ** 2 + logvar
-    return loss.flatten(1).sum(dim=1)
+    """The EDM2 loss of a (micro-)batch with its pre-drawn noise; `net` may be a DeepSpeed engine."""
+    return edm2_loss(net, d.x, d.y, d.rnd, d.noise, p_mean, p_std, _sigma_data(net))
 
 
 def _sigma_data(net: torch.nn.Module) -> float:
