@@ -11,7 +11,7 @@ import torch
 
 from sims_platform.data import ShardWriter, SourceIndex
 from sims_platform.stages.context import StageContext
-from sims_platform.utils.progress import Progress
+from sims_platform.stages.shard_parts import write_owned_shards
 
 
 def encode(ctx: StageContext, run_id: str) -> dict:
@@ -22,19 +22,12 @@ def encode(ctx: StageContext, run_id: str) -> dict:
     writer = ShardWriter(out, shard_size=cfg.encoder.shard_size, total=len(index), meta=meta)
     ctx.lineage.log_params(run_id, {"images": len(index), "shard_size": cfg.encoder.shard_size, "vae": meta["vae"]})
     ctx.lineage.link(run_id, inputs={"real": ctx.real_uri()}, outputs={"encoded": out})
-    todo = [j for j in writer.missing_shards() if j % ctx.parts == ctx.part]
-    mine = sum(len(writer.shard_range(j)) for j in range(writer.num_shards) if j % ctx.parts == ctx.part)
-    done = mine - sum(len(writer.shard_range(j)) for j in todo)
-    progress = Progress("encode", total=mine, done=done, unit="img")
-    for j in todo:
-        rng = writer.shard_range(j)
+
+    def make(j: int, rng: range, advance) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         real = index.load(rng)
         latents = ctx.encoder.encode(real.images)
-        writer.write_shard(j, latents, real.labels, seeds=torch.arange(rng.start, rng.stop))
-        done += len(rng)
-        progress.update(done)
-    progress.close()
-    complete = not writer.missing_shards()
-    if complete:
-        writer.finalize()
+        advance(len(rng))
+        return latents, real.labels, torch.arange(rng.start, rng.stop)  # keys: index in the source order
+
+    complete = write_owned_shards(ctx, writer, "encode", make) is not None
     return {"encoded": out, "complete": complete, "images": len(index)}

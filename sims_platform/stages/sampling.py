@@ -9,8 +9,8 @@ from sims_platform.data import ShardWriter
 from sims_platform.sampling.guidance import Denoiser, NetDenoiser, sims
 from sims_platform.sampling.heun import heun_sample, seeded_labels, seeded_noise
 from sims_platform.stages.context import StageContext, sample_seeds
+from sims_platform.stages.shard_parts import write_owned_shards
 from sims_platform.storage import fsio
-from sims_platform.utils.progress import Progress
 
 
 def sample_batch(ctx: StageContext, denoise: Denoiser, seeds: torch.Tensor, sampler: SamplerConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -22,31 +22,20 @@ def sample_batch(ctx: StageContext, denoise: Denoiser, seeds: torch.Tensor, samp
 
 def write_samples(ctx: StageContext, denoise: Denoiser, uri: str, stream: str, total: int, batch_size: int,
                   shard_size: int, sampler: SamplerConfig, meta: dict, desc: str) -> dict | None:
-    """Sample this worker's shards of a stream into uri, skipping shards already committed.
+    """Sample this part's shards of a seed stream into uri (see write_owned_shards); the manifest or None."""
 
-    Worker `part` of `parts` owns shards j with j % parts == part (disjoint seeds and names). Whoever finds
-    every shard committed afterwards writes the manifest (same content from any worker) and returns it;
-    otherwise None (other workers are still writing).
-    """
-    writer = ShardWriter(uri, shard_size=shard_size, total=total, meta=meta)
-    mine = [j for j in range(writer.num_shards) if j % ctx.parts == ctx.part]
-    todo = [j for j in writer.missing_shards() if j % ctx.parts == ctx.part]
-    mine_total = sum(len(writer.shard_range(j)) for j in mine)
-    done = mine_total - sum(len(writer.shard_range(j)) for j in todo)
-    progress = Progress(desc, total=mine_total, done=done, unit="img")
-    for j in todo:
-        rng = writer.shard_range(j)
+    def make(j: int, rng: range, advance) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         seeds = sample_seeds(ctx.cfg.seed, ctx.iteration, stream, len(rng), rng.start)
         xs, ys = [], []
         for chunk in seeds.split(batch_size):
             x, y = sample_batch(ctx, denoise, chunk, sampler)
             xs.append(x)
             ys.append(y if y is not None else torch.zeros(len(chunk), dtype=torch.int64))
-            done += len(chunk)
-            progress.update(done)
-        writer.write_shard(j, torch.cat(xs), torch.cat(ys), seeds)
-    progress.close()
-    return None if writer.missing_shards() else writer.finalize()
+            advance(len(chunk))
+        return torch.cat(xs), torch.cat(ys), seeds
+
+    writer = ShardWriter(uri, shard_size=shard_size, total=total, meta=meta)
+    return write_owned_shards(ctx, writer, desc, make)
 
 
 def generate(ctx: StageContext, run_id: str) -> dict:
