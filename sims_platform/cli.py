@@ -26,7 +26,8 @@ def _load(args: argparse.Namespace) -> PipelineConfig:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     cfg = load_config(args.file, list(args.set or []))
-    print(f"{args.file}: valid ({cfg.iterations.count} iteration(s), w sweep {cfg.evaluate.weights})")
+    sweeps = "; ".join(f"{m.name} w {m.weights}" for m in cfg.evaluate.methods)
+    print(f"{args.file}: valid ({cfg.iterations.count} iteration(s), {sweeps})")
     if args.print:
         print(dump_config(cfg), end="")
     return 0

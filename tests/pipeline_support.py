@@ -13,8 +13,8 @@ def tiny_config_dict(root: str) -> dict:
         "train_base": {"images": 2048, "batch_size": 64, "checkpoint_images": 512, "log_images": 256},
         "generate": {"num_samples": 96, "batch_size": 48, "shard_size": 40, "sampler": {"steps": 4}},
         "finetune_aux": {"images": 512, "batch_size": 64, "checkpoint_images": 256, "log_images": 256},
-        "evaluate": {"weights": [0.0, 1.0], "num_samples": 64, "batch_size": 64, "sampler": {"steps": 4},
-                     "grid_size": 16},
+        "evaluate": {"methods": [{"name": "sims", "weights": [1.0]}], "num_samples": 64, "repeats": 1,
+                     "batch_size": 64, "sampler": {"steps": 4}, "grid_size": 16},
         "storage": {"root": root},
         "tracking": {"experiment": "tests"},
     }

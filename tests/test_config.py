@@ -23,7 +23,11 @@ def test_unknown_key_is_rejected_with_its_path(tiny_cfg):
 
 
 @pytest.mark.parametrize("key,value,expected", [
-    (("evaluate", "weights"), [0.0, -1.0], r"evaluate\.weights: .*>= 0"),
+    (("evaluate", "methods"), [{"name": "sims", "weights": [0.0, -1.0]}], r"evaluate\.methods\.0\.weights: .*>= 0"),
+    (("evaluate", "methods"), [{"name": "sims", "weights": [1]}, {"name": "sims", "weights": [2]}],
+     r"evaluate\.methods: .*once"),
+    (("evaluate", "methods"), [{"name": "dance", "weights": [1]}], r"evaluate\.methods\.0\.name: .*'neon'"),
+    (("data", "holdout_fraction"), 0.0, r"data\.holdout_fraction: .*greater than 0"),
     (("train_base", "batch_size"), 0, r"train_base\.batch_size: .*greater than or equal to 1"),
     (("generate", "sampler", "steps"), "many", r"generate\.sampler\.steps: .*integer"),
     (("data", "source"), "imagenet", r"data\.source: .*'digits', 'folder' or 'webdataset'"),
@@ -46,8 +50,24 @@ def test_missing_budget_and_cross_field_rules(tiny_cfg):
     with pytest.raises(ConfigError, match=r"finetune_aux: required field is missing"):
         config_from_dict(data)
     data = tiny_cfg.model_dump()
-    data["evaluate"]["method"] = "cfg"
+    data["evaluate"]["methods"] = [{"name": "cfg", "weights": [1.0]}]
     with pytest.raises(ConfigError, match="label_dropout"):
+        config_from_dict(data)
+    data = tiny_cfg.model_dump()
+    data["evaluate"]["methods"] = [{"name": "autoguidance", "weights": [1.0], "guide_images": 512}]
+    with pytest.raises(ConfigError, match="train_base.snapshots"):
+        config_from_dict(data)
+    data = tiny_cfg.model_dump()
+    data["iterations"] = {"feed_method": "neon"}
+    with pytest.raises(ConfigError, match="feed_method 'neon' is not one of evaluate.methods"):
+        config_from_dict(data)
+    data = tiny_cfg.model_dump()
+    data["finetune_aux"]["init"] = {"weights": "ema", "optimizer": "continued"}
+    with pytest.raises(ConfigError, match="init.optimizer 'continued' needs init.weights 'raw'"):
+        config_from_dict(data)
+    data = tiny_cfg.model_dump()
+    data["evaluate"] = {"method": "sims", "weights": [0, 1]}  # the old form names its replacement
+    with pytest.raises(ConfigError, match="replaced by evaluate.methods"):
         config_from_dict(data)
     data = tiny_cfg.model_dump()
     data["iterations"] = {"count": 2, "train_data": "real+synthetic"}
@@ -74,7 +94,7 @@ def test_cli_validate_reports_errors_and_exit_code(tmp_path, capsys):
 
 
 def test_overrides_are_typed_and_validated(tmp_path):
-    cfg = load_config(PIPELINES[0], ["seed=3", "evaluate.weights=[0, 2]"])
-    assert cfg.seed == 3 and cfg.evaluate.weights == [0.0, 2.0]
+    cfg = load_config(PIPELINES[0], ["seed=3", "evaluate.methods=[{name: neon, weights: [2, 0]}]"])
+    assert cfg.seed == 3 and cfg.evaluate.methods[0].weights == [0.0, 2.0]
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         load_config(PIPELINES[0], ["seed"])

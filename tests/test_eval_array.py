@@ -13,7 +13,9 @@ from mlflow.tracking import MlflowClient
 from sims_platform.config import config_from_dict
 from sims_platform.pipeline.runner import open_run
 from sims_platform.stages import StageContext, is_done, run_stage
-from sims_platform.stages.evaluate import EvaluatePartsError, owner, part_block, work_units
+from sims_platform.config.schema import EvaluateConfig, MethodConfig
+from sims_platform.evaluation.plan import owner, part_block, work_units
+from sims_platform.stages.evaluate import EvaluatePartsError
 from sims_platform.storage import fsio
 
 from pipeline_support import tiny_config_dict
@@ -24,10 +26,11 @@ ev_mod = importlib.import_module("sims_platform.stages.evaluate")  # the package
 
 def array_config(root: Path):
     data = tiny_config_dict(str(root))
-    # 6 units per w, 12 in all: 3 parts get 4 each, and w=1.0's grid (seeds 0..39) spans parts 1 and 2.
+    # 2 arms (base, sims w=1) x 2 seed sets (selection, report) x 3 batches = 12 units: 3 parts get 4 each,
+    # and sims w=1's report-set grid (seeds 0..39) spans parts 2's units of batches 0..2.
     # More samples than feature dims (64): a full-rank covariance keeps FID's sqrtm well conditioned, so
     # float64 rounding differences of the merged sums stay at rounding level in the FID too.
-    data["evaluate"].update(num_samples=96, batch_size=16, grid_size=40)
+    data["evaluate"].update(num_samples=96, batch_size=32, grid_size=40)
     return config_from_dict(data)
 
 
@@ -79,11 +82,14 @@ def test_split_is_balanced_disjoint_and_complete(units, parts):
     assert all(owner(u, units, parts) == i for i, b in enumerate(blocks) for u in b)
 
 
-def test_units_cover_every_seed_for_every_w():
-    units = work_units([0.0, 1.0], 70, 16)
-    assert [(u.w, u.start, u.count) for u in units[:5]] == [(0.0, 0, 16), (0.0, 16, 16), (0.0, 32, 16),
-                                                            (0.0, 48, 16), (0.0, 64, 6)]
-    assert sum(u.count for u in units) == 140
+def test_units_cover_every_seed_of_every_set_for_every_arm():
+    ev = EvaluateConfig(methods=[MethodConfig(name="sims", weights=[0.0, 1.0])], num_samples=70, batch_size=16,
+                        repeats=1)
+    units = work_units(ev)
+    assert [(u.arm.key, u.seed_set, u.start, u.count) for u in units[:6]] == [
+        ("base", 0, 0, 16), ("base", 0, 16, 16), ("base", 0, 32, 16), ("base", 0, 48, 16), ("base", 0, 64, 6),
+        ("base", 1, 0, 16)]
+    assert sum(u.count for u in units) == 2 * 2 * 70
 
 
 # ----------------------------------------------------------------------------
@@ -98,8 +104,9 @@ def test_array_matches_single_process(fresh):
     out = evaluate_dir(ctx)
     client = MlflowClient(ctx().lineage.tracking_uri)
     run_id = ctx().lineage.stage_run(0, "evaluate")
-    grid_single = Path(client.download_artifacts(run_id, "samples/w-1.0.png", str(out.parent / "a"))).read_bytes()
-    stats_single = {w: torch.load(out / "per-w" / f"w-{w}.stats.pt") for w in ("0.0", "1.0")}
+    grid_single = Path(client.download_artifacts(run_id, "samples/sims_w-1.0.png", str(out.parent / "a"))).read_bytes()
+    stats_single = {a: torch.load(out / "per-arm" / f"{a}.stats.pt") for a in ("base", "sims_w-1.0")}
+    results_single = fsio.read_json(fsio.join(ctx().layout.stage(0, "evaluate"), "results.json"))
     shutil.rmtree(out)  # the array recomputes the whole stage in the same folder
 
     run_array(ctx)
@@ -110,18 +117,23 @@ def test_array_matches_single_process(fresh):
     # The reducer's record is the evaluate stage's: the local runner, feed and the k8s driver find it.
     assert is_done(ctx(), "evaluate")
     assert fsio.read_json(ctx().layout.done_marker(0, "evaluate"))["stage"] == "evaluate-reduce"
-    fid = fsio.read_json(ctx().layout.done_marker(0, "evaluate")[:-len("_SUCCESS.json")] + "fid.json")
-    assert fid.keys() == single["fid"].keys()
-    for w, value in single["fid"].items():
-        assert fid[w] == pytest.approx(value, rel=1e-9, abs=0)
-    for w, s in stats_single.items():
-        merged = torch.load(out / "per-w" / f"w-{w}.stats.pt")
-        assert merged["count"] == s["count"] == 96
-        torch.testing.assert_close(merged["sum"], s["sum"], rtol=1e-12, atol=0)
-        torch.testing.assert_close(merged["sum_outer"], s["sum_outer"], rtol=1e-12, atol=0)
-    # Same seeds, same batches: the grid (spread over parts 1 and 2) is pixel-identical.
-    assert client.get_run(run_id).data.metrics["fid_w_1.0"] == pytest.approx(single["fid"]["1.0"], rel=1e-9)
-    grid_array = Path(client.download_artifacts(run_id, "samples/w-1.0.png", str(out.parent / "b"))).read_bytes()
+    results = fsio.read_json(fsio.join(ctx().layout.stage(0, "evaluate"), "results.json"))
+    for arm, metrics in results_single["per_arm"].items():
+        for name, by_set in metrics.items():
+            for s, value in by_set.items():  # FID up to float64 rounding; precision/recall exactly
+                assert results["per_arm"][arm][name][s] == pytest.approx(value, rel=1e-9, abs=0), (arm, name, s)
+    assert results["row"]["best_w"] == results_single["row"]["best_w"]
+    for arm, sets in stats_single.items():
+        merged = torch.load(out / "per-arm" / f"{arm}.stats.pt")
+        assert merged.keys() == sets.keys() == {"0", "1"}
+        for key, st in sets.items():
+            assert merged[key]["count"] == st["count"] == 96
+            torch.testing.assert_close(merged[key]["sum"], st["sum"], rtol=1e-12, atol=0)
+            torch.testing.assert_close(merged[key]["sum_outer"], st["sum_outer"], rtol=1e-12, atol=0)
+    # Same seeds, same batches: the grid is pixel-identical.
+    metrics = client.get_run(run_id).data.metrics
+    assert metrics["sims.fid_best"] == pytest.approx(single["row"]["fid_best"], rel=1e-9)
+    grid_array = Path(client.download_artifacts(run_id, "samples/sims_w-1.0.png", str(out.parent / "b"))).read_bytes()
     assert grid_array == grid_single
     # Parts logged part-level metrics only, into the same stage run as the reducer.
     history = client.get_metric_history(run_id, "part_units")
@@ -145,9 +157,10 @@ def test_missing_part_is_named(fresh):
     assert not is_done(ctx(), "evaluate")
 
     run_stage(ctx(1, 3), "evaluate")
-    lost = evaluate_dir(ctx) / "parts" / "w-1.0" / "part-00002-of-00003.pt"
+    lost = evaluate_dir(ctx) / "parts" / "sims_w-1.0" / "part-00002-of-00003.pt"
     lost.unlink()  # a part that recorded completion but whose statistics vanished
-    with pytest.raises(EvaluatePartsError, match=r"w=1.0: part 2 of 3 lacks unit\(s\) \[2, 3, 4, 5\]"):
+    with pytest.raises(EvaluatePartsError,
+                       match=r"sims_w-1.0: part 2 of 3 lacks \(set, batch\) \[\(0, 2\), \(1, 0\), \(1, 1\), \(1, 2\)\]"):
         run_stage(ctx(), "evaluate-reduce")
 
 
@@ -158,14 +171,14 @@ def test_duplicated_parts_are_named(fresh):
     parts = evaluate_dir(ctx) / "parts"
 
     # An extra file claiming units part 0 holds (e.g. a stray copy): both claimants are named.
-    extra = parts / "w-0.0" / "part-00001-of-00003.pt"
-    rec = torch.load(parts / "w-0.0" / "part-00000-of-00003.pt", weights_only=False)
-    own = torch.load(extra, weights_only=False)
-    torch.save({**own, "units": own["units"] + [1]}, extra)
-    with pytest.raises(EvaluatePartsError, match=r"w=0.0: unit 1 .* claimed by part 0 and part 1 of 3"):
+    extra = parts / "base" / "part-00001-of-00003.pt"
+    rec = torch.load(parts / "base" / "part-00000-of-00003.pt")
+    own = torch.load(extra)
+    torch.save({**own, "units": own["units"] + [[0, 1]]}, extra)
+    with pytest.raises(EvaluatePartsError, match=r"base: unit \(set 0, batch 1\) is claimed by part 0 and part 1 of 3"):
         run_stage(ctx(), "evaluate-reduce")
     torch.save(own, extra)
-    assert rec["units"] == [0, 1, 2, 3]
+    assert rec["units"] == [[0, 0], [0, 1], [0, 2], [1, 0]]
 
     # A part record written twice with different counts (part 0 also ran with --count 4).
     stale = parts / "part-00000-of-00004.json"
@@ -193,12 +206,13 @@ def test_restarted_part_skips_done_units(fresh, monkeypatch):
     monkeypatch.setattr(ev_mod, "sample_batch", flaky)
     with pytest.raises(KeyboardInterrupt):
         run_stage(ctx(0, 3), "evaluate")
-    saved = torch.load(evaluate_dir(ctx) / "parts" / "w-0.0" / "part-00000-of-00003.pt", weights_only=False)
-    assert saved["units"] == [0, 1] and saved["stats"]["count"] == 32
+    saved = torch.load(evaluate_dir(ctx) / "parts" / "base" / "part-00000-of-00003.pt")
+    assert saved["units"] == [[0, 0], [0, 1]] and saved["stats"]["0"]["count"] == 64
 
     calls.clear()
     monkeypatch.setattr(ev_mod, "sample_batch", lambda *a: (calls.append(int(a[2][0])), real(*a))[1])
     assert run_stage(ctx(0, 3), "evaluate")["units"] == 2
-    assert len(calls) == 2  # only units 2 and 3 were sampled again
-    saved = torch.load(evaluate_dir(ctx) / "parts" / "w-0.0" / "part-00000-of-00003.pt", weights_only=False)
-    assert saved["units"] == [0, 1, 2, 3] and saved["stats"]["count"] == 64
+    assert len(calls) == 2  # only the last two units were sampled again
+    saved = torch.load(evaluate_dir(ctx) / "parts" / "base" / "part-00000-of-00003.pt")
+    assert saved["units"] == [[0, 0], [0, 1], [0, 2], [1, 0]]
+    assert saved["stats"]["0"]["count"] == 96 and saved["stats"]["1"]["count"] == 32

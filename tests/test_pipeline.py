@@ -11,14 +11,18 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from sims_platform.config import config_from_dict
-from sims_platform.pipeline.runner import run_pipeline
+from sims_platform.data import holdout_split, load_images, read_shards
+from sims_platform.pipeline.runner import open_run, run_pipeline
+from sims_platform.stages import StageContext, run_stage
 from sims_platform.storage.layout import RunLayout
 from sims_platform.tracking import resolve_tracking_uri
+from sims_platform.tracking.results import ROW_KEYS
 
 from pipeline_support import tiny_config_dict
 
@@ -38,9 +42,11 @@ def test_pipeline_writes_summary_lineage_and_artifacts(tiny_cfg):
     on_disk = json.loads(Path(layout.summary[len("file://"):]).read_text())
     assert on_disk == summary
     (row,) = summary["iterations"]
-    assert set(row) == {"iteration", "fid", "best_w", "fid_base", "fid_best"}
+    assert ROW_KEYS <= set(row) and set(row["methods"]) == {"sims"}
     assert set(row["fid"]) == {"0.0", "1.0"} and row["fid_base"] == row["fid"]["0.0"]
-    assert row["fid_best"] == min(row["fid"].values()) and str(row["best_w"]) in row["fid"]
+    assert str(row["best_w"]) in row["fid"] and row["fid_best"] == row["fid"][str(row["best_w"])]
+    assert row["repeats"] == 1 and row["sampler_steps"] == 4
+    assert all(0 <= row[m]["0.0"] <= 1 for m in ("precision", "recall"))
 
     client = MlflowClient(resolve_tracking_uri(tiny_cfg, layout))
     runs = stage_runs(client, "tests")
@@ -57,8 +63,8 @@ def test_pipeline_writes_summary_lineage_and_artifacts(tiny_cfg):
     assert ev.data.metrics["fid_base"] == pytest.approx(row["fid_base"])
     arts = {a.path for a in client.list_artifacts(ev.info.run_id)} | \
         {a.path for a in client.list_artifacts(ev.info.run_id, "samples")}
-    assert {"fid_vs_w.png", "samples/w-0.0.png", "samples/w-1.0.png"} <= arts
-    png = client.download_artifacts(ev.info.run_id, "samples/w-1.0.png")
+    assert {"fid_vs_w.png", "samples/base.png", "samples/sims_w-1.0.png"} <= arts
+    png = client.download_artifacts(ev.info.run_id, "samples/sims_w-1.0.png")
     assert Image.open(png).size[0] >= 64
 
     # Running again does no work: every stage is complete and the same MLflow run is reused.
@@ -136,5 +142,34 @@ def test_two_iterations_feed_the_next_generation(tmp_path):
     runs = stage_runs(client, "tests")
     feed_out = runs["iter-0/feed"].data.tags["sims.output.feed"]
     assert runs["iter-1/train-base"].data.tags["sims.input.feed_iter_0"] == feed_out
-    assert runs["iter-1/train-base"].data.params["train_set_size"] == str(400 + 80)
+    train, _ = holdout_split(load_images(cfg.data).labels, cfg.data.holdout_fraction, cfg.data.holdout_seed)
+    assert runs["iter-1/train-base"].data.params["train_set_size"] == str(len(train) + 80)
     assert "iter-1/feed" not in runs  # the last iteration feeds nothing
+
+
+def test_feed_samples_with_the_configured_method(tmp_path):
+    """feed guides with iterations.feed_method at its w, not always the SIMS aux (here: neon)."""
+    from sims_platform.evaluation.methods import Networks
+    from sims_platform.evaluation.plan import Arm
+    from sims_platform.stages.context import sample_seeds
+    from sims_platform.stages.sampling import sample_batch
+
+    d = tiny_config_dict(str(tmp_path / "run"))
+    d["evaluate"]["methods"] = [{"name": "sims", "weights": [1.0]}, {"name": "neon", "weights": [1.0]}]
+    d["iterations"] = {"count": 2, "train_data": "real+synthetic", "feed_samples": 8, "feed_method": "neon",
+                       "feed_weight": 1.5}
+    d["generate"].update(batch_size=8, shard_size=8)
+    cfg = config_from_dict(d)
+    layout, lineage, _ = open_run(cfg)
+    ctx = StageContext(cfg, layout, 0, lineage)
+    for stage in ("train-base", "generate", "finetune-aux"):
+        run_stage(ctx, stage)
+    result = run_stage(ctx, "feed")
+    assert (result["method"], result["w"]) == ("neon", 1.5)
+    fed, _, _ = read_shards(layout.shards(0, "feed"))
+    seeds = sample_seeds(cfg.seed, 0, "feed", 8)
+    nets = Networks(ctx)
+    want, _ = sample_batch(ctx, nets.denoiser(Arm("neon", 1.5)), seeds, cfg.generate.sampler)
+    sims, _ = sample_batch(ctx, nets.denoiser(Arm("sims", 1.5)), seeds, cfg.generate.sampler)
+    assert torch.equal(fed, want)
+    assert not torch.allclose(fed, sims)

@@ -13,21 +13,24 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from sims_platform.config import config_from_dict
+from sims_platform.config.schema import EvaluateConfig, MethodConfig
+from sims_platform.evaluation.report import iteration_row, method_result
 from sims_platform.launch import servers
 from sims_platform.storage.fsio import read_json
 from sims_platform.storage.layout import RunLayout
 from sims_platform.tracking import (
     Lineage,
     LineageError,
+    fid_curves_png,
     fid_plot_png,
     format_table,
     image_grid_png,
-    iteration_result,
     resolve_tracking_uri,
     ui_command,
     update_summary,
     write_summary,
 )
+from sims_platform.tracking.results import ROW_KEYS
 
 
 def make_cfg(root: Path, **extra):
@@ -82,7 +85,7 @@ def test_pipeline_run_is_created_once(setup):
     assert run.data.tags["sims.run_name"] == "demo"
     assert run.data.tags["sims.storage_root"] == layout.root
     assert run.data.params["train_base.images"] == "64"
-    assert run.data.params["evaluate.weights"] == "[0.0, 0.5, 1.0, 1.5, 2.0]"
+    assert run.data.params["evaluate.repeats"] == "3"
     yaml_path = client.download_artifacts(run_id, "pipeline.yaml")
     assert "finetune_aux:" in Path(yaml_path).read_text()
     # Artifacts live under the storage root, not in the working directory.
@@ -186,44 +189,46 @@ def test_logging_and_lineage_links(setup):
 # summary.json and table
 
 
+def _row(k: int, base: list[float], guided: list[float], w: float = 1.0) -> dict:
+    """A summary row from per-set FIDs (set 0 = selection) of the base and one sims w."""
+    ev = EvaluateConfig(methods=[MethodConfig(name="sims", weights=[w])], repeats=len(base) - 1)
+    metrics = {key: {"fid": dict(enumerate(v)), **{m: dict.fromkeys(range(len(v)), 0.5)
+                                                   for m in ("precision", "recall", "density", "coverage")}}
+               for key, v in (("base", base), (f"sims_w-{float(w)}", guided))}
+    return iteration_row(k, ev, {"sims": method_result(ev, "sims", metrics, steps=8)})
+
+
 def test_summary_schema(tmp_path):
     layout = RunLayout.of(str(tmp_path))
-    rows = [iteration_result(1, {0: 20.0, 1.5: 12.5, 0.5: 15.0}),
-            iteration_result(0, {0.0: 30.0, 1: 18.0, 2.0: 21.0})]
+    rows = [_row(1, [20.0, 20.0, 22.0], [12.0, 12.0, 13.0]), _row(0, [30.0, 31.0, 29.0], [18.0, 18.0, 18.0])]
     write_summary(layout, rows, "abc123")
     data = json.loads((tmp_path / "summary.json").read_text())
-    assert data == {
-        "iterations": [
-            {"iteration": 0, "fid": {"0.0": 30.0, "1.0": 18.0, "2.0": 21.0}, "best_w": 1.0,
-             "fid_base": 30.0, "fid_best": 18.0},
-            {"iteration": 1, "fid": {"0.0": 20.0, "0.5": 15.0, "1.5": 12.5}, "best_w": 1.5,
-             "fid_base": 20.0, "fid_best": 12.5},
-        ],
-        "mlflow_run_id": "abc123",
-    }
-    update_summary(layout, iteration_result(1, {0.0: 19.0, 1.0: 9.0}), "abc123")
+    assert [r["iteration"] for r in data["iterations"]] == [0, 1] and data["mlflow_run_id"] == "abc123"
+    first = data["iterations"][0]
+    assert ROW_KEYS <= set(first)
+    assert first["fid"] == {"0.0": 30.0, "1.0": 18.0} and first["fid_sd"]["0.0"] == pytest.approx(2 ** 0.5)
+    assert (first["best_w"], first["fid_base"], first["fid_best"]) == (1.0, 30.0, 18.0)
+    assert first["methods"]["sims"]["gain"] == 12.0 and first["methods"]["sims"]["nfe_per_sample"] == 30
+    update_summary(layout, _row(1, [19.0, 19.0, 19.0], [9.0, 9.0, 9.0]), "abc123")
     data = json.loads((tmp_path / "summary.json").read_text())
     assert [r["fid_best"] for r in data["iterations"]] == [18.0, 9.0]
-    with pytest.raises(ValueError, match="w=0"):
-        iteration_result(2, {0.5: 1.0, 1.0: 2.0})
     with pytest.raises(ValueError, match="keys"):
         write_summary(layout, [{"iteration": 0}], None)
 
 
-def test_nonfinite_fid_is_null_and_never_best():
-    row = iteration_result(0, {0.0: 10.0, 1.0: float("nan"), 2.0: 8.0})
-    assert row["fid"]["1.0"] is None and row["best_w"] == 2.0
+def test_nonfinite_fid_is_null_and_never_best(tmp_path):
+    row = _row(0, [10.0, 10.0, 11.0], [float("nan"), 8.0, 8.0])
+    assert row["best_w"] == 0.0  # a diverged selection FID never wins
+    write_summary(RunLayout.of(str(tmp_path)), [_row(0, [10.0, 10.0], [9.0, float("nan")])], None)
+    data = json.loads((tmp_path / "summary.json").read_text())  # strict JSON: NaN became null
+    assert data["iterations"][0]["fid"]["1.0"] is None
 
 
-def test_table_contains_every_value():
-    rows = [iteration_result(0, {0.0: 30.0, 1.0: 18.25, 2.0: 21.5}),
-            iteration_result(1, {0.0: 20.0, 0.5: 15.125})]
-    table = format_table({"iterations": rows, "mlflow_run_id": None})
-    for value in ("30.00", "18.25*", "21.50", "20.00", "15.12*"):
-        assert value in table
-    for w in ("w=0.0", "w=0.5", "w=1.0", "w=2.0"):
-        assert w in table
-    assert "-39.2%" in table and "-24.4%" in table  # (18.25-30)/30, (15.125-20)/20
+def test_table_contains_every_method_value_and_verdict():
+    row = _row(0, [30.0, 30.0, 31.0, 29.0], [18.0, 18.25, 18.5, 18.0])
+    table = format_table({"iterations": [row], "mlflow_run_id": None})
+    for value in ("30.00 ± 1.00", "18.25 ± 0.25", "1.0*", "11.75 ± 0.75", "yes", "NFE/sample", "precision"):
+        assert value in table, value
 
 
 # ----------------------------------------------------------------------------
@@ -232,7 +237,10 @@ def test_table_contains_every_value():
 
 def test_fid_plot_png():
     img = Image.open(io.BytesIO(fid_plot_png({0.0: 30.0, 1.0: 18.0, 2.0: 21.0}, "iter 0")))
-    assert img.format == "PNG" and img.size == (500, 350)
+    assert img.format == "PNG" and img.size == (550, 380)
+    curves = {"sims": {0.0: (30.0, 1.0), 1.0: (18.0, 0.5)}, "neon": {0.0: (30.0, 1.0), 1.0: (25.0, 2.0)}}
+    img = Image.open(io.BytesIO(fid_curves_png(curves, "methods", best={"sims": 1.0, "neon": 1.0})))
+    assert img.format == "PNG"
 
 
 @pytest.mark.parametrize("channels", [1, 3])

@@ -26,6 +26,11 @@ class DataConfig(Strict):
     channels: Literal[1, 3] = Field(1, description="1 = grayscale, 3 = RGB")
     num_classes: int = Field(10, ge=0, description="0 = unconditional")
     max_images: int | None = Field(None, ge=1, description="use only the first N images (deterministic order)")
+    holdout_fraction: float = Field(
+        0.25, gt=0, lt=1, description="fraction of each class held out of every training stage (base, aux, "
+        "the digits feature network); FID, precision and recall references come from this held-out part only")
+    holdout_seed: int = Field(0, ge=0, description="seed of the per-class held-out split (fixed across training "
+                              "seeds, so every seed is measured against the same reference)")
 
     @model_validator(mode="after")
     def _path_needed(self) -> DataConfig:
@@ -146,6 +151,31 @@ class TrainConfig(Strict):
         return self
 
 
+class AuxInitConfig(Strict):
+    """How the auxiliary fine-tune starts from the base (README: "Fine-tuning the aux model")."""
+
+    weights: Literal["ema", "raw"] = Field(
+        "ema", description="ema: the base's EMA weights (the network that sampled the synthetic set); raw: the "
+        "base's final training weights (its last checkpoint)")
+    optimizer: Literal["fresh", "continued"] = Field(
+        "fresh", description="fresh: new Adam moments; continued: the base's final Adam state (needs weights raw, "
+        "the weights those moments belong to)")
+    schedule: Literal["restart", "continue"] = Field(
+        "restart", description="restart: finetune_aux.optimizer's schedule from image 0; continue: the same "
+        "schedule evaluated from the base's final image count on (lr keeps decaying where the base stopped)")
+
+    @model_validator(mode="after")
+    def _optimizer(self) -> AuxInitConfig:
+        if self.optimizer == "continued" and self.weights != "raw":
+            raise ValueError("finetune_aux.init.optimizer 'continued' needs init.weights 'raw' (the base's Adam "
+                             "moments belong to its raw weights, not to its EMA)")
+        return self
+
+
+class FinetuneConfig(TrainConfig):
+    init: AuxInitConfig = AuxInitConfig()
+
+
 # ----------------------------------------------------------------------------
 # Sampling, generation, evaluation
 
@@ -170,21 +200,23 @@ class GenerateConfig(Strict):
     sampler: SamplerConfig = SamplerConfig()
 
 
-class EvaluateConfig(Strict):
-    method: Literal["sims", "cfg", "autoguidance"] = Field(
-        "sims", description="guide network: the aux model (sims), the unconditional model (cfg), "
-        "or an early base checkpoint (autoguidance)")
-    weights: list[float] = Field([0.0, 0.5, 1.0, 1.5, 2.0], min_length=1,
-                                 description="w sweep for D = D_base + w (D_base - D_guide); 0 is the base")
-    autoguidance_images: int | None = Field(None, ge=1, description="autoguidance: the base checkpoint at "
-                                            "this many images is the guide")
-    num_samples: int = Field(2000, ge=2, description="samples per w (same seeds for every w)")
-    batch_size: int = Field(250, ge=1)
-    features: Literal["digits-classifier", "inception"] = Field("digits-classifier",
-                                                                description="FID feature network")
-    inception_weights: str | None = Field(None, description="inception: URL or path of the FID weights")
-    sampler: SamplerConfig = SamplerConfig()
-    grid_size: int = Field(64, ge=1, description="samples in each PNG grid logged per w")
+METHODS = ("sims", "neon", "sims-real-aux", "autoguidance", "cfg")
+MethodName = Literal["sims", "neon", "sims-real-aux", "autoguidance", "cfg"]
+# Methods whose guide is a second network evaluated at every step (twice the base's cost per sample).
+TWO_NETWORK_METHODS = ("sims", "sims-real-aux", "autoguidance", "cfg")
+
+
+class MethodConfig(Strict):
+    """One guidance method of the comparison, with its own w grid; w = 0 (the base) is shared by all."""
+
+    name: MethodName = Field(..., description="sims: D_base + w (D_base - D_aux), aux fine-tuned on the synthetic "
+                             "set; neon: one network with weights (1+w) theta_base - w theta_aux; sims-real-aux: the "
+                             "control, an aux fine-tuned the same way on real training data; autoguidance: an early "
+                             "base snapshot as guide; cfg: the unconditional base as guide")
+    weights: list[float] = Field(..., min_length=1, description="w sweep (w >= 0); w = 0 is the base, evaluated "
+                                 "once for every method")
+    guide_images: int | None = Field(None, ge=1, description="autoguidance: the base snapshot at this many images "
+                                     "guides (must be one of train_base.snapshots)")
 
     @field_validator("weights")
     @classmethod
@@ -193,7 +225,60 @@ class EvaluateConfig(Strict):
             raise ValueError("weights must be distinct")
         if any(w < 0 for w in v):
             raise ValueError("weights must be >= 0 (0 is the base model)")
+        return sorted(float(w) for w in v)
+
+    @property
+    def guided_weights(self) -> list[float]:
+        return [w for w in self.weights if w != 0]
+
+
+class PrecisionRecallConfig(Strict):
+    k: int = Field(3, ge=1, description="k-th nearest neighbour radius (Kynkaanniemi et al. 2019 use k = 3)")
+    max_samples: int = Field(10000, ge=10, description="at most this many real and generated feature vectors "
+                             "(the same number of each, the first of each seed set); bounds memory and time")
+
+
+class EvaluateConfig(Strict):
+    methods: list[MethodConfig] = Field(
+        [MethodConfig(name="sims", weights=[0.5, 1.0, 1.5, 2.0])], min_length=1,
+        description="the methods compared side by side over the same base, seeds and sampler; the first is the "
+        "primary one (summary.json's top-level keys, the feed's default)")
+    num_samples: int = Field(2000, ge=2, description="samples per seed set (same seeds for every method and w)")
+    repeats: int = Field(3, ge=1, description="disjoint report seed sets: FID/precision/recall are reported as mean "
+                         "and sd over them; a further selection set, never reported, chooses each method's best w")
+    batch_size: int = Field(250, ge=1)
+    features: Literal["digits-classifier", "inception"] = Field("digits-classifier",
+                                                                description="FID feature network")
+    inception_weights: str | None = Field(None, description="inception: URL or path of the FID weights")
+    precision_recall: PrecisionRecallConfig = PrecisionRecallConfig()
+    sampler: SamplerConfig = SamplerConfig()
+    grid_size: int = Field(64, ge=1, description="samples in each PNG grid logged per method and w")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data):
+        if isinstance(data, dict) and ("method" in data or "weights" in data):
+            raise ValueError("evaluate.method / evaluate.weights were replaced by evaluate.methods, a list such as "
+                             "[{name: sims, weights: [0.5, 1.0]}, {name: neon, weights: [0.5, 1.0]}]")
+        return data
+
+    @field_validator("methods")
+    @classmethod
+    def _unique(cls, v: list[MethodConfig]) -> list[MethodConfig]:
+        names = [m.name for m in v]
+        if len(set(names)) != len(names):
+            raise ValueError(f"each method may appear once, got {names}")
         return v
+
+    def method(self, name: str) -> MethodConfig:
+        for m in self.methods:
+            if m.name == name:
+                return m
+        raise KeyError(f"evaluate.methods has no method '{name}' (has {[m.name for m in self.methods]})")
+
+    @property
+    def primary(self) -> MethodConfig:
+        return self.methods[0]
 
 
 class IterationsConfig(Strict):
@@ -204,7 +289,10 @@ class IterationsConfig(Strict):
     feed_samples: int = Field(0, ge=0, description="|D_p|: samples the previous iteration feeds forward")
     feed_sampler: Literal["guided", "plain"] = Field("guided", description="feed from the SIMS-guided "
                                                      "sampler (at the iteration's best w) or the plain base")
-    feed_weight: float | None = Field(None, ge=0, description="fixed w for the guided feed; null = best w")
+    feed_method: MethodName | None = Field(None, description="guided feed: the method that samples it (one of "
+                                           "evaluate.methods); null = the primary (first) method")
+    feed_weight: float | None = Field(None, ge=0, description="fixed w for the guided feed; null = the feed method's "
+                                      "best w (chosen on the selection seeds)")
 
     @model_validator(mode="after")
     def _feed(self) -> IterationsConfig:
@@ -232,7 +320,7 @@ class PipelineConfig(Strict):
     network: NetworkConfig = NetworkConfig()
     train_base: TrainConfig
     generate: GenerateConfig = GenerateConfig()
-    finetune_aux: TrainConfig
+    finetune_aux: FinetuneConfig
     evaluate: EvaluateConfig = EvaluateConfig()
     iterations: IterationsConfig = IterationsConfig()
     storage: StorageConfig = StorageConfig()
@@ -240,15 +328,21 @@ class PipelineConfig(Strict):
 
     @model_validator(mode="after")
     def _cross(self) -> PipelineConfig:
-        if self.evaluate.method == "cfg" and self.train_base.label_dropout == 0:
-            raise ValueError("evaluate.method 'cfg' needs train_base.label_dropout > 0 "
+        names = [m.name for m in self.evaluate.methods]
+        if "cfg" in names and self.train_base.label_dropout == 0:
+            raise ValueError("evaluate.methods 'cfg' needs train_base.label_dropout > 0 "
                              "(the base must also learn the unconditional model)")
-        if self.evaluate.method == "cfg" and self.data.num_classes == 0:
-            raise ValueError("evaluate.method 'cfg' needs a class-conditional model (data.num_classes > 0)")
-        if self.evaluate.method == "autoguidance":
-            if self.evaluate.autoguidance_images not in self.train_base.snapshots:
-                raise ValueError("evaluate.autoguidance_images must be one of train_base.snapshots "
-                                 "(the early base checkpoint that guides)")
+        if "cfg" in names and self.data.num_classes == 0:
+            raise ValueError("evaluate.methods 'cfg' needs a class-conditional model (data.num_classes > 0)")
+        for m in self.evaluate.methods:
+            if m.name == "autoguidance" and m.guide_images not in self.train_base.snapshots:
+                raise ValueError("evaluate.methods autoguidance: guide_images must be one of train_base.snapshots "
+                                 f"{self.train_base.snapshots} (the early base checkpoint that guides)")
+            if m.name != "autoguidance" and m.guide_images is not None:
+                raise ValueError(f"evaluate.methods {m.name}: guide_images is only for autoguidance")
+        it = self.iterations
+        if it.feed_method is not None and it.feed_method not in names:
+            raise ValueError(f"iterations.feed_method '{it.feed_method}' is not one of evaluate.methods {names}")
         if self.train_base.loader == "stream" and (self.encoder.kind != "latent"
                                                    or self.iterations.train_data == "real+synthetic"):
             raise ValueError("train_base.loader 'stream' reads one shard set: the encoded latents (encoder.kind "

@@ -50,6 +50,13 @@ class SourceIndex:
     def __len__(self) -> int:
         return len(self._memory) if self._memory is not None else len(self._entries)
 
+    @property
+    def labels(self) -> torch.Tensor:
+        """The class of every sample in index order (no image is decoded)."""
+        if self._memory is not None:
+            return self._memory.labels
+        return torch.tensor([e.label for e in self._entries], dtype=torch.int64)
+
     def load(self, indices: Sequence[int]) -> LabeledImages:
         if self._memory is not None:
             idx = torch.as_tensor(list(indices), dtype=torch.int64)

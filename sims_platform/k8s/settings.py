@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pydantic.alias_generators import to_camel
 
 from sims_platform.config.loader import ConfigError
+from sims_platform.storage.layout import STAGES
 
 # Keys are camelCase in YAML (Helm values convention) and snake_case in Python.
 
@@ -74,7 +75,7 @@ class DriverSettings(Section):
 
     @model_validator(mode="after")
     def _known_stages(self) -> DriverSettings:
-        known = ("encode", "train-base", "generate", "finetune-aux", "evaluate", "evaluate-reduce", "feed")
+        known = ("encode", *STAGES)
         bad = sorted(set(self.stages) - set(known))
         if bad:
             raise ValueError(f"stages: unknown stage(s) {bad}, expected some of {list(known)}")

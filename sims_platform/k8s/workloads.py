@@ -13,8 +13,9 @@ from sims_platform.k8s.names import workload_name
 from sims_platform.k8s.pods import pod_template, stage_argv
 from sims_platform.k8s.settings import DriverSettings
 from sims_platform.pipeline.runner import stages_for
+from sims_platform.storage.layout import TRAINING_STAGES
 
-TRAINING = ("train-base", "finetune-aux")
+TRAINING = TRAINING_STAGES
 INDEXED = ("encode", "generate", "evaluate")  # job arrays: each index owns a disjoint slice of the work
 REDUCE = "evaluate-reduce"          # merges the evaluate slices' FID statistics, writes evaluate's done marker
 

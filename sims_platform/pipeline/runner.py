@@ -6,14 +6,17 @@ from sims_platform.config import PipelineConfig, dump_config
 from sims_platform.stages import StageContext, run_stage
 from sims_platform.storage import fsio
 from sims_platform.storage.layout import RunLayout
-from sims_platform.tracking import Lineage, format_table, iteration_result, resolve_tracking_uri, write_summary
+from sims_platform.tracking import Lineage, format_table, read_summary, resolve_tracking_uri, write_summary
 
 
 def stages_for(cfg: PipelineConfig, k: int) -> list[str]:
     """Stage order of iteration k; encode (once, before iteration 0) for latent models; feed only when a
     later iteration trains on synthetic data."""
     stages = ["encode"] if k == 0 and cfg.encoder.kind == "latent" else []
-    stages += ["train-base", "generate", "finetune-aux", "evaluate"]
+    stages += ["train-base", "generate", "finetune-aux"]
+    if any(m.name == "sims-real-aux" for m in cfg.evaluate.methods):
+        stages.append("finetune-real-aux")
+    stages.append("evaluate")
     it = cfg.iterations
     if k < it.count - 1 and it.train_data != "real":
         stages.append("feed")
@@ -35,14 +38,13 @@ def open_run(cfg: PipelineConfig) -> tuple[RunLayout, Lineage, str]:
 
 def run_pipeline(cfg: PipelineConfig) -> dict:
     layout, lineage, parent = open_run(cfg)
-    results = []
     for k in range(cfg.iterations.count):
         ctx = StageContext(cfg, layout, k, lineage)
         for stage in stages_for(cfg, k):
-            out = run_stage(ctx, stage)
-            if stage == "evaluate":
-                results.append(iteration_result(k, {float(w): v for w, v in out["fid"].items()}))
-    summary = write_summary(layout, results, parent)
+            run_stage(ctx, stage)
+    # Each evaluate completion updated summary.json; keep this run's iterations (a shorter rerun drops the rest).
+    rows = [r for r in read_summary(layout)["iterations"] if r["iteration"] < cfg.iterations.count]
+    summary = write_summary(layout, rows, parent)
     lineage.finish(parent, "FINISHED")
     print(format_table(summary), flush=True)
     print(f"summary: {layout.summary}", flush=True)

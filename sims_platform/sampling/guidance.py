@@ -1,13 +1,17 @@
-"""Denoisers and their compositions: SIMS negative guidance, classifier-free guidance, autoguidance.
+"""Denoisers and their compositions: SIMS negative guidance, classifier-free guidance, autoguidance, Neon.
 
-All three share one form: D = D_main + w (D_main - D_guide). The guide is the auxiliary model fine-tuned
+The first three share one form: D = D_main + w (D_main - D_guide). The guide is the auxiliary model fine-tuned
 on the main model's samples (SIMS), the unconditional main model (CFG), or an early/small main model
 (autoguidance). In EDM2's notation the guidance scale is 1 + w. w = 0 returns D_main unchanged.
+Neon (arXiv 2510.03597) moves the same extrapolation into weight space: one network with
+theta = (1 + w) theta_main - w theta_guide, so each step costs one evaluation instead of two.
 """
 
 from __future__ import annotations
 
 from typing import Protocol
+
+import copy
 
 import torch
 from torch import nn
@@ -63,3 +67,23 @@ def classifier_free(net: nn.Module, w: float) -> Guided:
 
 def autoguidance(main: nn.Module, bad: nn.Module, w: float) -> Guided:
     return Guided(NetDenoiser(main), NetDenoiser(bad), w)
+
+
+def neon(base: nn.Module, aux: nn.Module, w: float) -> nn.Module:
+    """A copy of base whose parameters are (1 + w) theta_base - w theta_aux (computed in float64).
+
+    Buffers (e.g. the fixed Fourier frequencies) are the base's: they are not trained, so both models share
+    them. w = 0 returns the base itself, bit for bit.
+    """
+    if w == 0:
+        return base
+    aux_params = dict(aux.named_parameters())
+    out = copy.deepcopy(base)
+    with torch.no_grad():
+        for name, p in out.named_parameters():
+            if name not in aux_params or aux_params[name].shape != p.shape:
+                raise ValueError(f"neon: the aux network has no parameter {name} of shape {list(p.shape)}; "
+                                 "base and aux must share an architecture")
+            a = aux_params[name].to(torch.float64)
+            p.copy_(((1 + w) * p.to(torch.float64) - w * a).to(p.dtype))
+    return out

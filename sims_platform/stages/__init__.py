@@ -9,7 +9,7 @@ from sims_platform.stages.context import StageContext
 from sims_platform.stages.encode import encode
 from sims_platform.stages.evaluate import evaluate, evaluate_reduce
 from sims_platform.stages.sampling import feed, generate
-from sims_platform.stages.training import finetune_aux, train_base
+from sims_platform.stages.training import finetune_aux, finetune_real_aux, train_base
 from sims_platform.storage import fsio
 
 STAGE_FUNCS: dict[str, Callable[[StageContext, str], dict]] = {
@@ -17,6 +17,7 @@ STAGE_FUNCS: dict[str, Callable[[StageContext, str], dict]] = {
     "train-base": train_base,
     "generate": generate,
     "finetune-aux": finetune_aux,
+    "finetune-real-aux": finetune_real_aux,
     "evaluate": evaluate,
     "evaluate-reduce": evaluate_reduce,  # one process; its record is evaluate's (layout.stage maps the folder)
     "feed": feed,

@@ -8,7 +8,7 @@ from functools import cached_property
 import torch
 
 from sims_platform.config.schema import PipelineConfig
-from sims_platform.data import LabeledImages, load_images, read_shards
+from sims_platform.data import LabeledImages, load_images, read_shards, split_images
 from sims_platform.encoders import Encoder, build_encoder
 from sims_platform.models.precond import Precond
 from sims_platform.models.presets import build_network
@@ -16,13 +16,14 @@ from sims_platform.storage import fsio
 from sims_platform.storage.layout import RunLayout
 from sims_platform.tracking import Lineage
 
-# Seed streams: each (iteration, purpose) owns a disjoint range of 10^9 sample seeds.
-SEED_STREAMS = {"generate": 1, "evaluate": 2, "feed": 3}
+# Seed streams: each (iteration, purpose) owns a disjoint range of 10^9 sample seeds. "tuning" is for choices made
+# before the evaluation (e.g. the sampler's step count, benchmarks/sampler_convergence.py), never reported on.
+SEED_STREAMS = {"generate": 1, "evaluate": 2, "feed": 3, "tuning": 4}
 
 
 def sample_seeds(base_seed: int, k: int, stream: str, count: int, start: int = 0) -> torch.Tensor:
     """Seeds of samples [start, start+count) of a stream; evaluation seeds are the same in every iteration."""
-    it = 0 if stream == "evaluate" else k
+    it = 0 if stream in ("evaluate", "tuning") else k
     first = ((base_seed * 1000 + it) * 10 + SEED_STREAMS[stream]) * 10**9
     return torch.arange(first + start, first + start + count, dtype=torch.int64)
 
@@ -43,8 +44,19 @@ class StageContext:
 
     # -- data ------------------------------------------------------------------
     @cached_property
+    def _split(self) -> tuple[LabeledImages, LabeledImages]:
+        d = self.cfg.data
+        return split_images(load_images(d), d.holdout_fraction, d.holdout_seed)
+
+    @property
     def real(self) -> LabeledImages:
-        return load_images(self.cfg.data)
+        """The real training images: everything but the held-out part (the only real data training sees)."""
+        return self._split[0]
+
+    @property
+    def reference(self) -> LabeledImages:
+        """The held-out real images: the FID / precision / recall reference, never trained on."""
+        return self._split[1]
 
     @cached_property
     def encoder(self) -> Encoder:
@@ -66,11 +78,15 @@ class StageContext:
         res = self.encoder.resolution(self.cfg.data.resolution)
         return self.encoder.channels, res, res
 
+    def real_training_data(self) -> tuple[torch.Tensor, torch.Tensor, dict[str, str]]:
+        """The real training split in model space and the URI it came from (lineage)."""
+        real_x, real_y = self.real_encoded
+        return real_x, real_y, {"real": self.real_uri() if self.cfg.encoder.kind == "pixel" else self.layout.encoded}
+
     def base_training_data(self) -> tuple[torch.Tensor, torch.Tensor, dict[str, str]]:
         """Iteration k's base training set and the URIs it came from (lineage)."""
         k, mode = self.iteration, self.cfg.iterations.train_data
-        real_x, real_y = self.real_encoded
-        sources = {"real": self.real_uri() if self.cfg.encoder.kind == "pixel" else self.layout.encoded}
+        real_x, real_y, sources = self.real_training_data()
         if k == 0 or mode == "real":
             return real_x, real_y, sources
         feed_uri = self.layout.shards(k - 1, "feed")

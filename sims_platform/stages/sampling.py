@@ -6,7 +6,7 @@ import torch
 
 from sims_platform.config.schema import SamplerConfig
 from sims_platform.data import ShardWriter
-from sims_platform.sampling.guidance import Denoiser, NetDenoiser, sims
+from sims_platform.sampling.guidance import Denoiser, NetDenoiser
 from sims_platform.sampling.heun import heun_sample, seeded_labels, seeded_noise
 from sims_platform.stages.context import StageContext, sample_seeds
 from sims_platform.stages.shard_parts import write_owned_shards
@@ -53,26 +53,29 @@ def generate(ctx: StageContext, run_id: str) -> dict:
 
 
 def feed(ctx: StageContext, run_id: str) -> dict:
-    """Samples that feed the next iteration's training set (self-consuming loops)."""
+    """Samples that feed the next iteration's training set (self-consuming loops), from the plain base or the
+    configured method (iterations.feed_method, default the primary one) at a fixed w or its selected best w."""
+    from sims_platform.evaluation.methods import Networks, model_inputs
+    from sims_platform.evaluation.plan import Arm
+
     k, layout, it, g = ctx.iteration, ctx.layout, ctx.cfg.iterations, ctx.cfg.generate
-    base_uri, out = layout.model(k, "train-base"), layout.shards(k, "feed")
-    base = ctx.load_model(base_uri)
-    inputs = {"base_model": base_uri}
+    out = layout.shards(k, "feed")
+    method = it.feed_method or ctx.cfg.evaluate.primary.name
     if it.feed_sampler == "plain":
-        w = 0.0
-        denoise: Denoiser = NetDenoiser(base)
+        method, w = "base", 0.0
+    elif it.feed_weight is not None:
+        w = it.feed_weight
     else:
-        aux_uri = layout.model(k, "finetune-aux")
-        inputs["aux_model"] = aux_uri
-        if it.feed_weight is not None:
-            w = it.feed_weight
-        else:
-            fid = fsio.read_json(fsio.join(layout.stage(k, "evaluate"), "fid.json"))
-            w = float(min(fid, key=lambda key: fid[key]))
-        denoise = sims(base, ctx.load_model(aux_uri), w)
-    ctx.lineage.log_params(run_id, {"feed_samples": it.feed_samples, "feed_sampler": it.feed_sampler, "w": w})
+        results = fsio.read_json(fsio.join(layout.stage(k, "evaluate"), "results.json"))
+        w = float(results["row"]["methods"][method]["best_w"])
+    arm = Arm("base", 0.0) if w == 0 else Arm(method, w)
+    nets = Networks(ctx)
+    inputs = model_inputs(ctx, [] if arm.method == "base" else [method])
+    ctx.lineage.log_params(run_id, {"feed_samples": it.feed_samples, "feed_sampler": it.feed_sampler,
+                                    "feed_method": arm.method, "w": w})
     ctx.lineage.link(run_id, inputs=inputs, outputs={"feed": out})
-    manifest = write_samples(ctx, denoise, out, "feed", it.feed_samples, g.batch_size, g.shard_size, g.sampler,
-                             {"source_model": base_uri, "iteration": k, "w": w}, f"iter {k} feed")
-    return {"feed": out, "complete": manifest is not None, "w": w,
+    manifest = write_samples(ctx, nets.denoiser(arm), out, "feed", it.feed_samples, g.batch_size, g.shard_size,
+                             g.sampler, {"source_model": inputs["base_model"], "iteration": k, "method": arm.method,
+                                         "w": w}, f"iter {k} feed")
+    return {"feed": out, "complete": manifest is not None, "method": arm.method, "w": w,
             "samples": manifest["total"] if manifest else None}

@@ -1,4 +1,4 @@
-"""train-base and finetune-aux: the same loop, different data and starting point."""
+"""train-base, finetune-aux and finetune-real-aux: the same loop, different data and starting point."""
 
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ def _run_training(ctx: StageContext, stage: str, run_id: str, net, x, y, tcfg, i
                                 "train_set_size": len(x) if y is not None else x.num_samples,
                                 "distributed": tcfg.distributed.model_dump_json()})
         lin.link(run_id, inputs=inputs, outputs={"model": out_uri})
-    result = train(net, x, y, tcfg, seed=ctx.cfg.seed + 7919 * k + (0 if stage == "train-base" else 104729),
+    salt = {"train-base": 0, "finetune-aux": 104729, "finetune-real-aux": 209459}[stage]
+    result = train(net, x, y, tcfg, seed=ctx.cfg.seed + 7919 * k + salt,
                    checkpoints=layout.checkpoints(k, stage),
                    on_log=lambda images, m: lin.log_metrics(run_id, m, step=images),
                    desc=f"iter {k} {stage}", where=stage.replace("-", "_"), **train_kwargs)
@@ -49,17 +50,54 @@ def train_base(ctx: StageContext, run_id: str, **train_kwargs) -> dict:
                          snapshot_uri=snap, **train_kwargs)
 
 
-def finetune_aux(ctx: StageContext, run_id: str, **train_kwargs) -> dict:
-    """Fine-tune a copy of the base (its EMA weights) on the synthetic set for the budget B."""
+def _finetune(ctx: StageContext, stage: str, run_id: str, data_uri: str | None, **train_kwargs) -> dict:
+    """Fine-tune a copy of the base for the budget B, starting as finetune_aux.init says (README: "Fine-tuning
+    the aux model"). data_uri: shards to train on (the synthetic set); None: the real training split."""
     from sims_platform.data import read_shards
+    from sims_platform.training.checkpoints import latest, read_state
 
-    k, layout = ctx.iteration, ctx.layout
-    base_uri, shards_uri = layout.model(k, "train-base"), layout.shards(k, "generate")
-    net = ctx.load_model(base_uri).train().requires_grad_(True)
-    tcfg = ctx.cfg.finetune_aux
-    if tcfg.loader == "stream":
-        x, y = _stream(ctx, shards_uri, tcfg, 7919 * k + 1), None
+    k, layout, tcfg = ctx.iteration, ctx.layout, ctx.cfg.finetune_aux
+    init = tcfg.init
+    base_uri = layout.model(k, "train-base")
+    net = ctx.load_model(base_uri).train().requires_grad_(True)  # the base's EMA weights
+    inputs = {"base_model": base_uri}
+    init_optimizer, offset = None, 0
+    if init.weights == "raw" or init.optimizer == "continued" or init.schedule == "continue":
+        ckpt = latest(layout.checkpoints(k, "train-base"))
+        if ckpt is None:
+            raise FileNotFoundError(f"finetune_aux.init needs the base's final checkpoint, but "
+                                    f"{layout.checkpoints(k, 'train-base')} has none")
+        state = read_state(ckpt)
+        offset = int(state["images"]) if init.schedule == "continue" else 0
+        if init.weights == "raw":
+            net.load_state_dict(state["net"])
+            inputs["base_checkpoint"] = ckpt.uri
+        if init.optimizer == "continued":
+            init_optimizer = state["optimizer"]
+    if data_uri is not None:
+        inputs["synthetic"] = data_uri
+        if tcfg.loader == "stream":
+            x, y = _stream(ctx, data_uri, tcfg, 7919 * k + 1), None
+        else:
+            x, y, _ = read_shards(data_uri)
+    elif tcfg.loader == "stream":  # the real training split as the encode stage wrote it
+        x, y = _stream(ctx, ctx.layout.encoded, tcfg, 7919 * k + 2), None
+        inputs["real"] = ctx.layout.encoded
     else:
-        x, y, _ = read_shards(shards_uri)
-    return _run_training(ctx, "finetune-aux", run_id, net, x, y, ctx.cfg.finetune_aux,
-                         {"base_model": base_uri, "synthetic": shards_uri}, **train_kwargs)
+        x, y, sources = ctx.real_training_data()
+        inputs |= sources
+    ctx.lineage.log_params(run_id, {"init.weights": init.weights, "init.optimizer": init.optimizer,
+                                    "init.schedule": init.schedule, "schedule_offset": offset})
+    return _run_training(ctx, stage, run_id, net, x, y, tcfg, inputs, init_optimizer=init_optimizer,
+                         schedule_offset=offset, **train_kwargs)
+
+
+def finetune_aux(ctx: StageContext, run_id: str, **train_kwargs) -> dict:
+    """The SIMS auxiliary model: the base fine-tuned on its own synthetic set."""
+    return _finetune(ctx, "finetune-aux", run_id, ctx.layout.shards(ctx.iteration, "generate"), **train_kwargs)
+
+
+def finetune_real_aux(ctx: StageContext, run_id: str, **train_kwargs) -> dict:
+    """The control: the same fine-tune (budget, optimizer, start) on the real training split instead, so a gain of
+    SIMS over it can be attributed to the synthetic set rather than to guidance away from any fine-tuned copy."""
+    return _finetune(ctx, "finetune-real-aux", run_id, None, **train_kwargs)

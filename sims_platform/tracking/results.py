@@ -1,4 +1,4 @@
-"""Results: summary.json (FID per iteration and guidance weight), a terminal table, and PNG figures."""
+"""Results: summary.json (per iteration and method: FID, precision, recall per w), a terminal table, PNG figures."""
 
 from __future__ import annotations
 
@@ -17,53 +17,37 @@ from sims_platform.storage.layout import RunLayout
 # summary.json
 
 
-def w_key(w: float | str) -> str:
-    """The JSON key of a guidance weight: str(float(w)), so 0, 0.0 and '0' are all '0.0'."""
-    return str(float(w))
-
-
 def _finite(x: float | None) -> bool:
     return x is not None and math.isfinite(x)
 
 
-def iteration_result(k: int, fid_by_w: Mapping[float, float]) -> dict[str, Any]:
-    """One row of summary.json. Non-finite FIDs (a diverged w) are kept as null and never chosen as best."""
-    if not fid_by_w:
-        raise ValueError(f"iteration {k}: no FID values")
-    fid: dict[str, float | None] = {}
-    for w, value in sorted(fid_by_w.items(), key=lambda item: float(item[0])):
-        key = w_key(w)
-        if key in fid:
-            raise ValueError(f"iteration {k}: guidance weight {w} given twice")
-        fid[key] = float(value) if _finite(float(value)) else None
-    if "0.0" not in fid:
-        raise ValueError(f"iteration {k}: FID at w=0 (the base model) was not evaluated; got w = "
-                         f"{', '.join(fid)}. Add 0.0 to evaluate.weights")
-    finite = {w: v for w, v in fid.items() if v is not None}
-    best_w = min(finite, key=lambda w: (finite[w], float(w))) if finite else None
-    return {
-        "iteration": int(k),
-        "fid": fid,
-        "best_w": float(best_w) if best_w is not None else None,
-        "fid_base": fid["0.0"],
-        "fid_best": finite[best_w] if best_w is not None else None,
-    }
+def _json_safe(x: Any) -> Any:
+    """NaN/inf (a diverged w, an sd of one repeat) become null: summary.json stays strict JSON."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, Mapping):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x
 
 
-_ROW_KEYS = {"iteration", "fid", "best_w", "fid_base", "fid_best"}
+# Keys every summary row has (evaluation/report.py iteration_row builds them); the primary method's values.
+ROW_KEYS = {"iteration", "fid", "fid_sd", "precision", "recall", "best_w", "fid_base", "fid_best",
+            "sampler_steps", "repeats", "methods"}
 
 
 def write_summary(layout: RunLayout, iterations: list[dict[str, Any]], mlflow_run_id: str | None) -> dict:
-    """Write <root>/summary.json from iteration_result rows (sorted by iteration); returns what was written."""
+    """Write <root>/summary.json from iteration rows (sorted by iteration); returns what was written."""
     rows = sorted(iterations, key=lambda r: r["iteration"])
     for row in rows:
-        if set(row) != _ROW_KEYS:
-            raise ValueError(f"summary row {row.get('iteration', '?')} has keys {sorted(row)}, expected "
-                             f"{sorted(_ROW_KEYS)} (build rows with iteration_result)")
+        if ROW_KEYS - set(row):
+            raise ValueError(f"summary row {row.get('iteration', '?')} lacks keys {sorted(ROW_KEYS - set(row))} "
+                             "(build rows with evaluation.report.iteration_row)")
     seen = [r["iteration"] for r in rows]
     if len(set(seen)) != len(seen):
         raise ValueError(f"summary has an iteration more than once: {seen}")
-    summary = {"iterations": rows, "mlflow_run_id": mlflow_run_id}
+    summary = _json_safe({"iterations": rows, "mlflow_run_id": mlflow_run_id})
     write_json(layout.summary, summary)
     return summary
 
@@ -86,34 +70,53 @@ def update_summary(layout: RunLayout, row: dict[str, Any], mlflow_run_id: str | 
 
 
 def _fmt(v: float | None, digits: int) -> str:
-    return "nan" if v is None else f"{v:.{digits}f}"
+    return "nan" if not _finite(v) else f"{v:.{digits}f}"
 
 
-def format_table(summary: Mapping[str, Any], digits: int = 2) -> str:
-    """Iterations x guidance weights -> FID; '*' marks each row's best, the last column is best vs base."""
-    rows = summary["iterations"]
-    if not rows:
-        return "(no iterations evaluated yet)"
-    ws = sorted({w for r in rows for w in r["fid"]}, key=float)
-    header = ["iter"] + [f"w={w}" for w in ws] + ["best w", "best vs base"]
-    body = []
-    for r in rows:
-        cells = [str(r["iteration"])]
-        for w in ws:
-            if w not in r["fid"]:
-                cells.append("-")
-            else:
-                best = r["best_w"] is not None and w == w_key(r["best_w"])
-                cells.append(_fmt(r["fid"][w], digits) + ("*" if best else " "))
-        base, top = r["fid_base"], r["fid_best"]
-        change = f"{100 * (top - base) / base:+.1f}%" if _finite(base) and _finite(top) and base else "n/a"
-        cells += ["-" if r["best_w"] is None else str(r["best_w"]), change]
-        body.append(cells)
+def _grid(header: list[str], body: list[list[str]]) -> list[str]:
     widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
     lines = ["  ".join(c.rjust(n) for c, n in zip(row, widths)) for row in [header, *body]]
     lines.insert(1, "  ".join("-" * n for n in widths))
-    lines.append("FID (lower is better); * = best w per iteration; w=0.0 is the base model")
+    return lines
+
+
+def format_iteration(row: Mapping[str, Any], digits: int = 2) -> str:
+    """One iteration: every (method, w) with FID mean ± sd, precision, recall and cost, then each method's verdict."""
+    methods = row["methods"]
+    lines = [f"iteration {row['iteration']}: Heun {row['sampler_steps']} steps; {row['repeats']} report seed "
+             f"set(s) x {row.get('num_samples', '?')} samples; each method's w chosen on a separate selection set"]
+    first = next(iter(methods.values()))
+    body = [["base", "0.0", str(first["nfe_per_w"]["0.0"]),
+             f"{_fmt(first['fid']['0.0'], digits)} ± {_fmt(first['fid_sd']['0.0'], digits)}",
+             _fmt(first["precision"]["0.0"], 3), _fmt(first["recall"]["0.0"], 3)]]
+    for name, m in methods.items():
+        for w in sorted(m["fid"], key=float):
+            if float(w) == 0:
+                continue
+            star = "*" if float(w) == m["best_w"] else " "
+            body.append([name, w + star, str(m["nfe_per_w"][w]),
+                         f"{_fmt(m['fid'][w], digits)} ± {_fmt(m['fid_sd'][w], digits)}",
+                         _fmt(m["precision"][w], 3), _fmt(m["recall"][w], 3)])
+    lines += _grid(["method", "w", "NFE/sample", "FID (mean ± sd)", "precision", "recall"], body)
+    lines.append("")
+    body = []
+    for name, m in methods.items():
+        verdict = "yes" if m["significant"] else ("no gain (best w = 0)" if m["best_w"] == 0 else "no")
+        body.append([name, str(m["best_w"]), _fmt(m["fid_base"], digits), _fmt(m["fid_best"], digits),
+                     f"{_fmt(m['gain'], digits)} ± {_fmt(m['gain_sd'], digits)}", verdict])
+    lines += _grid(["method", "best w", "FID base", "FID at best w", "gain (base - best)", "gain > 2 sd?"], body)
     return "\n".join(lines)
+
+
+def format_table(summary: Mapping[str, Any], digits: int = 2) -> str:
+    """Every iteration's comparison table; '*' marks each method's selected w."""
+    rows = summary["iterations"]
+    if not rows:
+        return "(no iterations evaluated yet)"
+    parts = [format_iteration(r, digits) for r in rows]
+    parts.append("FID (lower is better), mean ± sd over the report seed sets; gain = paired FID(base) - FID(best w) "
+                 "on the same seeds, mean ± sd; w = 0 is the base model")
+    return "\n\n".join(parts)
 
 
 # ----------------------------------------------------------------------------
@@ -141,20 +144,30 @@ def fid_plot_png(fid_by_w: Mapping[float, float], title: str = "FID vs guidance 
     return fid_curves_png({"": fid_by_w}, title)
 
 
-def fid_curves_png(curves: Mapping[str, Mapping[float, float]], title: str = "FID vs guidance weight") -> bytes:
-    """One FID-vs-w line per label (e.g. per iteration) on shared axes."""
-    fig = _figure(figsize=(5, 3.5), dpi=100)
+def fid_curves_png(curves: Mapping[str, Mapping[float, float | tuple[float, float]]],
+                   title: str = "FID vs guidance weight", best: Mapping[str, float] | None = None) -> bytes:
+    """One FID-vs-w line per label (a method, an iteration) on shared axes; values are FIDs or (mean, sd) pairs
+    (drawn with error bars). A star marks each line's best w: `best[label]` when given (e.g. chosen on selection
+    seeds), else its lowest point."""
+    fig = _figure(figsize=(5.5, 3.8), dpi=100)
     ax = fig.add_subplot()
     for label, fid_by_w in curves.items():
-        pts = sorted((float(w), float(v)) for w, v in fid_by_w.items() if math.isfinite(float(v)))
+        pts = []
+        for w, v in fid_by_w.items():
+            mean, sd = (v if isinstance(v, tuple) else (v, float("nan")))
+            if mean is not None and math.isfinite(float(mean)):
+                pts.append((float(w), float(mean), float(sd) if sd is not None and math.isfinite(sd) else 0.0))
         if not pts:
             continue
-        xs, ys = zip(*pts)
-        (line,) = ax.plot(xs, ys, marker="o", label=label or None)
-        bx, by = min(pts, key=lambda p: p[1])
-        ax.plot([bx], [by], marker="*", markersize=14, color=line.get_color())
+        pts.sort()
+        xs, ys, sds = zip(*pts)
+        line = ax.errorbar(xs, ys, yerr=sds if any(sds) else None, marker="o", capsize=3, label=label or None)
+        color = line.lines[0].get_color()
+        bw = best.get(label) if best else None
+        bx, by = next(((x, y) for x, y, _ in pts if x == bw), min(((x, y) for x, y, _ in pts), key=lambda p: p[1]))
+        ax.plot([bx], [by], marker="*", markersize=14, color=color)
         if 0.0 in xs:
-            ax.axhline(ys[xs.index(0.0)], linestyle="--", linewidth=0.8, color=line.get_color())
+            ax.axhline(ys[xs.index(0.0)], linestyle="--", linewidth=0.8, color=color)
     ax.set_xlabel("guidance weight w")
     ax.set_ylabel("FID")
     ax.set_title(title)

@@ -84,8 +84,12 @@ def _native_resume(ckpt: Checkpoint | None, cfg: TrainConfig, world: int) -> boo
 
 
 def _start(net: Precond, cfg: TrainConfig, ckpt: Checkpoint | None, plan, device: torch.device,
-           main: bool) -> tuple[Engine, PowerFunctionEMA | None, int, int]:
-    """The engine and EMA (rank 0), resumed from `ckpt` if given; returns (engine, ema, images, step)."""
+           main: bool, init_optimizer: dict | None) -> tuple[Engine, PowerFunctionEMA | None, int, int]:
+    """The engine and EMA (rank 0), resumed from `ckpt` if given; returns (engine, ema, images, step).
+
+    Without a checkpoint, `init_optimizer` (another run's consolidated Adam state for these weights) seeds the
+    optimizer: a fine-tune that continues the base's optimizer.
+    """
     native = _native_resume(ckpt, cfg, plan.world_size)
     # Native DeepSpeed resumes need the consolidated state only for the EMA (rank 0); others need it all.
     state = read_state(ckpt) if ckpt is not None and (main or not native) else None
@@ -95,7 +99,8 @@ def _start(net: Precond, cfg: TrainConfig, ckpt: Checkpoint | None, plan, device
     if cfg.distributed.uses_deepspeed():
         from sims_platform.training.ds_engine import DeepSpeedEngine
 
-        initial = (state["net"], state["optimizer"]) if state is not None and not native else None
+        initial = (state["net"], state["optimizer"]) if state is not None and not native else \
+            ((net.state_dict(), init_optimizer) if ckpt is None and init_optimizer is not None else None)
         engine: Engine = DeepSpeedEngine(net, cfg, plan, device, initial=initial)
         if native:
             assert ckpt is not None
@@ -108,6 +113,8 @@ def _start(net: Precond, cfg: TrainConfig, ckpt: Checkpoint | None, plan, device
         engine = PlainEngine(net.to(device), cfg, device)
         if state is not None:
             engine.load_consolidated(state["net"], state["optimizer"])
+        elif ckpt is None and init_optimizer is not None:
+            engine.load_consolidated(net.state_dict(), init_optimizer)
     if ckpt is None:
         return engine, ema, 0, 0
     counters = state if state is not None else ckpt.commit
@@ -123,7 +130,7 @@ def train(net: Precond, data: torch.Tensor | ShardStream, labels: torch.Tensor |
           checkpoints: str, snapshot_uri: Callable[[int], str] | None = None,
           on_log: Callable[[int, dict[str, float]], None] | None = None,
           after_checkpoint: Callable[[int], None] | None = None, desc: str = "train",
-          where: str = "train") -> TrainResult:
+          where: str = "train", init_optimizer: dict | None = None, schedule_offset: int = 0) -> TrainResult:
     """Train `net` on (data, labels) for cfg.images images; resume from the newest checkpoint if any.
 
     `data` is the training set in memory with its `labels`, or a ShardStream (labels None) that each rank
@@ -131,7 +138,9 @@ def train(net: Precond, data: torch.Tensor | ShardStream, labels: torch.Tensor |
 
     Under torchrun or a PyTorchJob every rank calls this with the same arguments. Rank 0 alone keeps the
     EMA, calls `on_log`, writes snapshots and returns the EMA network. `where` names the config section
-    in errors (train_base, finetune_aux).
+    in errors (train_base, finetune_aux). A fine-tune may start from another run's optimizer state
+    (`init_optimizer`, used only when there is no checkpoint yet) and evaluate its lr schedule from
+    `schedule_offset` images on (the base's final count, to continue the base's schedule).
     """
     if (data.num_samples if labels is None else len(data)) == 0:
         raise ValueError(f"{desc}: the training set is empty")
@@ -141,7 +150,7 @@ def train(net: Precond, data: torch.Tensor | ShardStream, labels: torch.Tensor |
     device = distributed.device_for(denv) if denv.launched else next(net.parameters()).device
     net.train()
     ckpt = distributed.broadcast(latest(checkpoints) if main else None)  # one answer for every rank
-    engine, ema, images, step = _start(net, cfg, ckpt, plan, device, main)
+    engine, ema, images, step = _start(net, cfg, ckpt, plan, device, main, init_optimizer)
 
     losses: list[tuple[int, float]] = []
     window: list[float] = []
@@ -159,7 +168,7 @@ def train(net: Precond, data: torch.Tensor | ShardStream, labels: torch.Tensor |
             mine = micro_slices(batch, plan, rank)
             d = draw_stream_batch(stream, mine[0][0], mine[-1][1], tuple(data.manifest["shape"]), cfg,
                                   net.label_dim, batch, gen)
-        engine.set_lr(learning_rate(cfg.optimizer, images + batch))
+        engine.set_lr(learning_rate(cfg.optimizer, schedule_offset + images + batch))
         step_loss = 0.0
         for lo, hi in micro_slices(batch, plan, rank):
             with engine.autocast():

@@ -1,0 +1,125 @@
+"""Benchmark: the base model's FID against the Heun step count, to sample every stage at a converged step count.
+
+A SIMS gain only counts against a base sampled where more steps no longer lower its FID: an aux model fine-tuned
+on under-sampled images learns the sampler's error, and guidance then "wins" by undoing it. This trains (or
+reuses) the pipeline's iteration-0 base, then for each step count samples `--repeats` disjoint seed sets of the
+"tuning" stream (never the evaluation's report seeds) and reports FID (mean ± sd) against the held-out
+reference, with the same feature network as the evaluation. Writes JSON, a Markdown table and a PNG plot.
+
+  python benchmarks/sampler_convergence.py --config pipelines/digits.yaml --root out/bench-sims/seed-0 \\
+      --steps 6 8 10 12 16 20 32 --repeats 3 --num-samples 1000 --doc docs/sampler-convergence.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from sims_platform.config import load_config
+from sims_platform.config.schema import SamplerConfig
+from sims_platform.metrics import feature_stats, fid_from_stats, reference_stats
+from sims_platform.pipeline.runner import open_run
+from sims_platform.stages import StageContext, run_stage
+from sims_platform.stages.context import sample_seeds
+from sims_platform.stages.evaluate import _extractor
+from sims_platform.stages.sampling import sample_batch
+from sims_platform.tracking.results import _figure, _png
+
+
+def curve(ctx: StageContext, steps: list[int], repeats: int, n: int) -> dict[int, list[float]]:
+    ev = ctx.cfg.evaluate
+    extractor = _extractor(ctx)
+    ref = reference_stats(extractor, ctx.reference.images, ctx.layout.features, ev.batch_size)
+    base = ctx.load_model(ctx.layout.model(0, "train-base"))
+    from sims_platform.sampling.guidance import NetDenoiser
+
+    out: dict[int, list[float]] = {}
+    for s in steps:
+        sampler = SamplerConfig(**{**ev.sampler.model_dump(), "steps": s})
+        out[s] = []
+        for r in range(repeats):
+            t0 = time.time()
+            images = []
+            for start in range(0, n, ev.batch_size):
+                seeds = sample_seeds(ctx.cfg.seed, 0, "tuning", min(ev.batch_size, n - start), r * n + start)
+                x, _ = sample_batch(ctx, NetDenoiser(base), seeds, sampler)
+                images.append(ctx.encoder.decode(x))
+            import torch
+
+            fid = fid_from_stats(feature_stats(extractor, torch.cat(images), ev.batch_size), ref)
+            out[s].append(fid)
+            print(f"steps {s} set {r}: FID {fid:.3f} ({time.time() - t0:.0f} s)", flush=True)
+    return out
+
+
+def report(result: dict[int, list[float]], args, seconds: float) -> str:
+    sd = lambda v: statistics.stdev(v) if len(v) > 1 else float("nan")  # noqa: E731
+    top = max(result)
+    ref_mean, ref_sd = statistics.fmean(result[top]), sd(result[top])
+    lines = [f"# Sampler convergence: base FID vs Heun steps ({args.config})", "",
+             "Command:", "", f"    python benchmarks/sampler_convergence.py {' '.join(sys.argv[1:])}", "",
+             f"{args.repeats} disjoint seed sets of {args.num_samples} samples per step count (the 'tuning' seed "
+             "stream, disjoint from every evaluation seed), FID against the held-out reference with the "
+             f"evaluation's feature network. Wall time {seconds / 60:.1f} min.", "",
+             "| Heun steps | NFE per sample | FID (mean ± sd) | minus the " + f"{top}-step mean | within noise? |",
+             "|---|---|---|---|---|"]
+    for s, v in sorted(result.items()):
+        m = statistics.fmean(v)
+        noise = 2 * (sd(v) ** 2 + ref_sd ** 2) ** 0.5 if len(v) > 1 else float("nan")
+        ok = "yes" if abs(m - ref_mean) <= noise else "no"
+        lines.append(f"| {s} | {2 * s - 1} | {m:.2f} ± {sd(v):.2f} | {m - ref_mean:+.2f} | {ok} |")
+    lines += ["", "'Within noise': |mean - mean at the largest step count| <= 2 x the sd of that difference "
+              "(the two sets' sds combined).", "", "![FID vs steps](img/sampler_convergence.png)"]
+    return "\n".join(lines)
+
+
+def plot(result: dict[int, list[float]], path: Path) -> None:
+    fig = _figure(figsize=(5.5, 3.8), dpi=100)
+    ax = fig.add_subplot()
+    xs = sorted(result)
+    means = [statistics.fmean(result[s]) for s in xs]
+    sds = [statistics.stdev(result[s]) if len(result[s]) > 1 else 0.0 for s in xs]
+    ax.errorbar(xs, means, yerr=sds, marker="o", capsize=3)
+    ax.set_xlabel("Heun steps")
+    ax.set_ylabel("base FID (mean ± sd)")
+    ax.set_title("Base model: FID vs sampler steps")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(_png(fig))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="pipelines/digits.yaml")
+    ap.add_argument("--root", default="out/bench-sims/seed-0", help="run folder (its base is trained if missing)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steps", type=int, nargs="+", default=[6, 8, 10, 12, 16, 20, 32])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--num-samples", type=int, default=1000)
+    ap.add_argument("--doc", default=None, help="also write the Markdown report here (e.g. docs/...md)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config override")
+    args = ap.parse_args()
+
+    cfg = load_config(args.config, [f"seed={args.seed}", f"storage.root={Path(args.root).resolve()}", *args.set])
+    layout, lineage, _ = open_run(cfg)
+    ctx = StageContext(cfg, layout, 0, lineage)
+    run_stage(ctx, "train-base")
+    t0 = time.time()
+    result = curve(ctx, args.steps, args.repeats, args.num_samples)
+    out = Path(args.root).resolve()
+    (out / "sampler_convergence.json").write_text(json.dumps({str(k): v for k, v in result.items()}, indent=2))
+    text = report(result, args, time.time() - t0)
+    print(text)
+    if args.doc:
+        Path(args.doc).write_text(text + "\n")
+        plot(result, Path(args.doc).parent / "img" / "sampler_convergence.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

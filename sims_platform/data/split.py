@@ -1,0 +1,42 @@
+"""The held-out split: a deterministic per-class share of the real data that no training stage ever sees.
+
+FID, precision and recall compare samples with this held-out part only, so a model (or a feature network) that
+memorised its training images gains nothing from it. The split depends only on the labels, data.holdout_fraction
+and data.holdout_seed, never on the run's seed: every training seed is measured against the same reference.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sims_platform.data.images import LabeledImages
+
+
+def holdout_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train indices, held-out indices), each sorted; per class, round(fraction * n_class) are held out.
+
+    A class with at least two images keeps at least one on each side, so neither side loses a class.
+    """
+    if not 0 < fraction < 1:
+        raise ValueError(f"data.holdout_fraction must be in (0, 1), got {fraction}")
+    labels = labels.detach().to("cpu", torch.int64)
+    held: list[torch.Tensor] = []
+    for c in torch.unique(labels).tolist():
+        idx = torch.nonzero(labels == c).flatten()
+        n = len(idx)
+        n_hold = round(fraction * n)
+        if n >= 2:
+            n_hold = min(max(n_hold, 1), n - 1)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + int(c)))
+        held.append(idx[perm[:n_hold]])
+    mask = torch.zeros(len(labels), dtype=torch.bool)
+    if held:
+        mask[torch.cat(held)] = True
+    return torch.nonzero(~mask).flatten(), torch.nonzero(mask).flatten()
+
+
+def split_images(images: LabeledImages, fraction: float, seed: int) -> tuple[LabeledImages, LabeledImages]:
+    """(training part, held-out part) of an in-memory image set, in the source's order."""
+    train, held = holdout_split(images.labels, fraction, seed)
+    return (LabeledImages(images.images[train], images.labels[train]),
+            LabeledImages(images.images[held], images.labels[held]))

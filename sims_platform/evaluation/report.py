@@ -1,0 +1,85 @@
+"""From merged statistics to results: metrics per arm and seed set, each method's selected w, paired gains.
+
+Protocol (README "Measuring honestly"): each method's best w is the argmin of FID on the selection set (set 0),
+which is never reported; FID, precision and recall are reported as mean and sd over the report sets 1..R;
+the gain of a method is the paired difference FID(base) - FID(method at its best w) on each report set (the
+same seeds), summarised as mean and sd; it counts as significant when the mean exceeds twice that sd.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Any
+
+import torch
+
+from sims_platform.config.schema import EvaluateConfig
+from sims_platform.evaluation.parts import ArmData
+from sims_platform.evaluation.plan import BASE, SELECTION_SET, Arm, method_arms, report_sets, w_key
+from sims_platform.metrics import FeatureStats, fid_from_stats
+from sims_platform.metrics.prdc import precision_recall
+
+METRICS = ("fid", "precision", "recall", "density", "coverage")
+
+
+def arm_metrics(data: ArmData, ref_stats: FeatureStats, ref_features: torch.Tensor, k: int,
+                expected: int) -> dict[str, dict[int, float]]:
+    """metric -> seed set -> value, for one arm; precision & co. on equal numbers of real and fake features."""
+    out: dict[str, dict[int, float]] = {m: {} for m in METRICS}
+    for s, stats in sorted(data.stats.items()):
+        if stats.count != expected:
+            raise ValueError(f"seed set {s}: merged statistics hold {stats.count} samples, expected "
+                             f"evaluate.num_samples = {expected}")
+        out["fid"][s] = fid_from_stats(stats, ref_stats)
+        n = min(len(ref_features), len(data.features[s]))
+        for name, value in precision_recall(ref_features[:n], data.features[s][:n], k).items():
+            out[name][s] = value
+    return out
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    finite = [v for v in values if math.isfinite(v)]
+    if len(finite) != len(values) or not values:
+        return float("nan"), float("nan")
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else float("nan")
+
+
+def method_result(ev: EvaluateConfig, method: str, metrics: dict[str, dict[str, dict[int, float]]],
+                  steps: int) -> dict[str, Any]:
+    """One method's sweep (w = 0 included): report means/sds per w, its selected w, and its paired gain."""
+    sweep: list[Arm] = method_arms(ev, method)
+    reps = report_sets(ev)
+    res: dict[str, Any] = {name: {} for name in ("fid", "fid_sd", "precision", "recall", "density", "coverage",
+                                                 "fid_selection", "nfe_per_w")}
+    for arm in sweep:
+        key, m = w_key(arm.w), metrics[arm.key]
+        res["fid"][key], res["fid_sd"][key] = _mean_sd([m["fid"][s] for s in reps])
+        for name in ("precision", "recall", "density", "coverage"):
+            res[name][key] = _mean_sd([m[name][s] for s in reps])[0]
+        res["fid_selection"][key] = m["fid"][SELECTION_SET]
+        res["nfe_per_w"][key] = arm.nfe_per_sample(steps)
+    finite = {a: metrics[a.key]["fid"][SELECTION_SET] for a in sweep
+              if math.isfinite(metrics[a.key]["fid"][SELECTION_SET])}
+    best = min(finite, key=lambda a: (finite[a], a.w)) if finite else BASE
+    gaps = [metrics[BASE.key]["fid"][s] - metrics[best.key]["fid"][s] for s in reps]
+    gain, gain_sd = _mean_sd(gaps)
+    res.update({
+        "best_w": best.w,
+        "fid_base": res["fid"][w_key(0.0)],
+        "fid_best": res["fid"][w_key(best.w)],
+        "fid_best_sd": res["fid_sd"][w_key(best.w)],
+        "gain": gain if best.w != 0 else 0.0,
+        "gain_sd": gain_sd if best.w != 0 else 0.0,
+        "significant": bool(best.w != 0 and math.isfinite(gain_sd) and gain > 2 * gain_sd),
+        "nfe_per_sample": max(res["nfe_per_w"].values()),
+    })
+    return res
+
+
+def iteration_row(k: int, ev: EvaluateConfig, methods: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """summary.json's row: the primary (first) method's results at the top level, every method under 'methods'."""
+    primary = methods[ev.primary.name]
+    keys = ("fid", "fid_sd", "precision", "recall", "best_w", "fid_base", "fid_best")
+    return {"iteration": int(k), **{key: primary[key] for key in keys}, "sampler_steps": ev.sampler.steps,
+            "repeats": ev.repeats, "num_samples": ev.num_samples, "methods": methods}
