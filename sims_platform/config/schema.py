@@ -213,6 +213,17 @@ class IterationsConfig(Strict):
         return self
 
 
+class PretrainedConfig(Strict):
+    """Networks that exist already, by URI: EDM2 pickles (read without running their code) or model files
+    written by `sims import-edm2` or a previous run."""
+
+    base: str | None = Field(None, description="iteration 0's base model: train-base is skipped and this "
+                             "network (it must match network and data) becomes iter-00/train-base/model.pt; "
+                             "the lineage records the source")
+    guide: str | None = Field(None, description="evaluate.method 'autoguidance': the guide network (e.g. EDM2-XS "
+                              "at 134 Mi images) instead of a snapshot of the base's own training")
+
+
 class StorageConfig(Strict):
     root: str = Field("file://./out/digits", description="URI of the run's folder (file://, s3://, ...)")
 
@@ -235,6 +246,7 @@ class PipelineConfig(Strict):
     finetune_aux: TrainConfig
     evaluate: EvaluateConfig = EvaluateConfig()
     iterations: IterationsConfig = IterationsConfig()
+    pretrained: PretrainedConfig = PretrainedConfig()
     storage: StorageConfig = StorageConfig()
     tracking: TrackingConfig = TrackingConfig()
 
@@ -245,10 +257,13 @@ class PipelineConfig(Strict):
                              "(the base must also learn the unconditional model)")
         if self.evaluate.method == "cfg" and self.data.num_classes == 0:
             raise ValueError("evaluate.method 'cfg' needs a class-conditional model (data.num_classes > 0)")
-        if self.evaluate.method == "autoguidance":
+        if self.pretrained.guide is not None and self.evaluate.method != "autoguidance":
+            raise ValueError("pretrained.guide is autoguidance's guide network: set evaluate.method "
+                             "'autoguidance' or remove pretrained.guide")
+        if self.evaluate.method == "autoguidance" and self.pretrained.guide is None:
             if self.evaluate.autoguidance_images not in self.train_base.snapshots:
                 raise ValueError("evaluate.autoguidance_images must be one of train_base.snapshots "
-                                 "(the early base checkpoint that guides)")
+                                 "(the early base checkpoint that guides), or pretrained.guide must name a guide")
         if self.train_base.loader == "stream" and (self.encoder.kind != "latent"
                                                    or self.iterations.train_data == "real+synthetic"):
             raise ValueError("train_base.loader 'stream' reads one shard set: the encoded latents (encoder.kind "

@@ -108,7 +108,8 @@ def guide_inputs(ctx: StageContext) -> dict[str, str]:
     if ev.method == "sims":
         return {"aux_model": layout.model(k, "finetune-aux")}
     if ev.method == "autoguidance":
-        return {"guide_model": layout.snapshot(k, "train-base", ev.autoguidance_images)}
+        guide = ctx.cfg.pretrained.guide or layout.snapshot(k, "train-base", ev.autoguidance_images)
+        return {"guide_model": guide}
     return {}
 
 
