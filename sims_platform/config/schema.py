@@ -183,6 +183,9 @@ class EvaluateConfig(Strict):
     features: Literal["digits-classifier", "inception"] = Field("digits-classifier",
                                                                 description="FID feature network")
     inception_weights: str | None = Field(None, description="inception: URL or path of the FID weights")
+    reference: str | None = Field(None, description="URI of published reference statistics in EDM2's format "
+                                  "(dataset-refs/img512.pkl: mu and sigma per metric, read without running "
+                                  "code) for features inception/dinov2; null = computed from data")
     sampler: SamplerConfig = SamplerConfig()
     grid_size: int = Field(64, ge=1, description="samples in each PNG grid logged per w")
 
@@ -194,6 +197,16 @@ class EvaluateConfig(Strict):
         if any(w < 0 for w in v):
             raise ValueError("weights must be >= 0 (0 is the base model)")
         return v
+
+    @model_validator(mode="after")
+    def _feature_inputs(self) -> EvaluateConfig:
+        if self.features == "inception" and not self.inception_weights:
+            raise ValueError("evaluate.inception_weights is required when evaluate.features is 'inception' "
+                             "(a path or URI of the FID Inception-v3 weights; nothing is downloaded at run time)")
+        if self.reference and self.features not in ("inception", "dinov2"):
+            raise ValueError(f"evaluate.reference holds EDM2 statistics of inception/dinov2 features, not of "
+                             f"evaluate.features '{self.features}'")
+        return self
 
 
 class IterationsConfig(Strict):

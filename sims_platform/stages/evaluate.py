@@ -25,6 +25,7 @@ from sims_platform.metrics import (
     fid_from_stats,
     reference_stats,
 )
+from sims_platform.metrics.edm2_refs import edm2_reference
 from sims_platform.sampling.guidance import Denoiser, Guided, NetDenoiser, Unconditional
 from sims_platform.stages.context import StageContext, sample_seeds
 from sims_platform.stages.sampling import sample_batch
@@ -307,7 +308,8 @@ def write_results(ctx: StageContext, run_id: str, merged: dict[str, tuple[Featur
     """FID per w against the real reference statistics; writes the evaluate outputs and logs run-level results."""
     k, layout, ev, lin = ctx.iteration, ctx.layout, ctx.cfg.evaluate, ctx.lineage
     out = layout.stage(k, "evaluate")
-    ref = reference_stats(_extractor(ctx), ctx.real.images, layout.features, ev.batch_size)
+    ref = edm2_reference(ev.reference, ev.features) if ev.reference else \
+        reference_stats(_extractor(ctx), ctx.real.images, layout.features, ev.batch_size)
     fid: dict[str, float] = {}
     for key, (stats, grid) in merged.items():
         w = float(key)
