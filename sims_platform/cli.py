@@ -5,6 +5,7 @@ Examples:
   sims run --config pipelines/digits.yaml --out out/digits
   sims stage train-base --config pipelines/digits.yaml --iteration 0
   sims run --config pipelines/digits.yaml --set seed=1 --set finetune_aux.images=8192 --dry-run
+  sims import-edm2 edm2-img512-s-2147483-0.130.pkl s3://bucket/models/edm2-s.pt
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import sys
 
 from sims_platform.config import ConfigError, PipelineConfig, dump_config, load_config
 from sims_platform.storage.layout import RUN_STAGES, STAGES
+from sims_platform.storage.safe_pickle import UnsafePickleError
 
 
 def _load(args: argparse.Namespace) -> PipelineConfig:
@@ -61,6 +63,23 @@ def cmd_stage(args: argparse.Namespace) -> int:
     ctx = StageContext(cfg, layout, args.iteration, lineage, part=index, parts=args.count)
     result = run_stage(ctx, args.name, force=args.force)
     print(result, flush=True)
+    return 0
+
+
+def cmd_import_edm2(args: argparse.Namespace) -> int:
+    import json
+
+    from sims_platform.models.pretrained import import_edm2
+    from sims_platform.storage.fsio import normalize_uri
+
+    try:
+        info = import_edm2(normalize_uri(args.src), normalize_uri(args.dst))
+    except ValueError as err:
+        if isinstance(err, UnsafePickleError):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(info, indent=2), flush=True)
     return 0
 
 
@@ -115,6 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help=set_help)
     p.set_defaults(func=cmd_local_cluster)
 
+    p = sub.add_parser("import-edm2", help="convert an EDM2 network pickle (training snapshot or post-hoc-EMA "
+                       "export) into a model file, reading it without running any code it carries")
+    p.add_argument("src", help="EDM2 pickle: path or URI (network-snapshot-*.pkl, edm2-img512-*.pkl)")
+    p.add_argument("dst", help="model file to write: path or URI (usable as pretrained.base / pretrained.guide)")
+    p.set_defaults(func=cmd_import_edm2)
+
     from sims_platform.k8s.cli import register as register_k8s
 
     register_k8s(sub)
@@ -129,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except UnsafePickleError as err:  # a file that may carry code: refused, nothing in it ran
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -98,3 +98,37 @@ def test_overrides_are_typed_and_validated(tmp_path):
     assert cfg.seed == 3 and cfg.evaluate.methods[0].weights == [0.0, 2.0]
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         load_config(PIPELINES[0], ["seed"])
+
+
+def test_configs_that_cannot_run_fail_validate(tmp_path, capsys):
+    """Standard metrics need their weights; pretrained networks and published references are named by URI."""
+    import yaml
+
+    from pipeline_support import tiny_config_dict
+
+    d = tiny_config_dict(str(tmp_path / "run"))
+    d["evaluate"]["features"] = "inception"
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(d))
+    assert main(["validate", str(path)]) == 2
+    assert "evaluate.inception_weights is required when evaluate.features is 'inception'" in capsys.readouterr().err
+
+    d["evaluate"].update(features="digits-classifier", reference="s3://refs/img512.pkl")
+    with pytest.raises(ConfigError, match="evaluate.reference holds EDM2 statistics of inception/dinov2"):
+        config_from_dict(d)
+    d["evaluate"].pop("reference")
+    d["pretrained"] = {"guide": "s3://models/edm2-img512-xs-0134217-0.165.pkl"}
+    with pytest.raises(ConfigError, match="pretrained.guide is autoguidance's guide network"):
+        config_from_dict(d)
+    d["evaluate"]["methods"] = [{"name": "autoguidance", "weights": [1.0]}]  # a pretrained guide needs no snapshot
+    assert config_from_dict(d).pretrained.guide.endswith("0.165.pkl")
+
+
+def test_imagenet512_values_name_pretrained_networks_and_metrics_by_uri():
+    import yaml
+
+    pipeline = yaml.safe_load((Path(__file__).parent.parent / "values-imagenet512.yaml").read_text())["pipeline"]
+    cfg = config_from_dict(pipeline)
+    assert cfg.pretrained.base.startswith("s3://") and cfg.pretrained.base.endswith(".pkl")
+    assert cfg.evaluate.features == "inception" and cfg.evaluate.inception_weights.startswith("s3://")
+    assert cfg.evaluate.reference.startswith("s3://")

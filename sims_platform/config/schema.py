@@ -250,6 +250,10 @@ class EvaluateConfig(Strict):
     features: Literal["digits-classifier", "inception"] = Field("digits-classifier",
                                                                 description="FID feature network")
     inception_weights: str | None = Field(None, description="inception: URL or path of the FID weights")
+    reference: str | None = Field(None, description="URI of published reference statistics in EDM2's format "
+                                  "(dataset-refs/img512.pkl: mu and sigma per metric, read without running "
+                                  "code) for features inception/dinov2; null = computed from the held-out split. "
+                                  "Published statistics carry no feature vectors: precision/recall are then null")
     precision_recall: PrecisionRecallConfig = PrecisionRecallConfig()
     sampler: SamplerConfig = SamplerConfig()
     grid_size: int = Field(64, ge=1, description="samples in each PNG grid logged per method and w")
@@ -261,6 +265,16 @@ class EvaluateConfig(Strict):
             raise ValueError("evaluate.method / evaluate.weights were replaced by evaluate.methods, a list such as "
                              "[{name: sims, weights: [0.5, 1.0]}, {name: neon, weights: [0.5, 1.0]}]")
         return data
+
+    @model_validator(mode="after")
+    def _feature_inputs(self) -> EvaluateConfig:
+        if self.features == "inception" and not self.inception_weights:
+            raise ValueError("evaluate.inception_weights is required when evaluate.features is 'inception' "
+                             "(a path or URI of the FID Inception-v3 weights; nothing is downloaded at run time)")
+        if self.reference and self.features not in ("inception", "dinov2"):
+            raise ValueError(f"evaluate.reference holds EDM2 statistics of inception/dinov2 features, not of "
+                             f"evaluate.features '{self.features}'")
+        return self
 
     @field_validator("methods")
     @classmethod
@@ -301,6 +315,17 @@ class IterationsConfig(Strict):
         return self
 
 
+class PretrainedConfig(Strict):
+    """Networks that exist already, by URI: EDM2 pickles (read without running their code) or model files
+    written by `sims import-edm2` or a previous run."""
+
+    base: str | None = Field(None, description="iteration 0's base model: train-base is skipped and this "
+                             "network (it must match network and data) becomes iter-00/train-base/model.pt; "
+                             "the lineage records the source")
+    guide: str | None = Field(None, description="evaluate.methods autoguidance: the guide network (e.g. EDM2-XS "
+                              "at 134 Mi images) instead of a snapshot of the base's own training")
+
+
 class StorageConfig(Strict):
     root: str = Field("file://./out/digits", description="URI of the run's folder (file://, s3://, ...)")
 
@@ -323,6 +348,7 @@ class PipelineConfig(Strict):
     finetune_aux: FinetuneConfig
     evaluate: EvaluateConfig = EvaluateConfig()
     iterations: IterationsConfig = IterationsConfig()
+    pretrained: PretrainedConfig = PretrainedConfig()
     storage: StorageConfig = StorageConfig()
     tracking: TrackingConfig = TrackingConfig()
 
@@ -334,10 +360,15 @@ class PipelineConfig(Strict):
                              "(the base must also learn the unconditional model)")
         if "cfg" in names and self.data.num_classes == 0:
             raise ValueError("evaluate.methods 'cfg' needs a class-conditional model (data.num_classes > 0)")
+        if self.pretrained.guide is not None and "autoguidance" not in names:
+            raise ValueError("pretrained.guide is autoguidance's guide network: add an 'autoguidance' entry to "
+                             "evaluate.methods or remove pretrained.guide")
         for m in self.evaluate.methods:
-            if m.name == "autoguidance" and m.guide_images not in self.train_base.snapshots:
+            if m.name == "autoguidance" and self.pretrained.guide is None \
+                    and m.guide_images not in self.train_base.snapshots:
                 raise ValueError("evaluate.methods autoguidance: guide_images must be one of train_base.snapshots "
-                                 f"{self.train_base.snapshots} (the early base checkpoint that guides)")
+                                 f"{self.train_base.snapshots} (the early base checkpoint that guides), or "
+                                 "pretrained.guide must name a guide")
             if m.name != "autoguidance" and m.guide_images is not None:
                 raise ValueError(f"evaluate.methods {m.name}: guide_images is only for autoguidance")
         it = self.iterations

@@ -24,6 +24,8 @@ def guide_uri(ctx: StageContext, method: str) -> str | None:
     if method in GUIDE_STAGE:
         return layout.model(k, GUIDE_STAGE[method])
     if method == "autoguidance":
+        if ctx.cfg.pretrained.guide:
+            return ctx.cfg.pretrained.guide
         images = ctx.cfg.evaluate.method("autoguidance").guide_images
         assert images is not None  # validated: autoguidance names its snapshot
         return layout.snapshot(k, "train-base", images)

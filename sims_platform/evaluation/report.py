@@ -23,15 +23,20 @@ from sims_platform.metrics.prdc import precision_recall
 METRICS = ("fid", "precision", "recall", "density", "coverage")
 
 
-def arm_metrics(data: ArmData, ref_stats: FeatureStats, ref_features: torch.Tensor, k: int,
+def arm_metrics(data: ArmData, ref_stats: FeatureStats, ref_features: torch.Tensor | None, k: int,
                 expected: int) -> dict[str, dict[int, float]]:
-    """metric -> seed set -> value, for one arm; precision & co. on equal numbers of real and fake features."""
+    """metric -> seed set -> value, for one arm; precision & co. on equal numbers of real and fake features
+    (NaN when the reference has no feature vectors, e.g. published statistics)."""
     out: dict[str, dict[int, float]] = {m: {} for m in METRICS}
     for s, stats in sorted(data.stats.items()):
         if stats.count != expected:
             raise ValueError(f"seed set {s}: merged statistics hold {stats.count} samples, expected "
                              f"evaluate.num_samples = {expected}")
         out["fid"][s] = fid_from_stats(stats, ref_stats)
+        if ref_features is None:
+            for name in METRICS[1:]:
+                out[name][s] = float("nan")
+            continue
         n = min(len(ref_features), len(data.features[s]))
         for name, value in precision_recall(ref_features[:n], data.features[s][:n], k).items():
             out[name][s] = value

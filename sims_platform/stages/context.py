@@ -11,7 +11,8 @@ from sims_platform.config.schema import PipelineConfig
 from sims_platform.data import LabeledImages, load_images, read_shards, split_images
 from sims_platform.encoders import Encoder, build_encoder
 from sims_platform.models.precond import Precond
-from sims_platform.models.presets import build_network
+from sims_platform.models.presets import architecture, build_network
+from sims_platform.models.pretrained import read_network
 from sims_platform.storage import fsio
 from sims_platform.storage.layout import RunLayout
 from sims_platform.tracking import Lineage
@@ -110,8 +111,17 @@ class StageContext:
         fsio.save_torch(uri, {"ema": net.state_dict(), "images": images, **meta})
 
     def load_model(self, uri: str) -> Precond:
+        """A model record of this run, or any network file that describes itself (an EDM2 pickle, a
+        `sims import-edm2` record: e.g. a pretrained guide of another size), float32, eval mode."""
         if not fsio.exists(uri):
             raise FileNotFoundError(f"model not found at {uri}: run the stage that writes it first")
-        net = self.build_net()
-        net.load_state_dict(fsio.load_torch(uri)["ema"])
+        rec = read_network(uri)
+        net = rec.build().to(self.device) if rec.kwargs is not None else self.build_net()
+        net.load_state_dict(rec.state_dict)
         return net.eval().requires_grad_(False)
+
+    def network_kwargs(self) -> dict:
+        """Our Precond's arguments for this config (what a pretrained base must match)."""
+        c, h, _ = self.shape()
+        return dict(img_resolution=h, img_channels=c, label_dim=self.cfg.data.num_classes,
+                    sigma_data=self.cfg.network.sigma_data, **architecture(self.cfg.network))

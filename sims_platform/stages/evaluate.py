@@ -18,6 +18,7 @@ from sims_platform.evaluation.methods import Networks, model_inputs
 from sims_platform.evaluation.plan import BASE, arms, part_block, set_offset, w_key, work_units
 from sims_platform.evaluation.report import arm_metrics, iteration_row, method_result
 from sims_platform.metrics import FeatureExtractor, build_feature_extractor, reference_stats
+from sims_platform.metrics.edm2_refs import edm2_reference
 from sims_platform.stages.context import StageContext, sample_seeds
 from sims_platform.stages.sampling import sample_batch
 from sims_platform.storage import fsio
@@ -89,8 +90,11 @@ def compute_part(ctx: StageContext) -> int:
 
 
 def reference(ctx: StageContext, extractor: FeatureExtractor) -> tuple:
-    """Statistics and the first precision_recall.max_samples features of the held-out real images."""
+    """Statistics and the first precision_recall.max_samples features of the held-out real images; published
+    EDM2 statistics (evaluate.reference) carry no features, so precision/recall are then left out."""
     ev = ctx.cfg.evaluate
+    if ev.reference:
+        return edm2_reference(ev.reference, ev.features), None
     images = ctx.reference.images
     stats = reference_stats(extractor, images, ctx.layout.features, ev.batch_size)
     n = min(ev.precision_recall.max_samples, len(images))

@@ -14,6 +14,8 @@ import fsspec
 import torch
 from fsspec.core import url_to_fs
 
+from sims_platform.storage.safe_pickle import UnsafePickleError, load_torch_bytes  # noqa: F401 (re-exported)
+
 
 def normalize_uri(uri: str) -> str:
     """Absolute file:// URIs for local paths (relative ones resolve against the working directory)."""
@@ -154,4 +156,6 @@ def save_torch(uri: str, obj: Any) -> None:
 
 
 def load_torch(uri: str) -> Any:
-    return torch.load(io.BytesIO(read_bytes(uri)), map_location="cpu", weights_only=False)
+    """What save_torch wrote: tensors in plain containers only; a file that asks for anything else (it may
+    carry code, e.g. one planted in the bucket) raises UnsafePickleError naming uri, and nothing runs."""
+    return load_torch_bytes(read_bytes(uri), uri)

@@ -18,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from sims_platform.storage import fsio
 from sims_platform.training import distributed
 
@@ -170,4 +172,30 @@ def fetch_native(ckpt: Checkpoint, rank: int) -> str:
         dest = os.path.join(local, rel)
         os.makedirs(os.path.dirname(dest), exist_ok=True)
         fs.get_file(path, dest)
+        check_native_file(dest, fsio.join(src, rel))
     return local
+
+
+# What DeepSpeed's own checkpoint files name besides tensors and plain containers (found by saving ZeRO 1-3
+# checkpoints): installed classes that hold state, nothing that calls out. DeepSpeed reads its files with
+# torch.load(weights_only=False), so each file is checked against this list before it is handed over.
+DEEPSPEED_GLOBALS: frozenset[str] = frozenset({
+    "deepspeed.runtime.zero.config.ZeroStageEnum",  # an enum: the ZeRO stage
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",  # loss-scale state (static; dynamic under fp16)
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+})
+
+
+def check_native_file(path: str, uri: str) -> None:
+    """Refuse (UnsafePickleError naming uri) a DeepSpeed file that names a global outside DEEPSPEED_GLOBALS."""
+    if not path.endswith(".pt"):
+        return  # DeepSpeed reads only its .pt files with pickle (the rest are json/text)
+    try:
+        found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception as err:  # not a torch.save zip: DeepSpeed would fall back to a raw pickle
+        raise fsio.UnsafePickleError(f"{uri}: not a DeepSpeed checkpoint file ({err}); refused") from None
+    unexpected = sorted(set(found) - DEEPSPEED_GLOBALS)
+    if unexpected:
+        raise fsio.UnsafePickleError(
+            f"{uri}: refused to load: it needs {', '.join(unexpected)}, which DeepSpeed checkpoints never "
+            "contain; the file may carry code and was not loaded")

@@ -45,7 +45,7 @@ def test_install_dry_run_from_repo_root(helm):
     (["--set", "queue=Not_A_Queue"], "/queue"),
     (["--set", "pipeline.train_base.distributed.zero_stage=4"], "/pipeline/train_base/distributed/zero_stage"),
     (["--set", "pipeline.train_base.imagez=3"], "/pipeline/train_base"),     # a pipeline key the schema lacks
-    (["--set", "pipeline.evaluate.method=best"], "/pipeline/evaluate/method"),
+    (["--set", "pipeline.evaluate.repeats=0"], "/pipeline/evaluate/repeats"),
     (["--set", "stages.sampling.shards=2"], "/stages"),
 ])
 def test_wrong_value_fails_install_naming_the_field(helm, bad, field):

@@ -1,0 +1,51 @@
+"""Networks from URIs: the platform's model records and EDM2 pickles, told apart by content; no code runs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sims_platform.models.edm2 import EDM2_DEFAULTS, Edm2Network, read_edm2
+from sims_platform.storage import fsio
+from sims_platform.storage.safe_pickle import load_torch_bytes
+
+
+def read_network(uri: str) -> Edm2Network:
+    """Weights (float32) at uri and, when the file describes its network, the network's arguments.
+
+    A torch.save file (zip) is a platform record: {"ema": state dict, "images": n, ...}, plus "precond"
+    (the network's arguments) when `sims import-edm2` wrote it. Anything else is read as an EDM2 pickle.
+    """
+    raw = fsio.read_bytes(uri)
+    if not raw.startswith(b"PK"):  # torch.save's zip container; EDM2's pickles are plain pickles
+        return read_edm2(uri, raw)
+    rec = load_torch_bytes(raw, uri)
+    if not isinstance(rec, dict) or not isinstance(rec.get("ema"), dict):
+        raise ValueError(f"{uri}: not a model record (expected a dict with an 'ema' state dict)")
+    kwargs = rec.get("precond")
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise ValueError(f"{uri}: 'precond' is a {type(kwargs).__name__}, expected the network's arguments")
+    images = rec.get("images")
+    return Edm2Network(kwargs, rec["ema"], int(images) if images is not None else None, uri)  # type: ignore[arg-type]
+
+
+def import_edm2(src: str, dst: str) -> dict[str, Any]:
+    """Convert an EDM2 pickle into a self-describing platform record at dst; returns what was written."""
+    net = read_edm2(src)
+    net.build()  # the weights fit the arguments: checked now, not when a stage first loads it
+    fsio.save_torch(dst, {"ema": net.state_dict, "images": net.images or 0, "precond": net.kwargs,
+                          "source": src})
+    return {"source": src, "model": dst, "images": net.images, "parameters": sum(t.numel() for t in
+                                                                                  net.state_dict.values()),
+            "precond": net.kwargs}
+
+
+def mismatches(have: dict[str, Any], want: dict[str, Any]) -> list[str]:
+    """'key: have != want' for every architecture argument where a loaded network differs from the config's."""
+    full_have, full_want = {**EDM2_DEFAULTS, **have}, {**EDM2_DEFAULTS, **want}
+    out = []
+    for key in sorted(set(full_have) | set(full_want)):
+        a, b = full_have.get(key), full_want.get(key)
+        norm = (lambda v: [*v] if isinstance(v, (list, tuple)) else v)  # noqa: E731
+        if norm(a) != norm(b):
+            out.append(f"{key}: checkpoint {a!r}, config {b!r}")
+    return out

@@ -1,0 +1,138 @@
+"""EDM2 checkpoints: an EDM2-layout pickle imports without running its code and computes what it was written from."""
+
+from __future__ import annotations
+
+import copy
+import io
+import os
+import pickle
+
+import pytest
+import torch
+
+from edm2_support import edm2_pickle
+
+from sims_platform.cli import main
+from sims_platform.models import edm2
+from sims_platform.models.edm2 import load_edm2, read_edm2
+from sims_platform.models.precond import Precond
+from sims_platform.stages import StageContext, run_stage
+from sims_platform.storage import fsio
+from sims_platform.pipeline.runner import open_run
+from sims_platform.storage.safe_pickle import UnsafePickleError
+
+# A small EDM2 network: EDM2's own argument names, as its train_edm2.py passes them to Precond.
+INIT_KWARGS = dict(img_resolution=8, img_channels=1, label_dim=10, model_channels=16, channel_mult=[1, 2],
+                   num_blocks=1, attn_resolutions=[4], dropout=0.0, use_fp16=True)
+
+
+def _source_net() -> Precond:
+    torch.manual_seed(1)
+    kw = {k: v for k, v in INIT_KWARGS.items() if k != "use_fp16"}
+    net = Precond(**kw).eval()
+    with torch.no_grad():  # trained-looking gains (EDM2 initialises them to zero, which hides bugs)
+        for p in net.parameters():
+            if p.ndim == 0:
+                p.fill_(0.7)
+    return net
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 1, 8, 8, generator=g)
+    return x, torch.tensor([0.05, 1.0, 20.0]), torch.tensor([1, 4, 9])
+
+
+def test_edm2_pickle_imports_and_reproduces_the_forward_pass(tmp_path):
+    src, marker = _source_net(), tmp_path / "pwned"
+    path = tmp_path / "network-snapshot-0134217-0.100.pkl"
+    path.write_bytes(edm2_pickle(src, INIT_KWARGS, str(marker)))
+
+    net = load_edm2(str(path))
+    assert not marker.exists()  # the module source in the pickle was never executed
+    assert not net.training and all(p.dtype == torch.float32 and not p.requires_grad for p in net.parameters())
+    want = copy.deepcopy(src).half().float()  # EDM2 stores float16; imported float32 holds the same values
+    x, sigma, y = _inputs()
+    with torch.no_grad():
+        assert torch.equal(net(x, sigma, y), want(x, sigma, y))
+        d, logvar = net(x, sigma, y, return_logvar=True)
+        assert torch.equal(logvar, want(x, sigma, y, return_logvar=True)[1])
+    info = read_edm2(str(path))
+    assert info.images == 134217000 and info.kwargs["model_channels"] == 16 and info.kwargs["clip_act"] == 256
+
+
+def test_import_edm2_cli_writes_a_model_any_stage_loads(tmp_path, tiny_cfg):
+    src = _source_net()
+    pkl, dst = tmp_path / "edm2-img8-xs-0134217-0.125.pkl", tmp_path / "models" / "xs.pt"
+    pkl.write_bytes(edm2_pickle(src, INIT_KWARGS, str(tmp_path / "pwned")))
+    assert main(["import-edm2", str(pkl), str(dst)]) == 0
+    rec = fsio.load_torch(str(dst))  # a plain record: loads with weights_only
+    assert rec["precond"]["model_channels"] == 16 and rec["source"].endswith(pkl.name)
+    # A self-describing file loads as its own architecture where the config names another (e.g. a guide).
+    layout, lineage, _ = open_run(tiny_cfg)
+    net = StageContext(tiny_cfg, layout, 0, lineage).load_model(fsio.normalize_uri(str(dst)))
+    x, sigma, y = _inputs()
+    with torch.no_grad():
+        assert torch.equal(net(x, sigma, y), copy.deepcopy(src).half().float()(x, sigma, y))
+
+
+def test_pretrained_base_replaces_training(tmp_path, tiny_cfg):
+    src = _source_net()
+    pkl = tmp_path / "edm2-img8-s-2147483-0.130.pkl"
+    pkl.write_bytes(edm2_pickle(src, INIT_KWARGS, str(tmp_path / "pwned")))
+    cfg = tiny_cfg.model_copy(deep=True)
+    cfg.network.num_blocks, cfg.network.attn_resolutions = 1, [4]
+    cfg.pretrained.base = str(pkl)
+    layout, lineage, _ = open_run(cfg)
+    ctx = StageContext(cfg, layout, 0, lineage)
+    result = run_stage(ctx, "train-base")
+    assert result["pretrained"] == str(pkl) and result["images"] == 2147483000
+    assert not fsio.exists(layout.checkpoints(0, "train-base")) or not fsio.listdir(layout.checkpoints(0, "train-base"))
+    base = ctx.load_model(layout.model(0, "train-base"))  # the config's network with the imported weights
+    x, sigma, y = _inputs()
+    with torch.no_grad():
+        assert torch.equal(base(x, sigma, y), copy.deepcopy(src).half().float()(x, sigma, y))
+    tags = lineage.client.get_run(fsio.read_json(layout.done_marker(0, "train-base"))["mlflow_run_id"]).data.tags
+    assert tags["sims.input.pretrained"] == str(pkl)  # the lineage names the source
+
+    cfg.network.model_channels = 32  # a config whose network is not the checkpoint's: clear error
+    ctx = StageContext(cfg, layout, 0, lineage)
+    with pytest.raises(ValueError, match=r"pretrained.base: .* model_channels: checkpoint 16, config 32"):
+        run_stage(ctx, "train-base", force=True)
+
+
+def test_malicious_pickles_are_refused(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    plain = tmp_path / "network-snapshot-0000000.pkl"
+    plain.write_bytes(pickle.dumps({"ema": Evil()}))
+    with pytest.raises(UnsafePickleError, match=r"network-snapshot-0000000\.pkl: refused to load: it needs "
+                                                r"'posix\.system'"):
+        load_edm2(str(plain))
+
+    # The persistence layout with a class EDM2 networks are not made of.
+    odd = tmp_path / "odd.pkl"
+    odd.write_bytes(edm2_pickle(_source_net(), INIT_KWARGS, str(marker), class_name="Backdoor"))
+    with pytest.raises(UnsafePickleError, match=r"odd\.pkl: refused to load: persistent class 'Backdoor'"):
+        load_edm2(str(odd))
+
+    # Code hidden inside a tensor's storage bytes (what torch.storage._load_from_bytes would torch.load).
+    buf = io.BytesIO()
+    torch.save(Evil(), buf)
+    nested = tmp_path / "nested.pkl"
+    nested.write_bytes(pickle.dumps(_StorageBytes(buf.getvalue()), protocol=4))
+    with pytest.raises(UnsafePickleError, match=r"nested\.pkl"):
+        edm2.read_pickle(nested.read_bytes(), str(nested))
+    assert not marker.exists()
+
+
+class _StorageBytes:
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __reduce__(self):
+        return (torch.storage._load_from_bytes, (self.data,))
