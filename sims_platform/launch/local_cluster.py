@@ -18,9 +18,9 @@ from sims_platform.config import load_config
 from sims_platform.launch.servers import free_port, mlflow_server, moto_s3
 from sims_platform.pipeline.runner import stages_for
 from sims_platform.storage import fsio
-from sims_platform.storage.layout import RunLayout
+from sims_platform.storage.layout import TRAINING_STAGES, RunLayout
 
-TRAINING = ("train-base", "finetune-aux")
+TRAINING = TRAINING_STAGES
 ARRAYS = ("generate", "evaluate")
 BUCKET = "sims"
 

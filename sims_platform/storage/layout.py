@@ -10,6 +10,9 @@ from sims_platform.storage.fsio import join, normalize_uri
 STAGES = ("train-base", "generate", "finetune-aux", "evaluate", "evaluate-reduce", "feed")
 # Stages of the run as a whole (not per iteration): `encode` turns the real images into VAE latents once.
 RUN_STAGES = ("encode",)
+# Stages that train a network (torchrun on N nodes: a PyTorchJob or TrainJob on a cluster); the rest are
+# job arrays or single processes. Every launcher reads this one list.
+TRAINING_STAGES = ("train-base", "finetune-aux")
 
 
 @dataclass(frozen=True)
