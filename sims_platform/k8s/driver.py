@@ -83,7 +83,7 @@ class Driver:
             if obs.phase is Phase.MISSING:
                 seen = created or last is not None
                 # Finished and TTL-deleted between two polls: its completion record says so, never re-run it.
-                if seen and self._call(self.done, self.layout.done_marker(w.iteration, w.stage)):
+                if seen and self._step_done(w):
                     self.log(f"[iter {w.iteration} {w.step}] {w.kind} {w.name} finished and was deleted "
                              "(ttlSecondsAfterFinished); its completion record is in storage")
                     return
@@ -125,6 +125,14 @@ class Driver:
         if obj is None:
             return Observed(Phase.MISSING)
         return job_observed(obj) if w.is_job else self.backend.observe(obj)
+
+    def _step_done(self, w: Workload) -> bool:
+        """The step's completion record: the stage's done marker, or for evaluate's slices every part marker."""
+        if w.step == w.stage == "evaluate":  # the reducer writes the stage's marker; the slices write parts
+            count = self.settings.stage(w.step).shards
+            return all(self._call(self.done, self.layout.part_marker(w.iteration, w.stage, i, count))
+                       for i in range(count))
+        return bool(self._call(self.done, self.layout.done_marker(w.iteration, w.stage)))
 
     def _check_ours(self, w: Workload, obj: dict[str, Any] | None) -> None:
         """Adopt only what this release created: a same-named run of another release is not ours to wait on."""

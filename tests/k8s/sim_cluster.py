@@ -235,7 +235,8 @@ class SimCluster:
         for pod in self.pods.values():
             if pod["node"] is not None or pod["status"]["phase"] != "Pending":
                 continue
-            for node in self.nodes.values():
+            load = {n: sum(1 for p in self.pods.values() if p["node"] == n) for n in self.nodes}
+            for node in sorted(self.nodes.values(), key=lambda n: load[n.name]):  # spread, as a GPU pool would
                 sel_ok = all(node.labels.get(k) == v for k, v in (pod["spec"].get("nodeSelector") or {}).items())
                 tols = pod["spec"].get("tolerations") or []
                 taint_ok = all(any(t.get("key") == taint["key"] and (t.get("operator") == "Exists"
@@ -473,8 +474,9 @@ class SimCluster:
     def tick_ttl(self) -> None:
         for (resource, name), obj in list(self.objects.items()):
             done_at = obj.get("status", {}).get("_finishedAt")
-            ttl = (obj["spec"].get("ttlSecondsAfterFinished") if resource == "jobs"
-                   else (obj["spec"].get("runPolicy") or {}).get("ttlSecondsAfterFinished"))
+            spec = obj.get("spec") or {}
+            ttl = (spec.get("ttlSecondsAfterFinished") if resource == "jobs"
+                   else (spec.get("runPolicy") or {}).get("ttlSecondsAfterFinished"))
             if done_at is not None and ttl is not None and self.now - done_at >= ttl:
                 self.delete(resource, name)
 

@@ -79,6 +79,9 @@ class World:
             return 137
         if step == stage != "evaluate" or step == "evaluate-reduce":  # slices do not complete the stage
             fsio.write_json(self._marker(labels), {"result": {}})
+        else:  # an evaluate slice records its part
+            count = self.spec.settings.stage(step).shards
+            fsio.write_json(self.layout.part_marker(int(labels["sims.io/iteration"]), stage, index, count), {})
         return 0
 
     def _gang(self, run: PodRun) -> list[dict]:

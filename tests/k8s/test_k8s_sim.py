@@ -143,7 +143,7 @@ def test_restarted_driver_adopts_and_never_duplicates(helm, tmp_path):
     def dying(_s):
         w.cluster.tick()
         ticks["n"] += 1
-        if ticks["n"] == 8:
+        if ticks["n"] == 3:
             raise Killed
     with pytest.raises(Killed):
         w.drive(sleep=dying)
