@@ -352,6 +352,14 @@ class PipelineConfig(Strict):
     storage: StorageConfig = StorageConfig()
     tracking: TrackingConfig = TrackingConfig()
 
+    def training(self, stage: str) -> TrainConfig:
+        """The settings of a training stage; the real-data control fine-tunes exactly as the aux model does."""
+        if stage == "train-base":
+            return self.train_base
+        if stage in ("finetune-aux", "finetune-real-aux"):
+            return self.finetune_aux
+        raise ValueError(f"'{stage}' is not a training stage")
+
     @model_validator(mode="after")
     def _cross(self) -> PipelineConfig:
         names = [m.name for m in self.evaluate.methods]

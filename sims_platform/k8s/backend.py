@@ -1,4 +1,4 @@
-"""The training workload kind behind one small interface: PyTorchJob today, Trainer v2 TrainJob later."""
+"""The training workload kind behind one small interface: PyTorchJob (Training Operator v1) or TrainJob (Trainer v2)."""
 
 from __future__ import annotations
 
@@ -36,3 +36,12 @@ def default_backend() -> TrainingBackend:
     from sims_platform.k8s.pytorchjob import PyTorchJobBackend
 
     return PyTorchJobBackend()
+
+
+def backend_for(settings: DriverSettings) -> TrainingBackend:
+    """The backend the chart's `training.backend` names (driver settings `backend`)."""
+    if settings.backend == "trainjob":
+        from sims_platform.k8s.trainjob import TrainJobBackend
+
+        return TrainJobBackend()
+    return default_backend()

@@ -3,6 +3,7 @@
 Examples:
   helm template sims-run charts/sims -f values-imagenet512.yaml | sims k8s render -
   sims k8s drive --config /etc/sims/pipeline.yaml --settings /etc/sims/driver.yaml   (the driver Job runs this)
+  sims k8s preflight --config /etc/sims/pipeline.yaml --settings /etc/sims/driver.yaml   (`helm test`)
   sims status imagenet512-edm2-s -n sims
 """
 
@@ -25,19 +26,60 @@ def cmd_render(args: argparse.Namespace) -> int:
     return 0
 
 
+# Exit codes the driver Job's podFailurePolicy fails the Job on at once (retrying the driver cannot help);
+# any other failure (an unexpected exception exits 1) is retried up to driver.backoffLimit.
+EXIT_STAGE_FAILED = 10
+EXIT_NOT_READY = 11  # preflight, or the run belongs to someone else, or its pipeline changed
+
+
+def drive(cfg: Any, settings: Any, apis: Any, **driver_kwargs: Any) -> int:
+    """Preflight, claim the run's storage, pin its config, then drive; returns the process exit code."""
+    from sims_platform.k8s.driver import Driver, RunConflict, StageFailed
+    from sims_platform.k8s.ownership import OwnershipError, claim, pin_config
+    from sims_platform.k8s.preflight import PreflightFailed, preflight
+    from sims_platform.storage.layout import RunLayout
+
+    log = driver_kwargs.get("log") or (lambda m: print(m, flush=True))
+    try:
+        report = preflight(apis, settings, cfg.name)
+        report.raise_if_failed(settings.namespace)
+        layout = RunLayout.of(cfg.storage.root)
+        claim(layout, settings.namespace, settings.release, cfg.name)
+        pin_config(layout, cfg)
+        Driver(cfg, settings, apis, owner=report.config_map, **driver_kwargs).run()
+    except StageFailed as err:
+        log(f"error: {err}")
+        return EXIT_STAGE_FAILED
+    except (PreflightFailed, OwnershipError, RunConflict) as err:
+        log(f"error: {err}")
+        return EXIT_NOT_READY
+    return 0
+
+
 def cmd_drive(args: argparse.Namespace) -> int:
     from sims_platform.config import load_config
-    from sims_platform.k8s.driver import Driver, StageFailed
     from sims_platform.k8s.kube import connect
     from sims_platform.k8s.settings import load_settings
 
-    cfg = load_config(args.config)
-    settings = load_settings(args.settings)
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr if msg.startswith("error:") else sys.stdout, flush=True)
+
+    return drive(load_config(args.config), load_settings(args.settings), connect(), log=log)
+
+
+def cmd_preflight(args: argparse.Namespace) -> int:
+    from sims_platform.config import load_config
+    from sims_platform.k8s.kube import connect
+    from sims_platform.k8s.preflight import PreflightFailed, preflight
+    from sims_platform.k8s.settings import load_settings
+
+    cfg, settings = load_config(args.config), load_settings(args.settings)
     try:
-        Driver(cfg, settings, connect()).run()
-    except StageFailed as err:
+        preflight(connect(), settings, cfg.name).raise_if_failed(settings.namespace)
+    except PreflightFailed as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
-        return 1
+        return EXIT_NOT_READY
+    print(f"preflight passed: run {cfg.name} can start in namespace {settings.namespace}", flush=True)
     return 0
 
 
@@ -64,6 +106,11 @@ def register(subparsers: Any) -> None:
     d.add_argument("--config", required=True, help="pipeline YAML (the chart mounts /etc/sims/pipeline.yaml)")
     d.add_argument("--settings", required=True, help="driver settings YAML (/etc/sims/driver.yaml)")
     d.set_defaults(func=cmd_drive)
+
+    f = k8s.add_parser("preflight", help="check the namespace has what the run needs (CRDs, Secret, LocalQueue)")
+    f.add_argument("--config", required=True, help="pipeline YAML (/etc/sims/pipeline.yaml)")
+    f.add_argument("--settings", required=True, help="driver settings YAML (/etc/sims/driver.yaml)")
+    f.set_defaults(func=cmd_preflight)
 
     s = subparsers.add_parser("status", help="table of a Kubernetes run's iterations and stages")
     s.add_argument("run", help="the run name (pipeline.name; label sims.io/run)")

@@ -13,7 +13,7 @@ from typing import Any
 
 from sims_platform.config import PipelineConfig
 from sims_platform.k8s import labels as L
-from sims_platform.k8s.backend import TrainingBackend, default_backend
+from sims_platform.k8s.backend import TrainingBackend, backend_for
 from sims_platform.k8s.kube import Apis, is_conflict, is_not_found, is_temporary, to_dict
 from sims_platform.k8s.settings import DriverSettings
 from sims_platform.k8s.state import Observed, Phase, job_observed
@@ -23,12 +23,20 @@ from sims_platform.storage.layout import RunLayout
 
 
 class StageFailed(RuntimeError):
-    """Permanent: a stage's workload failed. The pipeline stops; the message names the stage and why."""
+    """Permanent: a stage's workload failed. The pipeline stops; the message names the stage, why, and how
+    to go on once the cause is fixed."""
 
-    def __init__(self, workload: Workload, reason: str) -> None:
+    def __init__(self, workload: Workload, reason: str, namespace: str = "", release: str = "") -> None:
         self.workload, self.reason = workload, reason
+        retry = (f"; after fixing the cause: kubectl -n {namespace} delete {workload.kind.lower()} {workload.name} "
+                 f"&& helm upgrade {release} charts/sims -n {namespace} --reuse-values"
+                 if namespace and release else "")
         super().__init__(f"stage {workload.stage} (step {workload.step}) of iteration {workload.iteration} "
-                         f"failed: {workload.kind} {workload.name}: {reason}")
+                         f"failed: {workload.kind} {workload.name}: {reason}{retry}")
+
+
+class RunConflict(RuntimeError):
+    """Permanent: the run's workloads or storage belong to another release, or its pipeline changed mid-run."""
 
 
 class ApiUnavailable(RuntimeError):
@@ -37,11 +45,13 @@ class ApiUnavailable(RuntimeError):
 
 class Driver:
     def __init__(self, cfg: PipelineConfig, settings: DriverSettings, apis: Apis, *,
-                 backend: TrainingBackend | None = None, done: Callable[[str], bool] = fsio.exists,
+                 backend: TrainingBackend | None = None, owner: dict[str, Any] | None = None,
+                 done: Callable[[str], bool] = fsio.exists,
                  sleep: Callable[[float], None] = time.sleep, log: Callable[[str], None] | None = None,
                  max_retries: int = 8) -> None:
         self.cfg, self.settings, self.apis = cfg, settings, apis
-        self.backend = backend or default_backend()
+        self.backend = backend or backend_for(settings)
+        self.owner = owner  # the run's ConfigMap: every workload's ownerReference
         self.layout = RunLayout.of(cfg.storage.root)
         self.done, self.sleep = done, sleep
         self.log = log or (lambda msg: print(msg, flush=True))
@@ -52,7 +62,7 @@ class Driver:
     # The loop
 
     def run(self) -> None:
-        steps = plan(self.cfg, self.settings, self.backend)
+        steps = plan(self.cfg, self.settings, self.backend, self.owner)
         self.log(f"run {self.cfg.name}: {len(steps)} workloads over {self.cfg.iterations.count} iteration(s) "
                  f"in namespace {self.ns}")
         for w in steps:
@@ -68,16 +78,25 @@ class Driver:
         last: Observed | None = None
         created = False
         while True:
-            obs = self.observe(w)
+            obj = self.read(w)
+            obs = self.observed(w, obj)
             if obs.phase is Phase.MISSING:
-                self.create(w, again=created or last is not None)
+                seen = created or last is not None
+                # Finished and TTL-deleted between two polls: its completion record says so, never re-run it.
+                if seen and self._step_done(w):
+                    self.log(f"[iter {w.iteration} {w.step}] {w.kind} {w.name} finished and was deleted "
+                             "(ttlSecondsAfterFinished); its completion record is in storage")
+                    return
+                self.create(w, again=seen)
                 created = True
             elif obs.phase is Phase.SUCCEEDED:
                 self.log(f"[iter {w.iteration} {w.step}] {w.kind} {w.name} succeeded")
                 return
             elif obs.phase is Phase.FAILED:
-                raise StageFailed(w, self._failure_detail(w, obs))
+                self._check_ours(w, obj)
+                raise StageFailed(w, self._failure_detail(w, obs), self.ns, self.settings.release)
             elif last is None and not created:
+                self._check_ours(w, obj)
                 self.log(f"[iter {w.iteration} {w.step}] adopting existing {w.kind} {w.name} ({obs.describe()})")
             if obs != last and obs.phase is not Phase.MISSING:
                 self.log(f"[iter {w.iteration} {w.step}] {w.kind} {w.name}: {obs.describe()}")
@@ -100,10 +119,29 @@ class Driver:
             raise
 
     def observe(self, w: Workload) -> Observed:
-        obj = self.read(w)
+        return self.observed(w, self.read(w))
+
+    def observed(self, w: Workload, obj: dict[str, Any] | None) -> Observed:
         if obj is None:
             return Observed(Phase.MISSING)
         return job_observed(obj) if w.is_job else self.backend.observe(obj)
+
+    def _step_done(self, w: Workload) -> bool:
+        """The step's completion record: the stage's done marker, or for evaluate's slices every part marker."""
+        if w.step == w.stage == "evaluate":  # the reducer writes the stage's marker; the slices write parts
+            count = self.settings.stage(w.step).shards
+            return all(self._call(self.done, self.layout.part_marker(w.iteration, w.stage, i, count))
+                       for i in range(count))
+        return bool(self._call(self.done, self.layout.done_marker(w.iteration, w.stage)))
+
+    def _check_ours(self, w: Workload, obj: dict[str, Any] | None) -> None:
+        """Adopt only what this release created: a same-named run of another release is not ours to wait on."""
+        labels = ((obj or {}).get("metadata") or {}).get("labels") or {}
+        theirs = labels.get("app.kubernetes.io/instance")
+        if theirs and theirs != self.settings.release:
+            raise RunConflict(f"{w.kind} {w.name} in namespace {self.ns} belongs to release '{theirs}', not "
+                              f"'{self.settings.release}': two releases run pipeline.name '{self.cfg.name}' here. "
+                              "Give this release another pipeline.name, or uninstall the other one.")
 
     def create(self, w: Workload, again: bool = False) -> None:
         try:

@@ -18,6 +18,11 @@ from sims_platform.k8s.settings import DriverSettings
 from sims_platform.k8s.state import Observed, Phase, true_conditions
 
 
+def gang_restarts(restarts: int, nodes: int) -> int:
+    """The operator's backoffLimit (a sum of container restarts over all pods) for `restarts` gang restarts."""
+    return restarts * nodes
+
+
 class PyTorchJobBackend:
     group, version, plural, kind = "kubeflow.org", "v1", "pytorchjobs", "PyTorchJob"
     container = "pytorch"
@@ -29,18 +34,26 @@ class PyTorchJobBackend:
 
     def build(self, name: str, labels: dict[str, str], template: V1PodTemplateSpec, nodes: int, gpus: int,
               settings: DriverSettings) -> dict[str, Any]:
-        # ExitCode: exit 1-127 (a bug, a bad config) fails now; 128-255 (SIGKILL, preemption) restarts.
-        replicas = {"Master": KubeflowOrgV1ReplicaSpec(replicas=1, restart_policy="ExitCode", template=template)}
+        # OnFailure, not ExitCode: torchrun exits 1 when a peer is lost (a drained or failed node) or it is
+        # signalled, which ExitCode treats as permanent, while ExitCode recreates an OOM-killed (137) pod with
+        # no bound (the operator's backoffLimit sums container restartCounts, and a recreated pod starts at 0).
+        # OnFailure restarts the container in place, every restart counts, and a pod lost with its node is
+        # recreated by the operator; the stage resumes from its newest checkpoint either way.
+        policy = "OnFailure"
+        replicas = {"Master": KubeflowOrgV1ReplicaSpec(replicas=1, restart_policy=policy, template=template)}
         if nodes > 1:
-            replicas["Worker"] = KubeflowOrgV1ReplicaSpec(replicas=nodes - 1, restart_policy="ExitCode",
+            replicas["Worker"] = KubeflowOrgV1ReplicaSpec(replicas=nodes - 1, restart_policy=policy,
                                                           template=copy.deepcopy(template))
         scheduling = None
         if settings.gang.enabled:
             scheduling = KubeflowOrgV1SchedulingPolicy(
                 min_available=nodes, queue=settings.queue, priority_class=settings.priority_class,
                 schedule_timeout_seconds=settings.gang.schedule_timeout_seconds)
+        # backoffLimit counts gang restarts: one lost peer makes every pod's torchrun exit and restart once.
+        # cleanPodPolicy Running: a finished job's still-running pods (the survivors of a failure) are deleted,
+        # so they stop holding GPUs; failed pods stay for their logs.
         run_policy = KubeflowOrgV1RunPolicy(
-            clean_pod_policy="None", backoff_limit=settings.backoff_limit,
+            clean_pod_policy="Running", backoff_limit=gang_restarts(settings.backoff_limit, nodes),
             ttl_seconds_after_finished=settings.ttl_seconds_after_finished, scheduling_policy=scheduling)
         job = KubeflowOrgV1PyTorchJob(
             api_version=f"{self.group}/{self.version}", kind=self.kind,

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pydantic.alias_generators import to_camel
 
 from sims_platform.config.loader import ConfigError
-from sims_platform.storage.layout import STAGES
+from sims_platform.storage.layout import RUN_STAGES, STAGES
 
 # Keys are camelCase in YAML (Helm values convention) and snake_case in Python.
 
@@ -58,7 +58,11 @@ class DriverSettings(Section):
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
     image_pull_secrets: list[str] = Field(default_factory=list)
     config_map: str = Field(..., description="ConfigMap holding pipeline.yaml (mounted at /etc/sims)")
-    service_account: str | None = Field(None, description="stage pods' ServiceAccount (no API access needed)")
+    service_account: str | None = Field(None, description="stage pods' ServiceAccount (no API access needed; "
+                                        "for cloud workload identity to S3)")
+    backend: Literal["pytorchjob", "trainjob"] = Field(
+        "pytorchjob", description="training stages as Training Operator v1 PyTorchJobs or Trainer v2 TrainJobs")
+    training_runtime: str | None = Field(None, description="the chart's TrainingRuntime (backend trainjob)")
     queue: str | None = Field(None, description="Kueue LocalQueue: label kueue.x-k8s.io/queue-name")
     priority_class: str | None = None
     ttl_seconds_after_finished: int | None = Field(None, ge=0)
@@ -75,10 +79,12 @@ class DriverSettings(Section):
 
     @model_validator(mode="after")
     def _known_stages(self) -> DriverSettings:
-        known = ("encode", *STAGES)
+        known = RUN_STAGES + STAGES
         bad = sorted(set(self.stages) - set(known))
         if bad:
             raise ValueError(f"stages: unknown stage(s) {bad}, expected some of {list(known)}")
+        if self.backend == "trainjob" and not self.training_runtime:
+            raise ValueError("trainingRuntime: required with backend trainjob (the chart's TrainingRuntime name)")
         return self
 
     def stage(self, name: str) -> StageSettings:

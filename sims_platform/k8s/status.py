@@ -8,7 +8,7 @@ from typing import Any
 
 from sims_platform.config import ConfigError
 from sims_platform.k8s import labels as L
-from sims_platform.k8s.backend import TrainingBackend, default_backend
+from sims_platform.k8s.backend import TrainingBackend, backend_for
 from sims_platform.k8s.kube import Apis, to_dict
 from sims_platform.k8s.render import PIPELINE_KEY, SETTINGS_KEY, RunSpec, run_specs
 from sims_platform.k8s.state import Phase, job_observed
@@ -71,7 +71,7 @@ def _read_json(uri: str) -> dict[str, Any]:
 def status_rows(apis: Apis, namespace: str, spec: RunSpec, backend: TrainingBackend | None = None,
                 now: dt.datetime | None = None) -> tuple[list[Row], str]:
     """One row per workload of the plan, and the link of the pipeline's MLflow run."""
-    backend = backend or default_backend()
+    backend = backend or backend_for(spec.settings)
     now = now or dt.datetime.now(dt.timezone.utc)
     selector = L.run_selector(spec.cfg.name)
     jobs = {j["metadata"]["name"]: j for j in

@@ -7,7 +7,7 @@ from typing import Any
 
 from sims_platform.config import PipelineConfig
 from sims_platform.k8s import labels as L
-from sims_platform.k8s.backend import TrainingBackend, default_backend
+from sims_platform.k8s.backend import TrainingBackend, backend_for
 from sims_platform.k8s.jobs import CONTAINER, batch_job
 from sims_platform.k8s.names import workload_name
 from sims_platform.k8s.pods import pod_template, stage_argv
@@ -15,7 +15,7 @@ from sims_platform.k8s.settings import DriverSettings
 from sims_platform.pipeline.runner import stages_for
 from sims_platform.storage.layout import TRAINING_STAGES
 
-TRAINING = TRAINING_STAGES
+TRAINING = TRAINING_STAGES  # distributed training: the backend's kind (PyTorchJob or TrainJob)
 INDEXED = ("encode", "generate", "evaluate")  # job arrays: each index owns a disjoint slice of the work
 REDUCE = "evaluate-reduce"          # merges the evaluate slices' FID statistics, writes evaluate's done marker
 
@@ -66,8 +66,25 @@ def build_workload(cfg: PipelineConfig, settings: DriverSettings, k: int, stage:
     return Workload(name, k, stage, step, "batch/v1", "Job", body)
 
 
-def plan(cfg: PipelineConfig, settings: DriverSettings, backend: TrainingBackend | None = None) -> list[Workload]:
-    """Every workload of the whole pipeline, in the order the driver runs them."""
-    backend = backend or default_backend()
-    return [build_workload(cfg, settings, k, stage, step, backend)
-            for k in range(cfg.iterations.count) for stage, step in steps_for(cfg, k)]
+def owned_by(body: dict[str, Any], owner: dict[str, Any] | None) -> dict[str, Any]:
+    """The body with an ownerReference to the run's ConfigMap: uninstalling the release (or an upgrade that
+    replaces the config) lets the garbage collector delete the workloads, and their pods with them."""
+    if owner is None:
+        return body
+    ref = {"apiVersion": "v1", "kind": "ConfigMap", "name": owner["metadata"]["name"],
+           "uid": owner["metadata"]["uid"], "blockOwnerDeletion": False}
+    out = dict(body, metadata=dict(body["metadata"], ownerReferences=[ref]))
+    return out
+
+
+def plan(cfg: PipelineConfig, settings: DriverSettings, backend: TrainingBackend | None = None,
+         owner: dict[str, Any] | None = None) -> list[Workload]:
+    """Every workload of the whole pipeline, in the order the driver runs them (owned by `owner` if given)."""
+    backend = backend or backend_for(settings)
+    out = []
+    for k in range(cfg.iterations.count):
+        for stage, step in steps_for(cfg, k):
+            w = build_workload(cfg, settings, k, stage, step, backend)
+            out.append(Workload(w.name, w.iteration, w.stage, w.step, w.api_version, w.kind,
+                                owned_by(w.body, owner)))
+    return out

@@ -25,7 +25,8 @@ def _run_training(ctx: StageContext, stage: str, run_id: str, net, x, y, tcfg, i
     result = train(net, x, y, tcfg, seed=ctx.cfg.seed + 7919 * k + salt,
                    checkpoints=layout.checkpoints(k, stage),
                    on_log=lambda images, m: lin.log_metrics(run_id, m, step=images),
-                   desc=f"iter {k} {stage}", where=stage.replace("-", "_"), **train_kwargs)
+                   desc=f"iter {k} {stage}", where="train_base" if stage == "train-base" else "finetune_aux",
+                   **train_kwargs)
     if result.ema is not None:
         ctx.save_model(out_uri, result.ema, result.images, stage=stage, iteration=k)
     distributed.barrier()  # no rank reports the stage done before model.pt exists

@@ -9,10 +9,11 @@ from sims_platform.storage.fsio import join, normalize_uri
 # Stages of one iteration, in order; `evaluate-reduce` merges the evaluate job array's parts;
 # `finetune-real-aux` is the control of the comparison (the aux fine-tune on real training data).
 STAGES = ("train-base", "generate", "finetune-aux", "finetune-real-aux", "evaluate", "evaluate-reduce", "feed")
-# The stages that train a network (torchrun / PyTorchJob); the others sample or reduce.
-TRAINING_STAGES = ("train-base", "finetune-aux", "finetune-real-aux")
 # Stages of the run as a whole (not per iteration): `encode` turns the real images into VAE latents once.
 RUN_STAGES = ("encode",)
+# Stages that train a network (torchrun on N nodes: a PyTorchJob or TrainJob on a cluster); the rest are
+# job arrays or single processes. Every launcher reads this one list.
+TRAINING_STAGES = ("train-base", "finetune-aux", "finetune-real-aux")
 
 
 @dataclass(frozen=True)

@@ -11,12 +11,10 @@ REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "sims"
 VALUES_FILES = ("values-imagenet512.yaml", "values-digits-dev.yaml")
 RELEASE = "sims-run"
-# Oldest: backoffLimitPerIndex and successPolicy are GA from 1.33 (Chart.yaml kubeVersion); newest: the
-# schemas kubernetes-validate ships.
-K8S_VERSIONS = ("1.33.0", "1.37.0")
-
-
-REPO = Path(__file__).resolve().parents[2]
+# Chart.yaml's kubeVersion floor (1.31: podFailurePolicy GA, backoffLimitPerIndex beta and on by default) and
+# a current release; kubernetes-validate 1.37.0 ships strict schemas for both.
+K8S_VERSIONS = ("1.31.0", "1.35.0")
+BACKENDS = ("pytorchjob", "trainjob")
 
 
 def docs_of(text: str) -> list[dict]:

@@ -94,8 +94,11 @@ def test_pytorchjobs_deserialize_into_the_kubeflow_models(rendered, values):
         assert (replicas["Worker"].replicas if "Worker" in replicas else 0) == st.nodes - 1
         assert job.spec.nproc_per_node == str(max(st.gpus, 1))
         assert job.spec.run_policy.ttl_seconds_after_finished == spec.settings.ttl_seconds_after_finished
+        # every gang restart (a lost node: each pod's torchrun exits 1 once) costs one restart per pod
+        assert job.spec.run_policy.backoff_limit == spec.settings.backoff_limit * st.nodes
+        assert job.spec.run_policy.clean_pod_policy == "Running"  # a failed job's survivors free their GPUs
         for r in replicas.values():
-            assert r.restart_policy == "ExitCode"
+            assert r.restart_policy == "OnFailure"  # torchrun exits 1 on a lost peer: restart, do not fail
             pod = r.template.spec
             (c,) = pod.containers
             assert c.name == "pytorch" and c.command[0] == "torchrun"

@@ -90,3 +90,71 @@ runAsNonRoot: true
 capabilities:
   drop: ["ALL"]
 {{- end }}
+
+{{/* The run's driver settings (driver.yaml) without the ConfigMap's own name, which is derived from them. */}}
+{{- define "sims.driverSettings" -}}
+release: {{ .Release.Name | quote }}
+namespace: {{ .Release.Namespace | quote }}
+chart: {{ include "sims.chart" . | quote }}
+image: {{ include "sims.image" . | quote }}
+imagePullPolicy: {{ .Values.image.pullPolicy | quote }}
+imagePullSecrets: {{ .Values.imagePullSecrets | toJson }}
+backend: {{ .Values.training.backend | quote }}
+{{- if eq .Values.training.backend "trainjob" }}
+trainingRuntime: {{ include "sims.runtimeName" . | quote }}
+{{- end }}
+{{- with .Values.serviceAccount.stagePods }}
+serviceAccount: {{ . | quote }}
+{{- end }}
+{{- with .Values.queue }}
+queue: {{ . | quote }}
+{{- end }}
+{{- with .Values.priorityClassName }}
+priorityClass: {{ . | quote }}
+{{- end }}
+{{- if not (kindIs "invalid" .Values.ttlSecondsAfterFinished) }}
+ttlSecondsAfterFinished: {{ .Values.ttlSecondsAfterFinished }}
+{{- end }}
+backoffLimit: {{ .Values.backoffLimit }}
+backoffLimitPerIndex: {{ .Values.backoffLimitPerIndex }}
+gang:
+  enabled: {{ .Values.gang.enabled }}
+  {{- with .Values.gang.schedulerName }}
+  schedulerName: {{ . | quote }}
+  {{- end }}
+  {{- with .Values.gang.scheduleTimeoutSeconds }}
+  scheduleTimeoutSeconds: {{ . }}
+  {{- end }}
+{{- with .Values.s3.secretName }}
+s3Secret: {{ . | quote }}
+{{- end }}
+{{- with (include "sims.mlflowUri" .) }}
+mlflowUri: {{ . | quote }}
+{{- end }}
+{{- with (include "sims.dataClaim" .) }}
+dataClaim: {{ . | quote }}
+dataMountPath: {{ $.Values.storage.mountPath | quote }}
+{{- end }}
+env: {{ .Values.env | toJson }}
+pollSeconds: {{ .Values.driver.pollSeconds }}
+stages:
+  {{- toYaml .Values.stages | nindent 2 }}
+{{- end }}
+
+{{/* The run's ConfigMap is named after its content and immutable: a helm upgrade that changes the values
+     creates a new one, and the workloads owned by the old one are garbage-collected with it, so no pod of
+     the run ever reads a config its driver does not run. */}}
+{{- define "sims.configName" -}}
+{{- $content := printf "%s\n---\n%s" (toYaml .Values.pipeline) (include "sims.driverSettings" .) }}
+{{- printf "%s-config-%s" (include "sims.fullname" .) ($content | sha256sum | trunc 8) }}
+{{- end }}
+
+{{/* One driver Job per release revision: `helm upgrade` (even with --reuse-values and nothing changed)
+     starts a fresh driver, which adopts what exists; the Job's immutable pod template is never patched. */}}
+{{- define "sims.driverName" -}}
+{{- printf "%s-driver-r%d" (include "sims.fullname" .) (int .Release.Revision) }}
+{{- end }}
+
+{{- define "sims.runtimeName" -}}
+{{- printf "%s-torch" (include "sims.fullname" .) }}
+{{- end }}

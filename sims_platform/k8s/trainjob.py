@@ -1,0 +1,84 @@
+"""TrainJob (trainer.kubeflow.org/v1alpha1, Kubeflow Trainer v2.3) backend: N torchrun nodes on the chart's
+TrainingRuntime, with the stage's resources, placement and /dev/shm size as runtime patches."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kubernetes.client import ApiClient, V1PodTemplateSpec
+
+from sims_platform.k8s.settings import DriverSettings
+from sims_platform.k8s.state import Observed, Phase, true_conditions
+
+GROUP, VERSION = "trainer.kubeflow.org", "v1alpha1"
+NODE = "node"             # the torch runtime's replicated job and container, where Trainer injects PET_*
+PATCH_MANAGER = "sims.io/driver"  # owner of our runtimePatches entry (Kueue adds its own, kueue.x-k8s.io/manager)
+
+
+class TrainJobBackend:
+    group, version, plural, kind = GROUP, VERSION, "trainjobs", "TrainJob"
+    container = NODE
+
+    def launcher(self) -> list[str]:
+        # Trainer's torch plugin sets PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK and PET_MASTER_ADDR/PORT,
+        # which torchrun reads, exactly as under the training operator.
+        return ["torchrun", "--no-python", "sims"]
+
+    def build(self, name: str, labels: dict[str, str], template: V1PodTemplateSpec, nodes: int, gpus: int,
+              settings: DriverSettings) -> dict[str, Any]:
+        """The TrainJob: trainer (command, args, env, resources) plus the pod's per-stage placement as a patch.
+
+        The runtime (the chart's TrainingRuntime) holds what every training pod shares: image pull secrets,
+        security context, the config and S3 Secret, priority, and the JobSet failure policy.
+        """
+        if not settings.training_runtime:
+            raise ValueError("backend trainjob needs trainingRuntime in the driver settings")
+        pod = ApiClient().sanitize_for_serialization(template)
+        spec = pod["spec"]
+        (main,) = spec["containers"]
+        pod_patch: dict[str, Any] = {
+            "volumes": [v for v in spec["volumes"] if v["name"] == "dshm"],  # the stage's /dev/shm size
+        }
+        for key in ("nodeSelector", "tolerations", "affinity", "serviceAccountName"):
+            if spec.get(key):
+                pod_patch[key] = spec[key]
+        trainer: dict[str, Any] = {
+            "image": main["image"],
+            "command": main["command"],
+            "args": main["args"],
+            "env": main.get("env") or [],
+            "numNodes": nodes,
+            "numProcPerNode": max(gpus, 1),
+        }
+        if main.get("resources"):
+            trainer["resourcesPerNode"] = main["resources"]
+        return {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": self.kind,
+            "metadata": {"name": name, "namespace": settings.namespace, "labels": labels},
+            "spec": {
+                "runtimeRef": {"name": settings.training_runtime, "apiGroup": GROUP, "kind": "TrainingRuntime"},
+                "trainer": trainer,
+                "runtimePatches": [{"manager": PATCH_MANAGER, "trainingRuntimeSpec": {"template": {"spec": {
+                    "replicatedJobs": [{"name": NODE, "template": {"spec": {"template": {
+                        "metadata": {"labels": pod["metadata"]["labels"]},
+                        "spec": pod_patch}}}}]}}}}],
+            },
+        }
+
+    def observe(self, obj: dict[str, Any]) -> Observed:
+        """Conditions Suspended, Complete, Failed (metav1.Condition); JobSet's jobsStatus tells running pods."""
+        spec, status = obj.get("spec") or {}, obj.get("status") or {}
+        conds = true_conditions(status)
+        if "Complete" in conds:
+            return Observed(Phase.SUCCEEDED)
+        if "Failed" in conds:
+            c = conds["Failed"]
+            return Observed(Phase.FAILED, c.get("reason") or "", c.get("message") or "")
+        if "Suspended" in conds or spec.get("suspend"):
+            reason = conds.get("Suspended", {}).get("reason") or "Suspended"
+            return Observed(Phase.WAITING, reason, "waiting for admission (Kueue) or resume")
+        jobs = status.get("jobsStatus") or []
+        if any((j.get("active") or 0) > 0 for j in jobs):
+            return Observed(Phase.RUNNING)
+        return Observed(Phase.WAITING, "Pending")

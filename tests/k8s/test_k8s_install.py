@@ -1,0 +1,107 @@
+"""The install path: `helm template` for Kubernetes 1.31 and 1.35 with both training backends, every object
+strictly valid (core objects with kubernetes-validate, TrainJob/TrainingRuntime against the Trainer v2.3.0 CRDs)."""
+
+from __future__ import annotations
+
+import itertools
+
+import jsonschema
+import kubernetes_validate
+import pytest
+from crd_schema import validate_custom
+from k8s_support import BACKENDS, K8S_VERSIONS, RELEASE, VALUES_FILES, docs_of
+
+from sims_platform.k8s.render import render_objects, run_specs
+
+ALL_VALUES = (None, *VALUES_FILES)
+
+
+def _template(helm, version: str, backend: str, values: str | None, *extra: str) -> str:
+    args = ["template", RELEASE, "charts/sims", "-n", "sims", "--kube-version", version,
+            "--set", f"training.backend={backend}", *(["-f", values] if values else []), *extra]
+    return helm(*args).stdout
+
+
+def _validate(obj: dict, version: str) -> None:
+    if obj["apiVersion"].startswith("trainer.kubeflow.org/"):
+        validate_custom(obj)
+    elif obj["kind"] == "PyTorchJob":  # the kubeflow-training models check the CR; its pod templates are core
+        for i, r in enumerate(obj["spec"]["pytorchReplicaSpecs"].values()):
+            kubernetes_validate.validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {
+                "name": f"{obj['metadata']['name']}-{i}"}, "template": r["template"]}, version, strict=True)
+    else:
+        kubernetes_validate.validate(obj, version, strict=True)
+
+
+@pytest.mark.parametrize("version, backend", list(itertools.product(K8S_VERSIONS, BACKENDS)))
+def test_every_object_validates_strictly(helm, version, backend):
+    kinds = set()
+    for values in ALL_VALUES:
+        text = _template(helm, version, backend, values)
+        objs = docs_of(text) + render_objects(text)
+        for obj in objs:
+            _validate(obj, version)
+            kinds.add(obj["kind"])
+    training = {"pytorchjob": "PyTorchJob", "trainjob": "TrainJob"}[backend]
+    assert training in kinds and ("TrainingRuntime" in kinds) == (backend == "trainjob")
+    assert {"Job", "ConfigMap", "Role", "Pod"} <= kinds  # Pod: the helm test preflight
+
+
+def test_kube_version_floor_is_1_31(helm):
+    for version in ("1.31.0", "1.32.3"):
+        helm("template", RELEASE, "charts/sims", "--kube-version", version)
+    proc = helm("template", RELEASE, "charts/sims", "--kube-version", "1.30.9", check=False)
+    assert proc.returncode != 0 and "kubeVersion" in proc.stderr
+
+
+def test_crd_validation_would_catch_a_typo(helm):
+    text = _template(helm, K8S_VERSIONS[1], "trainjob", "values-imagenet512.yaml")
+    tj = next(o for o in render_objects(text) if o["kind"] == "TrainJob")
+    tj["spec"]["trainer"]["numNode"] = 2
+    with pytest.raises(jsonschema.ValidationError, match="numNode"):
+        validate_custom(tj)
+    rt = next(o for o in docs_of(text) if o["kind"] == "TrainingRuntime")
+    rt["spec"]["template"]["spec"]["failurePolicy"]["rules"][0]["action"] = "Retry"
+    with pytest.raises(jsonschema.ValidationError, match="Retry"):
+        validate_custom(rt)
+
+
+def test_trainjob_backend_objects(helm):
+    text = _template(helm, K8S_VERSIONS[1], "trainjob", "values-imagenet512.yaml")
+    spec = run_specs(text)[0]
+    (rt,) = [o for o in docs_of(text) if o["kind"] == "TrainingRuntime"]
+    js = rt["spec"]["template"]["spec"]
+    assert rt["spec"]["mlPolicy"]["torch"] == {} and js["failurePolicy"]["maxRestarts"] == spec.settings.backoff_limit
+    (node,) = js["replicatedJobs"]
+    pod = node["template"]["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert node["name"] == c["name"] == "node" and c["command"] == ["torchrun", "--no-python", "sims"]
+    assert c["envFrom"][0]["secretRef"]["name"] == "sims-s3" and pod["securityContext"]["runAsNonRoot"]
+    assert {v["name"]: v for v in pod["volumes"]}["dshm"]["emptyDir"]["medium"] == "Memory"
+    assert {v["name"]: v for v in pod["volumes"]}["config"]["configMap"]["name"] == spec.settings.config_map
+    assert node["template"]["spec"]["backoffLimit"] == 0  # one failed node fails the Job: JobSet restarts the gang
+    tjs = [o for o in render_objects(text) if o["kind"] == "TrainJob"]
+    assert {o["metadata"]["labels"]["sims.io/step"] for o in tjs} == {"train-base", "finetune-aux", "finetune-real-aux"}
+    for o in tjs:
+        assert o["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "sims-gpu"
+        assert o["spec"]["runtimeRef"] == {"name": rt["metadata"]["name"], "apiGroup": "trainer.kubeflow.org",
+                                           "kind": "TrainingRuntime"}
+        st = spec.settings.stage(o["metadata"]["labels"]["sims.io/step"])
+        t = o["spec"]["trainer"]
+        assert t["numNodes"] == st.nodes and t["numProcPerNode"] == st.gpus
+        assert t["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == str(st.gpus)
+        patch = o["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]
+        pspec = patch["template"]["spec"]["template"]["spec"]
+        assert pspec["nodeSelector"] == st.placement.node_selector and pspec["tolerations"]
+        assert pspec["volumes"][0]["emptyDir"]["sizeLimit"] == st.shm_size
+
+
+def test_stage_pods_service_account(helm):
+    text = _template(helm, K8S_VERSIONS[1], "pytorchjob", "values-imagenet512.yaml",
+                     "--set", "serviceAccount.stagePods=s3-reader")
+    for o in render_objects(text):
+        templates = ([r["template"] for r in o["spec"]["pytorchReplicaSpecs"].values()]
+                     if o["kind"] == "PyTorchJob" else [o["spec"]["template"]])
+        for t in templates:
+            assert t["spec"]["serviceAccountName"] == "s3-reader"
+            assert t["spec"]["automountServiceAccountToken"] is False  # an identity for S3, no API token
