@@ -38,7 +38,7 @@ chart-schema: $(STAMP)
 	$(BIN)/python -m sims_platform.k8s.chart_schema charts/sims/values.schema.json
 
 benchmark-sims: $(STAMP)
-	$(BIN)/python benchmarks/sims_effect.py --config $(PIPELINE) --seeds 0 1 2
+	$(BIN)/python benchmarks/sims_effect.py --config $(PIPELINE) --seeds 0 1 2 3 4
 
 clean:
 	rm -rf out
