@@ -149,7 +149,8 @@ def driver_row(jobs: list[dict[str, Any]], pods: list[dict[str, Any]], release: 
 # Kueue admission
 
 KUEUE_WORKLOADS = ("kueue.x-k8s.io", "v1beta1", "workloads")
-INTEGRATIONS = {"Job": "batch/job", "PyTorchJob": "kubeflow.org/pytorchjob", "TrainJob": "trainer.kubeflow.org/trainjob"}
+INTEGRATIONS = {"Job": "batch/job", "PyTorchJob": "kubeflow.org/pytorchjob",
+                "TrainJob": "trainer.kubeflow.org/trainjob"}  # Kueue's integrations.frameworks names
 
 
 def kueue_workloads(apis: Apis, namespace: str) -> dict[str, dict[str, Any]]:

@@ -278,6 +278,12 @@ class SimCluster:
                     return f'secret "{ref["name"]}" not found'
         return None
 
+    @staticmethod
+    def _cs(pod: dict) -> dict:
+        """A new container status, with the fields the kubelet always reports."""
+        c = pod["spec"]["containers"][0]
+        return {"name": c["name"], "image": c["image"], "imageID": "", "restartCount": 0}
+
     def tick_kubelet(self) -> None:
         for name, pod in list(self.pods.items()):
             if pod["node"] is None or pod["status"]["phase"] in ("Succeeded", "Failed"):
@@ -285,7 +291,7 @@ class SimCluster:
             cname = pod["spec"]["containers"][0]["name"]
             missing = self._secret_missing(pod)
             if missing:
-                pod["status"]["containerStatuses"] = [{"name": cname, "restartCount": 0, "ready": False, "state": {
+                pod["status"]["containerStatuses"] = [{**self._cs(pod), "ready": False, "state": {
                     "waiting": {"reason": "CreateContainerConfigError", "message": missing}}}]
                 continue
             run = self.runs.get(name)
@@ -293,7 +299,7 @@ class SimCluster:
                 run = self.runs[name] = PodRun(pod, self, starts=1)
                 pod["status"]["phase"] = "Running"
                 pod["status"]["conditions"] = [{"type": "Ready", "status": "True"}]
-                pod["status"]["containerStatuses"] = [{"name": cname, "restartCount": 0, "ready": True,
+                pod["status"]["containerStatuses"] = [{**self._cs(pod), "ready": True,
                                                        "state": {"running": {}}}]
             code = self.program(pod)(run)
             if code is None:
@@ -382,7 +388,7 @@ class SimCluster:
         pod = self._new_pod(f"{job_name}-{len(self.owned_pods(key))}", key, job["spec"]["template"], "Never",
                             {"batch.kubernetes.io/job-name": job_name, "job-name": job_name})
         cname = pod["spec"]["containers"][0]["name"]
-        pod["status"].update(phase="Running", containerStatuses=[{"name": cname, "restartCount": 0, "ready": True,
+        pod["status"].update(phase="Running", containerStatuses=[{**self._cs(pod), "ready": True,
                                                                  "state": {"running": {}}}])
         job["status"].update(active=1, startTime=T0)
         code, log = drive()
@@ -397,10 +403,12 @@ class SimCluster:
             return pod
         status["failed"] = status.get("failed", 0) + 1
         if self._pfp_action(job, pod) == "FailJob":
-            status["conditions"] = [_cond("Failed", "PodFailurePolicy", f"Container {cname} for pod {self.ns}/"
-                                          f"{pod['metadata']['name']} failed with exit code {code} matching FailJob rule")]
+            status["conditions"] = [_cond("Failed", "PodFailurePolicy", f"Container {cname} for pod "
+                                          f"{self.ns}/{pod['metadata']['name']} failed with exit code {code} "
+                                          "matching FailJob rule")]
         elif status["failed"] > job["spec"].get("backoffLimit", 6):
-            status["conditions"] = [_cond("Failed", "BackoffLimitExceeded", "Job has reached the specified backoff limit")]
+            status["conditions"] = [_cond("Failed", "BackoffLimitExceeded",
+                                          "Job has reached the specified backoff limit")]
         return pod
 
     # the training operator v1.9 ----------------------------------------------------------------------------
