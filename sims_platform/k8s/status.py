@@ -1,5 +1,4 @@
-"""`sims status RUN`: the driver, and a row per workload (state, pods, restarts, progress, why it waits), from
-the cluster and the run's storage."""
+"""`sims status RUN`: a run's driver and each workload: state, restarts, progress, and why it waits."""
 
 from __future__ import annotations
 
@@ -8,10 +7,12 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from kubernetes.client.exceptions import ApiException
+
 from sims_platform.config import ConfigError
 from sims_platform.k8s import labels as L
-from sims_platform.k8s.backend import TrainingBackend, backend_for
 from sims_platform.k8s import podstatus
+from sims_platform.k8s.backend import TrainingBackend, backend_for
 from sims_platform.k8s.cli import EXIT_NOT_READY, EXIT_STAGE_FAILED
 from sims_platform.k8s.kube import Apis, is_not_found, to_dict
 from sims_platform.k8s.preflight import INSTANCE
@@ -153,15 +154,14 @@ INTEGRATIONS = {"Job": "batch/job", "PyTorchJob": "kubeflow.org/pytorchjob",
                 "TrainJob": "trainer.kubeflow.org/trainjob"}  # Kueue's integrations.frameworks names
 
 
-def kueue_workloads(apis: Apis, namespace: str) -> dict[str, dict[str, Any]]:
-    """Kueue's Workload objects in the namespace by the uid of the job they admit (their ownerReference)."""
+def kueue_workloads(apis: Apis, namespace: str) -> dict[str, dict[str, Any]] | None:
+    """Kueue's Workload objects in the namespace by the uid of the job they admit (their ownerReference);
+    None when they cannot be listed (no rights: the rest of the status is still worth printing)."""
     group, version, plural = KUEUE_WORKLOADS
     try:
         items = to_dict(apis.custom.list_namespaced_custom_object(group, version, namespace, plural)).get("items")
-    except Exception as err:
-        if is_not_found(err):  # Kueue is not installed
-            return {}
-        raise
+    except ApiException as err:
+        return {} if is_not_found(err) else None  # 404: Kueue is not installed
     return {ref["uid"]: wl for wl in items or [] for ref in wl["metadata"].get("ownerReferences") or []}
 
 
@@ -170,8 +170,11 @@ def suspended(kind: str, obj: dict[str, Any]) -> bool:
     return bool((spec.get("runPolicy") or {}).get("suspend") if kind == "PyTorchJob" else spec.get("suspend"))
 
 
-def admission_note(kind: str, obj: dict[str, Any], workloads: dict[str, dict[str, Any]]) -> str:
+def admission_note(kind: str, obj: dict[str, Any], workloads: dict[str, dict[str, Any]] | None) -> str:
     """Why Kueue holds a suspended workload: its Workload's QuotaReserved/Admitted condition message."""
+    if workloads is None:
+        return ("cannot list workloads.kueue.x-k8s.io to say why: bind your user to the chart's "
+                "<release>-sims-status Role (docs/kubernetes.md, 'sims status RUN')")
     wl = workloads.get(obj["metadata"].get("uid", ""))
     if wl is None:
         return (f"no Kueue Workload for it yet: is Kueue running, with its {INTEGRATIONS.get(kind, kind)} "

@@ -4,6 +4,7 @@ restarts and OOM kills, checkpoint and part progress, and the read-only Role tha
 from __future__ import annotations
 
 import pytest
+from kubernetes.client.exceptions import ApiException
 from sim_world import GPU_TAINT, NS, Node, World
 
 from sims_platform.k8s.cli import EXIT_NOT_READY, EXIT_STAGE_FAILED
@@ -79,6 +80,18 @@ def test_a_workload_kueue_does_not_admit_says_so_and_why(helm, tmp_path):
         del c.objects[key]
     _, by = status(w)
     assert "kubeflow.org/pytorchjob integration enabled?" in by[(0, "train-base")].notes[0]
+    # a user without the status Role: the row still says it waits, and what to bind to learn why
+    c.crds -= {"workloads"}
+    real = c.custom.list_namespaced_custom_object
+
+    def forbidden(group, version, namespace, plural, **kw):
+        if plural == "workloads":
+            raise ApiException(status=403, reason="Forbidden")
+        return real(group, version, namespace, plural, **kw)
+    c.custom.list_namespaced_custom_object = forbidden
+    _, by = status(w)
+    assert by[(0, "train-base")].state == "Waiting for Kueue admission"
+    assert "sims-status Role" in by[(0, "train-base")].notes[0]
 
 
 def test_an_oom_killed_trainer_and_half_done_training_show_restarts_and_checkpoint_progress(helm, tmp_path):
