@@ -172,13 +172,28 @@ class SimCluster:
             return [self._trainjob_pod(obj)]
         return [obj["spec"]["template"]]
 
+    KUEUE_KINDS = {"jobs": "Job", "pytorchjobs": "PyTorchJob", "trainjobs": "TrainJob"}
+
+    def _workload(self, resource: str, obj: dict, *conds: dict) -> None:
+        """Kueue's Workload for a queued job (owned by it, so collected with it), with its admission conditions."""
+        name = f"{self.KUEUE_KINDS[resource].lower()}-{obj['metadata']['name']}-{obj['metadata']['uid'][-5:]}"
+        wl = self.objects.get(("workloads", name)) or {"metadata": {"name": name, "uid": f"uid-{next(self.uids)}",
+            "labels": {"kueue.x-k8s.io/job-uid": obj["metadata"]["uid"]}, "creationTimestamp": T0,
+            "ownerReferences": [{"kind": self.KUEUE_KINDS[resource], "name": obj["metadata"]["name"],
+                                 "uid": obj["metadata"]["uid"], "controller": True}]}, "status": {}}
+        wl["status"]["conditions"] = [dict(c, status=c.get("status", "True")) for c in conds]
+        self._new_workloads.append((("workloads", name), wl))
+
     def tick_kueue(self) -> None:
+        self._new_workloads: list = []
         for (resource, name), obj in self.objects.items():
             queue = (obj["metadata"].get("labels") or {}).get("kueue.x-k8s.io/queue-name")
-            if resource == "configmaps" or not queue or not self._suspended(resource, obj):
+            if resource not in self.KUEUE_KINDS or not queue or not self._suspended(resource, obj):
                 continue
             if ("localqueues", queue) not in self.objects:
                 obj["status"]["conditions"] = [_cond("Suspended", "Suspended", f"LocalQueue {queue} doesn't exist")]
+                self._workload(resource, obj, dict(_cond("QuotaReserved", "Inadmissible",
+                                                          f"LocalQueue {queue} doesn't exist"), status="False"))
                 continue
             requests: set[str] = set()
             for t in self.templates(resource, obj):
@@ -187,8 +202,13 @@ class SimCluster:
             if resource == "trainjobs":
                 requests |= set((obj["spec"]["trainer"].get("resourcesPerNode") or {}).get("requests") or {})
             flavor = next((f for f in self.kueue["flavors"] if requests <= set(f["resources"])), None)
-            if flavor is None:
-                continue  # nothing fits: stays suspended (pending admission)
+            if flavor is None:  # nothing fits: stays suspended (pending admission), as Kueue's scheduler says
+                missing = sorted(requests - set().union(*(set(f["resources"]) for f in self.kueue["flavors"])))
+                self._workload(resource, obj, dict(_cond(
+                    "QuotaReserved", "Pending", f"couldn't assign flavors to pod set main: resource "
+                    f"{(missing or sorted(requests))[0]} unavailable in ClusterQueue"), status="False"))
+                continue
+            self._workload(resource, obj, _cond("QuotaReserved", "QuotaReserved"), _cond("Admitted", "Admitted"))
             if resource == "trainjobs":  # Kueue patches TrainJobs through runtimePatches, under its own manager
                 obj["spec"].setdefault("runtimePatches", []).append({"manager": KUEUE_MANAGER, "trainingRuntimeSpec": {
                     "template": {"spec": {"replicatedJobs": [{"name": "node", "template": {"spec": {"template": {
@@ -202,6 +222,8 @@ class SimCluster:
             obj["metadata"].setdefault("annotations", {})["sims.test/flavor"] = flavor["name"]
             self._suspend(resource, obj, False)
             obj["status"]["conditions"] = []
+        for key, wl in self._new_workloads:
+            self.objects[key] = wl
 
     # pods --------------------------------------------------------------------------------------------------
     def _new_pod(self, name: str, owner: tuple[str, str], template: dict, restart: str, extra: dict) -> dict:
@@ -256,6 +278,12 @@ class SimCluster:
                     return f'secret "{ref["name"]}" not found'
         return None
 
+    @staticmethod
+    def _cs(pod: dict) -> dict:
+        """A new container status, with the fields the kubelet always reports."""
+        c = pod["spec"]["containers"][0]
+        return {"name": c["name"], "image": c["image"], "imageID": "", "restartCount": 0}
+
     def tick_kubelet(self) -> None:
         for name, pod in list(self.pods.items()):
             if pod["node"] is None or pod["status"]["phase"] in ("Succeeded", "Failed"):
@@ -263,7 +291,7 @@ class SimCluster:
             cname = pod["spec"]["containers"][0]["name"]
             missing = self._secret_missing(pod)
             if missing:
-                pod["status"]["containerStatuses"] = [{"name": cname, "restartCount": 0, "ready": False, "state": {
+                pod["status"]["containerStatuses"] = [{**self._cs(pod), "ready": False, "state": {
                     "waiting": {"reason": "CreateContainerConfigError", "message": missing}}}]
                 continue
             run = self.runs.get(name)
@@ -271,7 +299,7 @@ class SimCluster:
                 run = self.runs[name] = PodRun(pod, self, starts=1)
                 pod["status"]["phase"] = "Running"
                 pod["status"]["conditions"] = [{"type": "Ready", "status": "True"}]
-                pod["status"]["containerStatuses"] = [{"name": cname, "restartCount": 0, "ready": True,
+                pod["status"]["containerStatuses"] = [{**self._cs(pod), "ready": True,
                                                        "state": {"running": {}}}]
             code = self.program(pod)(run)
             if code is None:
@@ -318,8 +346,8 @@ class SimCluster:
             if pod["status"]["phase"] == "Succeeded":
                 done.append(i) if i not in done else None
                 self._remove_pod(pod["metadata"]["name"])
-            elif pod["status"]["phase"] == "Failed":
-                self._remove_pod(pod["metadata"]["name"])
+            elif pod["status"]["phase"] == "Failed" and not pod.get("counted"):
+                pod["counted"] = True  # failed pods stay (with their exit code) until the Job is deleted
                 action = self._pfp_action(job, pod)
                 if action == "FailJob":
                     return self._finish_job(job, "Failed", "PodFailurePolicy", "matched a FailJob rule")
@@ -333,12 +361,13 @@ class SimCluster:
                                     "Job has failed indexes" if indexed else "Job has reached the specified backoff limit")
         if len(done) == count:
             return self._finish_job(job, "Complete", "", "")
-        running = {int(p["metadata"]["labels"]["batch.kubernetes.io/job-completion-index"]) for p in self.owned_pods(key)}
+        live = [p for p in self.owned_pods(key) if p["status"]["phase"] != "Failed"]
+        running = {int(p["metadata"]["labels"]["batch.kubernetes.io/job-completion-index"]) for p in live}
         for i in range(count):
             if i not in done and i not in running:
                 self._new_pod(f"{key[1]}-{i}-{failures.get(i, 0)}", key, spec["template"], "Never",
                               {"batch.kubernetes.io/job-completion-index": str(i)})
-        status["active"] = len(self.owned_pods(key))
+        status["active"] = sum(1 for p in self.owned_pods(key) if p["status"]["phase"] != "Failed")
         status["startTime"] = T0
         status["ready"] = sum(1 for p in self.owned_pods(key) if p["status"]["phase"] == "Running")
 
@@ -346,7 +375,41 @@ class SimCluster:
         job["status"]["conditions"] = [_cond(type_, reason, message)]
         job["status"]["_finishedAt"] = self.now
         for pod in self.owned_pods(("jobs", job["metadata"]["name"])):
-            self._remove_pod(pod["metadata"]["name"])  # a finished Job's running pods are terminated
+            if pod["status"]["phase"] != "Failed":
+                self._remove_pod(pod["metadata"]["name"])  # a finished Job's running pods are terminated
+
+    # the driver Job ----------------------------------------------------------------------------------------
+    def run_driver(self, job_name: str, drive: Callable[[], tuple[int, str]]) -> dict:
+        """One pod of the chart's driver Job, its container being the real driver run in-process (so the kubelet
+        leaves it alone): its exit code and log tail become the terminated state (terminationMessagePolicy
+        FallbackToLogsOnError), then the Job's podFailurePolicy and backoffLimit decide the Job's fate."""
+        key = ("jobs", job_name)
+        job = self.get(*key)
+        pod = self._new_pod(f"{job_name}-{len(self.owned_pods(key))}", key, job["spec"]["template"], "Never",
+                            {"batch.kubernetes.io/job-name": job_name, "job-name": job_name})
+        cname = pod["spec"]["containers"][0]["name"]
+        pod["status"].update(phase="Running", containerStatuses=[{**self._cs(pod), "ready": True,
+                                                                 "state": {"running": {}}}])
+        job["status"].update(active=1, startTime=T0)
+        code, log = drive()
+        pod["status"]["phase"] = "Succeeded" if code == 0 else "Failed"
+        pod["status"]["containerStatuses"][0].update(ready=False, state={"terminated": {
+            "exitCode": code, "reason": "Completed" if code == 0 else "Error", "message": log[-2048:]}})
+        status = job["status"]
+        status["active"] = 0
+        if code == 0:
+            status["succeeded"] = 1
+            status["conditions"] = [_cond("Complete")]
+            return pod
+        status["failed"] = status.get("failed", 0) + 1
+        if self._pfp_action(job, pod) == "FailJob":
+            status["conditions"] = [_cond("Failed", "PodFailurePolicy", f"Container {cname} for pod "
+                                          f"{self.ns}/{pod['metadata']['name']} failed with exit code {code} "
+                                          "matching FailJob rule")]
+        elif status["failed"] > job["spec"].get("backoffLimit", 6):
+            status["conditions"] = [_cond("Failed", "BackoffLimitExceeded",
+                                          "Job has reached the specified backoff limit")]
+        return pod
 
     # the training operator v1.9 ----------------------------------------------------------------------------
     def tick_pytorchjob(self, job: dict) -> None:

@@ -72,7 +72,8 @@ def test_status_table_from_cluster_and_storage(world):
     assert by[(0, "finetune-aux")].state.startswith("Waiting (PyTorchJobSuspended")
     assert by[(0, "feed")].state == "-" and by[(0, "feed")].pods == "-"
     table = format_rows(rows)
-    assert table.splitlines()[0].split() == ["ITER", "STAGE", "WORKLOAD", "STATE", "AGE", "PODS", "READY", "MLFLOW"]
+    assert table.splitlines()[0].split() == ["ITER", "STAGE", "WORKLOAD", "STATE", "AGE", "PODS", "READY",
+                                               "RESTARTS", "PROGRESS", "MLFLOW"]
     assert len(table.splitlines()) == len(ws) + 1
 
 
