@@ -9,7 +9,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from sims_platform.config import config_from_dict
-from sims_platform.data import SourceIndex, load_images, read_manifest, read_shards
+from sims_platform.data import SourceIndex, holdout_split, load_images, read_manifest, read_shards
 from sims_platform.pipeline.runner import open_run, stages_for
 from sims_platform.stages import StageContext, run_stage
 
@@ -51,12 +51,16 @@ def test_encode_in_two_parts_then_train_on_latents(digit_folder, tmp_path):
     layout, lineage, _ = open_run(cfg)
     results = [run_stage(StageContext(cfg, layout, 0, lineage, part=i, parts=2), "encode") for i in (1, 0)]
     assert [r["complete"] for r in results] == [False, True]  # the part that finishes the set commits it
+    # Only the training split is encoded: the held-out reference never reaches a training stage.
+    everything = load_images(cfg.data)
+    train, held = holdout_split(everything.labels, cfg.data.holdout_fraction, cfg.data.holdout_seed)
     manifest = read_manifest(layout.encoded)
-    assert manifest["total"] == 30 and len(manifest["shards"]) == 4 and manifest["encoder"] == "latent"
+    assert manifest["total"] == len(train) and len(manifest["shards"]) == -(-len(train) // 8)
+    assert manifest["encoder"] == "latent" and len(held) > 0
     x, y, keys = read_shards(layout.encoded)
     ctx = StageContext(cfg, layout, 0, lineage)
-    expected = ctx.encoder.encode(load_images(cfg.data).images)
-    assert torch.equal(keys, torch.arange(30))
+    expected = ctx.encoder.encode(everything.images[train])
+    assert torch.equal(keys, train) and set(keys.tolist()).isdisjoint(held.tolist())
     assert torch.allclose(x, expected, atol=2e-3 * expected.abs().max())  # stored as float16
     assert ctx.shape() == (4, 8, 8)
     out = run_stage(ctx, "train-base")
@@ -79,7 +83,8 @@ def test_streamed_training_on_encoded_latents_and_synthetic_set(digit_folder, tm
     runs = {r.info.run_name: r for r in MlflowClient(lineage.tracking_uri).search_runs(
         [lineage.experiment_id])}
     assert runs["iter-0/train-base"].data.params["loader"] == "stream"
-    assert runs["iter-0/train-base"].data.params["train_set_size"] == "30"
+    train, _ = holdout_split(load_images(cfg.data).labels, cfg.data.holdout_fraction, cfg.data.holdout_seed)
+    assert runs["iter-0/train-base"].data.params["train_set_size"] == str(len(train))
     assert runs["iter-0/finetune-aux"].data.params["train_set_size"] == "96"
 
 

@@ -180,14 +180,15 @@ def test_evaluate_pods_and_reducer_share_one_run(env, tmp_path):
     run = runs[0]
     assert run.info.status == "FINISHED"
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "part_units")) == [0, 1]
-    assert run.data.metrics["fid_w_1.0"] == pytest.approx(fid["1.0"])
+    sims_fid = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "sims.fid")}
+    assert sims_fid[1000] == pytest.approx(fid["1.0"]) and sims_fid[0] == pytest.approx(fid["0.0"])
     assert run.data.metrics["eval_parts"] == 2
     assert not client.search_runs([exp.experiment_id], "tags.`sims.stage` = 'evaluate-reduce'")
 
     # Artifacts: the PNGs are objects in the artifact bucket, under this run.
     keys = [k for k in _keys(ARTIFACTS_BUCKET) if f"/{run.info.run_id}/artifacts/" in k]
     names = {k.split("/artifacts/", 1)[1] for k in keys}
-    assert {"samples/w-0.0.png", "samples/w-1.0.png", "fid_vs_w.png"} <= names
+    assert {"samples/base.png", "samples/sims_w-1.0.png", "fid_vs_w.png"} <= names
 
 
 # ----------------------------------------------------------------------------

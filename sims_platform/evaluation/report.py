@@ -87,4 +87,5 @@ def iteration_row(k: int, ev: EvaluateConfig, methods: dict[str, dict[str, Any]]
     primary = methods[ev.primary.name]
     keys = ("fid", "fid_sd", "precision", "recall", "best_w", "fid_base", "fid_best")
     return {"iteration": int(k), **{key: primary[key] for key in keys}, "sampler_steps": ev.sampler.steps,
-            "repeats": ev.repeats, "num_samples": ev.num_samples, "methods": methods}
+            "repeats": ev.repeats, "num_samples": ev.num_samples, "primary_method": ev.primary.name,
+            "method_order": [m.name for m in ev.methods], "methods": methods}

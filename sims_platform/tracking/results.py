@@ -82,7 +82,8 @@ def _grid(header: list[str], body: list[list[str]]) -> list[str]:
 
 def format_iteration(row: Mapping[str, Any], digits: int = 2) -> str:
     """One iteration: every (method, w) with FID mean ± sd, precision, recall and cost, then each method's verdict."""
-    methods = row["methods"]
+    order = row.get("method_order") or list(row["methods"])  # summary.json sorts keys; the config's order wins
+    methods = {name: row["methods"][name] for name in order}
     lines = [f"iteration {row['iteration']}: Heun {row['sampler_steps']} steps; {row['repeats']} report seed "
              f"set(s) x {row.get('num_samples', '?')} samples; each method's w chosen on a separate selection set"]
     first = next(iter(methods.values()))
