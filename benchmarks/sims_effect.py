@@ -9,11 +9,15 @@ Writes records.json and report.md; a negative result is reported like any other 
 
   python benchmarks/sims_effect.py --config pipelines/digits.yaml --seeds 0 1 2 3 4 --out out/bench-sims
   python benchmarks/sims_effect.py --seeds 0 1 2 3 4 --reuse 0=out/digits   # seed 0 = a finished `make demo`
+  python benchmarks/sims_effect.py --seeds 0 1 2 3 4 --jobs 2   # two seeds at a time, one thread each
+
+Each seed's folder keeps its completed stages, so an interrupted benchmark resumes where it stopped.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import math
 import statistics
@@ -33,6 +37,12 @@ def run_seed(config: str, root: Path, seed: int, extra: list[str]) -> dict:
     t0 = time.time()
     row = run_pipeline(cfg)["iterations"][0]
     return {"seed": seed, "root": str(root), "seconds": time.time() - t0, "row": row}
+
+
+def _one_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)  # --jobs workers share the cores: one thread each avoids oversubscription
 
 
 def confidence_interval(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
@@ -90,14 +100,20 @@ def main() -> int:
     ap.add_argument("--reuse", action="append", default=[], metavar="SEED=ROOT",
                     help="take this seed's run from an existing folder (e.g. 0=out/digits after `make demo`)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config override")
+    ap.add_argument("--jobs", type=int, default=1, help="seeds run at once, each in its own process (one thread)")
     args = ap.parse_args()
 
     out = Path(args.out).resolve()
     reuse = {int(k): Path(v).resolve() for k, v in (item.split("=", 1) for item in args.reuse)}
-    records = []
-    for seed in args.seeds:
-        records.append(run_seed(args.config, reuse.get(seed, out / f"seed-{seed}"), seed, args.set))
-        print(json.dumps({k: records[-1][k] for k in ("seed", "root", "seconds")}), flush=True)
+    roots = {seed: reuse.get(seed, out / f"seed-{seed}") for seed in args.seeds}
+    if args.jobs > 1:
+        with concurrent.futures.ProcessPoolExecutor(args.jobs, initializer=_one_thread) as pool:
+            futures = {seed: pool.submit(run_seed, args.config, roots[seed], seed, args.set) for seed in args.seeds}
+            records = [futures[seed].result() for seed in args.seeds]
+    else:
+        records = [run_seed(args.config, roots[seed], seed, args.set) for seed in args.seeds]
+    for r in records:
+        print(json.dumps({k: r[k] for k in ("seed", "root", "seconds")}), flush=True)
     command = "python benchmarks/sims_effect.py " + " ".join(sys.argv[1:])
     table, verdict = report(records, command)
     out.mkdir(parents=True, exist_ok=True)
