@@ -118,8 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iteration", type=int, default=0, help="0-based iteration (default 0)")
     p.add_argument("--out", help="storage root (overrides storage.root)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help=set_help)
-    p.add_argument("--index", type=int, help="this worker's part of a job-array stage (generate, evaluate); "
-                   "default: $JOB_COMPLETION_INDEX or 0")
+    p.add_argument("--index", type=int, help="this worker's part of a job-array stage (encode, reference, "
+                   "generate, evaluate); default: $JOB_COMPLETION_INDEX or 0")
     p.add_argument("--count", type=int, default=1, help="how many parts the stage is split into (default 1)")
     p.add_argument("--force", action="store_true", help="run even if the stage is marked complete")
     p.set_defaults(func=cmd_stage)

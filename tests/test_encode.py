@@ -55,13 +55,19 @@ def test_encode_in_two_parts_then_train_on_latents(digit_folder, tmp_path):
     everything = load_images(cfg.data)
     train, held = holdout_split(everything.labels, cfg.data.holdout_fraction, cfg.data.holdout_seed)
     manifest = read_manifest(layout.encoded)
-    assert manifest["total"] == len(train) and len(manifest["shards"]) == -(-len(train) // 8)
+    assert manifest["total"] == len(train) == 20 and len(manifest["shards"]) == 3
     assert manifest["encoder"] == "latent" and len(held) > 0
     x, y, keys = read_shards(layout.encoded)
     ctx = StageContext(cfg, layout, 0, lineage)
-    expected = ctx.encoder.encode(everything.images[train])
     assert torch.equal(keys, train) and set(keys.tolist()).isdisjoint(held.tolist())
-    assert torch.allclose(x, expected, atol=2e-3 * expected.abs().max())  # stored as float16
+    images = everything.images[train]
+    expected = ctx.encoder.encode(images)
+    # The shards keep the posterior as EDM2 does: the scaled mean, then the scaled std (stored as float16).
+    assert manifest["posterior"] is True and manifest["shape"] == [8, 8, 8]
+    assert torch.allclose(x[:, :4], expected, atol=2e-3 * expected.abs().max())
+    dist = ctx.encoder.vae.encode(images.expand(-1, 3, -1, -1)).latent_dist
+    std = dist.std * ctx.encoder.scale
+    assert (x[:, 4:] > 0).all() and torch.allclose(x[:, 4:], std, rtol=2e-3, atol=1e-4)
     assert ctx.shape() == (4, 8, 8)
     out = run_stage(ctx, "train-base")
     assert out["images"] == 256
@@ -83,8 +89,7 @@ def test_streamed_training_on_encoded_latents_and_synthetic_set(digit_folder, tm
     runs = {r.info.run_name: r for r in MlflowClient(lineage.tracking_uri).search_runs(
         [lineage.experiment_id])}
     assert runs["iter-0/train-base"].data.params["loader"] == "stream"
-    train, _ = holdout_split(load_images(cfg.data).labels, cfg.data.holdout_fraction, cfg.data.holdout_seed)
-    assert runs["iter-0/train-base"].data.params["train_set_size"] == str(len(train))
+    assert runs["iter-0/train-base"].data.params["train_set_size"] == "20"  # the training split
     assert runs["iter-0/finetune-aux"].data.params["train_set_size"] == "96"
 
 
@@ -93,3 +98,30 @@ def test_stream_loader_needs_one_shard_set(tmp_path):
     d["train_base"]["loader"] = "stream"
     with pytest.raises(Exception, match="train_base.loader 'stream'"):
         config_from_dict(d)
+
+
+def test_each_draw_of_an_image_gets_a_fresh_latent_from_the_step_generator():
+    """As EDM2: a latent is drawn from the stored posterior every time a batch draws the image; the same step
+    generator (a resumed run) draws the same latent, another step (the next epoch) another one."""
+    from sims_platform.config.schema import TrainConfig
+    from sims_platform.training.batches import draw_batch, draw_stream_batch
+    from sims_platform.training.loop import step_generator
+
+    mean, std = torch.randn(1, 4, 8, 8), torch.rand(1, 4, 8, 8) * 0.5 + 0.1
+    data, labels, cfg = torch.cat([mean, std], dim=1), torch.zeros(1, dtype=torch.int64), TrainConfig(images=1)
+    epoch0 = draw_batch(data, labels, cfg, 10, 4, step_generator(0, 0), posterior=True).x
+    again = draw_batch(data, labels, cfg, 10, 4, step_generator(0, 0), posterior=True).x
+    epoch1 = draw_batch(data, labels, cfg, 10, 4, step_generator(0, 1), posterior=True).x
+    assert epoch0.shape == (4, 4, 8, 8) and torch.equal(epoch0, again)
+    assert not torch.equal(epoch0[0], epoch1[0]) and not torch.equal(epoch0[0], epoch0[1])
+    # Scaled like a latent: the draws spread around the stored mean with the stored std.
+    many = draw_batch(data, labels, cfg, 10, 4096, step_generator(0, 2), posterior=True).x
+    assert torch.allclose(many.mean(0), mean[0], atol=5 * 0.6 / 64) and torch.allclose(many.std(0), std[0], rtol=0.1)
+
+    class Rows:  # what StreamRows.take hands over: this rank's stored rows
+        def take(self, n):
+            return data.expand(n, -1, -1, -1), labels.expand(n)
+    streamed = draw_stream_batch(Rows(), 0, 4, (8, 8, 8), cfg, 10, 4, step_generator(0, 0), posterior=True).x
+    assert streamed.shape == (4, 4, 8, 8) and not torch.equal(streamed[0], streamed[1])
+    half = draw_stream_batch(Rows(), 2, 4, (8, 8, 8), cfg, 10, 4, step_generator(0, 0), posterior=True).x
+    assert torch.equal(half[2:], streamed[2:])  # a row's latent does not depend on which rank reads it

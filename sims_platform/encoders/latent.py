@@ -23,8 +23,21 @@ def load_autoencoder(cfg: EncoderConfig):
                            "make the hub reachable, or set encoder.vae_config for a random VAE") from err
 
 
+def posterior_sample(posterior: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """Latents from stored posteriors [N, 2C, H, W] (scaled mean, then scaled std) and normals eps [N, C, H, W]."""
+    mean, std = posterior.float().chunk(2, dim=1)
+    return mean + std * eps
+
+
+def draw_latents(posterior: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """One latent per row, as EDM2 draws a fresh one each time an image is used; the normals come from `gen`
+    (a training step's generator, so a resumed run draws the same ones)."""
+    c = posterior.shape[1] // 2
+    return posterior_sample(posterior, torch.randn((posterior.shape[0], c, *posterior.shape[2:]), generator=gen))
+
+
 class LatentEncoder:
-    """Images -> VAE latent mean (scaled to final_std per channel) and back."""
+    """Images -> VAE latent posterior (mean and std, scaled to final_std per channel) and back."""
 
     def __init__(self, cfg: EncoderConfig, vae=None, device: torch.device | str = "cpu"):
         self.cfg = cfg
@@ -47,14 +60,20 @@ class LatentEncoder:
         return image_resolution // self.down
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
+    def encode_posterior(self, images: torch.Tensor) -> torch.Tensor:
+        """[N, 2C, h, w]: the posterior's mean and std, scaled like a latent. x = (raw - mean) * scale is affine,
+        so mean' + std' * eps is exactly a scaled posterior sample (what EDM2 draws, then scales)."""
         outs = []
         for chunk in images.split(self.cfg.batch_size):
             if chunk.shape[1] == 1:  # the SD VAE expects RGB
                 chunk = chunk.expand(-1, 3, -1, -1)
-            raw = self.vae.encode(chunk.to(self.device, torch.float32)).latent_dist.mean
-            outs.append(((raw - self.mean) * self.scale).cpu())
+            dist = self.vae.encode(chunk.to(self.device, torch.float32)).latent_dist
+            outs.append(torch.cat([(dist.mean - self.mean) * self.scale, dist.std * self.scale], dim=1).cpu())
         return torch.cat(outs)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """The scaled posterior mean (deterministic)."""
+        return self.encode_posterior(images)[:, : self.channels]
 
     @torch.no_grad()
     def decode(self, x: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ from sims_platform.k8s.settings import DriverSettings
 from sims_platform.k8s.state import Observed, Phase, job_observed
 from sims_platform.k8s.workloads import Workload, plan
 from sims_platform.storage import fsio
-from sims_platform.storage.layout import RunLayout
+from sims_platform.storage.layout import REDUCERS, RunLayout
 
 
 class StageFailed(RuntimeError):
@@ -127,8 +127,9 @@ class Driver:
         return job_observed(obj) if w.is_job else self.backend.observe(obj)
 
     def _step_done(self, w: Workload) -> bool:
-        """The step's completion record: the stage's done marker, or for evaluate's slices every part marker."""
-        if w.step == w.stage == "evaluate":  # the reducer writes the stage's marker; the slices write parts
+        """The step's completion record: the stage's done marker, or for a reduced array's slices every part
+        marker."""
+        if w.step == w.stage and w.stage in REDUCERS:  # the reducer writes the stage's marker; slices write parts
             count = self.settings.stage(w.step).shards
             return all(self._call(self.done, self.layout.part_marker(w.iteration, w.stage, i, count))
                        for i in range(count))

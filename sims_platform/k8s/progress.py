@@ -11,7 +11,7 @@ from sims_platform.storage import fsio
 from sims_platform.storage.layout import TRAINING_STAGES, RunLayout
 from sims_platform.training.checkpoints import latest
 
-JOB_ARRAYS = ("encode", "generate", "evaluate")  # steps whose parts write part markers (Indexed Jobs)
+JOB_ARRAYS = ("encode", "reference", "generate", "evaluate")  # steps whose parts write part markers (Indexed Jobs)
 
 
 def training_progress(cfg: PipelineConfig, layout: RunLayout, k: int, stage: str) -> str:

@@ -13,11 +13,10 @@ from sims_platform.k8s.names import workload_name
 from sims_platform.k8s.pods import pod_template, stage_argv
 from sims_platform.k8s.settings import DriverSettings
 from sims_platform.pipeline.runner import stages_for
-from sims_platform.storage.layout import TRAINING_STAGES
+from sims_platform.storage.layout import REDUCERS, TRAINING_STAGES
 
 TRAINING = TRAINING_STAGES  # distributed training: the backend's kind (PyTorchJob or TrainJob)
-INDEXED = ("encode", "generate", "evaluate")  # job arrays: each index owns a disjoint slice of the work
-REDUCE = "evaluate-reduce"          # merges the evaluate slices' FID statistics, writes evaluate's done marker
+INDEXED = ("encode", "reference", "generate", "evaluate")  # job arrays: each index owns a disjoint slice
 
 
 @dataclass(frozen=True)
@@ -38,12 +37,13 @@ class Workload:
 
 
 def steps_for(cfg: PipelineConfig, k: int) -> list[tuple[str, str]]:
-    """(stage, step) pairs of iteration k in dependency order: evaluate runs as slices then a reducer."""
+    """(stage, step) pairs of iteration k in dependency order: reference and evaluate run as slices then a
+    reducer."""
     out: list[tuple[str, str]] = []
     for stage in stages_for(cfg, k):
         out.append((stage, stage))
-        if stage == "evaluate":
-            out.append((stage, REDUCE))
+        if stage in REDUCERS:
+            out.append((stage, REDUCERS[stage]))
     return out
 
 

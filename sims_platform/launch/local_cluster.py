@@ -18,10 +18,10 @@ from sims_platform.config import load_config
 from sims_platform.launch.servers import free_port, mlflow_server, moto_s3
 from sims_platform.pipeline.runner import stages_for
 from sims_platform.storage import fsio
-from sims_platform.storage.layout import TRAINING_STAGES, RunLayout
+from sims_platform.storage.layout import REDUCERS, TRAINING_STAGES, RunLayout
 
 TRAINING = TRAINING_STAGES
-ARRAYS = ("generate", "evaluate")
+ARRAYS = ("reference", "generate", "evaluate")
 BUCKET = "sims"
 
 
@@ -69,9 +69,9 @@ def run_local_cluster(config: str, out: Path, procs: int = 2, writers: int = 2, 
                         n = writers if stage == "generate" else eval_parts
                         _run_all([sims + argv + ["--index", str(i), "--count", str(n)] for i in range(n)], env,
                                  f"iter {k} {stage} ({n} parts)")
-                        if stage == "evaluate":
-                            _run_all([sims + _stage_argv("evaluate-reduce", config, k, overrides)], env,
-                                     f"iter {k} evaluate-reduce")
+                        if stage in REDUCERS:
+                            _run_all([sims + _stage_argv(REDUCERS[stage], config, k, overrides)], env,
+                                     f"iter {k} {REDUCERS[stage]}")
                     else:
                         _run_all([sims + argv], env, f"iter {k} {stage}")
             os.environ.update(s3.env())  # read the results back through s3fs in this process

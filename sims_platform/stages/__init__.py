@@ -8,12 +8,15 @@ from collections.abc import Callable
 from sims_platform.stages.context import StageContext
 from sims_platform.stages.encode import encode
 from sims_platform.stages.evaluate import evaluate, evaluate_reduce
+from sims_platform.stages.reference import reference, reference_reduce
 from sims_platform.stages.sampling import feed, generate
 from sims_platform.stages.training import finetune_aux, finetune_real_aux, train_base
 from sims_platform.storage import fsio
 
 STAGE_FUNCS: dict[str, Callable[[StageContext, str], dict]] = {
     "encode": encode,
+    "reference": reference,
+    "reference-reduce": reference_reduce,  # one process; its record is reference's (layout.stage maps the folder)
     "train-base": train_base,
     "generate": generate,
     "finetune-aux": finetune_aux,

@@ -95,6 +95,8 @@ class StageContext:
         sources = {f"feed_iter_{k - 1}": feed_uri} | ({} if mode == "synthetic" else sources)
         if mode == "synthetic":
             return feed_x, feed_y, sources
+        if real_x.shape[1] == 2 * feed_x.shape[1]:  # encoded posteriors (mean, std): a feed sample is exact
+            feed_x = torch.cat([feed_x, torch.zeros_like(feed_x)], dim=1)
         return torch.cat([real_x, feed_x]), torch.cat([real_y, feed_y]), sources
 
     def real_uri(self) -> str:

@@ -1,4 +1,8 @@
-"""encode: real training images -> VAE latents -> WebDataset shards, once per run, so training reads latents (as EDM2).
+"""encode: real training images -> VAE posteriors -> WebDataset shards, once per run, so training reads latents.
+
+As EDM2, each sample keeps the posterior's mean and std (scaled like a latent, stacked on the channel axis:
+[2C, h, w], manifest `posterior: true`), and training draws a fresh latent every time it draws the image
+(encoders/latent.py draw_latents, from the step's generator).
 
 Only the training part of the held-out split (data/split.py) is encoded: the held-out images never reach a
 training stage. Part i of N encodes output shards j with j % N == i; shard j holds training samples
@@ -21,7 +25,8 @@ def encode(ctx: StageContext, run_id: str) -> dict:
     train, _ = holdout_split(index.labels, cfg.data.holdout_fraction, cfg.data.holdout_seed)
     meta = {"source": cfg.data.source, "path": cfg.data.path, "resolution": cfg.data.resolution,
             "encoder": cfg.encoder.kind, "vae": cfg.encoder.vae if cfg.encoder.vae_config is None else "random",
-            "holdout_fraction": cfg.data.holdout_fraction, "holdout_seed": cfg.data.holdout_seed}
+            "holdout_fraction": cfg.data.holdout_fraction, "holdout_seed": cfg.data.holdout_seed,
+            "posterior": cfg.encoder.kind == "latent"}
     writer = ShardWriter(out, shard_size=cfg.encoder.shard_size, total=len(train), meta=meta)
     ctx.lineage.log_params(run_id, {"images": len(train), "held_out": len(index) - len(train),
                                     "shard_size": cfg.encoder.shard_size, "vae": meta["vae"]})
@@ -30,7 +35,7 @@ def encode(ctx: StageContext, run_id: str) -> dict:
     def make(j: int, rng: range, advance) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         source = train[rng.start:rng.stop]
         real = index.load(source.tolist())
-        latents = ctx.encoder.encode(real.images)
+        latents = ctx.encoder.encode_posterior(real.images) if meta["posterior"] else ctx.encoder.encode(real.images)
         advance(len(rng))
         return latents, real.labels, source  # keys: index in the source order
 

@@ -16,6 +16,7 @@ import torch
 from sims_platform.evaluation import parts as P
 from sims_platform.evaluation.methods import Networks, model_inputs
 from sims_platform.evaluation.plan import BASE, arms, part_block, set_offset, w_key, work_units
+from sims_platform.evaluation.reference import ReferenceFiles, read_result
 from sims_platform.evaluation.report import arm_metrics, iteration_row, method_result
 from sims_platform.metrics import FeatureExtractor, build_feature_extractor, reference_stats
 from sims_platform.metrics.edm2_refs import edm2_reference
@@ -28,11 +29,27 @@ from sims_platform.utils.progress import Progress
 EvaluatePartsError = P.EvaluatePartsError
 
 
+class _TrainingImages:
+    """ctx.real, loaded only if the feature network asks (the digits classifier): a pretrained network never
+    needs the training images, and loading every image of ImageNet would not fit in memory."""
+
+    def __init__(self, ctx: StageContext) -> None:
+        self._ctx = ctx
+
+    @property
+    def images(self) -> torch.Tensor:
+        return self._ctx.real.images
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return self._ctx.real.labels
+
+
 def _extractor(ctx: StageContext) -> FeatureExtractor:
     """The FID feature network; the digits classifier is trained on the training split only (never the reference)."""
     ev = ctx.cfg.evaluate
-    return build_feature_extractor(ev.features, cache_uri=ctx.layout.features, real=ctx.real, seed=ctx.cfg.seed,
-                                   inception_weights=ev.inception_weights)
+    return build_feature_extractor(ev.features, cache_uri=ctx.layout.features, real=_TrainingImages(ctx),
+                                   seed=ctx.cfg.seed, inception_weights=ev.inception_weights)
 
 
 def _log_inputs(ctx: StageContext, run_id: str) -> None:
@@ -91,10 +108,16 @@ def compute_part(ctx: StageContext) -> int:
 
 def reference(ctx: StageContext, extractor: FeatureExtractor) -> tuple:
     """Statistics and the first precision_recall.max_samples features of the held-out real images; published
-    EDM2 statistics (evaluate.reference) carry no features, so precision/recall are then left out."""
+    EDM2 statistics (evaluate.reference) carry no features, so precision/recall are then left out.
+
+    The reference stage's streamed result is used when it exists for this feature network and split; without
+    it (a stage run alone on small data) they are computed here, with every held-out image in memory."""
     ev = ctx.cfg.evaluate
     if ev.reference:
         return edm2_reference(ev.reference, ev.features), None
+    streamed = read_result(ReferenceFiles.of(ctx.layout, ctx.cfg, extractor))
+    if streamed is not None:
+        return streamed
     images = ctx.reference.images
     stats = reference_stats(extractor, images, ctx.layout.features, ev.batch_size)
     n = min(ev.precision_recall.max_samples, len(images))

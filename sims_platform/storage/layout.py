@@ -9,11 +9,16 @@ from sims_platform.storage.fsio import join, normalize_uri
 # Stages of one iteration, in order; `evaluate-reduce` merges the evaluate job array's parts;
 # `finetune-real-aux` is the control of the comparison (the aux fine-tune on real training data).
 STAGES = ("train-base", "generate", "finetune-aux", "finetune-real-aux", "evaluate", "evaluate-reduce", "feed")
-# Stages of the run as a whole (not per iteration): `encode` turns the real images into VAE latents once.
-RUN_STAGES = ("encode",)
+# Stages of the run as a whole (not per iteration): `encode` turns the real images into VAE latents once;
+# `reference` streams the held-out images through the feature network once (a job array; `reference-reduce`
+# merges its parts into the statistics evaluate compares with).
+RUN_STAGES = ("encode", "reference", "reference-reduce")
 # Stages that train a network (torchrun on N nodes: a PyTorchJob or TrainJob on a cluster); the rest are
 # job arrays or single processes. Every launcher reads this one list.
 TRAINING_STAGES = ("train-base", "finetune-aux", "finetune-real-aux")
+# Job arrays whose parts a reducer merges (float64 statistics); the reducer completes the stage in its folder,
+# after every part. Every launcher reads this one table.
+REDUCERS = {"reference": "reference-reduce", "evaluate": "evaluate-reduce"}
 
 
 @dataclass(frozen=True)
@@ -48,10 +53,11 @@ class RunLayout:
         return join(self.root, f"iter-{k:02d}")
 
     def stage(self, k: int, stage: str) -> str:
+        stage = next((s for s, reducer in REDUCERS.items() if reducer == stage), stage)
+        if stage == "reference":  # next to the feature networks it is computed with
+            return join(self.features, "reference")
         if stage in RUN_STAGES:
             return join(self.root, stage)
-        if stage == "evaluate-reduce":  # the reducer completes the evaluate stage in its folder
-            stage = "evaluate"
         if stage not in STAGES:
             raise ValueError(f"unknown stage '{stage}', expected one of {', '.join(STAGES + RUN_STAGES)}")
         return join(self.iteration(k), stage)

@@ -59,7 +59,7 @@ from mlflow.utils.validation import (
 from sims_platform.config.loader import dump_config
 from sims_platform.config.schema import PipelineConfig
 from sims_platform.storage.fsio import exists, read_json, write_json
-from sims_platform.storage.layout import RUN_STAGES, STAGES, RunLayout
+from sims_platform.storage.layout import REDUCERS, RUN_STAGES, STAGES, RunLayout
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +69,8 @@ KIND, ITERATION, STAGE = "sims.kind", "sims.iteration", "sims.stage"
 NAME, ROOT = "sims.run_name", "sims.storage_root"
 INPUT, OUTPUT = "sims.input.", "sims.output."
 TERMINAL = ("FINISHED", "FAILED", "KILLED")
-# Steps that log into another stage's run: the evaluate reducer completes the evaluate stage.
-RUN_OF = {"evaluate-reduce": "evaluate"}
+# Steps that log into another stage's run: a reducer (evaluate-reduce, reference-reduce) completes its array's stage.
+RUN_OF = {reducer: stage for stage, reducer in REDUCERS.items()}
 # How old the oldest of racing runs must be before every process trusts it (Lineage._canonical): paid only
 # right after a run is created. On a tracking server it bounds request latency plus clock skew between pods;
 # a local store has one clock, so only the time between taking a start time and committing the run counts.
@@ -337,11 +337,11 @@ class Lineage:
         that create it at the same moment converge on the oldest (see _get_or_create). The evaluate
         reducer logs into evaluate's run, as it completes evaluate's folder (RunLayout.stage).
         """
+        stage = RUN_OF.get(stage, stage)
         if stage in RUN_STAGES:  # once per pipeline, not per iteration
             tags = {PARENT: self.pipeline_id, KIND: "stage", STAGE: stage}
             name = stage
         elif stage in STAGES:
-            stage = RUN_OF.get(stage, stage)
             tags = {PARENT: self.iteration_run(k), KIND: "stage", ITERATION: str(k), STAGE: stage}
             name = f"iter-{k}/{stage}"
         else:

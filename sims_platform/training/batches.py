@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from sims_platform.config.schema import TrainConfig
+from sims_platform.encoders.latent import draw_latents, posterior_sample
 from sims_platform.models.loss import edm2_loss
 from sims_platform.models.precond import Precond
 
@@ -56,10 +57,12 @@ class Draw:
 
 
 def draw_batch(data: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig, label_dim: int, batch: int,
-               gen: torch.Generator) -> Draw:
-    """The step's global batch, drawn on the CPU from `gen` (the same draws in the same order as before)."""
+               gen: torch.Generator, posterior: bool = False) -> Draw:
+    """The step's global batch, drawn on the CPU from `gen` (the same draws in the same order as before).
+    posterior: data rows are VAE posteriors (mean, std); each drawn row gets a fresh latent from `gen`."""
     idx = torch.randint(len(data), (batch,), generator=gen)
-    return _with_noise(data[idx].to(torch.float32), labels[idx], cfg, label_dim, gen)
+    x = draw_latents(data[idx], gen) if posterior else data[idx].to(torch.float32)
+    return _with_noise(x, labels[idx], cfg, label_dim, gen)
 
 
 class StreamRows:
@@ -93,11 +96,20 @@ class StreamRows:
 
 
 def draw_stream_batch(rows: StreamRows, lo: int, hi: int, shape: tuple[int, ...], cfg: TrainConfig,
-                      label_dim: int, batch: int, gen: torch.Generator) -> Draw:
+                      label_dim: int, batch: int, gen: torch.Generator, posterior: bool = False) -> Draw:
     """The step's global batch with this rank's rows [lo, hi) streamed in (other ranks' rows stay zero:
-    this rank never reads them); label dropout and noise still come from `gen` for the whole batch."""
-    x = torch.zeros(batch, *shape)
+    this rank never reads them); label dropout and noise still come from `gen` for the whole batch.
+    posterior: `shape` is the stored [2C, h, w] of VAE posteriors; the latents' normals are drawn for the
+    whole batch too, so a row's latent does not depend on the world size."""
     y = torch.zeros(batch, dtype=torch.int64)
+    if posterior:
+        eps = torch.randn((batch, shape[0] // 2, *shape[1:]), generator=gen)
+        x = torch.zeros(eps.shape)
+        if hi > lo:
+            stored, y[lo:hi] = rows.take(hi - lo)
+            x[lo:hi] = posterior_sample(stored, eps[lo:hi])
+        return _with_noise(x, y, cfg, label_dim, gen)
+    x = torch.zeros(batch, *shape)
     if hi > lo:
         x[lo:hi], y[lo:hi] = rows.take(hi - lo)
     return _with_noise(x, y, cfg, label_dim, gen)

@@ -159,15 +159,19 @@ def train(net: Precond, data: torch.Tensor | ShardStream, labels: torch.Tensor |
     pending_snaps = sorted(s for s in cfg.snapshots if s > images)
     progress = Progress(desc, total=cfg.images, done=images, unit="img") if main else None
     stream = StreamRows(data, cfg.loader_workers, images) if labels is None else None
+    # The encode stage stores VAE posteriors (mean and std: twice the network's channels); each draw of an
+    # image then gets a fresh latent (encoders/latent.py). Feed and generate shards hold exact samples.
+    posterior = bool(data.manifest.get("posterior")) if stream is not None else \
+        data.shape[1] == 2 * net.img_channels
     while images < cfg.images:
         batch = min(cfg.batch_size, cfg.images - images)
         gen = step_generator(seed, step)
         if stream is None:
-            d = draw_batch(data, labels, cfg, net.label_dim, batch, gen)
+            d = draw_batch(data, labels, cfg, net.label_dim, batch, gen, posterior)
         else:
             mine = micro_slices(batch, plan, rank)
             d = draw_stream_batch(stream, mine[0][0], mine[-1][1], tuple(data.manifest["shape"]), cfg,
-                                  net.label_dim, batch, gen)
+                                  net.label_dim, batch, gen, posterior)
         engine.set_lr(learning_rate(cfg.optimizer, schedule_offset + images + batch))
         step_loss = 0.0
         for lo, hi in micro_slices(batch, plan, rank):

@@ -12,7 +12,7 @@ from sims_platform.k8s.cli import drive
 from sims_platform.k8s.kube import Apis
 from sims_platform.k8s.render import run_specs
 from sims_platform.storage import fsio
-from sims_platform.storage.layout import TRAINING_STAGES, RunLayout
+from sims_platform.storage.layout import REDUCERS, TRAINING_STAGES, RunLayout
 from sims_platform.training.checkpoints import latest, save_checkpoint
 
 NS = "sims"
@@ -87,9 +87,9 @@ class World:
         if self.oom.get((step, index), 0) > 0:
             self.oom[(step, index)] -= 1
             return 137
-        if step == stage != "evaluate" or step == "evaluate-reduce":  # slices do not complete the stage
+        if stage not in REDUCERS or step == REDUCERS[stage]:  # slices do not complete the stage
             fsio.write_json(self._marker(labels), {"result": {}})
-        else:  # an evaluate slice records its part
+        else:  # an evaluate or reference slice records its part
             count = self.spec.settings.stage(step).shards
             fsio.write_json(self.layout.part_marker(int(labels["sims.io/iteration"]), stage, index, count), {})
         return 0

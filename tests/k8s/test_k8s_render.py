@@ -185,3 +185,31 @@ def test_render_without_configmap_says_what_to_pipe():
     from sims_platform.config import ConfigError
     with pytest.raises(ConfigError, match="helm template"):
         render("apiVersion: v1\nkind: Service\nmetadata: {name: x}\n")
+
+
+def test_reference_pods_on_gpus_unless_published_statistics(rendered, helm):
+    """The held-out reference statistics run as an Indexed Job on GPU nodes plus a CPU reducer, once per run;
+    with EDM2's published statistics (values-imagenet512.yaml's default) there is nothing to compute."""
+    steps = {o["metadata"]["labels"]["sims.io/step"] for o in render_objects(rendered("values-imagenet512.yaml"))}
+    assert not steps & {"reference", "reference-reduce"}
+
+    text = helm("template", "sims-run", "charts/sims", "-f", "values-imagenet512.yaml",
+                "--set", "pipeline.evaluate.reference=null").stdout
+    spec = run_specs(text)[0]
+    objs = render_objects(text)
+    by_step = {o["metadata"]["labels"]["sims.io/step"]: o for o in objs}
+    ref, red = by_step["reference"], by_step["reference-reduce"]
+    assert [o["metadata"]["labels"]["sims.io/step"] for o in objs].index("reference-reduce") < \
+        [o["metadata"]["labels"]["sims.io/step"] for o in objs].index("train-base")
+    assert sum(o["metadata"]["labels"]["sims.io/step"] == "reference" for o in objs) == 1  # once per run
+    st = spec.settings.stage("reference")
+    assert ref["spec"]["completionMode"] == "Indexed" and ref["spec"]["completions"] == st.shards == 16
+    pod = ref["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert c["args"][:2] == ["stage", "reference"] and c["args"][-2:] == ["--count", "16"]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    assert spec.cfg.evaluate.features == "inception" and spec.cfg.evaluate.inception_weights.startswith("s3://")
+    (r,) = red["spec"]["template"]["spec"]["containers"]
+    assert r["args"][:2] == ["stage", "reference-reduce"] and "--count" not in r["args"]
+    assert "completionMode" not in red["spec"] and "nvidia.com/gpu" not in r["resources"].get("limits", {})

@@ -1,0 +1,166 @@
+"""Reference statistics of the held-out real images as a job array: part records, their merge, the cached result.
+
+Everything lives under ROOT/features/reference/<feature network>-<key>/, where the key digests the feature
+network's fingerprint, the held-out split's settings and precision_recall.max_samples: another feature network
+or another split never reuses these files. Part i of N owns the contiguous block part_block(n, i, N) of the
+held-out indices (sorted, data/split.py) and stores float64 FeatureStats of its block plus the feature vectors of
+the held-out positions below max_samples; the reducer checks the blocks tile 0..n exactly once and merges them in
+block order (sums: any split equals the single-process statistics up to float64 rounding).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+
+import torch
+
+from sims_platform.config.schema import PipelineConfig
+from sims_platform.evaluation.plan import part_block
+from sims_platform.metrics import FeatureExtractor, FeatureStats
+from sims_platform.storage import fsio
+from sims_platform.storage.layout import RunLayout
+
+PART_FILE = re.compile(r"^part-(\d{5})-of-(\d{5})\.pt$")
+RESULT = "reference.pt"
+_PART_KEYS = {"key", "part", "parts", "start", "stop", "done", "stats", "features"}
+_RESULT_KEYS = {"key", "extractor", "count", "parts", "stats", "features"}
+
+
+class ReferencePartsError(RuntimeError):
+    """The reference parts in storage are missing, duplicated or from other settings (permanent)."""
+
+
+def reference_key(cfg: PipelineConfig, extractor: FeatureExtractor) -> str:
+    """What the statistics depend on: the feature network's weights, the held-out images, the kept features."""
+    d = cfg.data
+    what = {"extractor": extractor.name, "fingerprint": extractor.fingerprint,
+            "data": d.model_dump(mode="json", include={"source", "path", "resolution", "channels", "num_classes",
+                                                       "max_images", "holdout_fraction", "holdout_seed"}),
+            "max_samples": cfg.evaluate.precision_recall.max_samples}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class ReferenceFiles:
+    """Where one (feature network, held-out split) pair's parts and merged statistics live."""
+
+    root: str
+    key: str
+
+    @classmethod
+    def of(cls, layout: RunLayout, cfg: PipelineConfig, extractor: FeatureExtractor) -> ReferenceFiles:
+        key = reference_key(cfg, extractor)
+        return cls(fsio.join(layout.features, "reference", f"{extractor.name}-{key[:16]}"), key)
+
+    @property
+    def parts_dir(self) -> str:
+        return fsio.join(self.root, "parts")
+
+    def part(self, part: int, parts: int) -> str:
+        return fsio.join(self.parts_dir, f"part-{part:05d}-of-{parts:05d}.pt")
+
+    @property
+    def result(self) -> str:
+        return fsio.join(self.root, RESULT)
+
+
+# ----------------------------------------------------------------------------
+# One part
+
+
+def new_part(key: str, part: int, parts: int, held: int, dim: int) -> dict:
+    block = part_block(held, part, parts)
+    return {"key": key, "part": part, "parts": parts, "start": block.start, "stop": block.stop, "done": 0,
+            "stats": FeatureStats(dim).to_dict(), "features": torch.zeros(0, dim)}
+
+
+def load_part(uri: str, key: str) -> dict:
+    rec = fsio.load_torch(uri)
+    if not isinstance(rec, dict) or _PART_KEYS - set(rec):
+        raise ReferencePartsError(f"{uri} is not a reference part record (expected keys {sorted(_PART_KEYS)}): "
+                                  "remove it and rerun that part")
+    if rec["key"] != key:
+        raise ReferencePartsError(f"{uri} was computed with another feature network or held-out split than this "
+                                  "config: remove it and rerun that part")
+    return rec
+
+
+def add_batch(rec: dict, features: torch.Tensor, max_samples: int) -> None:
+    """Fold the features of held-out positions [start+done, start+done+len) into the part record."""
+    first = rec["start"] + rec["done"]
+    rec["stats"] = FeatureStats.from_dict(rec["stats"]).update(features).to_dict()
+    keep = max_samples - first
+    if keep > 0:
+        rec["features"] = torch.cat([rec["features"], features[:keep].detach().cpu().float()])
+    rec["done"] += features.shape[0]
+
+
+# ----------------------------------------------------------------------------
+# Merging
+
+
+def infer_parts(files: ReferenceFiles) -> int:
+    """The one part count the array ran with, read from the part files' names."""
+    counts: dict[int, list[str]] = {}
+    for name in fsio.listdir(files.parts_dir):
+        if m := PART_FILE.match(name):
+            counts.setdefault(int(m[2]), []).append(name)
+    if not counts:
+        raise ReferencePartsError(f"no reference parts under {files.parts_dir}: run `sims stage reference --index "
+                                  "i --count N` for every i first")
+    if len(counts) > 1:
+        seen = "; ".join(f"--count {n}: {', '.join(sorted(v)[:3])}" for n, v in sorted(counts.items()))
+        raise ReferencePartsError(f"reference parts under {files.parts_dir} were written with different --count "
+                                  f"values ({seen}): duplicated parts; remove the stale files and rerun")
+    return next(iter(counts))
+
+
+def merge_parts(files: ReferenceFiles, parts: int, held: int) -> tuple[FeatureStats, torch.Tensor]:
+    """Merged statistics and kept features, checking each held-out position was computed exactly once."""
+    records: dict[int, dict] = {}
+    for name in fsio.listdir(files.parts_dir):
+        m = PART_FILE.match(name)
+        if not m:
+            continue
+        where = fsio.join(files.parts_dir, name)
+        if int(m[2]) != parts:
+            raise ReferencePartsError(f"{where} is from part {m[1]} of {m[2]}, but this reduction has {parts} "
+                                      "parts: duplicated part; remove the stale file and rerun")
+        rec = load_part(where, files.key)
+        block = part_block(held, int(m[1]), parts)
+        if (rec["part"], rec["parts"], rec["start"], rec["stop"]) != (int(m[1]), parts, block.start, block.stop):
+            raise ReferencePartsError(f"{where} holds held-out positions {rec['start']}..{rec['stop']} of part "
+                                      f"{rec['part']} of {rec['parts']}, not part {int(m[1])}'s block "
+                                      f"{block.start}..{block.stop}: remove it and rerun that part")
+        records[rec["part"]] = rec
+    missing = [i for i in range(parts) if i not in records]
+    partial = [i for i, r in sorted(records.items()) if r["done"] != r["stop"] - r["start"]]
+    if missing or partial:
+        what = "; ".join([f"part {i} of {parts}: no file (expected {files.part(i, parts)})" for i in missing[:4]]
+                         + [f"part {i} of {parts}: {records[i]['done']} of "
+                            f"{records[i]['stop'] - records[i]['start']} images" for i in partial[:4]])
+        raise ReferencePartsError(f"reference parts incomplete: {what}: rerun `sims stage reference --index i "
+                                  f"--count {parts}` for those parts")
+    ordered = [records[i] for i in range(parts)]  # block order: the sums never depend on listing order
+    stats = FeatureStats.merged(FeatureStats.from_dict(r["stats"]) for r in ordered)
+    return stats, torch.cat([r["features"] for r in ordered])
+
+
+def write_result(files: ReferenceFiles, extractor: FeatureExtractor, parts: int, stats: FeatureStats,
+                 features: torch.Tensor) -> None:
+    fsio.save_torch(files.result, {"key": files.key, "extractor": extractor.name, "count": stats.count,
+                                   "parts": parts, "stats": stats.to_dict(), "features": features})
+
+
+def read_result(files: ReferenceFiles) -> tuple[FeatureStats, torch.Tensor] | None:
+    """The merged statistics and kept features, or None when the reference stage has not completed for them."""
+    if not fsio.exists(files.result):
+        return None
+    rec = fsio.load_torch(files.result)
+    if not isinstance(rec, dict) or _RESULT_KEYS - set(rec) or rec["key"] != files.key:
+        raise ReferencePartsError(f"{files.result} is not the reference statistics of this feature network and "
+                                  "held-out split: remove it and rerun `sims stage reference`")
+    return FeatureStats.from_dict(rec["stats"]), rec["features"].float()

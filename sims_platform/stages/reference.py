@@ -1,0 +1,126 @@
+"""reference and reference-reduce: stream the held-out real images through the feature network, once per run.
+
+Part i of N (an Indexed Job pod) loads only its block of the held-out indices, evaluate.batch_size images at a
+time (SourceIndex decodes just those), so no process ever holds the reference set in memory; it keeps float64
+feature sums and the features of the first precision_recall.max_samples held-out images, and rewrites its part
+file every SAVE_SECONDS, so a restarted part resumes where it was (the sums then add the same batches in the same
+order: the result is unchanged). The reducer merges the parts into ROOT/features/reference/<net>-<key>/
+reference.pt, which evaluate reads. With one part, `reference` does both. Not run when evaluate.reference names
+published EDM2 statistics (pipeline/runner.py).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from sims_platform.data import SourceIndex, holdout_split
+from sims_platform.evaluation import reference as R
+from sims_platform.stages.context import StageContext
+from sims_platform.stages.evaluate import _extractor
+from sims_platform.storage import fsio
+from sims_platform.utils.progress import Progress
+
+# How often a part rewrites its file: bounds the work a killed pod repeats without writing a 2048x2048 float64
+# matrix after every batch.
+SAVE_SECONDS = 60.0
+
+ReferencePartsError = R.ReferencePartsError
+
+
+def _held_out(ctx: StageContext) -> tuple[SourceIndex, torch.Tensor]:
+    """The source (indexed, nothing decoded) and its held-out indices, sorted: the only images read here."""
+    d = ctx.cfg.data
+    index = SourceIndex(d)
+    _, held = holdout_split(index.labels, d.holdout_fraction, d.holdout_seed)
+    return index, held
+
+
+def _log(ctx: StageContext, run_id: str, files: R.ReferenceFiles, held: int) -> None:
+    ev = ctx.cfg.evaluate
+    ctx.lineage.log_params(run_id, {"features": ev.features, "held_out": held, "batch_size": ev.batch_size,
+                                    "holdout_fraction": ctx.cfg.data.holdout_fraction,
+                                    "max_samples": ev.precision_recall.max_samples})
+    ctx.lineage.link(run_id, inputs={"real": ctx.real_uri()}, outputs={"reference": files.result})
+
+
+def compute_part(ctx: StageContext, extractor, files: R.ReferenceFiles, index: SourceIndex,
+                 held: torch.Tensor) -> int:
+    """Feature statistics of this part's block of held-out images; returns how many it computed now."""
+    ev = ctx.cfg.evaluate
+    uri = files.part(ctx.part, ctx.parts)
+    rec = R.load_part(uri, files.key) if fsio.exists(uri) else \
+        R.new_part(files.key, ctx.part, ctx.parts, len(held), extractor.dim)
+    total = rec["stop"] - rec["start"]
+    if rec["done"] == total and fsio.exists(uri):
+        return 0
+    progress = Progress(f"reference part {ctx.part}/{ctx.parts}", total=total, done=rec["done"], unit="img")
+    computed, saved = 0, time.monotonic()
+    while rec["done"] < total:
+        first = rec["start"] + rec["done"]
+        batch = held[first:min(first + ev.batch_size, rec["stop"])]
+        images = index.load(batch.tolist()).images
+        with torch.no_grad():
+            R.add_batch(rec, extractor(images), ev.precision_recall.max_samples)
+        computed += len(batch)
+        progress.update(rec["done"])
+        if rec["done"] == total or time.monotonic() - saved >= SAVE_SECONDS:
+            fsio.save_torch(uri, rec)
+            saved = time.monotonic()
+    if computed == 0:  # an empty block still records that it is done
+        fsio.save_torch(uri, rec)
+    progress.close()
+    return computed
+
+
+def reduce_parts(ctx: StageContext, run_id: str, extractor, files: R.ReferenceFiles, held: int,
+                 parts: int) -> dict:
+    stats, features = R.merge_parts(files, parts, held)
+    if stats.count != held:
+        raise ReferencePartsError(f"reference parts under {files.parts_dir} hold {stats.count} images, the "
+                                  f"held-out split has {held}: remove them and rerun every part")
+    R.write_result(files, extractor, parts, stats, features)
+    ctx.lineage.log_metrics(run_id, {"reference_images": float(stats.count), "reference_parts": float(parts)},
+                            step=0)
+    print(f"[reference] {held} held-out images, {parts} part(s) -> {files.result}", flush=True)
+    return {"reference": files.result, "images": held, "parts": parts, "complete": True}
+
+
+# ----------------------------------------------------------------------------
+# The stage functions
+
+
+def reference(ctx: StageContext, run_id: str) -> dict:
+    """Part ctx.part of ctx.parts; with one part, also the reduction."""
+    t0 = time.time()
+    extractor = _extractor(ctx)
+    files = R.ReferenceFiles.of(ctx.layout, ctx.cfg, extractor)
+    index, held = _held_out(ctx)
+    _log(ctx, run_id, files, len(held))
+    computed = compute_part(ctx, extractor, files, index, held)
+    if ctx.parts == 1:
+        return reduce_parts(ctx, run_id, extractor, files, len(held), 1)
+    ctx.lineage.log_metrics(run_id, {"part_images": float(computed), "part_seconds": time.time() - t0},
+                            step=ctx.part)
+    return {"part": ctx.part, "parts": ctx.parts, "images": computed, "complete": False}
+
+
+def reference_reduce(ctx: StageContext, run_id: str) -> dict:
+    """Merge the reference array's parts; its completion record is the reference stage's."""
+    if ctx.parts != 1:
+        raise ValueError(f"reference-reduce runs as one process, got --count {ctx.parts}")
+    extractor = _extractor(ctx)
+    files = R.ReferenceFiles.of(ctx.layout, ctx.cfg, extractor)
+    _, held = _held_out(ctx)
+    parts = R.infer_parts(files)
+    missing = [i for i in range(parts) if not fsio.exists(ctx.layout.part_marker(0, "reference", i, parts))]
+    if missing:
+        raise ReferencePartsError(
+            f"reference part(s) {', '.join(map(str, missing))} of {parts} have no completion record (expected "
+            f"{ctx.layout.part_marker(0, 'reference', missing[0], parts)}): rerun `sims stage reference --index "
+            f"{missing[0]} --count {parts}`")
+    return reduce_parts(ctx, run_id, extractor, files, len(held), parts)
+
+
+__all__ = ["ReferencePartsError", "compute_part", "reference", "reference_reduce"]

@@ -1,0 +1,144 @@
+"""The reference stage: held-out images streamed through the feature network as a job array plus a reducer."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from sims_platform.config import config_from_dict
+from sims_platform.data import holdout_split, load_images
+from sims_platform.data.index import SourceIndex
+from sims_platform.evaluation.reference import ReferenceFiles, read_result
+from sims_platform.metrics import FeatureStats, feature_stats
+from sims_platform.pipeline.runner import open_run, stages_for
+from sims_platform.stages import StageContext, run_stage
+from sims_platform.stages.evaluate import _extractor
+from sims_platform.stages.evaluate import reference as evaluate_reference
+from sims_platform.stages.reference import ReferencePartsError
+
+from pipeline_support import tiny_config_dict
+
+MAX_SAMPLES = 50  # features kept for precision/recall: part 0's block (33 images) plus part of part 1's
+
+
+def ref_config(root: Path, batch_size: int = 16):
+    d = tiny_config_dict(str(root))
+    # 400 images, a quarter held out: 100 held-out images, batches of 16 (the last of each part is partial).
+    d["evaluate"].update(batch_size=batch_size, precision_recall={"max_samples": MAX_SAMPLES})
+    return config_from_dict(d)
+
+
+@pytest.fixture
+def run(tmp_path, monkeypatch):
+    """Stage contexts of a fresh run folder (its own MLflow store)."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+    def make(root: Path, batch_size: int = 16):
+        cfg = ref_config(root, batch_size)
+        layout, lineage, _ = open_run(cfg)
+        return lambda part=0, parts=1: StageContext(cfg, layout, 0, lineage, part=part, parts=parts)
+    return make
+
+
+@pytest.fixture
+def loaded(monkeypatch) -> list[int]:
+    """Every source index SourceIndex.load decodes from now on."""
+    seen: list[int] = []
+    original = SourceIndex.load
+
+    def load(self, indices):
+        seen.extend(int(i) for i in indices)
+        return original(self, indices)
+    monkeypatch.setattr(SourceIndex, "load", load)
+    return seen
+
+
+def assert_stats_close(a: FeatureStats, b: FeatureStats, rtol: float = 1e-9) -> None:
+    assert a.count == b.count
+    for x, y in ((a.sum, b.sum), (a.sum_outer, b.sum_outer)):
+        assert float((x - y).abs().max()) <= rtol * float(y.abs().max())
+
+
+def test_three_parts_equal_one_process_and_the_direct_statistics(run, tmp_path, loaded):
+    # One image per feature-network call: float32 features then do not depend on how images are batched,
+    # so any difference left is the merge's (float64 rounding, 1e-9).
+    ctx = run(tmp_path / "a", batch_size=1)
+    for i in (2, 0, 1):  # any order: the reducer merges in block order
+        result = run_stage(ctx(i, 3), "reference")
+        assert result["complete"] is False and result["parts"] == 3
+    reduced = run_stage(ctx(), "reference-reduce")
+    assert reduced["complete"] and reduced["images"] == 100 and reduced["parts"] == 3
+
+    # Only held-out images were decoded, each exactly once: never a training image.
+    cfg = ctx().cfg
+    train, held = holdout_split(load_images(cfg.data).labels, cfg.data.holdout_fraction, cfg.data.holdout_seed)
+    assert sorted(loaded) == held.tolist()
+    assert not set(loaded) & set(train.tolist())
+
+    extractor = _extractor(ctx())
+    streamed = read_result(ReferenceFiles.of(ctx().layout, cfg, extractor))
+    assert streamed is not None
+    stats, features = streamed
+    # The direct statistics of the held-out set, all in memory (what evaluate computed before this stage).
+    direct = ctx().reference.images
+    assert_stats_close(stats, feature_stats(extractor, direct, batch_size=1))
+    torch.testing.assert_close(features, extractor(direct[:MAX_SAMPLES]).float(), rtol=1e-5, atol=1e-5)
+    assert features.shape == (MAX_SAMPLES, extractor.dim)
+
+    # One process (another run folder, same classifier): the same statistics up to float64 rounding.
+    shutil.copytree(tmp_path / "a" / "features", tmp_path / "b" / "features",
+                    ignore=shutil.ignore_patterns("reference"))
+    one = run(tmp_path / "b", batch_size=1)
+    assert run_stage(one(), "reference")["complete"]
+    single, single_features = read_result(ReferenceFiles.of(one().layout, cfg, extractor))
+    assert_stats_close(stats, single)
+    assert torch.equal(features, single_features)
+
+
+def test_evaluate_uses_the_streamed_statistics(run, tmp_path, monkeypatch):
+    ctx = run(tmp_path / "a")
+    assert run_stage(ctx(), "reference")["complete"]
+    extractor = _extractor(ctx())
+    stored = read_result(ReferenceFiles.of(ctx().layout, ctx().cfg, extractor))
+
+    def no_images(self):
+        raise AssertionError("evaluate loaded the held-out images although the reference stage ran")
+    monkeypatch.setattr(StageContext, "reference", property(no_images))
+    stats, features = evaluate_reference(ctx(), extractor)
+    assert_stats_close(stats, stored[0], rtol=0)
+    assert torch.equal(features, stored[1])
+
+
+def test_reducer_names_missing_and_duplicated_parts(run, tmp_path):
+    ctx = run(tmp_path / "a")
+    for i in (0, 2):
+        run_stage(ctx(i, 3), "reference")
+    with pytest.raises(ReferencePartsError, match=r"part\(s\) 1 of 3 have no completion record"):
+        run_stage(ctx(), "reference-reduce")
+
+    run_stage(ctx(1, 3), "reference")
+    files = ReferenceFiles.of(ctx().layout, ctx().cfg, _extractor(ctx()))
+    part1 = Path(files.part(1, 3)[len("file://"):])
+    moved = part1.with_suffix(".bak")
+    part1.rename(moved)
+    with pytest.raises(ReferencePartsError, match=r"part 1 of 3: no file \(expected .*part-00001-of-00003.pt\)"):
+        run_stage(ctx(), "reference-reduce")
+    moved.rename(part1)
+
+    stale = Path(files.part(0, 2)[len("file://"):])
+    shutil.copy(Path(files.part(0, 3)[len("file://"):]), stale)
+    with pytest.raises(ReferencePartsError, match="different --count values .*duplicated"):
+        run_stage(ctx(), "reference-reduce")
+    stale.unlink()
+    assert run_stage(ctx(), "reference-reduce")["complete"]
+
+
+def test_runner_runs_the_stage_once_unless_published_statistics_are_named(tmp_path):
+    cfg = ref_config(tmp_path)
+    assert stages_for(cfg, 0)[0] == "reference" and "reference" not in stages_for(cfg, 1)
+    d = tiny_config_dict(str(tmp_path))
+    d["evaluate"].update(features="inception", inception_weights="/w.pth", reference="s3://refs/img512.pkl")
+    assert "reference" not in stages_for(config_from_dict(d), 0)
