@@ -4,6 +4,7 @@ Examples:
   sims validate pipelines/digits.yaml
   sims run --config pipelines/digits.yaml --out out/digits
   sims stage train-base --config pipelines/digits.yaml --iteration 0
+  sims stage generate --config pipelines/digits.yaml --device cpu
   sims run --config pipelines/digits.yaml --set seed=1 --set finetune_aux.images=8192 --dry-run
   sims import-edm2 edm2-img512-s-2147483-0.130.pkl s3://bucket/models/edm2-s.pt
 """
@@ -23,6 +24,8 @@ def _load(args: argparse.Namespace) -> PipelineConfig:
     overrides = list(args.set or [])
     if getattr(args, "out", None):
         overrides.append(f"storage.root={os.path.abspath(args.out)}")
+    if getattr(args, "device", None):
+        overrides.append(f"runtime.device={args.device}")  # validated with the rest of the config
     return load_config(args.config, overrides)
 
 
@@ -110,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="storage root (overrides storage.root), e.g. out/digits")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help=set_help)
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and stop")
+    p.add_argument("--device", help="where to compute: auto (default: cuda:LOCAL_RANK when a GPU is visible, "
+                   "else cpu), cpu, cuda or cuda:N; sets runtime.device")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("stage", help="run one stage of one iteration (resumes from its newest checkpoint)")
@@ -122,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "default: $JOB_COMPLETION_INDEX or 0")
     p.add_argument("--count", type=int, default=1, help="how many parts the stage is split into (default 1)")
     p.add_argument("--force", action="store_true", help="run even if the stage is marked complete")
+    p.add_argument("--device", help="where to compute: auto (default: cuda:LOCAL_RANK when a GPU is visible, "
+                   "else cpu), cpu, cuda or cuda:N; sets runtime.device")
     p.set_defaults(func=cmd_stage)
 
     p = sub.add_parser("local-cluster", help="run a pipeline as the cluster does, on this machine: torchrun "
