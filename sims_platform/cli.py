@@ -46,7 +46,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from sims_platform.pipeline.runner import run_pipeline
     from sims_platform.storage.layout import RunLayout
     from sims_platform.tracking import resolve_tracking_uri, ui_command
+    from sims_platform.utils.accel import resolve_device
 
+    resolve_device(cfg.runtime.device)  # a missing GPU fails before any stage starts
     run_pipeline(cfg)
     layout = RunLayout.of(cfg.storage.root)
     print(f"open the MLflow UI with:\n  {ui_command(resolve_tracking_uri(cfg, layout), layout)}", flush=True)
@@ -60,10 +62,13 @@ def cmd_stage(args: argparse.Namespace) -> int:
                           f"{cfg.iterations.count} (iterations are 0-based)")
     from sims_platform.pipeline.runner import open_run
     from sims_platform.stages import StageContext, run_stage
+    from sims_platform.utils.accel import resolve_device
+
+    device = resolve_device(cfg.runtime.device)  # before the run is opened: a missing GPU fails fast
 
     index = args.index if args.index is not None else int(os.environ.get("JOB_COMPLETION_INDEX", 0))
     layout, lineage, _ = open_run(cfg)
-    ctx = StageContext(cfg, layout, args.iteration, lineage, part=index, parts=args.count)
+    ctx = StageContext(cfg, layout, args.iteration, lineage, device=device, part=index, parts=args.count)
     result = run_stage(ctx, args.name, force=args.force)
     print(result, flush=True)
     return 0

@@ -15,6 +15,7 @@ from sims_platform.pipeline.runner import open_run
 from sims_platform.sampling.guidance import Guided, NetDenoiser, Unconditional
 from sims_platform.sampling.heun import seeded_noise
 from sims_platform.stages import StageContext, run_stage
+from sims_platform.storage.layout import RunLayout
 from sims_platform.utils.accel import resolve_device, tf32_policy
 
 from pipeline_support import tiny_config_dict
@@ -36,6 +37,12 @@ def context(cfg_dict: dict, **kw) -> StageContext:
     return StageContext(cfg, layout, 0, lineage, **kw)
 
 
+def bare_context(cfg_dict: dict, **kw) -> StageContext:
+    """Enough of a context to see its device and encoder (no run folder, no MLflow store)."""
+    cfg = config_from_dict(cfg_dict)
+    return StageContext(cfg, RunLayout.of(cfg.storage.root), 0, None, **kw)  # type: ignore[arg-type]
+
+
 # ----------------------------------------------------------------------------
 # Which device
 
@@ -43,20 +50,20 @@ def context(cfg_dict: dict, **kw) -> StageContext:
 def test_stage_context_picks_cuda_local_rank_when_cuda_is_visible(tmp_path, fake_cuda, monkeypatch):
     d = tiny_config_dict(str(tmp_path / "run"))
     monkeypatch.setenv("LOCAL_RANK", "2")  # torchrun / PyTorchJob
-    assert context(d).device == torch.device("cuda", 2)
+    assert bare_context(d).device == torch.device("cuda", 2)
     monkeypatch.delenv("LOCAL_RANK")  # an Indexed Job pod: one process, GPU 0
-    assert context(d).device == torch.device("cuda", 0)
-    assert context(d | {"runtime": {"device": "cuda:3"}}).device == torch.device("cuda", 3)
-    assert context(d | {"runtime": {"device": "cpu"}}).device == torch.device("cpu")
+    assert bare_context(d).device == torch.device("cuda", 0)
+    assert bare_context(d | {"runtime": {"device": "cuda:3"}}).device == torch.device("cuda", 3)
+    assert bare_context(d | {"runtime": {"device": "cpu"}}).device == torch.device("cpu")
     monkeypatch.setenv("LOCAL_RANK", "5")
     with pytest.raises(ConfigError, match="sees 4 GPU"):
-        context(d)
+        bare_context(d)
 
 
 def test_without_cuda_auto_is_the_cpu_and_asking_for_cuda_is_a_clear_error(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     d = tiny_config_dict(str(tmp_path / "run"))
-    assert context(d).device == torch.device("cpu")
+    assert bare_context(d).device == torch.device("cpu")
     with pytest.raises(ConfigError, match="CUDA is not available"):
         resolve_device("cuda:0")
     # The CLI override: validated with the config, reported without a traceback.
@@ -71,9 +78,9 @@ def test_without_cuda_auto_is_the_cpu_and_asking_for_cuda_is_a_clear_error(tmp_p
 
 def test_tf32_policy_is_applied_by_the_stage_context(tmp_path):
     d = tiny_config_dict(str(tmp_path / "run"))
-    context(d | {"runtime": {"tf32": True}})
+    bare_context(d | {"runtime": {"tf32": True}})
     assert tf32_policy() is True and torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
-    context(d)
+    bare_context(d)
     assert tf32_policy() is False and not torch.backends.cuda.matmul.allow_tf32
     assert not torch.backends.cudnn.allow_tf32
 
@@ -146,7 +153,7 @@ def test_latent_encoder_runs_its_vae_on_the_context_device(tmp_path):
                                                      "norm_num_groups": 4, "latent_channels": 4,
                                                      "down_block_types": ["DownEncoderBlock2D"] * 2,
                                                      "up_block_types": ["UpDecoderBlock2D"] * 2}}
-    ctx = context(d, device=torch.device("meta"))
+    ctx = bare_context(d, device=torch.device("meta"))
     assert {p.device for p in ctx.encoder.vae.parameters()} == {torch.device("meta")}
     assert ctx.encoder.mean.device == torch.device("meta")
 
