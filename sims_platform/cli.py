@@ -4,6 +4,7 @@ Examples:
   sims validate pipelines/digits.yaml
   sims run --config pipelines/digits.yaml --out out/digits
   sims stage train-base --config pipelines/digits.yaml --iteration 0
+  sims stage generate --config pipelines/digits.yaml --device cpu
   sims run --config pipelines/digits.yaml --set seed=1 --set finetune_aux.images=8192 --dry-run
   sims import-edm2 edm2-img512-s-2147483-0.130.pkl s3://bucket/models/edm2-s.pt
 """
@@ -23,6 +24,8 @@ def _load(args: argparse.Namespace) -> PipelineConfig:
     overrides = list(args.set or [])
     if getattr(args, "out", None):
         overrides.append(f"storage.root={os.path.abspath(args.out)}")
+    if getattr(args, "device", None):
+        overrides.append(f"runtime.device={args.device}")  # validated with the rest of the config
     return load_config(args.config, overrides)
 
 
@@ -43,7 +46,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from sims_platform.pipeline.runner import run_pipeline
     from sims_platform.storage.layout import RunLayout
     from sims_platform.tracking import resolve_tracking_uri, ui_command
+    from sims_platform.utils.accel import resolve_device
 
+    resolve_device(cfg.runtime.device)  # a missing GPU fails before any stage starts
     run_pipeline(cfg)
     layout = RunLayout.of(cfg.storage.root)
     print(f"open the MLflow UI with:\n  {ui_command(resolve_tracking_uri(cfg, layout), layout)}", flush=True)
@@ -57,10 +62,13 @@ def cmd_stage(args: argparse.Namespace) -> int:
                           f"{cfg.iterations.count} (iterations are 0-based)")
     from sims_platform.pipeline.runner import open_run
     from sims_platform.stages import StageContext, run_stage
+    from sims_platform.utils.accel import resolve_device
+
+    device = resolve_device(cfg.runtime.device)  # before the run is opened: a missing GPU fails fast
 
     index = args.index if args.index is not None else int(os.environ.get("JOB_COMPLETION_INDEX", 0))
     layout, lineage, _ = open_run(cfg)
-    ctx = StageContext(cfg, layout, args.iteration, lineage, part=index, parts=args.count)
+    ctx = StageContext(cfg, layout, args.iteration, lineage, device=device, part=index, parts=args.count)
     result = run_stage(ctx, args.name, force=args.force)
     print(result, flush=True)
     return 0
@@ -110,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="storage root (overrides storage.root), e.g. out/digits")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help=set_help)
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and stop")
+    p.add_argument("--device", help="where to compute: auto (default: cuda:LOCAL_RANK when a GPU is visible, "
+                   "else cpu), cpu, cuda or cuda:N; sets runtime.device")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("stage", help="run one stage of one iteration (resumes from its newest checkpoint)")
@@ -122,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "generate, evaluate); default: $JOB_COMPLETION_INDEX or 0")
     p.add_argument("--count", type=int, default=1, help="how many parts the stage is split into (default 1)")
     p.add_argument("--force", action="store_true", help="run even if the stage is marked complete")
+    p.add_argument("--device", help="where to compute: auto (default: cuda:LOCAL_RANK when a GPU is visible, "
+                   "else cpu), cpu, cuda or cuda:N; sets runtime.device")
     p.set_defaults(func=cmd_stage)
 
     p = sub.add_parser("local-cluster", help="run a pipeline as the cluster does, on this machine: torchrun "

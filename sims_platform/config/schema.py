@@ -185,6 +185,10 @@ class SamplerConfig(Strict):
     sigma_min: float = Field(0.002, gt=0)
     sigma_max: float = Field(80.0, gt=0)
     rho: float = Field(7.0, gt=0)
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="the U-Net's convolutions and matmuls under autocast in this dtype; the "
+        "preconditioning, log-variance and the sampler's state stay fp32/fp64 as in EDM2. fp16 is for GPUs "
+        "(EDM2 samples in fp16 on CUDA); bf16 also runs on CPUs")
 
     @model_validator(mode="after")
     def _order(self) -> SamplerConfig:
@@ -326,6 +330,19 @@ class PretrainedConfig(Strict):
                               "at 134 Mi images) instead of a snapshot of the base's own training")
 
 
+DEVICE_PATTERN = r"^(auto|cpu|cuda|cuda:\d+)$"
+
+
+class RuntimeConfig(Strict):
+    """Where every stage computes (sims_platform/utils/accel.py); `--device` on `sims run`/`sims stage` sets
+    runtime.device."""
+
+    device: str = Field("auto", pattern=DEVICE_PATTERN, description="auto: cuda:LOCAL_RANK when a GPU is "
+                        "visible (LOCAL_RANK from torchrun/PyTorchJob, else 0), else cpu; or cpu, cuda, cuda:N")
+    tf32: bool = Field(False, description="allow TF32 in CUDA fp32 matmuls and cuDNN convolutions (faster, "
+                       "~10-bit mantissa); off as in EDM2's training, so fp32 means fp32. Applied once per process")
+
+
 class StorageConfig(Strict):
     root: str = Field("file://./out/digits", description="URI of the run's folder (file://, s3://, ...)")
 
@@ -349,6 +366,7 @@ class PipelineConfig(Strict):
     evaluate: EvaluateConfig = EvaluateConfig()
     iterations: IterationsConfig = IterationsConfig()
     pretrained: PretrainedConfig = PretrainedConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
     storage: StorageConfig = StorageConfig()
     tracking: TrackingConfig = TrackingConfig()
 

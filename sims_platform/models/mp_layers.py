@@ -73,6 +73,31 @@ class MPFourier(nn.Module):
         return (y.cos() * math.sqrt(2)).to(x.dtype)
 
 
+class _WeightCache:
+    """MPConv's normalised weight in eval mode, keyed on the stored weight's identity and version.
+
+    Any in-place write through the parameter itself (optimizer steps, `load_state_dict`, Neon's `copy_`, EMA
+    `lerp_`) bumps `weight._version`; `.to()` or a replaced parameter change `data_ptr`. The source storage is
+    held so its address cannot be reused by a new weight while the key names it. A deep copy (Neon copies the
+    base) starts empty rather than duplicating the cached tensors. Writes through `weight.data` bypass the
+    version counter: nothing in the platform does that to an eval-mode network.
+    """
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.storage = None
+        self.tensors: dict[tuple, torch.Tensor] = {}
+
+    def __deepcopy__(self, memo) -> _WeightCache:
+        return _WeightCache()
+
+    def lookup(self, weight: torch.Tensor) -> dict[tuple, torch.Tensor]:
+        key = (weight._version, weight.data_ptr(), weight.device, weight.dtype, tuple(weight.shape))
+        if key != self.key:
+            self.key, self.storage, self.tensors = key, weight.untyped_storage(), {}
+        return self.tensors
+
+
 class MPConv(nn.Module):
     """Convolution (or linear layer when kernel is empty) with forced weight normalisation and no bias.
 
@@ -81,6 +106,8 @@ class MPConv(nn.Module):
     A DeepSpeed engine turns that in-place copy off (`inplace_normalize = False`): its master weights live
     in the optimizer (partitioned under ZeRO), so it re-normalises those after each step instead
     (sims_platform/training/ds_engine.py); the functional normalisation below keeps the output the same.
+    A frozen network (eval mode, no grad: every sampler's) normalises once and reuses the result until its
+    weight changes (_WeightCache); the output is bit for bit that of normalising at every call.
     """
 
     inplace_normalize: bool = True
@@ -89,15 +116,36 @@ class MPConv(nn.Module):
         super().__init__()
         self.out_channels = out_channels
         self.weight = nn.Parameter(torch.randn(out_channels, in_channels, *kernel))
+        self._cache = _WeightCache()
+
+    def _scaled(self, w: torch.Tensor, gain: float | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        w = w * (gain / math.sqrt(w[0].numel()))
+        return w.to(dtype)
+
+    def _frozen_weight(self, x: torch.Tensor, gain: float | torch.Tensor) -> torch.Tensor:
+        tensors = self._cache.lookup(self.weight)
+        if isinstance(gain, torch.Tensor):  # a learned gain (emb_gain, out_gain): cache the normalisation only
+            if "normalized" not in tensors:
+                tensors["normalized"] = normalize(self.weight.to(torch.float32))
+            return self._scaled(tensors["normalized"], gain, x.dtype)
+        # Also cast to what autocast would cast to, so the cast is cached too (the same values).
+        dev = x.device.type
+        target = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) and x.is_floating_point() \
+            else x.dtype
+        key = (float(gain), x.dtype, target)
+        if key not in tensors:
+            tensors[key] = self._scaled(normalize(self.weight.to(torch.float32)), gain, x.dtype).to(target)
+        return tensors[key]
 
     def forward(self, x: torch.Tensor, gain: float | torch.Tensor = 1.0) -> torch.Tensor:
-        w = self.weight.to(torch.float32)
-        if self.training and self.inplace_normalize:
-            with torch.no_grad():
-                self.weight.copy_(normalize(w))
-        w = normalize(w)
-        w = w * (gain / math.sqrt(w[0].numel()))
-        w = w.to(x.dtype)
+        if not self.training and not self.weight.requires_grad:
+            w = self._frozen_weight(x, gain)
+        else:
+            w = self.weight.to(torch.float32)
+            if self.training and self.inplace_normalize:
+                with torch.no_grad():
+                    self.weight.copy_(normalize(w))
+            w = self._scaled(normalize(w), gain, x.dtype)
         if w.ndim == 2:
             return x @ w.t()
         return F.conv2d(x, w, padding=(w.shape[-1] // 2,))

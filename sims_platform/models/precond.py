@@ -26,7 +26,9 @@ def one_hot_labels(labels: torch.Tensor | None, label_dim: int, batch: int, devi
     if labels is None:
         return torch.zeros(batch, label_dim, device=device)
     if labels.dtype in (torch.int64, torch.int32):
-        return nn.functional.one_hot(labels.long(), label_dim).to(torch.float32)
+        # A comparison rather than F.one_hot, whose range check reads the labels back to the host (a GPU sync).
+        classes = torch.arange(label_dim, device=labels.device)
+        return (labels.long()[:, None] == classes).to(torch.float32)
     return labels.to(torch.float32).reshape(-1, label_dim)
 
 
@@ -46,14 +48,19 @@ class Precond(nn.Module):
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, class_labels: torch.Tensor | None = None,
                 return_logvar: bool = False):
-        x = x.to(torch.float32)
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, 1, 1, 1)
-        sigma = sigma.expand(x.shape[0], 1, 1, 1)
-        labels = one_hot_labels(class_labels, self.label_dim, x.shape[0], x.device)
-        c_skip, c_out, c_in, c_noise = edm_coefficients(sigma, self.sigma_data)
+        # Under autocast (sampler.precision, distributed.precision bf16) only the U-Net's body runs in reduced
+        # precision; the preconditioning and the log-variance stay fp32, as EDM2 keeps them.
+        fp32 = torch.autocast(x.device.type, enabled=False)
+        with fp32:
+            x = x.to(torch.float32)
+            sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, 1, 1, 1)
+            sigma = sigma.expand(x.shape[0], 1, 1, 1)
+            labels = one_hot_labels(class_labels, self.label_dim, x.shape[0], x.device)
+            c_skip, c_out, c_in, c_noise = edm_coefficients(sigma, self.sigma_data)
         f_x = self.unet(c_in * x, c_noise.flatten(), labels)
-        d_x = c_skip * x + c_out * f_x.to(torch.float32)
-        if not return_logvar:
-            return d_x
-        logvar = self.logvar_linear(self.logvar_fourier(c_noise.flatten())).reshape(-1, 1, 1, 1)
+        with fp32:
+            d_x = c_skip * x + c_out * f_x.to(torch.float32)
+            if not return_logvar:
+                return d_x
+            logvar = self.logvar_linear(self.logvar_fourier(c_noise.flatten())).reshape(-1, 1, 1, 1)
         return d_x, logvar

@@ -45,7 +45,8 @@ class Block(nn.Module):
             x = normalize(x, dim=1)
 
         y = self.conv_res0(mp_silu(x))
-        c = self.emb_linear(emb, gain=self.emb_gain) + 1
+        with torch.autocast(emb.device.type, enabled=False):  # the embedding path stays fp32, as in EDM2
+            c = self.emb_linear(emb, gain=self.emb_gain) + 1
         y = mp_silu(y * c[:, :, None, None].to(y.dtype))
         if self.training and self.dropout:
             y = nn.functional.dropout(y, p=self.dropout)
@@ -126,12 +127,14 @@ class UNet(nn.Module):
         self.out_conv = MPConv(cout, img_channels, (3, 3))
 
     def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
-        emb = self.emb_noise(self.emb_fourier(noise_labels))
-        if self.emb_label is not None:
-            # One-hot scaled to unit RMS; an all-zero vector is the unconditional model (CFG).
-            emb = mp_sum(emb, self.emb_label(class_labels * math.sqrt(class_labels.shape[1])),
-                         t=self.label_balance)
-        emb = mp_silu(emb)
+        # The embedding stays fp32 under autocast (EDM2 casts only the image path to fp16); it is tiny.
+        with torch.autocast(noise_labels.device.type, enabled=False):
+            emb = self.emb_noise(self.emb_fourier(noise_labels.to(torch.float32)))
+            if self.emb_label is not None:
+                # One-hot scaled to unit RMS; an all-zero vector is the unconditional model (CFG).
+                emb = mp_sum(emb, self.emb_label(class_labels * math.sqrt(class_labels.shape[1])),
+                             t=self.label_balance)
+            emb = mp_silu(emb)
 
         x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
         skips = []

@@ -6,6 +6,7 @@ import torch
 
 from sims_platform.config.schema import SamplerConfig
 from sims_platform.sampling.guidance import Denoiser
+from sims_platform.utils.accel import autocast
 
 
 def sigma_steps(cfg: SamplerConfig, device: torch.device | None = None) -> torch.Tensor:
@@ -21,25 +22,42 @@ def sigma_steps(cfg: SamplerConfig, device: torch.device | None = None) -> torch
 
 
 def heun_sample(denoise: Denoiser, noise: torch.Tensor, labels: torch.Tensor | None, cfg: SamplerConfig) -> torch.Tensor:
-    """Integrate the probability-flow ODE from sigma_max * noise to sigma = 0 (2N-1 denoiser calls)."""
+    """Integrate the probability-flow ODE from sigma_max * noise to sigma = 0 (2N-1 denoiser calls).
+
+    Runs where `noise` is; cfg.precision applies to the denoiser calls only (autocast), while the ODE state
+    stays float64. Nothing here reads a value back to the host, so a GPU runs the steps without a sync.
+    """
     t = sigma_steps(cfg, noise.device)
     x = noise.to(torch.float64) * t[0]
+
+    def d(x_: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        with autocast(noise.device, cfg.precision):
+            out = denoise(x_.float(), sigma.float(), labels)
+        return out.double()
+
     for i, (t_cur, t_next) in enumerate(zip(t[:-1], t[1:])):
-        d_cur = (x - denoise(x.float(), t_cur.float(), labels).double()) / t_cur
+        d_cur = (x - d(x, t_cur)) / t_cur
         x_next = x + (t_next - t_cur) * d_cur
         if i < cfg.steps - 1:  # 2nd-order correction everywhere but the last step to sigma = 0
-            d_prime = (x_next - denoise(x_next.float(), t_next.float(), labels).double()) / t_next
+            d_prime = (x_next - d(x_next, t_next)) / t_next
             x_next = x + (t_next - t_cur) * (0.5 * d_cur + 0.5 * d_prime)
         x = x_next
     return x.float()
 
 
-def seeded_noise(seeds: torch.Tensor, shape: tuple[int, ...], device: torch.device | None = None) -> torch.Tensor:
-    """One independent generator per seed, so a sample depends only on its seed, not its batch."""
-    out = torch.empty(len(seeds), *shape)
-    for j, s in enumerate(seeds.tolist()):
-        out[j] = torch.randn(shape, generator=torch.Generator().manual_seed(int(s)))
-    return out.to(device) if device is not None else out
+def seeded_noise(seeds: torch.Tensor, shape: tuple[int, ...], device: torch.device | str | None = None) -> torch.Tensor:
+    """One independent generator per seed, so a sample depends only on its seed, not its batch.
+
+    The generators live on `device` and draw there: a GPU gets no host-side draw and no copy. CPU and CUDA
+    generators are different algorithms (Mersenne Twister vs Philox), so the same seed gives other noise on a
+    GPU than on the CPU; on each device a seed always gives the same noise (docs/devices.md).
+    """
+    device = torch.device("cpu") if device is None else torch.device(device)
+    seeds = seeds.tolist() if isinstance(seeds, torch.Tensor) else list(seeds)
+    out = torch.empty(len(seeds), *shape, device=device)
+    for j, s in enumerate(seeds):
+        out[j] = torch.randn(shape, generator=torch.Generator(device=device).manual_seed(int(s)), device=device)
+    return out
 
 
 # Labels use a different stream than the noise of the same seed.

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 
 import torch
@@ -16,6 +16,7 @@ from sims_platform.models.pretrained import read_network
 from sims_platform.storage import fsio
 from sims_platform.storage.layout import RunLayout
 from sims_platform.tracking import Lineage
+from sims_platform.utils.accel import apply_tf32, resolve_device
 
 # Seed streams: each (iteration, purpose) owns a disjoint range of 10^9 sample seeds. "tuning" is for choices made
 # before the evaluation (e.g. the sampler's step count, benchmarks/sampler_convergence.py), never reported on.
@@ -35,13 +36,17 @@ class StageContext:
     layout: RunLayout
     iteration: int
     lineage: Lineage
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    # None: from runtime.device (cuda:LOCAL_RANK when a GPU is visible, else the CPU); see utils/accel.py
+    device: torch.device | None = None
     part: int = 0   # this worker's index in a job-array stage (JOB_COMPLETION_INDEX in an Indexed Job)
     parts: int = 1  # how many workers share the stage
 
     def __post_init__(self) -> None:
         if not 0 <= self.part < self.parts:
             raise ValueError(f"--index {self.part} is outside 0..{self.parts - 1} (--count {self.parts})")
+        self.device = torch.device(self.device) if self.device is not None else \
+            resolve_device(self.cfg.runtime.device)
+        apply_tf32(self.cfg.runtime.tf32)
 
     # -- data ------------------------------------------------------------------
     @cached_property
@@ -61,7 +66,7 @@ class StageContext:
 
     @cached_property
     def encoder(self) -> Encoder:
-        return build_encoder(self.cfg.encoder, self.cfg.data.channels)
+        return build_encoder(self.cfg.encoder, self.cfg.data.channels, self.device)
 
     @cached_property
     def real_encoded(self) -> tuple[torch.Tensor, torch.Tensor]:

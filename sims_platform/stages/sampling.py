@@ -14,10 +14,15 @@ from sims_platform.storage import fsio
 
 
 def sample_batch(ctx: StageContext, denoise: Denoiser, seeds: torch.Tensor, sampler: SamplerConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Model-space samples for these seeds; each sample depends only on its seed."""
+    """Model-space samples for these seeds (on the CPU, with their labels); each depends only on its seed.
+
+    Noise and labels are made on ctx.device, where ctx.load_model put the networks; sampler.precision sets the
+    autocast dtype of the network calls.
+    """
     noise = seeded_noise(seeds, ctx.shape(), ctx.device)
     labels = seeded_labels(seeds, ctx.cfg.data.num_classes)
-    return heun_sample(denoise, noise, labels, sampler).cpu(), labels
+    on_device = labels.to(ctx.device) if labels is not None else None
+    return heun_sample(denoise, noise, on_device, sampler).cpu(), labels
 
 
 def write_samples(ctx: StageContext, denoise: Denoiser, uri: str, stream: str, total: int, batch_size: int,

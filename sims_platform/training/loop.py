@@ -153,7 +153,7 @@ def train(net: Precond, data: torch.Tensor | ShardStream, labels: torch.Tensor |
     engine, ema, images, step = _start(net, cfg, ckpt, plan, device, main, init_optimizer)
 
     losses: list[tuple[int, float]] = []
-    window: list[float] = []
+    window: list[torch.Tensor] = []
     next_log = (images // cfg.log_images + 1) * cfg.log_images
     next_ckpt = (images // cfg.checkpoint_images + 1) * cfg.checkpoint_images
     pending_snaps = sorted(s for s in cfg.snapshots if s > images)
@@ -173,13 +173,15 @@ def train(net: Precond, data: torch.Tensor | ShardStream, labels: torch.Tensor |
             d = draw_stream_batch(stream, mine[0][0], mine[-1][1], tuple(data.manifest["shape"]), cfg,
                                   net.label_dim, batch, gen, posterior)
         engine.set_lr(learning_rate(cfg.optimizer, schedule_offset + images + batch))
-        step_loss = 0.0
+        # Summed on the device in float64, in the order a Python float sum would take, and read back only at
+        # log points: a per-step .item() would stall the GPU's queue at every micro-batch.
+        step_loss = torch.zeros((), dtype=torch.float64, device=device)
         for lo, hi in micro_slices(batch, plan, rank):
             with engine.autocast():
                 per = per_sample_loss(engine.forward, d.rows(lo, hi, device), cfg.p_mean, cfg.p_std)
             loss = per.sum() / batch  # this slice's share of the global batch mean
             engine.backward(loss)
-            step_loss += loss.item()
+            step_loss = step_loss + loss.detach().to(torch.float64)
         engine.step()
         images += batch
         step += 1
@@ -189,10 +191,10 @@ def train(net: Precond, data: torch.Tensor | ShardStream, labels: torch.Tensor |
         engine.post_step()
         window.append(step_loss)
         if progress is not None:
-            progress.update(images, loss=window[-1])
+            progress.update(images, loss=step_loss)  # a 0-d tensor: read only when a line is printed
 
         if images >= next_log or images >= cfg.images:
-            mean_loss = _global_sum(sum(window), world) / len(window)
+            mean_loss = _global_sum(sum(torch.stack(window).tolist()), world) / len(window)  # the one sync
             losses.append((images, mean_loss))
             if on_log and main:
                 on_log(images, {"loss": mean_loss, "lr": engine.lr()})

@@ -15,11 +15,11 @@ class Progress:
         self.interval = float(os.environ.get("SIMS_PROGRESS_INTERVAL", 10.0)) if interval is None else interval
         self.start_done = self.done = done
         self.t0 = self.last = time.monotonic()
-        self.extra: dict[str, float] = {}
+        self.extra: dict[str, object] = {}  # floats, or 0-d tensors read back only when a line is printed
         if done:
             self._emit(prefix="resumed at ")
 
-    def update(self, done: int, **extra: float) -> None:
+    def update(self, done: int, **extra: object) -> None:
         self.done = done
         self.extra = extra
         now = time.monotonic()
