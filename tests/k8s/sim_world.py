@@ -40,6 +40,7 @@ class World:
         self.oom = dict(oom or {})            # (step, index) -> how many times it is OOM-killed
         self.resumed: list[tuple[str, int]] = []  # (pod, images it resumed from)
         self.logs: list[str] = []
+        self._born: dict[str, int] = {}  # workload name -> tick it first appeared (since_created)
         self.cluster = SimCluster(NS, self.program)
         self.cluster.crds |= {"pytorchjobs", "trainjobs", "trainingruntimes"}
         for i in range(2):
@@ -73,6 +74,22 @@ class World:
         self.text, self.docs, self.spec = text, docs, run_specs(text)[0]
 
     # -- the stand-in containers -----------------------------------------------------------------------
+    def reference_done(self) -> World:
+        """Record the run-level reference stage as complete, so the run's first workload is train-base's (tests of
+        a training stage's pods)."""
+        fsio.write_json(self.layout.done_marker(0, "reference"), {"result": {}})
+        return self
+
+    def since_created(self, name: str) -> int:
+        """Ticks since a workload of this name appeared in the cluster, -1 while it does not exist (called once per
+        tick, e.g. from a driver's sleep, it marks a point in the run independent of the stages before it)."""
+        if name not in self._born:
+            if not any(key == (kind, name) for kind in ("pytorchjobs", "trainjobs", "jobs")
+                       for key in self.cluster.objects):
+                return -1
+            self._born[name] = self.cluster.now
+        return self.cluster.now - self._born[name]
+
     def program(self, pod: dict):
         step = pod["metadata"]["labels"]["sims.io/step"]
         return self.training if step in TRAINING_STAGES else self.job_step

@@ -14,6 +14,9 @@ from sims_platform.k8s.ownership import owner_uri
 from sims_platform.storage import fsio
 
 
+TRAIN_BASE = "digits-dev-i00-train-base"
+
+
 class Killed(Exception):
     """The driver's pod died (raised from its sleep)."""
 
@@ -88,7 +91,7 @@ def test_helm_upgrade_mid_run_never_mixes_two_configs(helm, tmp_path):
     def dying(_s):
         w.cluster.tick()
         ticks["n"] += 1
-        if ticks["n"] == 3:
+        if w.since_created(TRAIN_BASE) >= 1:  # training has started (after the run-level reference stage)
             raise Killed
     with pytest.raises(Killed):
         w.drive(sleep=dying)
@@ -112,7 +115,8 @@ def test_helm_upgrade_mid_run_never_mixes_two_configs(helm, tmp_path):
 def test_uninstall_collects_workloads_through_owner_references(helm, tmp_path):
     w = World(helm, str(tmp_path / "run"))
     with pytest.raises(Killed):
-        w.drive(sleep=lambda s: (w.cluster.tick(), (_ for _ in ()).throw(Killed) if w.cluster.now >= 3 else None))
+        w.drive(sleep=lambda s: (w.cluster.tick(),
+                                 (_ for _ in ()).throw(Killed) if w.since_created(TRAIN_BASE) >= 1 else None))
     assert [k for k in w.cluster.objects if k[0] == "pytorchjobs"] and w.cluster.pods
     w.cluster.helm_uninstall(w.docs)
     assert not [k for k in w.cluster.objects if k[0] in ("jobs", "pytorchjobs", "configmaps")]
@@ -143,7 +147,7 @@ def test_restarted_driver_adopts_and_never_duplicates(helm, tmp_path):
     def dying(_s):
         w.cluster.tick()
         ticks["n"] += 1
-        if ticks["n"] == 3:
+        if w.since_created(TRAIN_BASE) >= 1:  # training has started (after the run-level reference stage)
             raise Killed
     with pytest.raises(Killed):
         w.drive(sleep=dying)

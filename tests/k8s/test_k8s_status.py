@@ -17,6 +17,9 @@ class Killed(Exception):
     """The driver's pod died (raised from its sleep): the run is left as it was, for `sims status` to read."""
 
 
+TRAIN_BASE = "digits-dev-i00-train-base"  # the first workload after the run-level reference stage
+
+
 def drive_until(w: World, stop, most: int = 60, before=lambda: None) -> None:
     """Run the driver until stop() is true after a tick (or `most` ticks), then kill it; before() runs
     ahead of every tick (after the driver's preflight)."""
@@ -39,10 +42,11 @@ def status(w: World) -> tuple[str, dict]:
 
 
 def test_a_deleted_s3_secret_shows_as_the_stage_pods_waiting_reason(helm, tmp_path):
-    w = World(helm, str(tmp_path / "run"), "s3.secretName=sims-s3")
+    w = World(helm, str(tmp_path / "run"), "s3.secretName=sims-s3").reference_done()
     w.cluster.put("secrets", {"metadata": {"name": "sims-s3"}})
     # the Secret goes away once the run started (rotated, deleted by hand): the preflight passed
-    drive_until(w, lambda: w.cluster.now >= 4, before=lambda: w.cluster.objects.pop(("secrets", "sims-s3"), None))
+    drive_until(w, lambda: w.since_created(TRAIN_BASE) >= 2,
+                before=lambda: w.cluster.objects.pop(("secrets", "sims-s3"), None))
     text, by = status(w)
     row = by[(0, "train-base")]
     assert row.state.startswith("Running") or row.state.startswith("Waiting"), row
@@ -53,21 +57,21 @@ def test_a_deleted_s3_secret_shows_as_the_stage_pods_waiting_reason(helm, tmp_pa
 
 
 def test_an_unschedulable_stage_shows_the_schedulers_message(helm, tmp_path):
-    w = World(helm, str(tmp_path / "run"))
+    w = World(helm, str(tmp_path / "run")).reference_done()
     w.cluster.nodes = {"gpu-0": Node("gpu-0", {"pool": "gpu"}, [GPU_TAINT])}  # nothing tolerates the taint
-    drive_until(w, lambda: w.cluster.now >= 3)
+    drive_until(w, lambda: w.since_created(TRAIN_BASE) >= 1)
     text, by = status(w)
     assert any(n.endswith("Pending: Unschedulable: 0/1 nodes are available") for n in by[(0, "train-base")].notes)
     assert "Pending: Unschedulable: 0/1 nodes are available" in text
 
 
 def test_a_workload_kueue_does_not_admit_says_so_and_why(helm, tmp_path):
-    w = World(helm, str(tmp_path / "run"), "queue=sims-gpu")
+    w = World(helm, str(tmp_path / "run"), "queue=sims-gpu").reference_done()
     c = w.cluster
     c.crds |= {"localqueues", "workloads"}
     c.put("localqueues", {"metadata": {"name": "sims-gpu"}, "spec": {"clusterQueue": "gpu"}})
     c.kueue = {"flavors": [{"name": "gpu", "resources": ["nvidia.com/gpu"]}]}  # no CPU/memory quota at all
-    drive_until(w, lambda: c.now >= 3)
+    drive_until(w, lambda: w.since_created(TRAIN_BASE) >= 1)
     text, by = status(w)
     row = by[(0, "train-base")]
     assert row.state == "Waiting for Kueue admission"

@@ -41,7 +41,8 @@ def world(rendered, tmp_path):
 def test_status_table_from_cluster_and_storage(world):
     spec, cluster, layout, tmp = world
     from sims_platform.k8s.workloads import plan
-    ws = plan(spec.cfg, spec.settings)
+    ws = {(w.iteration, w.step): w for w in plan(spec.cfg, spec.settings)}
+    gen, aux = ws[(0, "generate")], ws[(0, "finetune-aux")]
     # train-base finished long ago (TTL deleted it; storage remembers), generate is running, finetune queued
     (tmp / "run").mkdir()
     (tmp / "run" / "run.json").write_text(json.dumps(
@@ -50,12 +51,12 @@ def test_status_table_from_cluster_and_storage(world):
     import os
     os.makedirs(os.path.dirname(marker))
     open(marker, "w").write(json.dumps({"mlflow_run_id": "r1", "result": {}}))
-    cluster.create("jobs", ws[1].body)
-    cluster.read("jobs", ws[1].name)
-    cluster.read("jobs", ws[1].name)  # now running
-    cluster.scripts[ws[2].name] = PTJ_SUSPENDED
-    cluster.create("pytorchjobs", ws[2].body)
-    cluster.read("pytorchjobs", ws[2].name)
+    cluster.create("jobs", gen.body)
+    cluster.read("jobs", gen.name)
+    cluster.read("jobs", gen.name)  # now running
+    cluster.scripts[aux.name] = PTJ_SUSPENDED
+    cluster.create("pytorchjobs", aux.body)
+    cluster.read("pytorchjobs", aux.name)
     cluster.pods.append({"metadata": {"name": "p0", "labels": {"sims.io/run": "digits-dev", "sims.io/iteration": "0",
                                                                "sims.io/step": "generate"}},
                          "status": {"conditions": [{"type": "Ready", "status": "True"}]}})
