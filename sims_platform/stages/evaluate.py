@@ -30,6 +30,7 @@ from sims_platform.stages.context import StageContext, sample_seeds
 from sims_platform.stages.sampling import sample_batch
 from sims_platform.storage import fsio
 from sims_platform.tracking import fid_plot_png, image_grid_png, iteration_result, update_summary
+from sims_platform.tracking.summary_metrics import log_iteration_results
 from sims_platform.utils.progress import Progress
 
 
@@ -330,7 +331,8 @@ def write_results(ctx: StageContext, run_id: str, merged: dict[str, tuple[Featur
     lin.log_metrics(run_id, {"fid_base": fid.get("0.0", float("nan")), "fid_best": fid[best],
                              "best_w": float(best)}, step=0)
     # The run's summary grows as each iteration's evaluation completes, whichever launcher ran it.
-    update_summary(layout, iteration_result(k, {float(w): v for w, v in fid.items()}), lin.pipeline_id)
+    log_iteration_results(lin, update_summary(layout, iteration_result(k, {float(w): v for w, v in fid.items()}),
+                                              lin.pipeline_id), k)
     return {"fid": fid, "best_w": float(best), "complete": True}
 
 
