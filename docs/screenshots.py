@@ -16,6 +16,7 @@ import argparse
 import io
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -231,6 +232,7 @@ def main() -> int:
             finally:
                 browser.close()
         if args.keep_open:
+            signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop the server on `kill` too
             print(f"MLflow UI: {url}/#/experiments/{ids['experiment']}/runs (Ctrl-C stops it)", flush=True)
             try:
                 while True:

@@ -23,7 +23,7 @@ from sims_platform.pipeline.runner import end_interrupted_runs, open_run, run_pi
 from sims_platform.stages import StageContext, run_stage
 from sims_platform.storage import fsio
 from sims_platform.tracking.datasets import content_digest
-from sims_platform.tracking.summary_metrics import row_metrics
+from sims_platform.tracking.summary_metrics import log_iteration_results, row_metrics
 
 SIMS = [sys.executable, "-m", "sims_platform.cli"]
 
@@ -112,6 +112,44 @@ def test_finished_pipeline_as_the_ui_shows_it(server, tmp_path):
     assert [m.step for m in client.get_metric_history(pipe, "best_w")] == [0, 1]
     plots = {a.path for a in client.list_artifacts(pipe, "fid_vs_w")} | {a.path for a in client.list_artifacts(pipe)}
     assert {"fid_vs_w/iter-0.png", "fid_vs_w/iter-1.png", "fid_vs_w.png"} <= plots
+
+
+# ----------------------------------------------------------------------------
+# Summary rows that compare guidance methods (several methods, repeats, precision/recall)
+
+
+def methods_row(k: int, shift: float) -> dict:
+    per_method = {
+        "sims": {"fid": {"0.0": 30.0 - shift, "1.0": 20.0 - shift}, "fid_sd": {"0.0": 0.5, "1.0": 0.4},
+                 "precision": 0.7, "recall": 0.6, "best_w": 1.0, "fid_best": 20.0 - shift, "nfe_per_sample": 38},
+        "neon": {"fid": {"0.0": 30.0 - shift, "-0.5": 25.0}, "fid_sd": None, "precision": None, "recall": None,
+                 "best_w": -0.5, "fid_best": 25.0, "nfe_per_sample": 19},
+    }
+    return {"iteration": k, "fid": per_method["sims"]["fid"], "fid_sd": {"0.0": 0.5, "1.0": 0.4},
+            "precision": 0.7, "recall": 0.6, "best_w": 1.0, "fid_base": 30.0 - shift, "fid_best": 20.0 - shift,
+            "sampler_steps": 10, "repeats": 3, "methods": per_method}
+
+
+def test_rows_comparing_methods_become_metrics_per_method(server, tmp_path):
+    cfg = config_from_dict(small(tmp_path / "run", server, "ui-methods", count=2))
+    layout, lineage, pipe = open_run(cfg)
+    rows = [methods_row(0, 0.0), methods_row(1, 5.0)]
+    for k in (0, 1):
+        logged = log_iteration_results(lineage, {"iterations": rows[: k + 1]}, k)
+        assert logged["sims.fid_best"] == rows[k]["fid_best"] and logged["neon.best_w"] == -0.5
+        assert logged["neon.fid_w_-0.5"] == 25.0 and logged["sims.fid_sd_w_1.0"] == 0.4
+        assert "neon.precision" not in logged and "iteration" not in logged  # nulls and the step are left out
+    client = MlflowClient(server)
+    history = client.get_metric_history(pipe, "sims.fid_best")
+    assert sorted((m.step, m.value) for m in history) == [(0, 20.0), (1, 15.0)]
+    it1 = client.get_run(lineage.iteration_run(1))
+    assert it1.data.metrics["fid_base"] == 25.0 and it1.data.metrics["neon.nfe_per_sample"] == 19
+    assert {a.path for a in client.list_artifacts(pipe, "fid_vs_w")} == {"fid_vs_w/iter-0.png", "fid_vs_w/iter-1.png"}
+    # Today's rows (no methods) give the plain names.
+    plain = {"iteration": 0, "fid": {"0.0": 3.0, "1.0": None}, "best_w": 0.0, "fid_base": 3.0, "fid_best": 3.0}
+    assert row_metrics(plain) == {"fid_w_0.0": 3.0, "best_w": 0.0, "fid_base": 3.0, "fid_best": 3.0}
+    with pytest.raises(ValueError, match="no row for iteration 5"):
+        log_iteration_results(lineage, {"iterations": rows}, 5)
 
 
 # ----------------------------------------------------------------------------
