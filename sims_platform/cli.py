@@ -60,7 +60,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
     if args.iteration >= cfg.iterations.count:
         raise ConfigError(f"--iteration {args.iteration}: the pipeline has iterations.count = "
                           f"{cfg.iterations.count} (iterations are 0-based)")
-    from sims_platform.pipeline.runner import open_run
+    from sims_platform.pipeline.runner import close_complete_runs, open_run
     from sims_platform.stages import StageContext, run_stage
     from sims_platform.utils.accel import resolve_device
 
@@ -70,6 +70,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
     layout, lineage, _ = open_run(cfg)
     ctx = StageContext(cfg, layout, args.iteration, lineage, device=device, part=index, parts=args.count)
     result = run_stage(ctx, args.name, force=args.force)
+    close_complete_runs(ctx)
     print(result, flush=True)
     return 0
 

@@ -39,12 +39,42 @@ def open_run(cfg: PipelineConfig) -> tuple[RunLayout, Lineage, str]:
     return layout, lineage, lineage.pipeline_run(cfg)
 
 
+def iteration_complete(cfg: PipelineConfig, layout: RunLayout, k: int) -> bool:
+    """Every stage of iteration k's plan has its completion record."""
+    return all(fsio.exists(layout.done_marker(k, s)) for s in stages_for(cfg, k))
+
+
+def close_complete_runs(ctx: StageContext) -> None:
+    """Finish ctx's iteration run once its whole plan is complete, and the pipeline run once every iteration is.
+
+    Level-triggered (it reads the completion records, not which stage just ran), so every launcher calls it
+    after each stage: the local runner, `sims stage` in a pod, a rerun with --force or after a kill.
+    """
+    cfg, layout, lin, k = ctx.cfg, ctx.layout, ctx.lineage, ctx.iteration
+    if not lin.writes or not iteration_complete(cfg, layout, k):
+        return
+    lin.finish_if_running(lin.iteration_run(k))
+    if all(iteration_complete(cfg, layout, j) for j in range(cfg.iterations.count)):
+        lin.finish_if_running(lin.pipeline_id)
+
+
+def end_interrupted_runs(cfg: PipelineConfig, layout: RunLayout, lineage: Lineage) -> None:
+    """A new attempt of the whole pipeline: end the runs a killed attempt left RUNNING (see Lineage)."""
+    ended = lineage.end_interrupted(
+        stage_complete=lambda k, stage: fsio.exists(layout.done_marker(k or 0, stage)),
+        iteration_complete=lambda k: k < cfg.iterations.count and iteration_complete(cfg, layout, k))
+    if ended:
+        print(f"ended runs left RUNNING by an earlier attempt: {', '.join(ended)}", flush=True)
+
+
 def run_pipeline(cfg: PipelineConfig) -> dict:
     layout, lineage, parent = open_run(cfg)
+    end_interrupted_runs(cfg, layout, lineage)
     for k in range(cfg.iterations.count):
         ctx = StageContext(cfg, layout, k, lineage)
         for stage in stages_for(cfg, k):
             run_stage(ctx, stage)
+            close_complete_runs(ctx)
     # Each evaluate completion updated summary.json; keep this run's iterations (a shorter rerun drops the rest).
     rows = [r for r in read_summary(layout)["iterations"] if r["iteration"] < cfg.iterations.count]
     summary = write_summary(layout, rows, parent)

@@ -50,8 +50,9 @@ def run_stage(ctx: StageContext, stage: str, force: bool = False) -> dict:
     t0 = time.time()
     try:
         result = STAGE_FUNCS[stage](ctx, run_id)
-    except BaseException:
-        ctx.lineage.finish(run_id, "FAILED")  # a no-op on ranks other than 0
+    except BaseException as err:
+        # The stage, its iteration and the pipeline end FAILED (KILLED on Ctrl-C); a retry reopens them.
+        ctx.lineage.end_with_ancestors(run_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise
     if not ctx.lineage.writes:
         return result  # ranks other than 0 of a distributed stage: rank 0 records completion

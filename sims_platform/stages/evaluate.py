@@ -24,6 +24,7 @@ from sims_platform.stages.context import StageContext, sample_seeds
 from sims_platform.stages.sampling import sample_batch
 from sims_platform.storage import fsio
 from sims_platform.tracking import fid_curves_png, image_grid_png, update_summary
+from sims_platform.tracking.summary_metrics import log_iteration_results
 from sims_platform.utils.progress import Progress
 
 EvaluatePartsError = P.EvaluatePartsError
@@ -168,7 +169,7 @@ def write_results(ctx: StageContext, run_id: str, merged: dict[str, P.ArmData]) 
     fsio.write_json(fsio.join(out, "results.json"), {"row": row, "per_arm": per_arm})
     fsio.write_json(fsio.join(out, "fid.json"), row["fid"])
     # The run's summary grows as each iteration's evaluation completes, whichever launcher ran it.
-    update_summary(layout, row, lin.pipeline_id)
+    log_iteration_results(lin, update_summary(layout, row, lin.pipeline_id), k)
     return {"row": row, "best_w": row["best_w"], "complete": True}
 
 

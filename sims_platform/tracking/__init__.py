@@ -19,6 +19,7 @@ from sims_platform.tracking.results import (
     update_summary,
     write_summary,
 )
+from sims_platform.tracking.summary_metrics import log_iteration_results
 
 __all__ = [
     "Lineage",
@@ -30,6 +31,7 @@ __all__ = [
     "format_table",
     "image_grid_png",
     "local_store",
+    "log_iteration_results",
     "process_rank",
     "read_summary",
     "resolve_tracking_uri",

@@ -20,7 +20,16 @@ Tags (the lineage contract; query them in the UI search box, e.g. tags.`sims.sta
 - ``sims.input.<name>`` / ``sims.output.<name>``: URIs a stage read / wrote (`Lineage.link`). A model
   and the data that fed it are joined by equal URIs: e.g. iter-1/train-base's ``sims.input.synthetic``
   equals iter-0/feed's ``sims.output.shards``. `Lineage.producers_of(uri)` answers that question.
-  Inputs are also logged as MLflow datasets (the run page's "Datasets used"), named by their key.
+  Inputs are also logged as MLflow datasets (the run page's "Datasets used"), named by their key, with
+  a digest of a shard set's checksums (tracking.datasets).
+
+Status (every run ends in a true one): a stage run is RUNNING while a process works on it and FINISHED when
+the stage completes; starting a stage marks its iteration and pipeline runs RUNNING again; a failed stage
+ends its own, its iteration's and the pipeline's run FAILED (KILLED on Ctrl-C). The launchers finish an
+iteration run once every stage of its plan is complete, and the pipeline run once every iteration is
+(pipeline.runner.close_complete_runs). A new local attempt first ends what a killed one left RUNNING
+(`end_interrupted`). The experiment is tagged as model training (mlflow.experimentKind), so MLflow 3's UI
+opens it on the runs table rather than its GenAI views.
 
 At a distance (pods on a cluster): the tracking URI is tracking.uri, else MLFLOW_TRACKING_URI, e.g.
 http://mlflow.mlflow.svc:5000; the storage root may be s3:// (run.json lives there). The server stores
@@ -36,18 +45,17 @@ run-level results come from rank 0, from a single process, or from the evaluate 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shlex
 import tempfile
 import time
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from mlflow import MlflowClient
-from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag, ViewType
+from mlflow.entities import Metric, Param, RunTag, ViewType
 from mlflow.exceptions import MlflowException
 from mlflow.utils.validation import (
     MAX_METRICS_PER_BATCH,
@@ -60,6 +68,7 @@ from sims_platform.config.loader import dump_config
 from sims_platform.config.schema import PipelineConfig
 from sims_platform.storage.fsio import exists, read_json, write_json
 from sims_platform.storage.layout import REDUCERS, RUN_STAGES, STAGES, RunLayout
+from sims_platform.tracking.datasets import dataset_input
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +78,9 @@ KIND, ITERATION, STAGE = "sims.kind", "sims.iteration", "sims.stage"
 NAME, ROOT = "sims.run_name", "sims.storage_root"
 INPUT, OUTPUT = "sims.input.", "sims.output."
 TERMINAL = ("FINISHED", "FAILED", "KILLED")
+# MLflow 3's UI picks an experiment's views from this tag: without it, a new experiment opens on the GenAI
+# pages (traces, prompts); model training opens on the runs table with charts and comparisons.
+EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 # Steps that log into another stage's run: a reducer (evaluate-reduce, reference-reduce) completes its array's stage.
 RUN_OF = {reducer: stage for stage, reducer in REDUCERS.items()}
 # How old the oldest of racing runs must be before every process trusts it (Lineage._canonical): paid only
@@ -165,22 +177,6 @@ def _quote(value: str) -> str:
     return f"'{value}'"
 
 
-def _dataset_input(name: str, uri: str) -> DatasetInput | None:
-    """An MLflow dataset entry for uri, or None when MLflow has no source type for its scheme."""
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
-    from mlflow.data.meta_dataset import MetaDataset
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "can be interpreted in multiple ways" for file URIs
-            source = resolve_dataset_source(uri)
-    except MlflowException:
-        return None
-    digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
-    ds = MetaDataset(source, name=name, digest=digest)
-    return DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", name)])
-
-
 # ----------------------------------------------------------------------------
 # Lineage
 
@@ -211,7 +207,8 @@ class Lineage:
         exp = self.client.get_experiment_by_name(name)
         if exp is None:
             try:
-                return self.client.create_experiment(name, artifact_location=artifact_location)
+                return self.client.create_experiment(name, artifact_location=artifact_location,
+                                                     tags={EXPERIMENT_KIND: MODEL_TRAINING})
             except MlflowException:
                 # Another stage created it between our lookup and create.
                 exp = self.client.get_experiment_by_name(name)
@@ -221,6 +218,8 @@ class Lineage:
             raise LineageError(f"MLflow experiment '{name}' (id {exp.experiment_id}) at {self.tracking_uri} is "
                                f"deleted: restore it (mlflow experiments restore --experiment-id "
                                f"{exp.experiment_id}) or set tracking.experiment to another name")
+        if exp.tags.get(EXPERIMENT_KIND) != MODEL_TRAINING:  # set once; also on an experiment made by hand
+            self.client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
         return exp.experiment_id
 
     # run tree ----------------------------------------------------------------
@@ -347,8 +346,12 @@ class Lineage:
         else:
             raise ValueError(f"unknown stage '{stage}', expected one of {', '.join(RUN_STAGES + STAGES)}")
         run_id, created = self._get_or_create(name, tags, self._common_tags())
-        if not created and self.writes and self.client.get_run(run_id).info.status in TERMINAL:
-            self.client.update_run(run_id, status="RUNNING")
+        if self.writes:
+            # This stage runs again, and with it its iteration and the pipeline (after a failure or a kill).
+            for rid in ([] if created else [run_id]) + [tags[PARENT]] + \
+                    ([self.pipeline_id] if tags[PARENT] != self.pipeline_id else []):
+                if self.client.get_run(rid).info.status != "RUNNING":
+                    self.client.update_run(rid, status="RUNNING")
         return run_id
 
     def _common_tags(self) -> dict[str, str]:
@@ -421,7 +424,7 @@ class Lineage:
         inputs, outputs = dict(inputs or {}), dict(outputs or {})
         tags = {INPUT + k: v for k, v in inputs.items()} | {OUTPUT + k: v for k, v in outputs.items()}
         self.set_tags(run_id, tags)
-        datasets = [d for name, uri in inputs.items() if (d := _dataset_input(name, uri)) is not None]
+        datasets = [dataset_input(name, uri) for name, uri in inputs.items()]
         if datasets:
             try:
                 self.client.log_inputs(run_id, datasets=datasets)
@@ -437,6 +440,53 @@ class Lineage:
         if not self.writes:
             return
         self.client.set_terminated(run_id, status=status)
+
+    def finish_if_running(self, run_id: str, status: str = "FINISHED") -> bool:
+        """End run_id with status unless it already has that status; True if it changed."""
+        if not self.writes or self.client.get_run(run_id).info.status == status:
+            return False
+        self.finish(run_id, status)
+        return True
+
+    def end_with_ancestors(self, run_id: str, status: str) -> None:
+        """End a stage run and the iteration and pipeline runs above it (a failed stage fails its pipeline)."""
+        if not self.writes:
+            return
+        while run_id:
+            run = self.client.get_run(run_id)
+            if run.info.status != status:
+                self.finish(run_id, status)
+            run_id = run.data.tags.get(PARENT, "")
+
+    def end_interrupted(self, stage_complete: Callable[[int | None, str], bool],
+                        iteration_complete: Callable[[int], bool]) -> list[str]:
+        """Called when a new attempt of the whole pipeline starts: end the runs a killed attempt left RUNNING.
+
+        A stage or iteration run whose work is complete (say, killed between its completion record and
+        its status update) ends FINISHED, the others KILLED; the new attempt marks those it continues
+        RUNNING again. Only one attempt may run at a time on a storage root, so any RUNNING run other than
+        the pipeline's is left over from a dead process. Returns the names of the runs it ended.
+        """
+        if not self.writes:
+            return []
+        flt = f"attributes.status = 'RUNNING' and tags.`{ROOT}` = {_quote(self.layout.root)}"
+        runs = self.client.search_runs([self.experiment_id], filter_string=flt,
+                                       run_view_type=ViewType.ACTIVE_ONLY, max_results=10000)
+        ended = []
+        for r in runs:
+            t = r.data.tags
+            k = int(t[ITERATION]) if ITERATION in t else None
+            if t.get(KIND) == "stage":
+                done = stage_complete(k, t[STAGE])
+            elif t.get(KIND) == "iteration" and k is not None:
+                done = iteration_complete(k)
+            else:
+                continue  # the pipeline run: the new attempt carries it on
+            self.finish(r.info.run_id, "FINISHED" if done else "KILLED")
+            ended.append(f"{r.info.run_name} ({'FINISHED' if done else 'KILLED'})")
+        if self.client.get_run(self.pipeline_id).info.status != "RUNNING":
+            self.client.update_run(self.pipeline_id, status="RUNNING")
+        return ended
 
     # queries -------------------------------------------------------------------
     def stage_runs(self) -> list[dict[str, Any]]:

@@ -1,0 +1,96 @@
+"""The results users compare, on the runs they compare: each summary.json row as metrics of its iteration run
+and of the pipeline run (step = iteration, so MLflow's chart view plots them across iterations), and the
+FID-vs-w plots as their artifacts.
+
+Metric names (a row's numbers, whatever else it holds):
+- ``fid_base``, ``fid_best``, ``best_w`` (and any other number in the row, e.g. ``precision``);
+- per guidance weight: ``fid_w_<w>`` (likewise ``fid_sd_w_<w>``, ... for any per-w mapping);
+- per method, when the row compares several (``methods``): ``<method>.fid_best``, ``<method>.best_w``,
+  ``<method>.fid_w_<w>``, ...
+
+Plots: ``fid_vs_w.png`` on the iteration run; on the pipeline run ``fid_vs_w/iter-<k>.png`` for each
+iteration (one curve per method when there are several) and ``fid_vs_w.png`` with every iteration's curve.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from sims_platform.tracking.lineage import Lineage
+from sims_platform.tracking.results import fid_curves_png
+
+# Row fields that are not metrics of their own: the step, and the nested per-method rows.
+_NOT_METRICS = ("iteration", "methods")
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def _is_weight(key: str) -> bool:
+    try:
+        float(key)
+        return True
+    except ValueError:
+        return False
+
+
+def row_metrics(row: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """The numbers of a summary row as flat metric names; missing or non-finite values are left out."""
+    out: dict[str, float] = {}
+    for key, value in row.items():
+        if key in _NOT_METRICS:
+            continue
+        if isinstance(value, Mapping):  # per guidance weight, e.g. {"0.0": 30.1, "1.0": 18.2}
+            for sub, v in value.items():
+                name = f"{key}_w_{float(sub)}" if _is_weight(str(sub)) else f"{key}.{sub}"
+                if (x := _number(v)) is not None:
+                    out[prefix + name] = x
+        elif (x := _number(value)) is not None:
+            out[prefix + key] = x
+    for method, sub_row in (row.get("methods") or {}).items():
+        if isinstance(sub_row, Mapping):
+            out.update(row_metrics(sub_row, f"{prefix}{method}."))
+    return out
+
+
+def _curve(fid: Mapping[str, Any] | None) -> dict[float, float]:
+    return {float(w): x for w, v in (fid or {}).items() if (x := _number(v)) is not None}
+
+
+def row_curves(row: Mapping[str, Any]) -> dict[str, dict[float, float]]:
+    """FID-vs-w curves of one row: one per method when the row compares methods, else the row's own."""
+    methods = {m: _curve(r.get("fid")) for m, r in (row.get("methods") or {}).items() if isinstance(r, Mapping)}
+    curves = {m: c for m, c in methods.items() if c}
+    return curves or {"": _curve(row.get("fid"))}
+
+
+def log_iteration_results(lineage: Lineage, summary: Mapping[str, Any], k: int) -> dict[str, float]:
+    """Log iteration k's row of summary.json on its iteration run and on the pipeline run; returns the metrics.
+
+    Called where the row is written (evaluate, or its reducer), so every launcher logs it once per
+    evaluation; a re-evaluation logs the new values at the same step.
+    """
+    rows = {int(r["iteration"]): r for r in summary["iterations"]}
+    if k not in rows:
+        raise ValueError(f"summary has no row for iteration {k} (rows: {sorted(rows)})")
+    row = rows[k]
+    metrics = row_metrics(row)
+    iteration_run, pipeline_run = lineage.iteration_run(k), lineage.pipeline_id
+    for run_id in (iteration_run, pipeline_run):
+        lineage.log_metrics(run_id, metrics, step=k)
+
+    curves = row_curves(row)
+    if any(curves.values()):
+        png = fid_curves_png(curves, f"iteration {k}: FID vs guidance weight")
+        lineage.log_png(iteration_run, "fid_vs_w.png", png)
+        lineage.log_png(pipeline_run, f"fid_vs_w/iter-{k}.png", png)
+    # Every iteration so far on shared axes (a row's own "fid", which is SIMS's when it compares methods).
+    overlay = {f"iter {j}": _curve(r.get("fid")) for j, r in sorted(rows.items())}
+    if any(overlay.values()):
+        lineage.log_png(pipeline_run, "fid_vs_w.png", fid_curves_png(overlay, "FID vs guidance weight per iteration"))
+    return metrics
