@@ -31,8 +31,9 @@ EvaluatePartsError = P.EvaluatePartsError
 def _extractor(ctx: StageContext) -> FeatureExtractor:
     """The FID feature network; the digits classifier is trained on the training split only (never the reference)."""
     ev = ctx.cfg.evaluate
+    weights, sha256 = ev.feature_weights()
     return build_feature_extractor(ev.features, cache_uri=ctx.layout.features, real=ctx.real, seed=ctx.cfg.seed,
-                                   inception_weights=ev.inception_weights)
+                                   weights=weights, sha256=sha256)
 
 
 def _log_inputs(ctx: StageContext, run_id: str) -> None:
