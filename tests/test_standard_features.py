@@ -283,3 +283,23 @@ def test_dinov2_preprocessing_matches_edm2s_pil_reference():
         assert np.abs(np.round(levels) - pil).max() <= 1 and off.mean() < 0.35, (size, off.max(), off.mean())
         wrong = torch.nn.functional.interpolate(u.float(), size=(224, 224), mode="bilinear", antialias=True)
         assert np.abs(wrong[0].permute(1, 2, 0).numpy() - pil).mean() > off.mean()  # the check can tell
+
+
+def test_evaluate_stage_builds_the_configured_network(inception, inception_file, tmp_path):
+    """evaluate.features + evaluate.inception_weights/_sha256 reach the network the evaluate stage uses."""
+    from pipeline_support import tiny_config_dict
+
+    from sims_platform.config import config_from_dict
+    from sims_platform.stages.evaluate import _extractor
+
+    data = tiny_config_dict(str(tmp_path / "run"))
+    data["evaluate"] |= {"features": "inception", "inception_weights": str(inception_file),
+                         "inception_sha256": _sha(inception_file)}
+    cfg = config_from_dict(data)
+    ctx = SimpleNamespace(cfg=cfg, layout=SimpleNamespace(features=str(tmp_path / "features")), real=NO_DATA)
+    got = _extractor(ctx)
+    u = _uint8(1, 1, 8, 8, seed=7)  # the tiny pipeline's 8x8 grey digits
+    assert got.dim == 2048 and torch.equal(got(u), inception(u))
+    cfg.evaluate.inception_sha256 = "1" * 64
+    with pytest.raises(WeightsError, match="expected " + "1" * 64):
+        _extractor(ctx)

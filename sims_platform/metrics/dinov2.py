@@ -41,8 +41,9 @@ VITL14: dict[str, Any] = dict(hidden_size=1024, num_hidden_layers=24, num_attent
 # (pattern, replacement) applied in order to every key of a file; a key that no rule changes is kept.
 _RENAMES: list[tuple[str, str]] = [
     # transformers 4 (the published facebook/dinov2-* checkpoints)
-    (r"\.attention\.attention\.(query|key|value)\.",
-     lambda m: f".attention.{m.group(1)[0]}_proj."),  # type: ignore[list-item]
+    (r"\.attention\.attention\.query\.", ".attention.q_proj."),
+    (r"\.attention\.attention\.key\.", ".attention.k_proj."),
+    (r"\.attention\.attention\.value\.", ".attention.v_proj."),
     (r"\.attention\.output\.dense\.", ".attention.o_proj."),
     # facebookresearch/dinov2 (torch hub)
     (r"^cls_token$", "embeddings.cls_token"),
