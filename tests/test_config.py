@@ -132,3 +132,20 @@ def test_imagenet512_values_name_pretrained_networks_and_metrics_by_uri():
     assert cfg.pretrained.base.startswith("s3://") and cfg.pretrained.base.endswith(".pkl")
     assert cfg.evaluate.features == "inception" and cfg.evaluate.inception_weights.startswith("s3://")
     assert cfg.evaluate.reference.startswith("s3://")
+
+
+@pytest.mark.parametrize("features", ["inception", "dinov2"])
+def test_standard_features_need_their_weights(tmp_path, capsys, features):
+    """`sims validate` rejects evaluate.features inception/dinov2 with no weights, naming the field."""
+    base = PIPELINES[0].read_text()
+    path = tmp_path / "p.yaml"
+    path.write_text(base)
+    assert main(["validate", str(path), "--set", f"evaluate.features={features}"]) == 2
+    err = capsys.readouterr().err
+    assert f"evaluate.{features}_weights is required" in err and str(path) in err
+    digest = "ab" * 32
+    cfg = load_config(path, [f"evaluate.features={features}", f"evaluate.{features}_weights=s3://b/w.pth",
+                             f"evaluate.{features}_sha256={digest}"])
+    assert cfg.evaluate.feature_weights() == ("s3://b/w.pth", digest)
+    with pytest.raises(ConfigError, match=rf"evaluate\.{features}_sha256: .*pattern"):
+        load_config(path, [f"evaluate.{features}_sha256=abc"])

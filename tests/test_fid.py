@@ -205,10 +205,11 @@ def test_fid_real_subset_vs_noise(extractor: FeatureExtractor, digits: SimpleNam
 
 
 def test_feature_registry_errors(digits: SimpleNamespace, tmp_path) -> None:
-    with pytest.raises(NotImplementedError, match="evaluate.features"):
-        build_feature_extractor("inception", cache_uri=str(tmp_path), real=digits, seed=0)
+    for name in ("inception", "dinov2"):  # pretrained networks need their weights configured
+        with pytest.raises(ValueError, match=f"evaluate.{name}_weights is required"):
+            build_feature_extractor(name, cache_uri=str(tmp_path), real=digits, seed=0)
     with pytest.raises(ValueError, match="unknown feature extractor"):
-        build_feature_extractor("dinov2", cache_uri=str(tmp_path), real=digits, seed=0)
+        build_feature_extractor("clip", cache_uri=str(tmp_path), real=digits, seed=0)
     with pytest.raises(ValueError, match="needs class labels"):
         build_feature_extractor("digits-classifier", cache_uri=str(tmp_path),
                                 real=SimpleNamespace(images=digits.images, labels=None), seed=0)

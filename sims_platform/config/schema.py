@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 
 class Strict(BaseModel):
@@ -206,6 +206,8 @@ class GenerateConfig(Strict):
 
 METHODS = ("sims", "neon", "sims-real-aux", "autoguidance", "cfg")
 MethodName = Literal["sims", "neon", "sims-real-aux", "autoguidance", "cfg"]
+# A file digest as `sha256sum` prints it.
+Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-fA-F]{64}$")]
 # Methods whose guide is a second network evaluated at every step (twice the base's cost per sample).
 TWO_NETWORK_METHODS = ("sims", "sims-real-aux", "autoguidance", "cfg")
 
@@ -251,9 +253,19 @@ class EvaluateConfig(Strict):
     repeats: int = Field(3, ge=1, description="disjoint report seed sets: FID/precision/recall are reported as mean "
                          "and sd over them; a further selection set, never reported, chooses each method's best w")
     batch_size: int = Field(250, ge=1)
-    features: Literal["digits-classifier", "inception"] = Field("digits-classifier",
-                                                                description="FID feature network")
-    inception_weights: str | None = Field(None, description="inception: URL or path of the FID weights")
+    features: Literal["digits-classifier", "inception", "dinov2"] = Field(
+        "digits-classifier", description="FID feature network: digits-classifier (trained on the run's data), "
+        "inception (standard FID: Inception-v3, TF 2015-12-05 weights) or dinov2 (FD_DINOv2: ViT-L/14)")
+    inception_weights: str | None = Field(
+        None, description="inception: path or storage URI (s3://, file://) of the FID Inception-v3 state dict "
+        "(pytorch-fid's pt_inception-2015-12-05-6726825d.pth, or the same tensors as .safetensors)")
+    inception_sha256: Sha256 | None = Field(None, description="inception: expected sha256 of inception_weights "
+                                            "(checked on every load when set)")
+    dinov2_weights: str | None = Field(
+        None, description="dinov2: path or storage URI of the DINOv2 ViT-L/14 state dict (facebook/dinov2-large "
+        "model.safetensors, or the torch-hub dinov2_vitl14_pretrain.pth)")
+    dinov2_sha256: Sha256 | None = Field(None, description="dinov2: expected sha256 of dinov2_weights "
+                                         "(checked on every load when set)")
     reference: str | None = Field(None, description="URI of published reference statistics in EDM2's format "
                                   "(dataset-refs/img512.pkl: mu and sigma per metric, read without running "
                                   "code) for features inception/dinov2; null = computed from the held-out split. "
@@ -272,13 +284,20 @@ class EvaluateConfig(Strict):
 
     @model_validator(mode="after")
     def _feature_inputs(self) -> EvaluateConfig:
-        if self.features == "inception" and not self.inception_weights:
-            raise ValueError("evaluate.inception_weights is required when evaluate.features is 'inception' "
-                             "(a path or URI of the FID Inception-v3 weights; nothing is downloaded at run time)")
+        # Pretrained feature networks cannot be downloaded at run time: their weights must be configured.
+        if self.features in ("inception", "dinov2") and not getattr(self, f"{self.features}_weights"):
+            raise ValueError(f"evaluate.{self.features}_weights is required when evaluate.features is "
+                             f"'{self.features}' (a path or URI of the weights; nothing is downloaded at run time)")
         if self.reference and self.features not in ("inception", "dinov2"):
             raise ValueError(f"evaluate.reference holds EDM2 statistics of inception/dinov2 features, not of "
                              f"evaluate.features '{self.features}'")
         return self
+
+    def feature_weights(self) -> tuple[str | None, str | None]:
+        """(weights URI, expected sha256) of the configured feature network; (None, None) if it has none."""
+        if self.features in ("inception", "dinov2"):
+            return getattr(self, f"{self.features}_weights"), getattr(self, f"{self.features}_sha256")
+        return None, None
 
     @field_validator("methods")
     @classmethod

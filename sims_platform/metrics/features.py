@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sims_platform.metrics.stats import FeatureStats
+from sims_platform.metrics.weights import Weights, WeightsError, load_weights
 from sims_platform.storage.fsio import exists, join, load_torch, save_torch
 
 log = logging.getLogger(__name__)
@@ -265,31 +266,56 @@ def train_digits_classifier(real: LabeledImagesLike, *, cache_uri: str, seed: in
 # Registry
 
 
-def _build_digits(*, cache_uri: str, real: LabeledImagesLike, seed: int,
-                  inception_weights: str | None) -> FeatureExtractor:
+def _build_digits(*, cache_uri: str, real: LabeledImagesLike, seed: int, weights: str | None,
+                  sha256: str | None, field: str) -> FeatureExtractor:
     return train_digits_classifier(real, cache_uri=cache_uri, seed=seed)
 
 
-def _build_inception(*, cache_uri: str, real: LabeledImagesLike, seed: int,
-                     inception_weights: str | None) -> FeatureExtractor:
-    raise NotImplementedError("evaluate.features 'inception' (the FID Inception-v3 network) is not "
-                              "implemented yet; use evaluate.features 'digits-classifier'")
+def _pretrained(make: Callable[..., FeatureExtractor]) -> Callable[..., FeatureExtractor]:
+    """A builder for a network with published weights: read from `weights` (checked against sha256)."""
+    def build(*, cache_uri: str, real: LabeledImagesLike, seed: int, weights: str | None,
+              sha256: str | None, field: str) -> FeatureExtractor:
+        if not weights:
+            raise WeightsError(f"{field} is required: the path or URI of the network's weights "
+                               "(nothing is downloaded at run time)")
+        return make(load_weights(weights, sha256, field=field), field=field)
+    return build
+
+
+def _inception(w: Weights, *, field: str) -> FeatureExtractor:
+    from sims_platform.metrics.inception import InceptionFeatures
+    return InceptionFeatures(w, field=field)
+
+
+def _dinov2(w: Weights, *, field: str) -> FeatureExtractor:
+    from sims_platform.metrics.dinov2 import DINOv2Features  # imports transformers (seconds): only when used
+    return DINOv2Features(w, field=field)
 
 
 _BUILDERS: dict[str, Callable[..., FeatureExtractor]] = {
     "digits-classifier": _build_digits,
-    "inception": _build_inception,
+    "inception": _pretrained(_inception),  # FID: Inception-v3, TF 2015-12-05 weights, 2048-d
+    "dinov2": _pretrained(_dinov2),  # FD_DINOv2: DINOv2 ViT-L/14, 1024-d
 }
 FEATURE_EXTRACTORS = tuple(_BUILDERS)
 
 
 def build_feature_extractor(name: str, *, cache_uri: str, real: LabeledImagesLike, seed: int = 0,
-                            inception_weights: str | None = None) -> FeatureExtractor:
-    """The feature network named by evaluate.features, cached under cache_uri (see RunLayout.features)."""
+                            weights: str | None = None, sha256: str | None = None,
+                            device: torch.device | str | None = None) -> FeatureExtractor:
+    """The feature network named by evaluate.features, cached under cache_uri (see RunLayout.features).
+
+    Pretrained networks (inception, dinov2) read `weights` (a path or URI; evaluate.<name>_weights) and, if
+    given, check its sha256 (evaluate.<name>_sha256). `device`: where the network runs (default: the CPU).
+    """
     if name not in _BUILDERS:
         raise ValueError(f"evaluate.features: unknown feature extractor '{name}', expected one of "
                          f"{', '.join(FEATURE_EXTRACTORS)}")
-    return _BUILDERS[name](cache_uri=cache_uri, real=real, seed=seed, inception_weights=inception_weights)
+    extractor = _BUILDERS[name](cache_uri=cache_uri, real=real, seed=seed, weights=weights, sha256=sha256,
+                                field=f"evaluate.{name}_weights")
+    if device is not None:
+        extractor.to(device)  # type: ignore[attr-defined]
+    return extractor
 
 
 # ----------------------------------------------------------------------------

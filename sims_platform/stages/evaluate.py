@@ -49,12 +49,10 @@ class _TrainingImages:
 def _extractor(ctx: StageContext) -> FeatureExtractor:
     """The FID feature network; the digits classifier is trained on the training split only (never the reference)."""
     ev = ctx.cfg.evaluate
-    extractor = build_feature_extractor(ev.features, cache_uri=ctx.layout.features, real=_TrainingImages(ctx),
-                                        seed=ctx.cfg.seed, inception_weights=ev.inception_weights)
-    move = getattr(extractor, "to", None)  # built (or trained) on the CPU; features are computed on ctx.device
-    if move is not None:
-        move(ctx.device)
-    return extractor
+    weights, sha256 = ev.feature_weights()
+    # Built (or trained) on the CPU, then moved: features are computed on ctx.device.
+    return build_feature_extractor(ev.features, cache_uri=ctx.layout.features, real=_TrainingImages(ctx),
+                                   seed=ctx.cfg.seed, weights=weights, sha256=sha256, device=ctx.device)
 
 
 def _log_inputs(ctx: StageContext, run_id: str) -> None:
