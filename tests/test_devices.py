@@ -135,7 +135,10 @@ def test_every_sampling_stage_moves_networks_noise_and_labels_to_the_context_dev
         def __call__(self, images):
             return self.ext(images)
 
-    monkeypatch.setattr(evaluate_mod, "build_feature_extractor", lambda *a, **k: Recording(real_build(*a, **k)))
+    def build(*a, device=None, **k):  # the device the stage asks for is recorded; the network stays on the CPU
+        return Recording(real_build(*a, **k)).to(device) if device is not None else Recording(real_build(*a, **k))
+
+    monkeypatch.setattr(evaluate_mod, "build_feature_extractor", build)
     monkeypatch.setattr(sampling_mod, "heun_sample", spy_heun)
     monkeypatch.setattr(sampling_mod, "seeded_noise", spy_noise)
     ctx = context(d, device=meta)
