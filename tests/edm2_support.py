@@ -68,8 +68,12 @@ class _Persistent:
         return (self.reconstruct, self.args)
 
 
+# Attributes our modules keep that EDM2's do not (MPConv's eval-mode weight-normalisation cache): not in its pickles.
+_OURS_ONLY = {"_cache"}
+
+
 def _convert(m: nn.Module, reconstruct, src: str, init_kwargs: dict):
-    state = dict(m.__dict__)
+    state = {k: v for k, v in m.__dict__.items() if k not in _OURS_ONLY}
     state["_modules"] = collections.OrderedDict(
         (n, None if c is None else _convert(c, reconstruct, src, {})) for n, c in m._modules.items())
     if isinstance(m, nn.ModuleDict):  # not persistent in EDM2: pickled as torch's own class
