@@ -13,7 +13,9 @@ def var(x):
 
 
 def test_normalize_gives_unit_rms_per_sample():
-    x = torch.randn(8, 16, 5, 5) * torch.rand(8, 1, 1, 1) * 10
+    g = torch.Generator().manual_seed(0)
+    # Scales away from 0: EDM2's eps (1e-4) deliberately bends the norm of near-zero inputs.
+    x = torch.randn(8, 16, 5, 5, generator=g) * (0.5 + 10 * torch.rand(8, 1, 1, 1, generator=g))
     y = normalize(x)
     assert torch.allclose(y.pow(2).mean(dim=(1, 2, 3)), torch.ones(8), rtol=1e-3)
 

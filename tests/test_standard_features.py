@@ -296,7 +296,8 @@ def test_evaluate_stage_builds_the_configured_network(inception, inception_file,
     data["evaluate"] |= {"features": "inception", "inception_weights": str(inception_file),
                          "inception_sha256": _sha(inception_file)}
     cfg = config_from_dict(data)
-    ctx = SimpleNamespace(cfg=cfg, layout=SimpleNamespace(features=str(tmp_path / "features")), real=NO_DATA)
+    ctx = SimpleNamespace(cfg=cfg, layout=SimpleNamespace(features=str(tmp_path / "features")), real=NO_DATA,
+                          device=torch.device("cpu"))
     got = _extractor(ctx)
     u = _uint8(1, 1, 8, 8, seed=7)  # the tiny pipeline's 8x8 grey digits
     assert got.dim == 2048 and torch.equal(got(u), inception(u))
