@@ -40,7 +40,8 @@ OVERRIDES = [
     "train_base.images=4000", "train_base.checkpoint_images=2000", "train_base.log_images=500",
     "finetune_aux.images=1000", "finetune_aux.checkpoint_images=500", "finetune_aux.log_images=250",
     "generate.num_samples=200", "generate.batch_size=100", "generate.shard_size=100", "generate.sampler.steps=4",
-    "evaluate.num_samples=200", "evaluate.batch_size=100", "evaluate.weights=[0,0.5,1]",
+    "evaluate.num_samples=200", "evaluate.batch_size=100", "evaluate.repeats=1",
+    "evaluate.methods=[{name: sims, weights: [0.5, 1.0]}, {name: neon, weights: [0.5]}]",
     "evaluate.sampler.steps=4",
 ]
 WIDTH = 1440
