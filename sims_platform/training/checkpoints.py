@@ -183,6 +183,7 @@ DEEPSPEED_GLOBALS: frozenset[str] = frozenset({
     "deepspeed.runtime.zero.config.ZeroStageEnum",  # an enum: the ZeRO stage
     "deepspeed.runtime.fp16.loss_scaler.LossScaler",  # loss-scale state (static; dynamic under fp16)
     "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.utils.tensor_fragment.fragment_address",  # a dataclass (numel, start): ZeRO-1/2 partition layout
 })
 
 
