@@ -17,6 +17,16 @@ from sims_platform.storage import fsio
 TRAIN_BASE = "digits-dev-i00-train-base"
 
 
+def kill_driver_once_training_started(w: World) -> None:
+    """Run the driver until train-base has run for a tick (after the run-level reference stage), then kill it."""
+    def dying(_s):
+        w.cluster.tick()
+        if w.since_created(TRAIN_BASE) >= 1:
+            raise Killed
+    with pytest.raises(Killed):
+        w.drive(sleep=dying)
+
+
 class Killed(Exception):
     """The driver's pod died (raised from its sleep)."""
 
@@ -86,15 +96,7 @@ def test_oom_in_training_is_bounded_by_backoff_limit(helm, tmp_path):
 
 def test_helm_upgrade_mid_run_never_mixes_two_configs(helm, tmp_path):
     w = World(helm, str(tmp_path / "run"))
-    ticks = {"n": 0}
-
-    def dying(_s):
-        w.cluster.tick()
-        ticks["n"] += 1
-        if w.since_created(TRAIN_BASE) >= 1:  # training has started (after the run-level reference stage)
-            raise Killed
-    with pytest.raises(Killed):
-        w.drive(sleep=dying)
+    kill_driver_once_training_started(w)
     old_cm = w.spec.settings.config_map
     assert ("pytorchjobs", "digits-dev-i00-train-base") in w.cluster.objects
     # resources changed: a new ConfigMap (new name); the old one goes, and the workloads it owns with it
@@ -114,9 +116,7 @@ def test_helm_upgrade_mid_run_never_mixes_two_configs(helm, tmp_path):
 
 def test_uninstall_collects_workloads_through_owner_references(helm, tmp_path):
     w = World(helm, str(tmp_path / "run"))
-    with pytest.raises(Killed):
-        w.drive(sleep=lambda s: (w.cluster.tick(),
-                                 (_ for _ in ()).throw(Killed) if w.since_created(TRAIN_BASE) >= 1 else None))
+    kill_driver_once_training_started(w)
     assert [k for k in w.cluster.objects if k[0] == "pytorchjobs"] and w.cluster.pods
     w.cluster.helm_uninstall(w.docs)
     assert not [k for k in w.cluster.objects if k[0] in ("jobs", "pytorchjobs", "configmaps")]
@@ -142,15 +142,7 @@ def test_two_namespaces_on_one_storage_root_are_refused(helm, tmp_path):
 
 def test_restarted_driver_adopts_and_never_duplicates(helm, tmp_path):
     w = World(helm, str(tmp_path / "run"))
-    ticks = {"n": 0}
-
-    def dying(_s):
-        w.cluster.tick()
-        ticks["n"] += 1
-        if w.since_created(TRAIN_BASE) >= 1:  # training has started (after the run-level reference stage)
-            raise Killed
-    with pytest.raises(Killed):
-        w.drive(sleep=dying)
+    kill_driver_once_training_started(w)
     before = list(w.cluster.creates)
     assert w.drive() == 0
     assert len(w.cluster.creates) == len(set(w.cluster.creates)) and w.cluster.creates[: len(before)] == before
