@@ -204,7 +204,6 @@ class GenerateConfig(Strict):
     sampler: SamplerConfig = SamplerConfig()
 
 
-METHODS = ("sims", "neon", "sims-real-aux", "autoguidance", "cfg")
 MethodName = Literal["sims", "neon", "sims-real-aux", "autoguidance", "cfg"]
 # A file digest as `sha256sum` prints it.
 Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-fA-F]{64}$")]

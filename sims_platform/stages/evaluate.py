@@ -15,7 +15,7 @@ import torch
 
 from sims_platform.evaluation import parts as P
 from sims_platform.evaluation.methods import Networks, model_inputs
-from sims_platform.evaluation.plan import BASE, arms, part_block, set_offset, w_key, work_units
+from sims_platform.evaluation.plan import arms, part_block, set_offset, w_key, work_units
 from sims_platform.evaluation.reference import ReferenceFiles, read_result
 from sims_platform.evaluation.report import arm_metrics, iteration_row, method_result
 from sims_platform.metrics import FeatureExtractor, build_feature_extractor, reference_stats
@@ -206,4 +206,4 @@ def evaluate_reduce(ctx: StageContext, run_id: str) -> dict:
     return {**result, "parts": parts}
 
 
-__all__ = ["BASE", "EvaluatePartsError", "compute_part", "evaluate", "evaluate_reduce", "write_results"]
+__all__ = ["EvaluatePartsError", "compute_part", "evaluate", "evaluate_reduce", "write_results"]
