@@ -29,6 +29,7 @@ from scipy import stats as sps
 
 from sims_platform.config import load_config
 from sims_platform.pipeline.runner import run_pipeline
+from sims_platform.tracking.results import fid_curves_png
 
 
 def run_seed(config: str, root: Path, seed: int, extra: list[str]) -> dict:
@@ -89,7 +90,41 @@ def report(records: list[dict], command: str) -> tuple[str, dict]:
         lines.append(f"| {m} | {len(gaps)} | {_f(mean)} | [{_f(lo)}, {_f(hi)}] | "
                      f"{'yes' if holds else 'no'}{' (worse)' if holds and hi < 0 else ''} | {sig}/{len(gaps)} | "
                      f"{_f(base)} | {_f(best)} |")
+    lines += fixed_w_table(records, methods)
     return "\n".join(lines), verdict
+
+
+def fixed_w_table(records: list[dict], methods: list[str]) -> list[str]:
+    """The curves behind the selection: per method and w, the across-seed mean of each seed's paired gap
+    FID(base) - FID(w) on the report sets, with its 95% interval, and how often the selection set chose that w."""
+    lines = ["", "## Across seeds at each w: mean paired gap on the report sets (95% CI), precision and recall", "",
+             "| method | w | mean gap | 95% CI | mean FID | precision | recall | chosen by selection |",
+             "|---|---|---|---|---|---|---|---|"]
+    for m in methods:
+        for w in records[0]["row"]["methods"][m]["fid"]:
+            res = [r["row"]["methods"][m] for r in records]
+            mean, lo, hi = confidence_interval([x["fid"]["0.0"] - x["fid"][w] for x in res])
+            chosen = sum(str(x["best_w"]) == w for x in res)
+            lines.append(f"| {m} | {w} | {_f(mean)} | [{_f(lo)}, {_f(hi)}] | "
+                         f"{_f(statistics.fmean(x['fid'][w] for x in res))} | "
+                         f"{_f(statistics.fmean(x['precision'][w] for x in res), 3)} | "
+                         f"{_f(statistics.fmean(x['recall'][w] for x in res), 3)} | {chosen}/{len(res)} |")
+    return lines
+
+
+def gap_plot(records: list[dict], methods: list[str]) -> bytes:
+    """Mean paired gap vs w per method, error bars = 95% CI half-widths; a star at the w chosen most often."""
+    curves, chosen = {}, {}
+    for m in methods:
+        res = [r["row"]["methods"][m] for r in records]
+        curves[m] = {}
+        for w in res[0]["fid"]:
+            mean, lo, hi = confidence_interval([x["fid"]["0.0"] - x["fid"][w] for x in res])
+            curves[m][float(w)] = (mean, (hi - lo) / 2)
+        picks = [float(x["best_w"]) for x in res]
+        chosen[m] = max(set(picks), key=picks.count)
+    return fid_curves_png(curves, title=f"FID(base) - FID(w), {len(records)} seeds (95% CI)", best=chosen,
+                          ylabel="paired FID gap (> 0: better than base)")
 
 
 def main() -> int:
@@ -118,6 +153,7 @@ def main() -> int:
     table, verdict = report(records, command)
     out.mkdir(parents=True, exist_ok=True)
     (out / "records.json").write_text(json.dumps({"records": records, "verdict": verdict}, indent=2))
+    (out / "gap_vs_w.png").write_bytes(gap_plot(records, list(records[0]["row"]["methods"])))
     (out / "report.md").write_text(f"# SIMS effect: {args.config}, seeds {args.seeds}\n\n{table}\n")
     print(table)
     for m, v in verdict.items():

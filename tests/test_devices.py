@@ -161,6 +161,23 @@ def test_latent_encoder_runs_its_vae_on_the_context_device(tmp_path):
     assert ctx.encoder.mean.device == torch.device("meta")
 
 
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_sampling_networks_use_the_configured_memory_layout_and_agree_with_the_default(tmp_path, channels_last):
+    d = tiny_config_dict(str(tmp_path / "run"))
+    d["runtime"] = {"channels_last": channels_last}
+    ctx = context(d, device=torch.device("cpu"))
+    uri = ctx.layout.model(0, "train-base")
+    ctx.save_model(uri, ctx.build_net(), 0)
+    sampler, plain = ctx.sampling_model(uri), ctx.load_model(uri)  # load_model: what training starts from
+    convs = [p for p in sampler.parameters() if p.ndim == 4 and p.shape[1] > 1 and p.shape[-1] > 1]  # layouts differ
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) == channels_last for p in convs)
+    assert all(p.is_contiguous() for p in plain.parameters())
+    x, sigma = torch.randn(6, 1, 8, 8), torch.full((6,), 0.7)
+    labels = torch.arange(6) % 10
+    with torch.no_grad():
+        torch.testing.assert_close(sampler(x, sigma, labels), plain(x, sigma, labels), rtol=1e-5, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------
 # Noise
 

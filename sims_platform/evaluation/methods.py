@@ -57,14 +57,14 @@ class Networks:
 
     @cached_property
     def base(self) -> nn.Module:
-        return self.ctx.load_model(self.ctx.layout.model(self.ctx.iteration, "train-base"))
+        return self.ctx.sampling_model(self.ctx.layout.model(self.ctx.iteration, "train-base"))
 
     def guide(self, method: str) -> nn.Module:
         uri = guide_uri(self.ctx, method)
         if uri is None:
             return self.base
         if uri not in self._guides:
-            self._guides[uri] = self.ctx.load_model(uri)
+            self._guides[uri] = self.ctx.sampling_model(uri)
         return self._guides[uri]
 
     def denoiser(self, arm: Arm) -> Denoiser:

@@ -127,6 +127,11 @@ class StageContext:
         net.load_state_dict(rec.state_dict)
         return net.eval().requires_grad_(False)
 
+    def sampling_model(self, uri: str) -> Precond:
+        """load_model for sampling: in the runtime's memory layout (runtime.channels_last)."""
+        net = self.load_model(uri)
+        return net.to(memory_format=torch.channels_last) if self.cfg.runtime.channels_last else net
+
     def network_kwargs(self) -> dict:
         """Our Precond's arguments for this config (what a pretrained base must match)."""
         c, h, _ = self.shape()

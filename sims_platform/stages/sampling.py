@@ -50,7 +50,7 @@ def generate(ctx: StageContext, run_id: str) -> dict:
     ctx.lineage.log_params(run_id, {"num_samples": g.num_samples, "steps": g.sampler.steps,
                                     "shard_size": g.shard_size})
     ctx.lineage.link(run_id, inputs={"base_model": base_uri}, outputs={"synthetic": out})
-    net = ctx.load_model(base_uri)
+    net = ctx.sampling_model(base_uri)
     manifest = write_samples(ctx, NetDenoiser(net), out, "generate", g.num_samples, g.batch_size, g.shard_size,
                              g.sampler, {"source_model": base_uri, "iteration": k}, f"iter {k} generate")
     return {"synthetic": out, "complete": manifest is not None,

@@ -146,10 +146,11 @@ def fid_plot_png(fid_by_w: Mapping[float, float], title: str = "FID vs guidance 
 
 
 def fid_curves_png(curves: Mapping[str, Mapping[float, float | tuple[float, float]]],
-                   title: str = "FID vs guidance weight", best: Mapping[str, float] | None = None) -> bytes:
+                   title: str = "FID vs guidance weight", best: Mapping[str, float] | None = None,
+                   ylabel: str = "FID") -> bytes:
     """One FID-vs-w line per label (a method, an iteration) on shared axes; values are FIDs or (mean, sd) pairs
     (drawn with error bars). A star marks each line's best w: `best[label]` when given (e.g. chosen on selection
-    seeds), else its lowest point."""
+    seeds), else its lowest point. `ylabel` names another quantity drawn the same way (e.g. a paired gap)."""
     fig = _figure(figsize=(5.5, 3.8), dpi=100)
     ax = fig.add_subplot()
     for label, fid_by_w in curves.items():
@@ -170,7 +171,7 @@ def fid_curves_png(curves: Mapping[str, Mapping[float, float | tuple[float, floa
         if 0.0 in xs:
             ax.axhline(ys[xs.index(0.0)], linestyle="--", linewidth=0.8, color=color)
     ax.set_xlabel("guidance weight w")
-    ax.set_ylabel("FID")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     if any(curves):
