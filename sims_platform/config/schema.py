@@ -31,12 +31,40 @@ class DataConfig(Strict):
         "the digits feature network); FID, precision and recall references come from this held-out part only")
     holdout_seed: int = Field(0, ge=0, description="seed of the per-class held-out split (fixed across training "
                               "seeds, so every seed is measured against the same reference)")
+    conditional: bool = Field(True, description="false: the diffusion models never see the labels (unconditional, "
+                              "label_dim 0) while the data keeps its num_classes labels for the held-out split, "
+                              "class_fractions, the digits feature network and shift's classifiers")
+    class_fractions: dict[int, float] | None = Field(
+        None, description="keep only this fraction (0, 1] of each listed class's training images (unlisted classes "
+        "keep all; the held-out reference is unchanged), chosen per class by a permutation seeded with "
+        "holdout_seed: e.g. a class-imbalanced base for distribution shifting. Classifiers still train on the "
+        "whole training split")
 
     @model_validator(mode="after")
     def _path_needed(self) -> DataConfig:
         if self.source in ("folder", "webdataset") and not self.path:
             raise ValueError(f"data.path is required when data.source is '{self.source}'")
         return self
+
+    @model_validator(mode="after")
+    def _class_fractions(self) -> DataConfig:
+        if self.class_fractions is None:
+            return self
+        if self.num_classes == 0:
+            raise ValueError("data.class_fractions needs labelled data (data.num_classes > 0; set "
+                             "data.conditional false for an unconditional model)")
+        unknown = sorted(c for c in self.class_fractions if not 0 <= c < self.num_classes)
+        bad = {c: f for c, f in self.class_fractions.items() if not 0 < f <= 1}
+        if unknown:
+            raise ValueError(f"data.class_fractions: classes {unknown} are not in 0..{self.num_classes - 1}")
+        if bad:
+            raise ValueError(f"data.class_fractions: fractions must be in (0, 1], got {bad}")
+        return self
+
+    @property
+    def label_dim(self) -> int:
+        """The class-label width the diffusion models are built with (0 = unconditional)."""
+        return self.num_classes if self.conditional else 0
 
 
 class EncoderConfig(Strict):
@@ -317,6 +345,51 @@ class EvaluateConfig(Strict):
         return self.methods[0]
 
 
+class ShiftConfig(Strict):
+    """Distribution shifting: select-aux classifies the synthetic set and resamples it per class, so that SIMS
+    guidance away from the aux fine-tuned on it moves the class histogram toward `target` (README "Distribution
+    shifting"; the math in sims_platform/shift/selection.py)."""
+
+    classifier: Literal["digits-classifier"] = Field(
+        "digits-classifier", description="the selecting classifier: a digits CNN trained on one stratified half of "
+        "the labelled training split; evaluate measures histograms with a second one (same kind, the other half, "
+        "another seed), never the selecting one")
+    target: dict[int, float] | Literal["uniform"] = Field(
+        ..., description="target class proportions {class: p} over every class 0..data.num_classes-1 (each > 0, "
+        "summing to 1), or 'uniform'")
+    w: float = Field(..., gt=0, description="the guidance weight the aux set is designed for (include it in "
+                     "evaluate.methods' sims weights to measure it)")
+    aux_samples: int = Field(2000, ge=1, description="size of the selected aux fine-tuning set (drawn with "
+                             "replacement only where a class has too few synthetic samples)")
+    gain: float = Field(1.0, gt=0, description="calibration: the guidance acts as weight gain * w (an aux "
+                        "fine-tuned for a finite budget learns only part of its set's histogram); 1 = the ideal "
+                        "formula. evaluate reports the gain fitted from the measured histograms at each w")
+
+    @field_validator("target")
+    @classmethod
+    def _target(cls, v: dict[int, float] | str) -> dict[int, float] | str:
+        if isinstance(v, str):
+            return v
+        bad = {c: p for c, p in v.items() if not p > 0}
+        if bad:
+            raise ValueError(f"target proportions must be > 0 (guidance only reweights classes the base "
+                             f"produces), got {bad}")
+        total = sum(v.values())
+        if abs(total - 1) > TARGET_SUM_TOLERANCE:
+            raise ValueError(f"target proportions must sum to 1 (within {TARGET_SUM_TOLERANCE}), got {total:.6g}")
+        return dict(sorted(v.items()))
+
+    def target_probs(self, num_classes: int) -> list[float]:
+        """The target as a list over classes 0..num_classes-1."""
+        if self.target == "uniform":
+            return [1 / num_classes] * num_classes
+        return [self.target[c] for c in range(num_classes)]
+
+
+# Target proportions written by hand (e.g. ten times 0.1) sum to 1 only up to this.
+TARGET_SUM_TOLERANCE = 1e-6
+
+
 class IterationsConfig(Strict):
     count: int = Field(1, ge=1, description="how many SIMS iterations (generations) to run")
     train_data: Literal["real", "real+synthetic", "synthetic"] = Field(
@@ -389,6 +462,8 @@ class PipelineConfig(Strict):
     evaluate: EvaluateConfig = EvaluateConfig()
     iterations: IterationsConfig = IterationsConfig()
     pretrained: PretrainedConfig = PretrainedConfig()
+    shift: ShiftConfig | None = Field(None, description="distribution shifting (a select-aux stage between "
+                                      "generate and finetune-aux); null = off")
     runtime: RuntimeConfig = RuntimeConfig()
     storage: StorageConfig = StorageConfig()
     tracking: TrackingConfig = TrackingConfig()
@@ -407,8 +482,9 @@ class PipelineConfig(Strict):
         if "cfg" in names and self.train_base.label_dropout == 0:
             raise ValueError("evaluate.methods 'cfg' needs train_base.label_dropout > 0 "
                              "(the base must also learn the unconditional model)")
-        if "cfg" in names and self.data.num_classes == 0:
-            raise ValueError("evaluate.methods 'cfg' needs a class-conditional model (data.num_classes > 0)")
+        if "cfg" in names and self.data.label_dim == 0:
+            raise ValueError("evaluate.methods 'cfg' needs a class-conditional model (data.num_classes > 0 and "
+                             "data.conditional true)")
         if self.pretrained.guide is not None and "autoguidance" not in names:
             raise ValueError("pretrained.guide is autoguidance's guide network: add an 'autoguidance' entry to "
                              "evaluate.methods or remove pretrained.guide")
@@ -430,4 +506,22 @@ class PipelineConfig(Strict):
                              "iterations.train_data 'real+synthetic'")
         if self.encoder.kind == "latent" and len(self.encoder.latent_mean) != len(self.encoder.latent_std):
             raise ValueError("encoder.latent_mean and encoder.latent_std must have the same length")
+        if self.shift is not None:
+            self._check_shift(self.shift)
         return self
+
+    def _check_shift(self, sh: ShiftConfig) -> None:
+        k = self.data.num_classes
+        if k < 2:
+            raise ValueError("shift needs labelled data with at least 2 classes (data.num_classes >= 2; set "
+                             "data.conditional false for an unconditional model)")
+        if isinstance(sh.target, dict):
+            unknown = sorted(c for c in sh.target if not 0 <= c < k)
+            missing = sorted(set(range(k)) - set(sh.target))
+            if unknown:
+                raise ValueError(f"shift.target: classes {unknown} are not in 0..{k - 1} (data.num_classes {k})")
+            if missing:
+                raise ValueError(f"shift.target: classes {missing} have no proportion; list every class "
+                                 f"0..{k - 1} with p > 0 (guidance cannot remove a class)")
+        if not any(m.name in ("sims", "neon") for m in self.evaluate.methods):
+            raise ValueError("shift selects the aux set of sims/neon: add a 'sims' entry to evaluate.methods")

@@ -101,26 +101,33 @@ class ShardWriter:
         return [j for j in range(self.num_shards)
                 if shard_name(j) not in names or _record_name(j) not in names]
 
-    def write_shard(self, j: int, x: torch.Tensor, labels: torch.Tensor, seeds: torch.Tensor) -> dict[str, Any]:
-        """Write shard j atomically (readers see all of it or nothing) and record it as committed."""
+    def write_shard(self, j: int, x: torch.Tensor, labels: torch.Tensor, seeds: torch.Tensor,
+                    keys: torch.Tensor | None = None) -> dict[str, Any]:
+        """Write shard j atomically (readers see all of it or nothing) and record it as committed.
+
+        keys: the sample keys, distinct and >= 0; default the seeds. A resampled set (select-aux) may hold a
+        seed twice and keys its samples by position instead.
+        """
         n = len(self.shard_range(j))
-        if not (x.shape[0] == labels.shape[0] == seeds.shape[0] == n):
+        keys = seeds if keys is None else keys
+        if not (x.shape[0] == labels.shape[0] == seeds.shape[0] == keys.shape[0] == n):
             raise ValueError(f"{self.uri}: shard {j} needs {n} samples, got x {tuple(x.shape)}, "
-                             f"labels {tuple(labels.shape)}, seeds {tuple(seeds.shape)}")
+                             f"labels {tuple(labels.shape)}, seeds {tuple(seeds.shape)}, keys {tuple(keys.shape)}")
         x16 = x.detach().to("cpu", torch.float16)
         if not torch.isfinite(x16).all():
             raise ValueError(f"{self.uri}: shard {j} has values that are not finite in float16")
-        seed_list = [int(s) for s in seeds]
-        if min(seed_list) < 0 or len(set(seed_list)) != n:
-            raise ValueError(f"{self.uri}: shard {j} seeds must be distinct and >= 0 (they are the sample keys)")
+        seed_list, key_list = [int(s) for s in seeds], [int(k) for k in keys]
+        if min(seed_list) < 0 or min(key_list) < 0 or len(set(key_list)) != n:
+            raise ValueError(f"{self.uri}: shard {j} seeds must be >= 0 and the sample keys (default: the seeds) "
+                             "distinct and >= 0")
         arrays = x16.numpy()
         label_list = [int(c) for c in labels]
 
         with atomic_open(join(self.uri, shard_name(j)), "wb") as f:
             out = _Hashing(f)
             with TarWriter(out, mtime=_MTIME) as tar:
-                for a, c, s in zip(arrays, label_list, seed_list):
-                    tar.write({"__key__": f"{s:010d}", "x.npy": a, "cls": c, "seed": str(s)})
+                for a, c, s, key in zip(arrays, label_list, seed_list, key_list):
+                    tar.write({"__key__": f"{key:010d}", "x.npy": a, "cls": c, "seed": str(s)})
         record = {"name": shard_name(j), "count": n, "first_seed": seed_list[0],
                   "sha256": out.sha.hexdigest(), "shape": list(x16.shape[1:])}
         write_json(join(self.uri, _record_name(j)), record)

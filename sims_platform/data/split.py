@@ -40,3 +40,27 @@ def split_images(images: LabeledImages, fraction: float, seed: int) -> tuple[Lab
     train, held = holdout_split(images.labels, fraction, seed)
     return (LabeledImages(images.images[train], images.labels[train]),
             LabeledImages(images.images[held], images.labels[held]))
+
+
+# Salt of the class_fractions permutations, so they differ from the held-out split's for the same seed.
+_SUBSET_SALT = 7_919
+
+
+def class_subset(labels: torch.Tensor, fractions: dict[int, float] | None, seed: int) -> torch.Tensor:
+    """Sorted indices keeping round(f * n_c) (at least 1) of each class c listed in fractions, all of the others.
+
+    Which images a class keeps is a seeded permutation (data.class_fractions, e.g. a class-imbalanced base);
+    the same labels, fractions and seed always give the same subset.
+    """
+    labels = labels.detach().to("cpu", torch.int64)
+    if not fractions:
+        return torch.arange(len(labels))
+    keep = torch.ones(len(labels), dtype=torch.bool)
+    for c, f in sorted(fractions.items()):
+        if not 0 < f <= 1:
+            raise ValueError(f"data.class_fractions: class {c} fraction must be in (0, 1], got {f}")
+        idx = torch.nonzero(labels == c).flatten()
+        n_keep = max(1, round(f * len(idx))) if len(idx) else 0
+        perm = torch.randperm(len(idx), generator=torch.Generator().manual_seed(seed * 1_000_003 + _SUBSET_SALT + c))
+        keep[idx[perm[n_keep:]]] = False
+    return torch.nonzero(keep).flatten()

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -52,7 +52,7 @@ def feature_rows(ctx: StageContext) -> int:
 
 def new_record(ctx: StageContext, arm: Arm) -> dict:
     return {"arm": arm.key, "part": ctx.part, "parts": ctx.parts, "settings": settings_digest(ctx.cfg.evaluate,
-            ctx.cfg.seed, arm), "units": [], "stats": {}, "features": {}, "grid": []}
+            ctx.cfg.seed, arm, ctx.cfg.shift), "units": [], "stats": {}, "features": {}, "grid": []}
 
 
 def load_record(ctx: StageContext, uri: str, arm: Arm) -> dict:
@@ -60,16 +60,22 @@ def load_record(ctx: StageContext, uri: str, arm: Arm) -> dict:
     if not isinstance(rec, dict) or _KEYS - set(rec):
         raise EvaluatePartsError(f"{uri} is not an evaluate part record (expected keys {sorted(_KEYS)}): remove it "
                                  "and rerun that part")
-    if rec["settings"] != settings_digest(ctx.cfg.evaluate, ctx.cfg.seed, arm):
+    if rec["settings"] != settings_digest(ctx.cfg.evaluate, ctx.cfg.seed, arm, ctx.cfg.shift):
         raise EvaluatePartsError(f"{uri} was computed with other evaluate settings (seed, num_samples, repeats, "
                                  "batch_size, sampler, features, method settings, ...) than this config: remove "
                                  f"{parts_dir(ctx)} and rerun the evaluate parts")
     return rec
 
 
-def add_unit(ctx: StageContext, rec: dict, unit: Unit, features: torch.Tensor, images: torch.Tensor) -> None:
-    """Fold one unit's features (and its grid images, if any) into the record."""
+def add_unit(ctx: StageContext, rec: dict, unit: Unit, features: torch.Tensor, images: torch.Tensor,
+             classes: torch.Tensor | None = None) -> None:
+    """Fold one unit's features (and its grid images, if any) into the record; with shift, also the judging
+    classifier's class of each sample (`classes`, int64 [N]), as per-set class counts."""
     key = str(unit.seed_set)
+    if classes is not None:
+        counts = torch.bincount(classes.cpu(), minlength=ctx.cfg.data.num_classes).to(torch.int64)
+        held = rec.setdefault("classes", {})
+        held[key] = held[key] + counts if key in held else counts
     stats = FeatureStats.from_dict(rec["stats"][key]) if key in rec["stats"] else FeatureStats(features.shape[1])
     rec["stats"][key] = stats.update(features).to_dict()
     keep = feature_rows(ctx) - unit.start
@@ -130,11 +136,13 @@ def check_part_records(ctx: StageContext, parts: int) -> None:
 
 @dataclass
 class ArmData:
-    """One arm's merged evaluation: statistics and kept features per seed set, and its grid images."""
+    """One arm's merged evaluation: statistics and kept features per seed set, and its grid images; with shift,
+    the judging classifier's class counts per seed set."""
 
     stats: dict[int, FeatureStats]
     features: dict[int, torch.Tensor]
     grid: torch.Tensor
+    classes: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 def collect(ctx: StageContext, parts: int) -> dict[str, ArmData]:
@@ -199,4 +207,8 @@ def _collect_arm(ctx: StageContext, arm: Arm, units: list[Unit], parts: int) -> 
     features = {s: torch.cat([f for (ps, _), f in pieces if ps == s]) for s in stats}
     grid = sorted((b, img) for rec in records for b, img in rec["grid"])
     images = torch.cat([img for _, img in grid])[: ev.grid_size] if grid else torch.zeros(0)
-    return ArmData(stats=stats, features=features, grid=images)
+    classes: dict[int, torch.Tensor] = {}
+    for rec in records:  # counts: sums, like the statistics
+        for key, counts in rec.get("classes", {}).items():
+            classes[int(key)] = classes[int(key)] + counts if int(key) in classes else counts.clone()
+    return ArmData(stats=stats, features=features, grid=images, classes=classes)

@@ -13,7 +13,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from sims_platform.config.schema import TWO_NETWORK_METHODS, EvaluateConfig
+from sims_platform.config.schema import TWO_NETWORK_METHODS, EvaluateConfig, ShiftConfig
 
 SELECTION_SET = 0
 
@@ -108,12 +108,17 @@ def owner(unit_index: int, num_units: int, parts: int) -> int:
     return unit_index // (q + 1) if unit_index < r * (q + 1) else r + (unit_index - r * (q + 1)) // max(q, 1)
 
 
-def settings_digest(ev: EvaluateConfig, seed: int, arm: Arm) -> str:
+def settings_digest(ev: EvaluateConfig, seed: int, arm: Arm, shift: ShiftConfig | None = None) -> str:
     """What an arm's part files depend on besides (arm, part): files computed under other settings must not merge.
 
-    The w grids are left out (adding a w keeps the other arms' files); the arm's method settings are kept.
+    The w grids are left out (adding a w keeps the other arms' files); the arm's method settings are kept, and
+    with a shift section the classifier kind (its parts also hold the judging classifier's class counts). Like
+    the guide models' training settings, the aux set's selection is an input file, not an evaluate setting.
     """
     keep = ev.model_dump(mode="json", exclude={"methods", "grid_size"})
     method = {} if arm.method == "base" else ev.method(arm.method).model_dump(mode="json", exclude={"weights"})
-    blob = json.dumps({"evaluate": keep, "method": method, "seed": seed}, sort_keys=True)
+    what = {"evaluate": keep, "method": method, "seed": seed}
+    if shift is not None:
+        what["shift_classifier"] = shift.classifier
+    blob = json.dumps(what, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()

@@ -11,12 +11,12 @@ from sims_platform.tracking import Lineage, format_table, read_summary, resolve_
 
 def stages_for(cfg: PipelineConfig, k: int) -> list[str]:
     """Stage order of iteration k; encode (once, before iteration 0) for latent models; reference (once, before
-    iteration 0) unless evaluate.reference names published statistics; feed only when a later iteration trains
-    on synthetic data."""
+    iteration 0) unless evaluate.reference names published statistics; select-aux only with a shift section; feed
+    only when a later iteration trains on synthetic data."""
     stages = ["encode"] if k == 0 and cfg.encoder.kind == "latent" else []
     if k == 0 and not cfg.evaluate.reference:
         stages.append("reference")
-    stages += ["train-base", "generate", "finetune-aux"]
+    stages += ["train-base", "generate"] + (["select-aux"] if cfg.shift is not None else []) + ["finetune-aux"]
     if any(m.name == "sims-real-aux" for m in cfg.evaluate.methods):
         stages.append("finetune-real-aux")
     stages.append("evaluate")

@@ -10,6 +10,7 @@ from sims_platform.stages.encode import encode
 from sims_platform.stages.evaluate import evaluate, evaluate_reduce
 from sims_platform.stages.reference import reference, reference_reduce
 from sims_platform.stages.sampling import feed, generate
+from sims_platform.stages.select_aux import select_aux
 from sims_platform.stages.training import finetune_aux, finetune_real_aux, train_base
 from sims_platform.storage import fsio
 
@@ -19,6 +20,7 @@ STAGE_FUNCS: dict[str, Callable[[StageContext, str], dict]] = {
     "reference-reduce": reference_reduce,  # one process; its record is reference's (layout.stage maps the folder)
     "train-base": train_base,
     "generate": generate,
+    "select-aux": select_aux,
     "finetune-aux": finetune_aux,
     "finetune-real-aux": finetune_real_aux,
     "evaluate": evaluate,

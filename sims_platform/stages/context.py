@@ -8,7 +8,7 @@ from functools import cached_property
 import torch
 
 from sims_platform.config.schema import PipelineConfig
-from sims_platform.data import LabeledImages, load_images, read_shards, split_images
+from sims_platform.data import LabeledImages, class_subset, load_images, read_shards, split_images
 from sims_platform.encoders import Encoder, build_encoder
 from sims_platform.models.precond import Precond
 from sims_platform.models.presets import architecture, build_network
@@ -55,9 +55,19 @@ class StageContext:
         return split_images(load_images(d), d.holdout_fraction, d.holdout_seed)
 
     @property
-    def real(self) -> LabeledImages:
-        """The real training images: everything but the held-out part (the only real data training sees)."""
+    def labelled(self) -> LabeledImages:
+        """The whole training split (everything but the held-out part): what classifiers train on."""
         return self._split[0]
+
+    @cached_property
+    def real(self) -> LabeledImages:
+        """The real images the diffusion models train on: the training split, less what data.class_fractions
+        drops (the only real data training sees)."""
+        d, train = self.cfg.data, self._split[0]
+        if not d.class_fractions:
+            return train
+        keep = class_subset(train.labels, d.class_fractions, d.holdout_seed)
+        return LabeledImages(train.images[keep], train.labels[keep])
 
     @property
     def reference(self) -> LabeledImages:
@@ -112,7 +122,7 @@ class StageContext:
     def build_net(self) -> Precond:
         c, h, _ = self.shape()
         torch.manual_seed(self.cfg.seed)  # identical initial weights on every rank and every relaunch
-        return build_network(self.cfg.network, h, c, self.cfg.data.num_classes).to(self.device)
+        return build_network(self.cfg.network, h, c, self.cfg.data.label_dim).to(self.device)
 
     def save_model(self, uri: str, net: Precond, images: int, **meta) -> None:
         fsio.save_torch(uri, {"ema": net.state_dict(), "images": images, **meta})
@@ -135,5 +145,5 @@ class StageContext:
     def network_kwargs(self) -> dict:
         """Our Precond's arguments for this config (what a pretrained base must match)."""
         c, h, _ = self.shape()
-        return dict(img_resolution=h, img_channels=c, label_dim=self.cfg.data.num_classes,
+        return dict(img_resolution=h, img_channels=c, label_dim=self.cfg.data.label_dim,
                     sigma_data=self.cfg.network.sigma_data, **architecture(self.cfg.network))

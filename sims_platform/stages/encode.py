@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from sims_platform.data import ShardWriter, SourceIndex, holdout_split
+from sims_platform.data import ShardWriter, SourceIndex, class_subset, holdout_split
 from sims_platform.stages.context import StageContext
 from sims_platform.stages.shard_parts import write_owned_shards
 
@@ -23,6 +23,7 @@ def encode(ctx: StageContext, run_id: str) -> dict:
     cfg, out = ctx.cfg, ctx.layout.encoded
     index = SourceIndex(cfg.data)
     train, _ = holdout_split(index.labels, cfg.data.holdout_fraction, cfg.data.holdout_seed)
+    train = train[class_subset(index.labels[train], cfg.data.class_fractions, cfg.data.holdout_seed)]
     meta = {"source": cfg.data.source, "path": cfg.data.path, "resolution": cfg.data.resolution,
             "encoder": cfg.encoder.kind, "vae": cfg.encoder.vae if cfg.encoder.vae_config is None else "random",
             "holdout_fraction": cfg.data.holdout_fraction, "holdout_seed": cfg.data.holdout_seed,

@@ -18,8 +18,12 @@ from sims_platform.evaluation.methods import Networks, model_inputs
 from sims_platform.evaluation.plan import arms, part_block, set_offset, w_key, work_units
 from sims_platform.evaluation.reference import ReferenceFiles, read_result
 from sims_platform.evaluation.report import arm_metrics, iteration_row, method_result
-from sims_platform.metrics import FeatureExtractor, build_feature_extractor, reference_stats
+from sims_platform.data import read_manifest
+from sims_platform.metrics import FeatureExtractor, build_feature_extractor, fid_from_stats, reference_stats
 from sims_platform.metrics.edm2_refs import edm2_reference
+from sims_platform.shift.classifiers import classify, shift_classifier
+from sims_platform.shift.reference import per_class_stats, reweighted_stats
+from sims_platform.shift.report import shift_results
 from sims_platform.stages.context import StageContext, sample_seeds
 from sims_platform.stages.sampling import sample_batch
 from sims_platform.storage import fsio
@@ -31,19 +35,20 @@ EvaluatePartsError = P.EvaluatePartsError
 
 
 class _TrainingImages:
-    """ctx.real, loaded only if the feature network asks (the digits classifier): a pretrained network never
-    needs the training images, and loading every image of ImageNet would not fit in memory."""
+    """ctx.labelled (the whole training split), loaded only if the feature network asks (the digits classifier):
+    a pretrained network never needs the training images, and loading every image of ImageNet would not fit in
+    memory."""
 
     def __init__(self, ctx: StageContext) -> None:
         self._ctx = ctx
 
     @property
     def images(self) -> torch.Tensor:
-        return self._ctx.real.images
+        return self._ctx.labelled.images
 
     @property
     def labels(self) -> torch.Tensor:
-        return self._ctx.real.labels
+        return self._ctx.labelled.labels
 
 
 def _extractor(ctx: StageContext) -> FeatureExtractor:
@@ -86,6 +91,7 @@ def compute_part(ctx: StageContext) -> int:
         return 0
 
     extractor = _extractor(ctx)
+    judge = shift_classifier(ctx, "judge") if ctx.cfg.shift is not None else None
     nets = Networks(ctx)
     total = sum(u.count for u in mine)
     done = total - sum(u.count for u in todo)
@@ -96,8 +102,9 @@ def compute_part(ctx: StageContext) -> int:
         images = ctx.encoder.decode(x)
         with torch.no_grad():
             features = extractor(images)
+        classes = classify(judge, images, ev.batch_size) if judge is not None else None
         rec = held[u.arm.key]
-        P.add_unit(ctx, rec, u, features, images)
+        P.add_unit(ctx, rec, u, features, images, classes)
         fsio.save_torch(P.part_uri(ctx, u.arm, ctx.part, ctx.parts), rec)
         done += u.count
         progress.update(done)
@@ -129,11 +136,40 @@ def reference(ctx: StageContext, extractor: FeatureExtractor) -> tuple:
     return stats, feats.float()
 
 
+def shift_section(ctx: StageContext, run_id: str, extractor: FeatureExtractor,
+                  merged: dict[str, P.ArmData]) -> dict:
+    """Distribution shifting: judged histograms, TV to the target, FID against the target-reweighted reference.
+
+    The per-class reference statistics are computed here from the held-out images in memory (the reference
+    stage streams class-blind statistics only): small data only, as evaluate's in-process reference.
+    """
+    ev, d, sh = ctx.cfg.evaluate, ctx.cfg.data, ctx.cfg.shift
+    assert sh is not None
+    target = sh.target_probs(d.num_classes)
+    held = ctx.reference
+    ref = reweighted_stats(per_class_stats(extractor, held.images, held.labels, d.num_classes, ev.batch_size),
+                           target)
+    fid_target = {key: {s: fid_from_stats(st, ref) for s, st in data.stats.items()} for key, data in merged.items()}
+    aux_uri = ctx.layout.shards(ctx.iteration, "select-aux")
+    aux_set = read_manifest(aux_uri)["aux_histogram"] if fsio.exists(fsio.join(aux_uri, "manifest.json")) else None
+    res = shift_results(ev, target, {key: data.classes for key, data in merged.items()}, fid_target, aux_set)
+    for name, by_w in res["methods"].items():
+        for w, row in by_w.items():
+            metrics = {f"{name}.shift_tv": row["tv"], f"{name}.fid_target": row["fid_target"]}
+            if row["gain_fit"] is not None:
+                metrics[f"{name}.shift_gain_fit"] = row["gain_fit"]
+            ctx.lineage.log_metrics(run_id, metrics, step=int(round(float(w) * 1000)))
+        print(f"[iter {ctx.iteration} evaluate] shift {name}: TV to target by w "
+              + ", ".join(f"{w}: {row['tv']:.3f}" for w, row in by_w.items()), flush=True)
+    return res
+
+
 def write_results(ctx: StageContext, run_id: str, merged: dict[str, P.ArmData]) -> dict:
     """Metrics per arm and seed set against the held-out reference; each method's selection and gain."""
     k, layout, ev, lin = ctx.iteration, ctx.layout, ctx.cfg.evaluate, ctx.lineage
     out = layout.stage(k, "evaluate")
-    ref_stats, ref_features = reference(ctx, _extractor(ctx))
+    extractor = _extractor(ctx)
+    ref_stats, ref_features = reference(ctx, extractor)
     metrics = {key: arm_metrics(data, ref_stats, ref_features, ev.precision_recall.k, ev.num_samples)
                for key, data in merged.items()}
     methods = {m.name: method_result(ev, m.name, metrics, ev.sampler.steps) for m in ev.methods}
@@ -164,7 +200,10 @@ def write_results(ctx: StageContext, run_id: str, merged: dict[str, P.ArmData]) 
         best={name: res["best_w"] for name, res in methods.items()}))
     per_arm = {key: {name: {str(s): v for s, v in vals.items()} for name, vals in m.items()}
                for key, m in metrics.items()}
-    fsio.write_json(fsio.join(out, "results.json"), {"row": row, "per_arm": per_arm})
+    results = {"row": row, "per_arm": per_arm}
+    if ctx.cfg.shift is not None:
+        results["shift"] = shift_section(ctx, run_id, extractor, merged)
+    fsio.write_json(fsio.join(out, "results.json"), results)
     fsio.write_json(fsio.join(out, "fid.json"), row["fid"])
     # The run's summary grows as each iteration's evaluation completes, whichever launcher ran it.
     log_iteration_results(lin, update_summary(layout, row, lin.pipeline_id), k)

@@ -20,7 +20,7 @@ def sample_batch(ctx: StageContext, denoise: Denoiser, seeds: torch.Tensor, samp
     autocast dtype of the network calls.
     """
     noise = seeded_noise(seeds, ctx.shape(), ctx.device)
-    labels = seeded_labels(seeds, ctx.cfg.data.num_classes)
+    labels = seeded_labels(seeds, ctx.cfg.data.label_dim)
     on_device = labels.to(ctx.device) if labels is not None else None
     return heun_sample(denoise, noise, on_device, sampler).cpu(), labels
 

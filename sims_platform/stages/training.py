@@ -122,8 +122,10 @@ def _finetune(ctx: StageContext, stage: str, run_id: str, data_uri: str | None, 
 
 
 def finetune_aux(ctx: StageContext, run_id: str, **train_kwargs) -> dict:
-    """The SIMS auxiliary model: the base fine-tuned on its own synthetic set."""
-    return _finetune(ctx, "finetune-aux", run_id, ctx.layout.shards(ctx.iteration, "generate"), **train_kwargs)
+    """The SIMS auxiliary model: the base fine-tuned on its own synthetic set (with shift: on the set select-aux
+    resampled from it)."""
+    data = "select-aux" if ctx.cfg.shift is not None else "generate"
+    return _finetune(ctx, "finetune-aux", run_id, ctx.layout.shards(ctx.iteration, data), **train_kwargs)
 
 
 def finetune_real_aux(ctx: StageContext, run_id: str, **train_kwargs) -> dict:

@@ -7,8 +7,10 @@ from dataclasses import dataclass
 from sims_platform.storage.fsio import join, normalize_uri
 
 # Stages of one iteration, in order; `evaluate-reduce` merges the evaluate job array's parts;
-# `finetune-real-aux` is the control of the comparison (the aux fine-tune on real training data).
-STAGES = ("train-base", "generate", "finetune-aux", "finetune-real-aux", "evaluate", "evaluate-reduce", "feed")
+# `finetune-real-aux` is the control of the comparison (the aux fine-tune on real training data); `select-aux`
+# (distribution shifting only) resamples the synthetic set per class into the aux fine-tuning set.
+STAGES = ("train-base", "generate", "select-aux", "finetune-aux", "finetune-real-aux", "evaluate", "evaluate-reduce",
+          "feed")
 # Stages of the run as a whole (not per iteration): `encode` turns the real images into VAE latents once;
 # `reference` streams the held-out images through the feature network once (a job array; `reference-reduce`
 # merges its parts into the statistics evaluate compares with).
@@ -85,5 +87,6 @@ class RunLayout:
         return join(self.stage(k, stage), "snapshots", f"model-{images:010d}.pt")
 
     def shards(self, k: int, stage: str) -> str:
-        """WebDataset shards of the generate (synthetic set) and feed (next generation's data) stages."""
+        """WebDataset shards of the generate (synthetic set), select-aux (shift's aux set) and feed (next
+        generation's data) stages."""
         return join(self.stage(k, stage), "shards")

@@ -1,0 +1,55 @@
+"""The two classifiers of distribution shifting: one selects the aux set, the other (never the same network)
+measures the histograms evaluate reports.
+
+Both are the digits CNN (metrics/features.py), trained on disjoint stratified halves of the labelled training
+split with different seeds: the histogram a run is judged by does not come from the network whose decisions
+built its aux set, so guidance cannot score by moving samples across that one network's boundaries alone.
+Neither sees a held-out image. Each is cached under ROOT/features/shift-<role>/.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal
+
+import torch
+
+from sims_platform.data import LabeledImages, holdout_split
+from sims_platform.metrics import DigitsClassifier, train_digits_classifier
+from sims_platform.storage import fsio
+
+if TYPE_CHECKING:  # the stages package imports this module
+    from sims_platform.stages.context import StageContext
+
+Role = Literal["select", "judge"]
+# Which stratified half of the training split each role trains on, and its seed offset from the run's seed.
+_HALF = {"select": 0, "judge": 1}
+_SEED_SALT = {"select": 101, "judge": 202}
+HALF_FRACTION = 0.5
+
+
+def halves(labels: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two disjoint, per-class stratified halves of a labelled set (indices, each sorted)."""
+    return holdout_split(labels, HALF_FRACTION, seed)
+
+
+def shift_classifier(ctx: StageContext, role: Role) -> DigitsClassifier:
+    """The selecting ('select') or the measuring ('judge') classifier, on ctx.device."""
+    if ctx.cfg.shift is None:
+        raise ValueError("shift classifiers need a shift section in the config")
+    train = ctx.labelled
+    half = halves(train.labels, ctx.cfg.data.holdout_seed)[_HALF[role]]
+    clf = train_digits_classifier(LabeledImages(train.images[half], train.labels[half]),
+                                  cache_uri=fsio.join(ctx.layout.features, f"shift-{role}"),
+                                  seed=ctx.cfg.seed + _SEED_SALT[role])
+    if clf.num_classes != ctx.cfg.data.num_classes:
+        raise ValueError(f"shift {role} classifier: its training half has labels of {clf.num_classes} classes, "
+                         f"data.num_classes is {ctx.cfg.data.num_classes} (a class with a single training image?)")
+    return clf.to(ctx.device)
+
+
+@torch.no_grad()
+def classify(clf: DigitsClassifier, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """The most probable class of each image (int64 [N], on the CPU), batch by batch."""
+    return torch.cat([clf.classify(images[i:i + batch_size]).argmax(dim=1).cpu()
+                      for i in range(0, images.shape[0], batch_size)]) if len(images) else \
+        torch.zeros(0, dtype=torch.int64)
