@@ -11,11 +11,11 @@ import torch
 from sims_platform.config import config_from_dict
 from sims_platform.data import holdout_split, load_images
 from sims_platform.data.index import SourceIndex
+from sims_platform.evaluation.features import feature_extractor
 from sims_platform.evaluation.reference import ReferenceFiles, read_result
 from sims_platform.metrics import FeatureStats, feature_stats
 from sims_platform.pipeline.runner import open_run, stages_for
 from sims_platform.stages import StageContext, run_stage
-from sims_platform.stages.evaluate import _extractor
 from sims_platform.stages.evaluate import reference as evaluate_reference
 from sims_platform.stages.reference import ReferencePartsError
 
@@ -78,7 +78,7 @@ def test_three_parts_equal_one_process_and_the_direct_statistics(run, tmp_path, 
     assert sorted(loaded) == held.tolist()
     assert not set(loaded) & set(train.tolist())
 
-    extractor = _extractor(ctx())
+    extractor = feature_extractor(ctx())
     streamed = read_result(ReferenceFiles.of(ctx().layout, cfg, extractor))
     assert streamed is not None
     stats, features = streamed
@@ -101,7 +101,7 @@ def test_three_parts_equal_one_process_and_the_direct_statistics(run, tmp_path, 
 def test_evaluate_uses_the_streamed_statistics(run, tmp_path, monkeypatch):
     ctx = run(tmp_path / "a")
     assert run_stage(ctx(), "reference")["complete"]
-    extractor = _extractor(ctx())
+    extractor = feature_extractor(ctx())
     stored = read_result(ReferenceFiles.of(ctx().layout, ctx().cfg, extractor))
 
     def no_images(self):
@@ -120,7 +120,7 @@ def test_reducer_names_missing_and_duplicated_parts(run, tmp_path):
         run_stage(ctx(), "reference-reduce")
 
     run_stage(ctx(1, 3), "reference")
-    files = ReferenceFiles.of(ctx().layout, ctx().cfg, _extractor(ctx()))
+    files = ReferenceFiles.of(ctx().layout, ctx().cfg, feature_extractor(ctx()))
     part1 = Path(files.part(1, 3)[len("file://"):])
     moved = part1.with_suffix(".bak")
     part1.rename(moved)

@@ -14,11 +14,12 @@ import time
 import torch
 
 from sims_platform.evaluation import parts as P
+from sims_platform.evaluation.features import feature_extractor
 from sims_platform.evaluation.methods import Networks, model_inputs
 from sims_platform.evaluation.plan import arms, part_block, set_offset, w_key, work_units
 from sims_platform.evaluation.reference import ReferenceFiles, read_result
 from sims_platform.evaluation.report import arm_metrics, iteration_row, method_result
-from sims_platform.metrics import FeatureExtractor, build_feature_extractor, reference_stats
+from sims_platform.metrics import FeatureExtractor, reference_stats
 from sims_platform.metrics.edm2_refs import edm2_reference
 from sims_platform.stages.context import StageContext, sample_seeds
 from sims_platform.stages.sampling import sample_batch
@@ -28,31 +29,6 @@ from sims_platform.tracking.summary_metrics import log_iteration_results
 from sims_platform.utils.progress import Progress
 
 EvaluatePartsError = P.EvaluatePartsError
-
-
-class _TrainingImages:
-    """ctx.real, loaded only if the feature network asks (the digits classifier): a pretrained network never
-    needs the training images, and loading every image of ImageNet would not fit in memory."""
-
-    def __init__(self, ctx: StageContext) -> None:
-        self._ctx = ctx
-
-    @property
-    def images(self) -> torch.Tensor:
-        return self._ctx.real.images
-
-    @property
-    def labels(self) -> torch.Tensor:
-        return self._ctx.real.labels
-
-
-def _extractor(ctx: StageContext) -> FeatureExtractor:
-    """The FID feature network; the digits classifier is trained on the training split only (never the reference)."""
-    ev = ctx.cfg.evaluate
-    weights, sha256 = ev.feature_weights()
-    # Built (or trained) on the CPU, then moved: features are computed on ctx.device.
-    return build_feature_extractor(ev.features, cache_uri=ctx.layout.features, real=_TrainingImages(ctx),
-                                   seed=ctx.cfg.seed, weights=weights, sha256=sha256, device=ctx.device)
 
 
 def _log_inputs(ctx: StageContext, run_id: str) -> None:
@@ -85,7 +61,7 @@ def compute_part(ctx: StageContext) -> int:
     if not todo:
         return 0
 
-    extractor = _extractor(ctx)
+    extractor = feature_extractor(ctx)
     nets = Networks(ctx)
     total = sum(u.count for u in mine)
     done = total - sum(u.count for u in todo)
@@ -133,7 +109,7 @@ def write_results(ctx: StageContext, run_id: str, merged: dict[str, P.ArmData]) 
     """Metrics per arm and seed set against the held-out reference; each method's selection and gain."""
     k, layout, ev, lin = ctx.iteration, ctx.layout, ctx.cfg.evaluate, ctx.lineage
     out = layout.stage(k, "evaluate")
-    ref_stats, ref_features = reference(ctx, _extractor(ctx))
+    ref_stats, ref_features = reference(ctx, feature_extractor(ctx))
     metrics = {key: arm_metrics(data, ref_stats, ref_features, ev.precision_recall.k, ev.num_samples)
                for key, data in merged.items()}
     methods = {m.name: method_result(ev, m.name, metrics, ev.sampler.steps) for m in ev.methods}

@@ -18,7 +18,7 @@ import torch
 from sims_platform.data import SourceIndex, holdout_split
 from sims_platform.evaluation import reference as R
 from sims_platform.stages.context import StageContext
-from sims_platform.stages.evaluate import _extractor
+from sims_platform.evaluation.features import feature_extractor
 from sims_platform.storage import fsio
 from sims_platform.utils.progress import Progress
 
@@ -94,7 +94,7 @@ def reduce_parts(ctx: StageContext, run_id: str, extractor, files: R.ReferenceFi
 def reference(ctx: StageContext, run_id: str) -> dict:
     """Part ctx.part of ctx.parts; with one part, also the reduction."""
     t0 = time.time()
-    extractor = _extractor(ctx)
+    extractor = feature_extractor(ctx)
     files = R.ReferenceFiles.of(ctx.layout, ctx.cfg, extractor)
     index, held = _held_out(ctx)
     _log(ctx, run_id, files, len(held))
@@ -110,7 +110,7 @@ def reference_reduce(ctx: StageContext, run_id: str) -> dict:
     """Merge the reference array's parts; its completion record is the reference stage's."""
     if ctx.parts != 1:
         raise ValueError(f"reference-reduce runs as one process, got --count {ctx.parts}")
-    extractor = _extractor(ctx)
+    extractor = feature_extractor(ctx)
     files = R.ReferenceFiles.of(ctx.layout, ctx.cfg, extractor)
     _, held = _held_out(ctx)
     parts = R.infer_parts(files)
