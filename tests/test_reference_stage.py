@@ -112,6 +112,26 @@ def test_evaluate_uses_the_streamed_statistics(run, tmp_path, monkeypatch):
     assert torch.equal(features, stored[1])
 
 
+def test_evaluate_without_the_stage_reads_each_reference_image_once(run, tmp_path):
+    """The in-process fallback (no reference stage ran): one pass over the reference, the stage's result."""
+    ctx = run(tmp_path / "a")
+    extractor = feature_extractor(ctx())
+    seen: list[int] = []
+
+    class Counting:
+        name, dim, fingerprint = extractor.name, extractor.dim, extractor.fingerprint
+
+        def __call__(self, images):
+            seen.append(len(images))
+            return extractor(images)
+    stats, features = evaluate_reference(ctx(), Counting())
+    assert sum(seen) == len(ctx().reference.images) == 100
+    assert run_stage(ctx(), "reference")["complete"]  # same batches, same order: the same sums
+    stored = read_result(ReferenceFiles.of(ctx().layout, ctx().cfg, extractor))
+    assert_stats_close(stats, stored[0], rtol=0)
+    assert torch.equal(features, stored[1]) and features.shape == (MAX_SAMPLES, extractor.dim)
+
+
 def test_reducer_names_missing_and_duplicated_parts(run, tmp_path):
     ctx = run(tmp_path / "a")
     for i in (0, 2):

@@ -19,7 +19,7 @@ from sims_platform.evaluation.methods import Networks, model_inputs
 from sims_platform.evaluation.plan import arms, part_block, set_offset, w_key, work_units
 from sims_platform.evaluation.reference import ReferenceFiles, read_result
 from sims_platform.evaluation.report import arm_metrics, iteration_row, method_result
-from sims_platform.metrics import FeatureExtractor, reference_stats
+from sims_platform.metrics import FeatureExtractor, FeatureStats
 from sims_platform.metrics.edm2_refs import edm2_reference
 from sims_platform.stages.context import StageContext, sample_seeds
 from sims_platform.stages.sampling import sample_batch
@@ -85,12 +85,13 @@ def compute_part(ctx: StageContext) -> int:
 # Results
 
 
-def reference(ctx: StageContext, extractor: FeatureExtractor) -> tuple:
+def reference(ctx: StageContext, extractor: FeatureExtractor) -> tuple[FeatureStats, torch.Tensor | None]:
     """Statistics and the first precision_recall.max_samples features of the held-out real images; published
     EDM2 statistics (evaluate.reference) carry no features, so precision/recall are then left out.
 
     The reference stage's streamed result is used when it exists for this feature network and split; without
-    it (a stage run alone on small data) they are computed here, with every held-out image in memory."""
+    it (a stage run alone on small data) they are computed here, with every held-out image in memory, in one
+    pass: each batch's features are summed and, below max_samples, kept (as the reference stage does)."""
     ev = ctx.cfg.evaluate
     if ev.reference:
         return edm2_reference(ev.reference, ev.features), None
@@ -98,11 +99,14 @@ def reference(ctx: StageContext, extractor: FeatureExtractor) -> tuple:
     if streamed is not None:
         return streamed
     images = ctx.reference.images
-    stats = reference_stats(extractor, images, ctx.layout.features, ev.batch_size)
     n = min(ev.precision_recall.max_samples, len(images))
+    stats, kept = FeatureStats(extractor.dim), [torch.zeros(0, extractor.dim)]
     with torch.no_grad():
-        feats = torch.cat([extractor(images[i:i + ev.batch_size]) for i in range(0, n, ev.batch_size)])[:n]
-    return stats, feats.float()
+        for i in range(0, len(images), ev.batch_size):
+            features = extractor(images[i:i + ev.batch_size])
+            stats.update(features)
+            kept.append(features[:max(n - i, 0)].detach().cpu().float())
+    return stats, torch.cat(kept)
 
 
 def write_results(ctx: StageContext, run_id: str, merged: dict[str, P.ArmData]) -> dict:
