@@ -36,7 +36,8 @@ def _log_inputs(ctx: StageContext, run_id: str) -> None:
     k, layout, ev = ctx.iteration, ctx.layout, ctx.cfg.evaluate
     params = {"methods": ",".join(m.name for m in ev.methods), "num_samples": ev.num_samples,
               "repeats": ev.repeats, "steps": ev.sampler.steps, "features": ev.features,
-              "holdout_fraction": ctx.cfg.data.holdout_fraction, "pr_k": ev.precision_recall.k}
+              "holdout_fraction": ctx.cfg.data.holdout_fraction, "pr_k": ev.precision_recall.k,
+              "reference": ev.reference or ctx.cfg.data.reference_path or "held-out split"}
     params |= {f"weights.{m.name}": ",".join(map(w_key, m.weights)) for m in ev.methods}
     ctx.lineage.log_params(run_id, params)
     out = layout.stage(k, "evaluate")
@@ -86,12 +87,13 @@ def compute_part(ctx: StageContext) -> int:
 
 
 def reference(ctx: StageContext, extractor: FeatureExtractor) -> tuple[FeatureStats, torch.Tensor | None]:
-    """Statistics and the first precision_recall.max_samples features of the held-out real images; published
-    EDM2 statistics (evaluate.reference) carry no features, so precision/recall are then left out.
+    """Statistics and the first precision_recall.max_samples features of the reference images (data.reference_path,
+    else the held-out split); published EDM2 statistics (evaluate.reference) carry no features, so
+    precision/recall are then left out.
 
-    The reference stage's streamed result is used when it exists for this feature network and split; without
-    it (a stage run alone on small data) they are computed here, with every held-out image in memory, in one
-    pass: each batch's features are summed and, below max_samples, kept (as the reference stage does)."""
+    The reference stage's streamed result is used when it exists for this feature network and reference; without
+    it (a stage run alone on small data) they are computed here from the same images (ctx.reference), all in
+    memory, in one pass: each batch's features are summed and, below max_samples, kept (as the stage does)."""
     ev = ctx.cfg.evaluate
     if ev.reference:
         return edm2_reference(ev.reference, ev.features), None
@@ -110,7 +112,7 @@ def reference(ctx: StageContext, extractor: FeatureExtractor) -> tuple[FeatureSt
 
 
 def write_results(ctx: StageContext, run_id: str, merged: dict[str, P.ArmData]) -> dict:
-    """Metrics per arm and seed set against the held-out reference; each method's selection and gain."""
+    """Metrics per arm and seed set against the reference; each method's selection and gain."""
     k, layout, ev, lin = ctx.iteration, ctx.layout, ctx.cfg.evaluate, ctx.lineage
     out = layout.stage(k, "evaluate")
     ref_stats, ref_features = reference(ctx, feature_extractor(ctx))
