@@ -161,7 +161,11 @@ def test_imagenet512_values_name_pretrained_networks_and_metrics_by_uri():
     cfg = config_from_dict(pipeline)
     assert cfg.pretrained.base.startswith("s3://") and cfg.pretrained.base.endswith(".pkl")
     assert cfg.evaluate.features == "inception" and cfg.evaluate.inception_weights.startswith("s3://")
-    assert cfg.evaluate.reference.startswith("s3://")
+    # the reference is ImageNet val, all of it, not published statistics computed on ImageNet train
+    assert cfg.evaluate.reference is None and cfg.evaluate.inception_sha256 == \
+        "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
+    assert cfg.data.reference_path.startswith("s3://") and "/val/" in cfg.data.reference_path
+    assert cfg.data.source == "webdataset" and "/train/" in cfg.data.path
 
 
 @pytest.mark.parametrize("features", ["inception", "dinov2"])
