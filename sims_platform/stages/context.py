@@ -50,19 +50,23 @@ class StageContext:
 
     # -- data ------------------------------------------------------------------
     @cached_property
-    def _split(self) -> tuple[LabeledImages, LabeledImages]:
+    def _held_out_split(self) -> tuple[LabeledImages, LabeledImages]:
         d = self.cfg.data
         return split_images(load_images(d), d.holdout_fraction, d.holdout_seed)
 
-    @property
+    @cached_property
     def real(self) -> LabeledImages:
-        """The real training images: everything but the held-out part (the only real data training sees)."""
-        return self._split[0]
+        """The real training images (the only real data training sees): all of data.path when data.reference_path
+        names a separate reference set, else everything but the held-out part."""
+        d = self.cfg.data
+        return load_images(d) if d.reference_path is not None else self._held_out_split[0]
 
-    @property
+    @cached_property
     def reference(self) -> LabeledImages:
-        """The held-out real images: the FID / precision / recall reference, never trained on."""
-        return self._split[1]
+        """The FID / precision / recall reference images, never trained on: every image of data.reference_path,
+        else the held-out part of data.path."""
+        d = self.cfg.data
+        return load_images(d.reference_data()) if d.reference_path is not None else self._held_out_split[1]
 
     @cached_property
     def encoder(self) -> Encoder:
