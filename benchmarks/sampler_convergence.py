@@ -21,18 +21,18 @@ from pathlib import Path
 
 from sims_platform.config import load_config
 from sims_platform.config.schema import SamplerConfig
+from sims_platform.evaluation.features import feature_extractor
 from sims_platform.metrics import feature_stats, fid_from_stats, reference_stats
 from sims_platform.pipeline.runner import open_run
 from sims_platform.stages import StageContext, run_stage
 from sims_platform.stages.context import sample_seeds
-from sims_platform.stages.evaluate import _extractor
 from sims_platform.stages.sampling import sample_batch
 from sims_platform.tracking.results import _figure, _png
 
 
 def curve(ctx: StageContext, steps: list[int], repeats: int, n: int) -> dict[int, list[float]]:
     ev = ctx.cfg.evaluate
-    extractor = _extractor(ctx)
+    extractor = feature_extractor(ctx)
     ref = reference_stats(extractor, ctx.reference.images, ctx.layout.features, ev.batch_size)
     base = ctx.load_model(ctx.layout.model(0, "train-base"))
     from sims_platform.sampling.guidance import NetDenoiser

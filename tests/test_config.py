@@ -103,7 +103,6 @@ def test_overrides_are_typed_and_validated(tmp_path):
 def test_configs_that_cannot_run_fail_validate(tmp_path, capsys):
     """Standard metrics need their weights; pretrained networks and published references are named by URI."""
     import yaml
-
     from pipeline_support import tiny_config_dict
 
     d = tiny_config_dict(str(tmp_path / "run"))
@@ -124,6 +123,37 @@ def test_configs_that_cannot_run_fail_validate(tmp_path, capsys):
     assert config_from_dict(d).pretrained.guide.endswith("0.165.pkl")
 
 
+def test_inconsistent_reference_sources_fail_validate_naming_the_field(tmp_path, capsys):
+    """data.reference_path is read like data.path and replaces the held-out split; `sims validate` rejects it with
+    the digits source, equal to data.path, or together with published statistics (evaluate.reference)."""
+    import yaml
+    from pipeline_support import tiny_config_dict
+
+    d = tiny_config_dict(str(tmp_path / "run"))
+    path = tmp_path / "p.yaml"
+    d["data"]["reference_path"] = "s3://b/val-{0..3}.tar"
+    path.write_text(yaml.safe_dump(d))
+    assert main(["validate", str(path)]) == 2
+    assert "data.reference_path is read like data.path, which needs data.source 'folder' or 'webdataset'" in \
+        capsys.readouterr().err
+
+    d["data"] |= {"source": "webdataset", "path": "s3://b/val-{0..3}.tar/"}
+    with pytest.raises(ConfigError, match=r"data\.reference_path is data\.path .*the reference would be the training"):
+        config_from_dict(d)
+
+    d["data"]["path"] = "s3://b/train-{0..9}.tar"
+    d["evaluate"] |= {"features": "inception", "inception_weights": "s3://b/w.pth",
+                      "reference": "s3://b/img512.pkl"}
+    path.write_text(yaml.safe_dump(d))
+    assert main(["validate", str(path)]) == 2
+    assert "data.reference_path and evaluate.reference both name the reference" in capsys.readouterr().err
+    d["evaluate"].pop("reference")
+    cfg = config_from_dict(d)
+    ref = cfg.data.reference_data()
+    assert (ref.path, ref.reference_path, ref.max_images, ref.source) == ("s3://b/val-{0..3}.tar", None, None,
+                                                                          "webdataset")
+
+
 def test_imagenet512_values_name_pretrained_networks_and_metrics_by_uri():
     import yaml
 
@@ -131,7 +161,11 @@ def test_imagenet512_values_name_pretrained_networks_and_metrics_by_uri():
     cfg = config_from_dict(pipeline)
     assert cfg.pretrained.base.startswith("s3://") and cfg.pretrained.base.endswith(".pkl")
     assert cfg.evaluate.features == "inception" and cfg.evaluate.inception_weights.startswith("s3://")
-    assert cfg.evaluate.reference.startswith("s3://")
+    # the reference is ImageNet val, all of it, not published statistics computed on ImageNet train
+    assert cfg.evaluate.reference is None and cfg.evaluate.inception_sha256 == \
+        "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
+    assert cfg.data.reference_path.startswith("s3://") and "/val/" in cfg.data.reference_path
+    assert cfg.data.source == "webdataset" and "/train/" in cfg.data.path
 
 
 @pytest.mark.parametrize("features", ["inception", "dinov2"])

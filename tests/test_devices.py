@@ -21,7 +21,7 @@ from sims_platform.utils.accel import resolve_device, tf32_policy
 from pipeline_support import tiny_config_dict
 
 sampling_mod = importlib.import_module("sims_platform.stages.sampling")
-evaluate_mod = importlib.import_module("sims_platform.stages.evaluate")
+features_mod = importlib.import_module("sims_platform.evaluation.features")
 
 
 @pytest.fixture
@@ -122,7 +122,7 @@ def test_every_sampling_stage_moves_networks_noise_and_labels_to_the_context_dev
         return real_noise(seeds, shape).to(meta)  # meta has no generator: CPU draws, moved (data-free) to meta
 
     extractor_devices: list[torch.device] = []
-    real_build = evaluate_mod.build_feature_extractor
+    real_build = features_mod.build_feature_extractor
 
     class Recording:  # the real feature network, kept on the CPU (features need values); records .to()
         def __init__(self, ext):
@@ -138,7 +138,7 @@ def test_every_sampling_stage_moves_networks_noise_and_labels_to_the_context_dev
     def build(*a, device=None, **k):  # the device the stage asks for is recorded; the network stays on the CPU
         return Recording(real_build(*a, **k)).to(device) if device is not None else Recording(real_build(*a, **k))
 
-    monkeypatch.setattr(evaluate_mod, "build_feature_extractor", build)
+    monkeypatch.setattr(features_mod, "build_feature_extractor", build)
     monkeypatch.setattr(sampling_mod, "heun_sample", spy_heun)
     monkeypatch.setattr(sampling_mod, "seeded_noise", spy_noise)
     ctx = context(d, device=meta)

@@ -290,7 +290,7 @@ def test_evaluate_stage_builds_the_configured_network(inception, inception_file,
     from pipeline_support import tiny_config_dict
 
     from sims_platform.config import config_from_dict
-    from sims_platform.stages.evaluate import _extractor
+    from sims_platform.evaluation.features import feature_extractor
 
     data = tiny_config_dict(str(tmp_path / "run"))
     data["evaluate"] |= {"features": "inception", "inception_weights": str(inception_file),
@@ -298,9 +298,9 @@ def test_evaluate_stage_builds_the_configured_network(inception, inception_file,
     cfg = config_from_dict(data)
     ctx = SimpleNamespace(cfg=cfg, layout=SimpleNamespace(features=str(tmp_path / "features")), real=NO_DATA,
                           device=torch.device("cpu"))
-    got = _extractor(ctx)
+    got = feature_extractor(ctx)
     u = _uint8(1, 1, 8, 8, seed=7)  # the tiny pipeline's 8x8 grey digits
     assert got.dim == 2048 and torch.equal(got(u), inception(u))
     cfg.evaluate.inception_sha256 = "1" * 64
     with pytest.raises(WeightsError, match="expected " + "1" * 64):
-        _extractor(ctx)
+        feature_extractor(ctx)

@@ -243,6 +243,16 @@ def test_fid_plot_png():
     assert img.format == "PNG"
 
 
+def test_plots_star_the_w_chosen_on_selection_seeds_not_the_lowest_report_fid():
+    from sims_platform.tracking.summary_metrics import row_best
+
+    row = {"best_w": 0.0, "fid": {"0.0": 20.0, "0.5": 19.0},
+           "methods": {"sims": {"best_w": 0.0, "fid": {"0.0": 20.0, "0.5": 19.0}},
+                       "neon": {"best_w": 0.5, "fid": {"0.0": 20.0, "0.5": 21.0}}}}
+    assert row_best(row) == {"sims": 0.0, "neon": 0.5}
+    assert row_best({"best_w": 1.0, "fid": {"0.0": 3.0, "1.0": 2.0}}) == {"": 1.0}
+
+
 @pytest.mark.parametrize("channels", [1, 3])
 def test_image_grid_png(channels):
     images = torch.linspace(-1, 1, 5 * channels * 16 * 16).reshape(5, channels, 16, 16)

@@ -28,7 +28,8 @@ class DataConfig(Strict):
     max_images: int | None = Field(None, ge=1, description="use only the first N images (deterministic order)")
     holdout_fraction: float = Field(
         0.25, gt=0, lt=1, description="fraction of each class held out of every training stage (base, aux, "
-        "the digits feature network); FID, precision and recall references come from this held-out part only")
+        "the digits feature network); FID, precision and recall references come from this held-out part only. "
+        "Unused when reference_path is set")
     holdout_seed: int = Field(0, ge=0, description="seed of the per-class held-out split (fixed across training "
                               "seeds, so every seed is measured against the same reference)")
     conditional: bool = Field(True, description="false: the diffusion models never see the labels (unconditional, "
@@ -39,11 +40,26 @@ class DataConfig(Strict):
         "keep all; the held-out reference is unchanged), chosen per class by a permutation seeded with "
         "holdout_seed: e.g. a class-imbalanced base for distribution shifting. Classifiers still train on the "
         "whole training split")
+    reference_path: str | None = Field(
+        None, min_length=1, description="a separate real dataset as the FID / precision / recall reference "
+        "(e.g. ImageNet val as shards when the base was trained on all of ImageNet train): a folder path or shard "
+        "URI pattern read like path (same source, resolution, channels and num_classes), all of its images, "
+        "never capped by max_images. It replaces the held-out split, so every training stage (base, aux, the "
+        "digits feature network) then uses all of path; it must hold none of path's images. null = the "
+        "held-out split of path")
 
     @model_validator(mode="after")
     def _path_needed(self) -> DataConfig:
         if self.source in ("folder", "webdataset") and not self.path:
             raise ValueError(f"data.path is required when data.source is '{self.source}'")
+        if self.reference_path is not None and self.source == "digits":
+            raise ValueError("data.reference_path is read like data.path, which needs data.source 'folder' or "
+                             "'webdataset'; the digits source has one set, so its reference is the held-out split "
+                             "(remove data.reference_path)")
+        if self.reference_path is not None and self.reference_path.rstrip("/") == (self.path or "").rstrip("/"):
+            raise ValueError(f"data.reference_path is data.path ({self.path}): the reference would be the "
+                             "training images; name a separate set (e.g. ImageNet val) or remove it to measure "
+                             "against the held-out split")
         return self
 
     @model_validator(mode="after")
@@ -65,6 +81,13 @@ class DataConfig(Strict):
     def label_dim(self) -> int:
         """The class-label width the diffusion models are built with (0 = unconditional)."""
         return self.num_classes if self.conditional else 0
+
+    def reference_data(self) -> DataConfig:
+        """The reference set as a source of its own: reference_path read like path, every image of it."""
+        if self.reference_path is None:
+            raise ValueError("data.reference_path is not set: the reference is the held-out split of data.path")
+        return DataConfig(**self.model_dump(exclude={"path", "reference_path", "max_images"}),
+                          path=self.reference_path)
 
 
 class EncoderConfig(Strict):
@@ -295,7 +318,8 @@ class EvaluateConfig(Strict):
                                          "(checked on every load when set)")
     reference: str | None = Field(None, description="URI of published reference statistics in EDM2's format "
                                   "(dataset-refs/img512.pkl: mu and sigma per metric, read without running "
-                                  "code) for features inception/dinov2; null = computed from the held-out split. "
+                                  "code) for features inception/dinov2; null = computed by the reference stage from data.reference_path "
+                                  "or the held-out split. "
                                   "Published statistics carry no feature vectors: precision/recall are then null")
     precision_recall: PrecisionRecallConfig = PrecisionRecallConfig()
     sampler: SamplerConfig = SamplerConfig()
@@ -485,6 +509,9 @@ class PipelineConfig(Strict):
         if "cfg" in names and self.data.label_dim == 0:
             raise ValueError("evaluate.methods 'cfg' needs a class-conditional model (data.num_classes > 0 and "
                              "data.conditional true)")
+        if self.data.reference_path is not None and self.evaluate.reference:
+            raise ValueError("data.reference_path and evaluate.reference both name the reference: images to compute "
+                             "statistics from vs published statistics; keep one of them")
         if self.pretrained.guide is not None and "autoguidance" not in names:
             raise ValueError("pretrained.guide is autoguidance's guide network: add an 'autoguidance' entry to "
                              "evaluate.methods or remove pretrained.guide")

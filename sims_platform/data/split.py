@@ -3,12 +3,14 @@
 FID, precision and recall compare samples with this held-out part only, so a model (or a feature network) that
 memorised its training images gains nothing from it. The split depends only on the labels, data.holdout_fraction
 and data.holdout_seed, never on the run's seed: every training seed is measured against the same reference.
+When data.reference_path names a separate reference set, nothing is held out: training reads all of data.path.
 """
 
 from __future__ import annotations
 
 import torch
 
+from sims_platform.config.schema import DataConfig
 from sims_platform.data.images import LabeledImages
 
 
@@ -64,3 +66,11 @@ def class_subset(labels: torch.Tensor, fractions: dict[int, float] | None, seed:
         perm = torch.randperm(len(idx), generator=torch.Generator().manual_seed(seed * 1_000_003 + _SUBSET_SALT + c))
         keep[idx[perm[n_keep:]]] = False
     return torch.nonzero(keep).flatten()
+
+
+def training_indices(labels: torch.Tensor, cfg: DataConfig) -> torch.Tensor:
+    """Sorted indices of data.path the training stages read: all of them when data.reference_path names a separate
+    reference set, else the training part of the held-out split."""
+    if cfg.reference_path is not None:
+        return torch.arange(len(labels))
+    return holdout_split(labels, cfg.holdout_fraction, cfg.holdout_seed)[0]

@@ -1,11 +1,13 @@
-"""Reference statistics of the held-out real images as a job array: part records, their merge, the cached result.
+"""Reference statistics of the real reference images as a job array: part records, their merge, the cached result.
 
-Everything lives under ROOT/features/reference/<feature network>-<key>/, where the key digests the feature
-network's fingerprint, the held-out split's settings and precision_recall.max_samples: another feature network
-or another split never reuses these files. Part i of N owns the contiguous block part_block(n, i, N) of the
-held-out indices (sorted, data/split.py) and stores float64 FeatureStats of its block plus the feature vectors of
-the held-out positions below max_samples; the reducer checks the blocks tile 0..n exactly once and merges them in
-block order (sums: any split equals the single-process statistics up to float64 rounding).
+The reference images are every image of data.reference_path when it is set, else the held-out split of data.path
+(data/split.py). Everything lives under ROOT/features/reference/<feature network>-<key>/, where the key digests the
+feature network's fingerprint, the reference source (reference_source) and precision_recall.max_samples: another
+feature network or another reference never reuses these files. Part i of N owns the contiguous block
+part_block(n, i, N) of the reference positions 0..n-1 (sorted source indices) and stores float64 FeatureStats of
+its block plus the feature vectors of the positions below max_samples; the reducer checks the blocks tile 0..n
+exactly once and merges them in block order (sums: any split equals the single-process statistics up to float64
+rounding).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sims_platform.config.schema import PipelineConfig
+from sims_platform.config.schema import DataConfig, PipelineConfig
 from sims_platform.evaluation.plan import part_block
 from sims_platform.metrics import FeatureExtractor, FeatureStats
 from sims_platform.storage import fsio
@@ -33,19 +35,26 @@ class ReferencePartsError(RuntimeError):
     """The reference parts in storage are missing, duplicated or from other settings (permanent)."""
 
 
+def reference_source(d: DataConfig) -> dict:
+    """The settings that decide which images the reference is: a separate set (all of data.reference_path) or the
+    held-out split of data.path."""
+    if d.reference_path is not None:
+        return d.model_dump(mode="json", include={"source", "reference_path", "resolution", "channels",
+                                                  "num_classes"})
+    return d.model_dump(mode="json", include={"source", "path", "resolution", "channels", "num_classes",
+                                              "max_images", "holdout_fraction", "holdout_seed"})
+
+
 def reference_key(cfg: PipelineConfig, extractor: FeatureExtractor) -> str:
-    """What the statistics depend on: the feature network's weights, the held-out images, the kept features."""
-    d = cfg.data
+    """What the statistics depend on: the feature network's weights, the reference images, the kept features."""
     what = {"extractor": extractor.name, "fingerprint": extractor.fingerprint,
-            "data": d.model_dump(mode="json", include={"source", "path", "resolution", "channels", "num_classes",
-                                                       "max_images", "holdout_fraction", "holdout_seed"}),
-            "max_samples": cfg.evaluate.precision_recall.max_samples}
+            "data": reference_source(cfg.data), "max_samples": cfg.evaluate.precision_recall.max_samples}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
 class ReferenceFiles:
-    """Where one (feature network, held-out split) pair's parts and merged statistics live."""
+    """Where one (feature network, reference images) pair's parts and merged statistics live."""
 
     root: str
     key: str
@@ -71,8 +80,9 @@ class ReferenceFiles:
 # One part
 
 
-def new_part(key: str, part: int, parts: int, held: int, dim: int) -> dict:
-    block = part_block(held, part, parts)
+def new_part(key: str, part: int, parts: int, count: int, dim: int) -> dict:
+    """An empty record of part `part` of `parts` over `count` reference images."""
+    block = part_block(count, part, parts)
     return {"key": key, "part": part, "parts": parts, "start": block.start, "stop": block.stop, "done": 0,
             "stats": FeatureStats(dim).to_dict(), "features": torch.zeros(0, dim)}
 
@@ -83,13 +93,13 @@ def load_part(uri: str, key: str) -> dict:
         raise ReferencePartsError(f"{uri} is not a reference part record (expected keys {sorted(_PART_KEYS)}): "
                                   "remove it and rerun that part")
     if rec["key"] != key:
-        raise ReferencePartsError(f"{uri} was computed with another feature network or held-out split than this "
-                                  "config: remove it and rerun that part")
+        raise ReferencePartsError(f"{uri} was computed with another feature network or reference than this config"
+                                  ": remove it and rerun that part")
     return rec
 
 
 def add_batch(rec: dict, features: torch.Tensor, max_samples: int) -> None:
-    """Fold the features of held-out positions [start+done, start+done+len) into the part record."""
+    """Fold the features of reference positions [start+done, start+done+len) into the part record."""
     first = rec["start"] + rec["done"]
     rec["stats"] = FeatureStats.from_dict(rec["stats"]).update(features).to_dict()
     keep = max_samples - first
@@ -118,8 +128,8 @@ def infer_parts(files: ReferenceFiles) -> int:
     return next(iter(counts))
 
 
-def merge_parts(files: ReferenceFiles, parts: int, held: int) -> tuple[FeatureStats, torch.Tensor]:
-    """Merged statistics and kept features, checking each held-out position was computed exactly once."""
+def merge_parts(files: ReferenceFiles, parts: int, count: int) -> tuple[FeatureStats, torch.Tensor]:
+    """Merged statistics and kept features, checking each of the count reference positions was computed once."""
     records: dict[int, dict] = {}
     for name in fsio.listdir(files.parts_dir):
         m = PART_FILE.match(name)
@@ -130,9 +140,9 @@ def merge_parts(files: ReferenceFiles, parts: int, held: int) -> tuple[FeatureSt
             raise ReferencePartsError(f"{where} is from part {m[1]} of {m[2]}, but this reduction has {parts} "
                                       "parts: duplicated part; remove the stale file and rerun")
         rec = load_part(where, files.key)
-        block = part_block(held, int(m[1]), parts)
+        block = part_block(count, int(m[1]), parts)
         if (rec["part"], rec["parts"], rec["start"], rec["stop"]) != (int(m[1]), parts, block.start, block.stop):
-            raise ReferencePartsError(f"{where} holds held-out positions {rec['start']}..{rec['stop']} of part "
+            raise ReferencePartsError(f"{where} holds reference positions {rec['start']}..{rec['stop']} of part "
                                       f"{rec['part']} of {rec['parts']}, not part {int(m[1])}'s block "
                                       f"{block.start}..{block.stop}: remove it and rerun that part")
         records[rec["part"]] = rec
@@ -162,5 +172,5 @@ def read_result(files: ReferenceFiles) -> tuple[FeatureStats, torch.Tensor] | No
     rec = fsio.load_torch(files.result)
     if not isinstance(rec, dict) or _RESULT_KEYS - set(rec) or rec["key"] != files.key:
         raise ReferencePartsError(f"{files.result} is not the reference statistics of this feature network and "
-                                  "held-out split: remove it and rerun `sims stage reference`")
+                                  "reference: remove it and rerun `sims stage reference`")
     return FeatureStats.from_dict(rec["stats"]), rec["features"].float()

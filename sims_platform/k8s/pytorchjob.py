@@ -15,7 +15,7 @@ from kubeflow.training import (
 from kubernetes.client import ApiClient, V1ObjectMeta, V1PodTemplateSpec
 
 from sims_platform.k8s.settings import DriverSettings
-from sims_platform.k8s.state import Observed, Phase, true_conditions
+from sims_platform.k8s.state import Observed, Phase, settled, true_conditions
 
 
 def gang_restarts(restarts: int, nodes: int) -> int:
@@ -66,14 +66,8 @@ class PyTorchJobBackend:
         """Conditions Created, Running, Restarting, Succeeded, Suspended, Failed (Training Operator v1)."""
         spec, status = obj.get("spec") or {}, obj.get("status") or {}
         conds = true_conditions(status)
-        if "Succeeded" in conds:
-            return Observed(Phase.SUCCEEDED)
-        if "Failed" in conds:
-            c = conds["Failed"]
-            return Observed(Phase.FAILED, c.get("reason") or "", c.get("message") or "")
-        if "Suspended" in conds or (spec.get("runPolicy") or {}).get("suspend"):
-            reason = conds.get("Suspended", {}).get("reason") or "Suspended"
-            return Observed(Phase.WAITING, reason, "waiting for admission (Kueue) or resume")
+        if seen := settled(conds, "Succeeded", bool((spec.get("runPolicy") or {}).get("suspend"))):
+            return seen
         if "Running" in conds:
             return Observed(Phase.RUNNING)
         if "Restarting" in conds:

@@ -40,19 +40,27 @@ def _failed(cond: dict[str, Any]) -> Observed:
     return Observed(Phase.FAILED, cond.get("reason") or "", cond.get("message") or "")
 
 
+def settled(conds: dict[str, dict[str, Any]], done: str, suspended: bool,
+            failed: tuple[str, ...] = ("Failed",)) -> Observed | None:
+    """What every job kind reports alike through its true conditions: success (`done`), failure (the first of
+    `failed` present), or waiting while suspended (Kueue holds it); None while it is neither."""
+    if done in conds:
+        return Observed(Phase.SUCCEEDED)
+    for kind in failed:
+        if kind in conds:
+            return _failed(conds[kind])
+    if "Suspended" in conds or suspended:
+        reason = conds.get("Suspended", {}).get("reason") or "Suspended"
+        return Observed(Phase.WAITING, reason, "waiting for admission (Kueue) or resume")
+    return None
+
+
 def job_observed(job: dict[str, Any]) -> Observed:
     """batch/v1 Job: Complete / Failed / Suspended (Kueue holds it) / otherwise active or pending."""
     spec, status = job.get("spec") or {}, job.get("status") or {}
-    conds = true_conditions(status)
-    if "Complete" in conds:
-        return Observed(Phase.SUCCEEDED)
-    if "Failed" in conds:
-        return _failed(conds["Failed"])
-    if "FailureTarget" in conds:  # terminal already; Failed follows once the pods are gone
-        return _failed(conds["FailureTarget"])
-    if "Suspended" in conds or spec.get("suspend"):
-        reason = conds.get("Suspended", {}).get("reason") or "Suspended"
-        return Observed(Phase.WAITING, reason, "waiting for admission (Kueue) or resume")
+    # FailureTarget is terminal already; Failed follows once the pods are gone.
+    if seen := settled(true_conditions(status), "Complete", bool(spec.get("suspend")), ("Failed", "FailureTarget")):
+        return seen
     if (status.get("ready") or 0) > 0 or ((status.get("active") or 0) > 0 and status.get("startTime")):
         return Observed(Phase.RUNNING)
     return Observed(Phase.WAITING, "Pending")

@@ -8,7 +8,7 @@ from typing import Any
 from kubernetes.client import ApiClient, V1PodTemplateSpec
 
 from sims_platform.k8s.settings import DriverSettings
-from sims_platform.k8s.state import Observed, Phase, true_conditions
+from sims_platform.k8s.state import Observed, Phase, settled, true_conditions
 
 GROUP, VERSION = "trainer.kubeflow.org", "v1alpha1"
 NODE = "node"             # the torch runtime's replicated job and container, where Trainer injects PET_*
@@ -69,15 +69,8 @@ class TrainJobBackend:
     def observe(self, obj: dict[str, Any]) -> Observed:
         """Conditions Suspended, Complete, Failed (metav1.Condition); JobSet's jobsStatus tells running pods."""
         spec, status = obj.get("spec") or {}, obj.get("status") or {}
-        conds = true_conditions(status)
-        if "Complete" in conds:
-            return Observed(Phase.SUCCEEDED)
-        if "Failed" in conds:
-            c = conds["Failed"]
-            return Observed(Phase.FAILED, c.get("reason") or "", c.get("message") or "")
-        if "Suspended" in conds or spec.get("suspend"):
-            reason = conds.get("Suspended", {}).get("reason") or "Suspended"
-            return Observed(Phase.WAITING, reason, "waiting for admission (Kueue) or resume")
+        if seen := settled(true_conditions(status), "Complete", bool(spec.get("suspend"))):
+            return seen
         jobs = status.get("jobsStatus") or []
         if any((j.get("active") or 0) > 0 for j in jobs):
             return Observed(Phase.RUNNING)

@@ -50,29 +50,33 @@ class StageContext:
 
     # -- data ------------------------------------------------------------------
     @cached_property
-    def _split(self) -> tuple[LabeledImages, LabeledImages]:
+    def _held_out_split(self) -> tuple[LabeledImages, LabeledImages]:
         d = self.cfg.data
         return split_images(load_images(d), d.holdout_fraction, d.holdout_seed)
 
-    @property
+    @cached_property
     def labelled(self) -> LabeledImages:
-        """The whole training split (everything but the held-out part): what classifiers train on."""
-        return self._split[0]
+        """The whole training split, what classifiers train on: all of data.path when data.reference_path names a
+        separate reference set, else everything but the held-out part."""
+        d = self.cfg.data
+        return load_images(d) if d.reference_path is not None else self._held_out_split[0]
 
     @cached_property
     def real(self) -> LabeledImages:
         """The real images the diffusion models train on: the training split, less what data.class_fractions
         drops (the only real data training sees)."""
-        d, train = self.cfg.data, self._split[0]
+        d, train = self.cfg.data, self.labelled
         if not d.class_fractions:
             return train
         keep = class_subset(train.labels, d.class_fractions, d.holdout_seed)
         return LabeledImages(train.images[keep], train.labels[keep])
 
-    @property
+    @cached_property
     def reference(self) -> LabeledImages:
-        """The held-out real images: the FID / precision / recall reference, never trained on."""
-        return self._split[1]
+        """The FID / precision / recall reference images, never trained on: every image of data.reference_path,
+        else the held-out part of data.path."""
+        d = self.cfg.data
+        return load_images(d.reference_data()) if d.reference_path is not None else self._held_out_split[1]
 
     @cached_property
     def encoder(self) -> Encoder:

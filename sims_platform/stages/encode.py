@@ -4,9 +4,10 @@ As EDM2, each sample keeps the posterior's mean and std (scaled like a latent, s
 [2C, h, w], manifest `posterior: true`), and training draws a fresh latent every time it draws the image
 (encoders/latent.py draw_latents, from the step's generator).
 
-Only the training part of the held-out split (data/split.py) is encoded: the held-out images never reach a
-training stage. Part i of N encodes output shards j with j % N == i; shard j holds training samples
-[j*S, (j+1)*S) in the source's deterministic order, keyed by their index in the source. A restarted part skips committed shards; whoever finds
+Only the training images are encoded (data/split.py training_indices): the held-out images never reach a
+training stage; with a separate reference set (data.reference_path), all of data.path is. Part i of N encodes
+output shards j with j % N == i; shard j holds training samples [j*S, (j+1)*S) in the source's deterministic
+order, keyed by their index in the source. A restarted part skips committed shards; whoever finds
 every shard committed writes the manifest.
 """
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from sims_platform.data import ShardWriter, SourceIndex, class_subset, holdout_split
+from sims_platform.data import ShardWriter, SourceIndex, class_subset, training_indices
 from sims_platform.stages.context import StageContext
 from sims_platform.stages.shard_parts import write_owned_shards
 
@@ -22,11 +23,12 @@ from sims_platform.stages.shard_parts import write_owned_shards
 def encode(ctx: StageContext, run_id: str) -> dict:
     cfg, out = ctx.cfg, ctx.layout.encoded
     index = SourceIndex(cfg.data)
-    train, _ = holdout_split(index.labels, cfg.data.holdout_fraction, cfg.data.holdout_seed)
+    train = training_indices(index.labels, cfg.data)
     train = train[class_subset(index.labels[train], cfg.data.class_fractions, cfg.data.holdout_seed)]
     meta = {"source": cfg.data.source, "path": cfg.data.path, "resolution": cfg.data.resolution,
             "encoder": cfg.encoder.kind, "vae": cfg.encoder.vae if cfg.encoder.vae_config is None else "random",
             "holdout_fraction": cfg.data.holdout_fraction, "holdout_seed": cfg.data.holdout_seed,
+            "reference_path": cfg.data.reference_path,
             "posterior": cfg.encoder.kind == "latent"}
     writer = ShardWriter(out, shard_size=cfg.encoder.shard_size, total=len(train), meta=meta)
     ctx.lineage.log_params(run_id, {"images": len(train), "held_out": len(index) - len(train),

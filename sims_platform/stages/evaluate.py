@@ -14,12 +14,13 @@ import time
 import torch
 
 from sims_platform.evaluation import parts as P
+from sims_platform.evaluation.features import feature_extractor
 from sims_platform.evaluation.methods import Networks, model_inputs
 from sims_platform.evaluation.plan import arms, part_block, set_offset, w_key, work_units
 from sims_platform.evaluation.reference import ReferenceFiles, read_result
 from sims_platform.evaluation.report import arm_metrics, iteration_row, method_result
 from sims_platform.data import read_manifest
-from sims_platform.metrics import FeatureExtractor, build_feature_extractor, fid_from_stats, reference_stats
+from sims_platform.metrics import FeatureExtractor, FeatureStats, fid_from_stats
 from sims_platform.metrics.edm2_refs import edm2_reference
 from sims_platform.shift.classifiers import classify, shift_classifier
 from sims_platform.shift.reference import per_class_stats, reweighted_stats
@@ -34,38 +35,13 @@ from sims_platform.utils.progress import Progress
 EvaluatePartsError = P.EvaluatePartsError
 
 
-class _TrainingImages:
-    """ctx.labelled (the whole training split), loaded only if the feature network asks (the digits classifier):
-    a pretrained network never needs the training images, and loading every image of ImageNet would not fit in
-    memory."""
-
-    def __init__(self, ctx: StageContext) -> None:
-        self._ctx = ctx
-
-    @property
-    def images(self) -> torch.Tensor:
-        return self._ctx.labelled.images
-
-    @property
-    def labels(self) -> torch.Tensor:
-        return self._ctx.labelled.labels
-
-
-def _extractor(ctx: StageContext) -> FeatureExtractor:
-    """The FID feature network; the digits classifier is trained on the training split only (never the reference)."""
-    ev = ctx.cfg.evaluate
-    weights, sha256 = ev.feature_weights()
-    # Built (or trained) on the CPU, then moved: features are computed on ctx.device.
-    return build_feature_extractor(ev.features, cache_uri=ctx.layout.features, real=_TrainingImages(ctx),
-                                   seed=ctx.cfg.seed, weights=weights, sha256=sha256, device=ctx.device)
-
-
 def _log_inputs(ctx: StageContext, run_id: str) -> None:
     """Params and lineage links of the stage run; identical from every part, so logging them twice is a no-op."""
     k, layout, ev = ctx.iteration, ctx.layout, ctx.cfg.evaluate
     params = {"methods": ",".join(m.name for m in ev.methods), "num_samples": ev.num_samples,
               "repeats": ev.repeats, "steps": ev.sampler.steps, "features": ev.features,
-              "holdout_fraction": ctx.cfg.data.holdout_fraction, "pr_k": ev.precision_recall.k}
+              "holdout_fraction": ctx.cfg.data.holdout_fraction, "pr_k": ev.precision_recall.k,
+              "reference": ev.reference or ctx.cfg.data.reference_path or "held-out split"}
     params |= {f"weights.{m.name}": ",".join(map(w_key, m.weights)) for m in ev.methods}
     ctx.lineage.log_params(run_id, params)
     out = layout.stage(k, "evaluate")
@@ -90,7 +66,7 @@ def compute_part(ctx: StageContext) -> int:
     if not todo:
         return 0
 
-    extractor = _extractor(ctx)
+    extractor = feature_extractor(ctx)
     judge = shift_classifier(ctx, "judge") if ctx.cfg.shift is not None else None
     nets = Networks(ctx)
     total = sum(u.count for u in mine)
@@ -116,12 +92,14 @@ def compute_part(ctx: StageContext) -> int:
 # Results
 
 
-def reference(ctx: StageContext, extractor: FeatureExtractor) -> tuple:
-    """Statistics and the first precision_recall.max_samples features of the held-out real images; published
-    EDM2 statistics (evaluate.reference) carry no features, so precision/recall are then left out.
+def reference(ctx: StageContext, extractor: FeatureExtractor) -> tuple[FeatureStats, torch.Tensor | None]:
+    """Statistics and the first precision_recall.max_samples features of the reference images (data.reference_path,
+    else the held-out split); published EDM2 statistics (evaluate.reference) carry no features, so
+    precision/recall are then left out.
 
-    The reference stage's streamed result is used when it exists for this feature network and split; without
-    it (a stage run alone on small data) they are computed here, with every held-out image in memory."""
+    The reference stage's streamed result is used when it exists for this feature network and reference; without
+    it (a stage run alone on small data) they are computed here from the same images (ctx.reference), all in
+    memory, in one pass: each batch's features are summed and, below max_samples, kept (as the stage does)."""
     ev = ctx.cfg.evaluate
     if ev.reference:
         return edm2_reference(ev.reference, ev.features), None
@@ -129,11 +107,14 @@ def reference(ctx: StageContext, extractor: FeatureExtractor) -> tuple:
     if streamed is not None:
         return streamed
     images = ctx.reference.images
-    stats = reference_stats(extractor, images, ctx.layout.features, ev.batch_size)
     n = min(ev.precision_recall.max_samples, len(images))
+    stats, kept = FeatureStats(extractor.dim), [torch.zeros(0, extractor.dim)]
     with torch.no_grad():
-        feats = torch.cat([extractor(images[i:i + ev.batch_size]) for i in range(0, n, ev.batch_size)])[:n]
-    return stats, feats.float()
+        for i in range(0, len(images), ev.batch_size):
+            features = extractor(images[i:i + ev.batch_size])
+            stats.update(features)
+            kept.append(features[:max(n - i, 0)].detach().cpu().float())
+    return stats, torch.cat(kept)
 
 
 def shift_section(ctx: StageContext, run_id: str, extractor: FeatureExtractor,
@@ -165,10 +146,10 @@ def shift_section(ctx: StageContext, run_id: str, extractor: FeatureExtractor,
 
 
 def write_results(ctx: StageContext, run_id: str, merged: dict[str, P.ArmData]) -> dict:
-    """Metrics per arm and seed set against the held-out reference; each method's selection and gain."""
+    """Metrics per arm and seed set against the reference; each method's selection and gain."""
     k, layout, ev, lin = ctx.iteration, ctx.layout, ctx.cfg.evaluate, ctx.lineage
     out = layout.stage(k, "evaluate")
-    extractor = _extractor(ctx)
+    extractor = feature_extractor(ctx)
     ref_stats, ref_features = reference(ctx, extractor)
     metrics = {key: arm_metrics(data, ref_stats, ref_features, ev.precision_recall.k, ev.num_samples)
                for key, data in merged.items()}

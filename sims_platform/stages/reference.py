@@ -1,12 +1,13 @@
-"""reference and reference-reduce: stream the held-out real images through the feature network, once per run.
+"""reference and reference-reduce: stream the reference images through the feature network, once per run.
 
-Part i of N (an Indexed Job pod) loads only its block of the held-out indices, evaluate.batch_size images at a
-time (SourceIndex decodes just those), so no process ever holds the reference set in memory; it keeps float64
-feature sums and the features of the first precision_recall.max_samples held-out images, and rewrites its part
-file every SAVE_SECONDS, so a restarted part resumes where it was (the sums then add the same batches in the same
-order: the result is unchanged). The reducer merges the parts into ROOT/features/reference/<net>-<key>/
-reference.pt, which evaluate reads. With one part, `reference` does both. Not run when evaluate.reference names
-published EDM2 statistics (pipeline/runner.py).
+The reference images are every image of data.reference_path (a separate set, e.g. ImageNet val shards) or, when it
+is null, the held-out split of data.path. Part i of N (an Indexed Job pod) loads only its block of them,
+evaluate.batch_size images at a time (SourceIndex decodes just those, reading shards through fsspec), so no process
+ever holds the reference set in memory; it keeps float64 feature sums and the features of the first
+precision_recall.max_samples reference images, and rewrites its part file every SAVE_SECONDS, so a restarted part
+resumes where it was (the sums then add the same batches in the same order: the result is unchanged). The reducer
+merges the parts into ROOT/features/reference/<net>-<key>/reference.pt, which evaluate reads. With one part,
+`reference` does both. Not run when evaluate.reference names published EDM2 statistics (pipeline/runner.py).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from sims_platform.data import SourceIndex, holdout_split
 from sims_platform.evaluation import reference as R
 from sims_platform.stages.context import StageContext
-from sims_platform.stages.evaluate import _extractor
+from sims_platform.evaluation.features import feature_extractor
 from sims_platform.storage import fsio
 from sims_platform.utils.progress import Progress
 
@@ -29,29 +30,37 @@ SAVE_SECONDS = 60.0
 ReferencePartsError = R.ReferencePartsError
 
 
-def _held_out(ctx: StageContext) -> tuple[SourceIndex, torch.Tensor]:
-    """The source (indexed, nothing decoded) and its held-out indices, sorted: the only images read here."""
+def reference_images(ctx: StageContext) -> tuple[SourceIndex, torch.Tensor]:
+    """The reference source (indexed, nothing decoded) and the sorted indices of its reference images: every
+    image of data.reference_path, else the held-out split of data.path. The only images this stage reads."""
     d = ctx.cfg.data
+    if d.reference_path is not None:
+        index = SourceIndex(d.reference_data())
+        return index, torch.arange(len(index))
     index = SourceIndex(d)
     _, held = holdout_split(index.labels, d.holdout_fraction, d.holdout_seed)
     return index, held
 
 
-def _log(ctx: StageContext, run_id: str, files: R.ReferenceFiles, held: int) -> None:
-    ev = ctx.cfg.evaluate
-    ctx.lineage.log_params(run_id, {"features": ev.features, "held_out": held, "batch_size": ev.batch_size,
-                                    "holdout_fraction": ctx.cfg.data.holdout_fraction,
-                                    "max_samples": ev.precision_recall.max_samples})
-    ctx.lineage.link(run_id, inputs={"real": ctx.real_uri()}, outputs={"reference": files.result})
+def _log(ctx: StageContext, run_id: str, files: R.ReferenceFiles, count: int) -> None:
+    ev, d = ctx.cfg.evaluate, ctx.cfg.data
+    source = {"reference_path": d.reference_path} if d.reference_path is not None else \
+        {"holdout_fraction": d.holdout_fraction}
+    ctx.lineage.log_params(run_id, {"features": ev.features, "reference_images": count,
+                                    "batch_size": ev.batch_size, "max_samples": ev.precision_recall.max_samples,
+                                    **source})
+    inputs = {"reference": d.reference_path} if d.reference_path is not None else {"real": ctx.real_uri()}
+    ctx.lineage.link(run_id, inputs=inputs, outputs={"reference": files.result})
 
 
 def compute_part(ctx: StageContext, extractor, files: R.ReferenceFiles, index: SourceIndex,
-                 held: torch.Tensor) -> int:
-    """Feature statistics of this part's block of held-out images; returns how many it computed now."""
+                 indices: torch.Tensor) -> int:
+    """Feature statistics of this part's block of the reference images (source indices `indices`); returns how
+    many it computed now."""
     ev = ctx.cfg.evaluate
     uri = files.part(ctx.part, ctx.parts)
     rec = R.load_part(uri, files.key) if fsio.exists(uri) else \
-        R.new_part(files.key, ctx.part, ctx.parts, len(held), extractor.dim)
+        R.new_part(files.key, ctx.part, ctx.parts, len(indices), extractor.dim)
     total = rec["stop"] - rec["start"]
     if rec["done"] == total and fsio.exists(uri):
         return 0
@@ -59,7 +68,7 @@ def compute_part(ctx: StageContext, extractor, files: R.ReferenceFiles, index: S
     computed, saved = 0, time.monotonic()
     while rec["done"] < total:
         first = rec["start"] + rec["done"]
-        batch = held[first:min(first + ev.batch_size, rec["stop"])]
+        batch = indices[first:min(first + ev.batch_size, rec["stop"])]
         images = index.load(batch.tolist()).images
         with torch.no_grad():
             R.add_batch(rec, extractor(images), ev.precision_recall.max_samples)
@@ -74,17 +83,17 @@ def compute_part(ctx: StageContext, extractor, files: R.ReferenceFiles, index: S
     return computed
 
 
-def reduce_parts(ctx: StageContext, run_id: str, extractor, files: R.ReferenceFiles, held: int,
+def reduce_parts(ctx: StageContext, run_id: str, extractor, files: R.ReferenceFiles, count: int,
                  parts: int) -> dict:
-    stats, features = R.merge_parts(files, parts, held)
-    if stats.count != held:
+    stats, features = R.merge_parts(files, parts, count)
+    if stats.count != count:
         raise ReferencePartsError(f"reference parts under {files.parts_dir} hold {stats.count} images, the "
-                                  f"held-out split has {held}: remove them and rerun every part")
+                                  f"reference set has {count}: remove them and rerun every part")
     R.write_result(files, extractor, parts, stats, features)
     ctx.lineage.log_metrics(run_id, {"reference_images": float(stats.count), "reference_parts": float(parts)},
                             step=0)
-    print(f"[reference] {held} held-out images, {parts} part(s) -> {files.result}", flush=True)
-    return {"reference": files.result, "images": held, "parts": parts, "complete": True}
+    print(f"[reference] {count} reference images, {parts} part(s) -> {files.result}", flush=True)
+    return {"reference": files.result, "images": count, "parts": parts, "complete": True}
 
 
 # ----------------------------------------------------------------------------
@@ -94,13 +103,13 @@ def reduce_parts(ctx: StageContext, run_id: str, extractor, files: R.ReferenceFi
 def reference(ctx: StageContext, run_id: str) -> dict:
     """Part ctx.part of ctx.parts; with one part, also the reduction."""
     t0 = time.time()
-    extractor = _extractor(ctx)
+    extractor = feature_extractor(ctx)
     files = R.ReferenceFiles.of(ctx.layout, ctx.cfg, extractor)
-    index, held = _held_out(ctx)
-    _log(ctx, run_id, files, len(held))
-    computed = compute_part(ctx, extractor, files, index, held)
+    index, indices = reference_images(ctx)
+    _log(ctx, run_id, files, len(indices))
+    computed = compute_part(ctx, extractor, files, index, indices)
     if ctx.parts == 1:
-        return reduce_parts(ctx, run_id, extractor, files, len(held), 1)
+        return reduce_parts(ctx, run_id, extractor, files, len(indices), 1)
     ctx.lineage.log_metrics(run_id, {"part_images": float(computed), "part_seconds": time.time() - t0},
                             step=ctx.part)
     return {"part": ctx.part, "parts": ctx.parts, "images": computed, "complete": False}
@@ -110,9 +119,9 @@ def reference_reduce(ctx: StageContext, run_id: str) -> dict:
     """Merge the reference array's parts; its completion record is the reference stage's."""
     if ctx.parts != 1:
         raise ValueError(f"reference-reduce runs as one process, got --count {ctx.parts}")
-    extractor = _extractor(ctx)
+    extractor = feature_extractor(ctx)
     files = R.ReferenceFiles.of(ctx.layout, ctx.cfg, extractor)
-    _, held = _held_out(ctx)
+    _, indices = reference_images(ctx)
     parts = R.infer_parts(files)
     missing = [i for i in range(parts) if not fsio.exists(ctx.layout.part_marker(0, "reference", i, parts))]
     if missing:
@@ -120,7 +129,7 @@ def reference_reduce(ctx: StageContext, run_id: str) -> dict:
             f"reference part(s) {', '.join(map(str, missing))} of {parts} have no completion record (expected "
             f"{ctx.layout.part_marker(0, 'reference', missing[0], parts)}): rerun `sims stage reference --index "
             f"{missing[0]} --count {parts}`")
-    return reduce_parts(ctx, run_id, extractor, files, len(held), parts)
+    return reduce_parts(ctx, run_id, extractor, files, len(indices), parts)
 
 
-__all__ = ["ReferencePartsError", "compute_part", "reference", "reference_reduce"]
+__all__ = ["ReferencePartsError", "compute_part", "reference", "reference_images", "reference_reduce"]

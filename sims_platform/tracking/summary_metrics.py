@@ -69,6 +69,15 @@ def row_curves(row: Mapping[str, Any]) -> dict[str, dict[float, float]]:
     return curves or {"": _curve(row.get("fid"))}
 
 
+def row_best(row: Mapping[str, Any]) -> dict[str, float]:
+    """The selected w of each of row_curves' lines (chosen on the selection seeds, not the plotted minimum)."""
+    methods = {m: r["best_w"] for m, r in (row.get("methods") or {}).items()
+               if isinstance(r, Mapping) and _number(r.get("best_w")) is not None}
+    if methods:
+        return {m: float(w) for m, w in methods.items()}
+    return {"": float(row["best_w"])} if _number(row.get("best_w")) is not None else {}
+
+
 def log_iteration_results(lineage: Lineage, summary: Mapping[str, Any], k: int) -> dict[str, float]:
     """Log iteration k's row of summary.json on its iteration run and on the pipeline run; returns the metrics.
 
@@ -86,11 +95,13 @@ def log_iteration_results(lineage: Lineage, summary: Mapping[str, Any], k: int) 
 
     curves = row_curves(row)
     if any(curves.values()):
-        png = fid_curves_png(curves, f"iteration {k}: FID vs guidance weight")
+        png = fid_curves_png(curves, f"iteration {k}: FID vs guidance weight", best=row_best(row))
         lineage.log_png(iteration_run, "fid_vs_w.png", png)
         lineage.log_png(pipeline_run, f"fid_vs_w/iter-{k}.png", png)
     # Every iteration so far on shared axes (a row's own "fid", which is SIMS's when it compares methods).
     overlay = {f"iter {j}": _curve(r.get("fid")) for j, r in sorted(rows.items())}
     if any(overlay.values()):
-        lineage.log_png(pipeline_run, "fid_vs_w.png", fid_curves_png(overlay, "FID vs guidance weight per iteration"))
+        best = {f"iter {j}": float(r["best_w"]) for j, r in rows.items() if _number(r.get("best_w")) is not None}
+        lineage.log_png(pipeline_run, "fid_vs_w.png",
+                        fid_curves_png(overlay, "FID vs guidance weight per iteration", best=best))
     return metrics

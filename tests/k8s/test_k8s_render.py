@@ -124,7 +124,9 @@ def test_batch_features_on_imagenet(rendered):
             assert t["spec"]["securityContext"]["runAsNonRoot"] is True
             assert t["spec"]["automountServiceAccountToken"] is False
     indexed = [o for o in objs if o["kind"] == "Job" and o["spec"].get("completionMode") == "Indexed"]
-    assert {o["metadata"]["labels"]["sims.io/step"] for o in indexed} == {"encode", "generate", "evaluate"}  # ImageNet-512 is latent: encode once
+    # ImageNet-512 is latent: encode once; its reference (ImageNet val) is streamed once
+    assert {o["metadata"]["labels"]["sims.io/step"] for o in indexed} == {"encode", "reference", "generate",
+                                                                          "evaluate"}
     for o in indexed:
         s = o["spec"]
         assert s["completions"] == spec.settings.stage(o["metadata"]["labels"]["sims.io/step"]).shards
@@ -188,15 +190,15 @@ def test_render_without_configmap_says_what_to_pipe():
 
 
 def test_reference_pods_on_gpus_unless_published_statistics(rendered, helm):
-    """The held-out reference statistics run as an Indexed Job on GPU nodes plus a CPU reducer, once per run;
-    with EDM2's published statistics (values-imagenet512.yaml's default) there is nothing to compute."""
-    steps = {o["metadata"]["labels"]["sims.io/step"] for o in render_objects(rendered("values-imagenet512.yaml"))}
-    assert not steps & {"reference", "reference-reduce"}
-
-    text = helm("template", "sims-run", "charts/sims", "-f", "values-imagenet512.yaml",
-                "--set", "pipeline.evaluate.reference=null").stdout
+    """values-imagenet512.yaml measures against ImageNet val (data.reference_path): its statistics run as an
+    Indexed Job on GPU nodes plus a CPU reducer, once per run, and evaluate's pods measure with the same Inception
+    weights (a URI, sha256-checked) on GPUs. With EDM2's published statistics there is nothing to compute."""
+    text = rendered("values-imagenet512.yaml")
     spec = run_specs(text)[0]
     objs = render_objects(text)
+    ev = spec.cfg.evaluate
+    assert ev.features == "inception" and ev.inception_weights.startswith("s3://") and ev.inception_sha256
+    assert ev.reference is None and spec.cfg.data.reference_path.startswith("s3://")
     by_step = {o["metadata"]["labels"]["sims.io/step"]: o for o in objs}
     ref, red = by_step["reference"], by_step["reference-reduce"]
     assert [o["metadata"]["labels"]["sims.io/step"] for o in objs].index("reference-reduce") < \
@@ -204,12 +206,21 @@ def test_reference_pods_on_gpus_unless_published_statistics(rendered, helm):
     assert sum(o["metadata"]["labels"]["sims.io/step"] == "reference" for o in objs) == 1  # once per run
     st = spec.settings.stage("reference")
     assert ref["spec"]["completionMode"] == "Indexed" and ref["spec"]["completions"] == st.shards == 16
-    pod = ref["spec"]["template"]["spec"]
-    (c,) = pod["containers"]
+    (c,) = ref["spec"]["template"]["spec"]["containers"]
     assert c["args"][:2] == ["stage", "reference"] and c["args"][-2:] == ["--count", "16"]
-    assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
-    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
-    assert spec.cfg.evaluate.features == "inception" and spec.cfg.evaluate.inception_weights.startswith("s3://")
     (r,) = red["spec"]["template"]["spec"]["containers"]
     assert r["args"][:2] == ["stage", "reference-reduce"] and "--count" not in r["args"]
     assert "completionMode" not in red["spec"] and "nvidia.com/gpu" not in r["resources"].get("limits", {})
+    evaluates = [o for o in objs if o["metadata"]["labels"]["sims.io/step"] == "evaluate"]
+    assert len(evaluates) == spec.cfg.iterations.count
+    for o in (ref, *evaluates):
+        pod = o["spec"]["template"]["spec"]
+        (c,) = pod["containers"]
+        assert c["resources"]["requests"]["nvidia.com/gpu"] == c["resources"]["limits"]["nvidia.com/gpu"] == "1"
+        assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+
+    published = helm("template", "sims-run", "charts/sims", "-f", "values-imagenet512.yaml",
+                     "--set", "pipeline.data.reference_path=null",
+                     "--set", "pipeline.evaluate.reference=s3://sims-ml/datasets/edm2-refs/img512.pkl").stdout
+    steps = {o["metadata"]["labels"]["sims.io/step"] for o in render_objects(published)}
+    assert not steps & {"reference", "reference-reduce"} and "evaluate" in steps
