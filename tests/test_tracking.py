@@ -145,6 +145,28 @@ def test_stage_runs_nest_and_are_reused(setup):
         lin.finish(stage, "DONE")
 
 
+def test_params_raced_by_another_part_of_the_job_array_are_logged_once(setup, monkeypatch):
+    """Two evaluate parts log the same params at once: the server refuses the later batch (the key exists now);
+    the part reads again, sees them logged and goes on, instead of failing the whole part."""
+    from mlflow.exceptions import MlflowException
+
+    cfg, _, lin = setup
+    lin.pipeline_run(cfg)
+    run = lin.stage_run(0, "evaluate")
+    real_log_batch, raced = lin.client.log_batch, []
+
+    def racing_log_batch(run_id, params=(), **kw):
+        if not raced:  # the other part wins the race: its batch lands between our read and our write
+            raced.append(True)
+            real_log_batch(run_id, params=params, **kw)
+            raise MlflowException("UNIQUE constraint failed: params.key, params.run_uuid")
+        return real_log_batch(run_id, params=params, **kw)
+
+    monkeypatch.setattr(lin.client, "log_batch", racing_log_batch)
+    lin.log_params(run, {"num_samples": 64, "steps": 4})
+    assert raced and MlflowClient(lin.tracking_uri).get_run(run).data.params == {"num_samples": "64", "steps": "4"}
+
+
 def test_logging_and_lineage_links(setup):
     cfg, layout, lin = setup
     lin.pipeline_run(cfg)

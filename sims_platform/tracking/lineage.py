@@ -88,6 +88,8 @@ RUN_OF = {reducer: stage for stage, reducer in REDUCERS.items()}
 # a local store has one clock, so only the time between taking a start time and committing the run counts.
 CREATE_SETTLE_S = 2.0
 LOCAL_SETTLE_S = 0.2
+# Tries of a params batch that a concurrent part of the same job array may race (log_params).
+PARAM_ATTEMPTS = 3
 
 
 class LineageError(RuntimeError):
@@ -363,19 +365,29 @@ class Lineage:
     # logging -------------------------------------------------------------------
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
         """Log params (values clipped to MLflow's limit). MLflow params are immutable, so a re-run that
-        changes one records the new value as tag 'sims.param.<key>' instead of failing."""
+        changes one records the new value as tag 'sims.param.<key>' instead of failing.
+
+        The parts of a job array log the same params to one run at the same moment: when another part inserted
+        a key between our read and our write, the server refuses the batch; reading again sees it logged."""
         if not self.writes:
             return
-        logged = self.client.get_run(run_id).data.params
-        new, changed = [], {}
-        for key, value in params.items():
-            value = _clip(str(value), MAX_PARAM_VAL_LENGTH)
-            if key not in logged:
-                new.append(Param(key, value))
-            elif logged[key] != value:
-                changed[f"sims.param.{key}"] = value
-        for chunk in _chunks(new, MAX_PARAMS_TAGS_PER_BATCH):
-            self.client.log_batch(run_id, params=chunk)
+        for attempt in range(PARAM_ATTEMPTS):
+            logged = self.client.get_run(run_id).data.params
+            new, changed = [], {}
+            for key, value in params.items():
+                value = _clip(str(value), MAX_PARAM_VAL_LENGTH)
+                if key not in logged:
+                    new.append(Param(key, value))
+                elif logged[key] != value:
+                    changed[f"sims.param.{key}"] = value
+            try:
+                for chunk in _chunks(new, MAX_PARAMS_TAGS_PER_BATCH):
+                    self.client.log_batch(run_id, params=chunk)
+                break
+            except MlflowException:
+                if attempt == PARAM_ATTEMPTS - 1:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
         if changed:
             log.warning("run %s: params changed since first logged, kept as tags: %s", run_id, sorted(changed))
             self.set_tags(run_id, changed)
