@@ -83,7 +83,8 @@ def report(records: list[dict], command: str) -> tuple[str, dict]:
         gaps = [r["row"]["methods"][m]["gain"] for r in records]
         mean, lo, hi = confidence_interval(gaps)
         holds = math.isfinite(lo) and (lo > 0 or hi < 0)
-        verdict[m] = {"mean_gap": mean, "ci95": [lo, hi], "holds": holds and lo > 0, "gaps": gaps}
+        verdict[m] = {"mean_gap": float(mean), "ci95": [float(lo), float(hi)], "holds": bool(holds and lo > 0),
+                      "gaps": gaps}
         sig = sum(r["row"]["methods"][m]["significant"] for r in records)
         base = statistics.fmean(r["row"]["methods"][m]["fid_base"] for r in records)
         best = statistics.fmean(r["row"]["methods"][m]["fid_best"] for r in records)
