@@ -26,6 +26,8 @@ records.json and report.md; a negative result is reported like any other (exit c
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import io
 import json
 import math
 import statistics
@@ -37,6 +39,8 @@ import torch
 
 from sims_platform.config import PipelineConfig, load_config
 from sims_platform.data import read_shards
+from sims_platform.evaluation.features import feature_extractor
+from sims_platform.evaluation.intervals import confidence_interval
 from sims_platform.evaluation.plan import w_key
 from sims_platform.metrics import fid_from_stats
 from sims_platform.metrics.stats import FeatureStats
@@ -45,7 +49,6 @@ from sims_platform.shift.classifiers import classify, shift_classifier
 from sims_platform.shift.reference import per_class_stats, reweighted_stats
 from sims_platform.shift.selection import class_histogram, total_variation
 from sims_platform.stages.context import StageContext
-from sims_platform.stages.evaluate import _extractor
 from sims_platform.storage import fsio
 from sims_platform.storage.layout import RunLayout
 
@@ -88,7 +91,7 @@ def rejection_baseline(cfg: PipelineConfig) -> dict:
                       "note": f"{len(accepted)} accepted < evaluate.num_samples {ev.num_samples}"}
     kept = images[accepted[:ev.num_samples]]
     judged = class_histogram(classify(shift_classifier(ctx, "judge"), kept, ev.batch_size), k)
-    extractor = _extractor(ctx)
+    extractor = feature_extractor(ctx)
     held = ctx.reference
     ref = reweighted_stats(per_class_stats(extractor, held.images, held.labels, k, ev.batch_size), target)
     stats = FeatureStats(extractor.dim)
@@ -107,27 +110,103 @@ def report(records: list[dict], command: str) -> str:
     lines = [f"Command: `{command}`", "",
              "TV: total-variation distance of the judged class histogram to the target (0 = on target); FID_t: "
              "FID against the target-reweighted held-out reference; mean ± sd over the report seed sets.", "",
+             "## Per seed", "",
              "| seed | gain | arm | TV | FID_t | gain fitted | NFE / sample |", "|---|---|---|---|---|---|---|"]
     for r in records:
         steps = r["steps"]
+        seed = f"{r['seed']} (pilot)" if r["pilot"] else str(r["seed"])
         for w, row in r["sims"].items():
             arm = "base" if float(w) == 0 else f"sims w={w}"
             nfe = (2 * steps - 1) * (1 if float(w) == 0 else 2)
-            lines.append(f"| {r['seed']} | {r['gain']} | {arm} | {_f(row['tv'])} ± {_f(row['tv_sd'])} | "
+            lines.append(f"| {seed} | {_f(r['gain'])} | {arm} | {_f(row['tv'])} ± {_f(row['tv_sd'])} | "
                          f"{_f(row['fid_target'], 2)} ± {_f(row['fid_target_sd'], 2)} | {_f(row['gain_fit'])} | "
                          f"{nfe} |")
         rej = r["rejection"]
-        lines.append(f"| {r['seed']} | - | rejection ({rej['accepted']} accepted, rate {_f(rej['acceptance_rate'])}) "
+        lines.append(f"| {seed} | - | rejection ({rej['accepted']} accepted, rate {_f(rej['acceptance_rate'])}) "
                      f"| {_f(rej['tv'])} | {_f(rej['fid_target'], 2)} | - | {_f(rej['nfe_per_sample'], 1)} |")
-    design = records[0]["design_w"]
-    at_w = [r["sims"][w_key(design)]["tv"] for r in records if not r["pilot"]]
-    base = [r["sims"][w_key(0.0)]["tv"] for r in records if not r["pilot"]]
-    rej = [r["rejection"]["tv"] for r in records if not r["pilot"] and r["rejection"]["tv"] is not None]
-    if at_w:
-        lines += ["", f"Across {len(at_w)} seed(s) (pilot excluded): mean TV base {_f(statistics.fmean(base))}, "
-                  f"sims at the design w {design} {_f(statistics.fmean(at_w))}, rejection sampling "
-                  f"{_f(statistics.fmean(rej)) if rej else 'n/a'}."]
+    lines += across_seeds(records)
     return "\n".join(lines) + "\n"
+
+
+def across_seeds(records: list[dict]) -> list[str]:
+    """Per arm: the mean over seeds (pilot excluded) of TV and FID_t with 95% t intervals, and the paired
+    TV(base) - TV(arm) (> 0: closer to the target than the base)."""
+    runs = [r for r in records if not r["pilot"]]
+    if not runs:
+        return []
+    lines = ["", f"## Across {len(runs)} seed(s), pilot excluded: mean and 95% CI (t, n - 1 dof)", "",
+             "| arm | TV | 95% CI | TV(base) - TV(arm) | 95% CI | FID_t | 95% CI |", "|---|---|---|---|---|---|---|"]
+
+    def row(name: str, tv: list[float], fid: list[float], base_tv: list[float]) -> str:
+        m, lo, hi = confidence_interval(tv)
+        g, glo, ghi = confidence_interval([b - t for b, t in zip(base_tv, tv)])
+        f, flo, fhi = confidence_interval(fid)
+        return (f"| {name} | {_f(m)} | [{_f(lo)}, {_f(hi)}] | {_f(g)} | [{_f(glo)}, {_f(ghi)}] | {_f(f, 2)} | "
+                f"[{_f(flo, 2)}, {_f(fhi, 2)}] |")
+
+    base_tv = [r["sims"][w_key(0.0)]["tv"] for r in runs]
+    for w in runs[0]["sims"]:
+        name = "base" if float(w) == 0 else f"sims w={w}" + (" (design w)" if float(w) == runs[0]["design_w"] else "")
+        lines.append(row(name, [r["sims"][w]["tv"] for r in runs], [r["sims"][w]["fid_target"] for r in runs],
+                         base_tv))
+    rej = [r for r in runs if r["rejection"]["tv"] is not None]
+    if rej:
+        lines.append(row(f"rejection ({len(rej)} seeds)", [r["rejection"]["tv"] for r in rej],
+                         [r["rejection"]["fid_target"] for r in rej], [r["sims"][w_key(0.0)]["tv"] for r in rej]))
+    return lines
+
+
+def plot(records: list[dict]) -> bytes:
+    """TV and FID_t vs w, a line per seed (error bars: sd over report sets); rejection sampling as a dashed line."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 3.8), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2)
+    for (key, label), ax in zip((("tv", "TV to target (judged)"), ("fid_target", "FID vs reweighted reference")),
+                                axes):
+        for r in records:
+            ws = sorted(r["sims"], key=float)
+            ys = [r["sims"][w][key] for w in ws]
+            sds = [r["sims"][w][f"{key}_sd"] for w in ws]
+            line = ax.errorbar([float(w) for w in ws], ys, yerr=sds, marker="o", capsize=3,
+                               label=f"seed {r['seed']}" + (" (pilot)" if r["pilot"] else ""))
+            if r["rejection"][key] is not None:
+                ax.axhline(r["rejection"][key], linestyle="--", linewidth=0.8, color=line.lines[0].get_color())
+        ax.set_xlabel("guidance weight w (0 = base)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_title("SIMS with a selected aux set; dashed: rejection sampling")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def _one_thread() -> None:
+    torch.set_num_threads(1)  # --jobs workers share the cores: one thread each avoids oversubscription
+
+
+def run_record(config: str, root: Path, seed: int, extra: list[str], pilot: bool) -> dict:
+    """One seed: the pipeline, then the rejection-sampling baseline on its base; the benchmark's record."""
+    t0 = time.time()
+    cfg, results = run_seed(config, root, seed, extra)
+    assert cfg.shift is not None
+    return {"seed": seed, "pilot": pilot, "gain": cfg.shift.gain, "design_w": cfg.shift.w,
+            "steps": cfg.evaluate.sampler.steps, "sims": results["shift"]["methods"]["sims"],
+            "base_histogram": results["shift"]["base_histogram"],
+            "aux_set_histogram": results["shift"]["aux_set_histogram"], "target": results["shift"]["target"],
+            "rejection": rejection_baseline(cfg), "seconds": time.time() - t0}
+
+
+def fitted_gain(record: dict) -> float:
+    fitted = record["sims"].get(w_key(record["design_w"]), {}).get("gain_fit")
+    if fitted is None or not math.isfinite(fitted) or fitted <= 0:
+        raise SystemExit(f"pilot seed {record['seed']}: no usable gain fitted at w={record['design_w']} ({fitted}); "
+                         "add shift.w to the sims weights or run without --calibrate")
+    return fitted
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,27 +216,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="out/bench-shift")
     p.add_argument("--calibrate", action="store_true", help="first seed is a pilot: later seeds use its fitted gain")
     p.add_argument("--set", action="append", default=[], help="extra config overrides (key=value)")
+    p.add_argument("--jobs", type=int, default=1, help="seeds run at once, each in its own process (one thread); "
+                   "with --calibrate the pilot runs first, alone")
     args = p.parse_args(argv)
-    out = Path(args.out)
+    out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    records, extra = [], list(args.set)
-    for i, seed in enumerate(args.seeds):
-        t0 = time.time()
-        cfg, results = run_seed(args.config, out / f"seed-{seed}", seed, extra)
-        assert cfg.shift is not None
-        sims = results["shift"]["methods"]["sims"]
-        records.append({"seed": seed, "pilot": args.calibrate and i == 0, "gain": cfg.shift.gain,
-                        "design_w": cfg.shift.w, "steps": cfg.evaluate.sampler.steps, "sims": sims,
-                        "base_histogram": results["shift"]["base_histogram"],
-                        "rejection": rejection_baseline(cfg), "seconds": time.time() - t0})
-        if args.calibrate and i == 0:
-            fitted = sims.get(w_key(cfg.shift.w), {}).get("gain_fit")
-            if fitted is None or not math.isfinite(fitted) or fitted <= 0:
-                raise SystemExit(f"pilot seed {seed}: no usable gain fitted at w={cfg.shift.w} ({fitted}); "
-                                 "add shift.w to the sims weights or run without --calibrate")
-            extra.append(f"shift.gain={fitted}")
-        (out / "records.json").write_text(json.dumps(records, indent=2))
-    (out / "report.md").write_text(report(records, " ".join(sys.argv)))
+    extra, seeds, records = list(args.set), list(args.seeds), []
+    if args.calibrate:
+        records.append(run_record(args.config, out / f"seed-{seeds[0]}", seeds[0], extra, pilot=True))
+        extra.append(f"shift.gain={fitted_gain(records[0])}")
+        seeds = seeds[1:]
+    if args.jobs > 1:
+        with concurrent.futures.ProcessPoolExecutor(args.jobs, initializer=_one_thread) as pool:
+            futures = [pool.submit(run_record, args.config, out / f"seed-{s}", s, extra, False) for s in seeds]
+            records += [f.result() for f in futures]
+    else:
+        records += [run_record(args.config, out / f"seed-{s}", s, extra, False) for s in seeds]
+    (out / "records.json").write_text(json.dumps(records, indent=2))
+    (out / "tv_fid_vs_w.png").write_bytes(plot(records))
+    command = "python benchmarks/distribution_shift.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    (out / "report.md").write_text(report(records, command))
     print((out / "report.md").read_text())
     return 0
 

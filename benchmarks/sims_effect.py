@@ -25,9 +25,8 @@ import sys
 import time
 from pathlib import Path
 
-from scipy import stats as sps
-
 from sims_platform.config import load_config
+from sims_platform.evaluation.intervals import confidence_interval, excludes_zero
 from sims_platform.pipeline.runner import run_pipeline
 from sims_platform.tracking.results import fid_curves_png
 
@@ -44,15 +43,6 @@ def _one_thread() -> None:
     import torch
 
     torch.set_num_threads(1)  # --jobs workers share the cores: one thread each avoids oversubscription
-
-
-def confidence_interval(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
-    """(mean, low, high) of the mean with a t-distribution interval; NaN bounds for fewer than 2 values."""
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return mean, float("nan"), float("nan")
-    half = sps.t.ppf(0.5 + level / 2, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
-    return mean, mean - half, mean + half
 
 
 def _f(x: float | None, d: int = 2) -> str:
@@ -82,7 +72,7 @@ def report(records: list[dict], command: str) -> tuple[str, dict]:
     for m in methods:
         gaps = [r["row"]["methods"][m]["gain"] for r in records]
         mean, lo, hi = confidence_interval(gaps)
-        holds = math.isfinite(lo) and (lo > 0 or hi < 0)
+        holds = excludes_zero(lo, hi)
         verdict[m] = {"mean_gap": float(mean), "ci95": [float(lo), float(hi)], "holds": bool(holds and lo > 0),
                       "gaps": gaps}
         sig = sum(r["row"]["methods"][m]["significant"] for r in records)

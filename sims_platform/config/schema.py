@@ -456,11 +456,12 @@ class RuntimeConfig(Strict):
                         "visible (LOCAL_RANK from torchrun/PyTorchJob, else 0), else cpu; or cpu, cuda, cuda:N")
     tf32: bool = Field(False, description="allow TF32 in CUDA fp32 matmuls and cuDNN convolutions (faster, "
                        "~10-bit mantissa); off as in EDM2's training, so fp32 means fp32. Applied once per process")
-    channels_last: bool = Field(True, description="sampling networks (generate, evaluate, feed) in the "
-                                "channels-last memory layout: oneDNN and cuDNN run its convolutions faster "
-                                "(about 1.2x on this project's CPU). Outputs agree with the default layout to "
-                                "float32 rounding (~1e-6), not bit for bit; every arm of a comparison uses the "
-                                "same layout")
+    channels_last: bool = Field(True, description="sampling networks (generate, evaluate, feed) and networks "
+                                "trained by the plain engine in the channels-last memory layout: oneDNN and cuDNN "
+                                "run their convolutions faster (about 1.2x on this project's CPU, for sampling and "
+                                "training alike). Outputs agree with the default layout to float32 rounding "
+                                "(~1e-6), not bit for bit; every arm of a comparison, and a resumed training run, "
+                                "uses the same layout. DeepSpeed training keeps the default layout")
 
 
 class StorageConfig(Strict):
