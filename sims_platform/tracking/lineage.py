@@ -15,7 +15,7 @@ Run tree (run names in quotes)::
 Tags (the lineage contract; query them in the UI search box, e.g. tags.`sims.stage` = 'train-base'):
 
 - ``mlflow.parentRunId``: the parent in the tree above (MLflow's own nesting tag).
-- ``sims.kind``: pipeline | iteration | stage.
+- ``sims.kind``: pipeline | loop | iteration | stage.
 - ``sims.run_name``, ``sims.storage_root``: the pipeline's name and storage root URI (on every run).
 - ``sims.loop``: a self-consuming loop's name (e.g. ``sims-dp50``) on its loop, iteration and stage runs; the
   shared generation 0 (iter-0) has none. Its metrics (``mad.fid``, ``mad.precision``, ``mad.recall``, step =
