@@ -52,7 +52,15 @@ def _by(records: list[dict]) -> dict[tuple[str, float, int], list[dict]]:
     return out
 
 
-def _ci(values: list[float]) -> str:
+def _diffs(a: list[dict], b: list[dict]) -> list[float]:
+    """Per seed a's FID - b's FID, leaving out seeds where either is missing (null: a diverged sampler)."""
+    return [x["fid"] - y["fid"] for x, y in zip(a, b) if x["fid"] is not None and y["fid"] is not None]
+
+
+def _ci(values: list[float | None]) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "n/a"
     mean, lo, hi = confidence_interval(values)
     return f"{_f(mean)} [{_f(lo)}, {_f(hi)}]"
 
@@ -86,7 +94,7 @@ def report(records: list[dict], command: str) -> tuple[str, dict]:
                 rows = cells.get((arm, frac, g), [])
                 if not rows:
                     continue
-                drift = [row["fid"] - f0["fid"] for row, f0 in zip(rows, first)] if g > 0 else []
+                drift = _diffs(rows, first) if g > 0 else []
                 if drift:
                     verdict["drift"][f"{arm}-dp{round(frac * 100)}/g{g}"] = _interval(drift)
                 lines.append(f"| {arm} | {frac:g} | {g} | {len(rows)} | {_ci([x['fid'] for x in rows])} | "
@@ -99,7 +107,7 @@ def report(records: list[dict], command: str) -> tuple[str, dict]:
         for frac in fractions:
             for g in gens:
                 std, sims = cells.get(("standard", frac, g), []), cells.get(("sims", frac, g), [])
-                gaps = [a["fid"] - b["fid"] for a, b in zip(std, sims)]
+                gaps = _diffs(std, sims)
                 if not gaps:
                     continue
                 v = _interval(gaps)
@@ -119,7 +127,10 @@ def plot(records: list[dict]) -> bytes:
     """Mean FID over seeds vs generation, a line per arm and |D_p|; error bars = 95% CI half-widths."""
     curves: dict[tuple[str, float], dict[int, tuple[float, float]]] = {}
     for (arm, frac, g), rows in sorted(_by(records).items()):
-        mean, lo, hi = confidence_interval([x["fid"] for x in rows])
+        fids = [x["fid"] for x in rows if x["fid"] is not None]
+        if not fids:
+            continue
+        mean, lo, hi = confidence_interval(fids)
         curves.setdefault((arm, frac), {})[g] = (mean, (hi - lo) / 2 if math.isfinite(lo) else float("nan"))
     return generation_plot_png(curves, f"FID vs generation, {len(records)} seed(s) (95% CI)")
 
