@@ -15,7 +15,7 @@ from sims_platform.config import ConfigError, config_from_dict
 from sims_platform.data import read_shards
 from sims_platform.pipeline.plan import Step, pipeline_plan, stages_for
 from sims_platform.pipeline.runner import open_run, run_pipeline
-from sims_platform.stages import StageContext
+from sims_platform.stages import StageContext, run_stage
 from sims_platform.stages.sampling import feed_source
 from sims_platform.storage import fsio
 from sims_platform.storage.layout import RunLayout
@@ -230,3 +230,21 @@ def test_tiny_loop_trains_each_generation_on_the_real_split_plus_its_named_feeds
     # Run again: every stage is skipped by its completion record, same results.
     again = run_pipeline(cfg)
     assert again["loops"] == rows
+
+    # The sims arm feeds at whatever w its generation's evaluation selected (the tiny run may well select w = 0):
+    # with w = 1 selected, its feed is the guided sampler's, not the base's.
+    sims_loop = cfg.loop.find("sims-dp25")
+    ctx = StageContext(cfg, layout, 1, open_run(cfg)[1], loop=sims_loop)
+    results_uri = fsio.join(ctx.layout.stage(1, "evaluate"), "results.json")
+    results = fsio.read_json(results_uri)
+    results["row"]["methods"]["sims"]["best_w"] = 1.0
+    fsio.write_json(results_uri, results)
+    fsio.remove(ctx.layout.stage(1, "feed"))
+    rec = run_stage(ctx, "feed")
+    assert (rec["method"], rec["w"]) == ("sims", 1.0)
+    fed, _, _ = read_shards(ctx.layout.shards(1, "feed"))
+    seeds = sample_seeds(cfg.seed, 1, "feed", cfg.generate.shard_size)
+    nets = Networks(ctx)
+    guided, _ = sample_batch(ctx, nets.denoiser(Arm("sims", 1.0)), seeds, cfg.generate.sampler)
+    plain, _ = sample_batch(ctx, nets.denoiser(Arm("base", 0.0)), seeds, cfg.generate.sampler)
+    assert torch.equal(fed[:len(seeds)], guided.half().float()) and not torch.allclose(guided, plain)
