@@ -40,10 +40,10 @@ chart-schema: $(STAMP)
 benchmark-sims: $(STAMP)
 	$(BIN)/python benchmarks/sims_effect.py --config $(PIPELINE) --seeds 0 1 2 3 4
 
-# Self-consuming loops, standard vs SIMS (docs/mad-loop.md): ~35 min per seed and thread, two seeds at a time.
+# Self-consuming loops, standard vs SIMS (docs/mad-loop.md): ~35 min per seed and thread; three seeds on 2 cores ~55 min.
 benchmark-mad: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/mad_loop.py --config pipelines/digits-mad.yaml --seeds 0 1 2 \
-		--jobs 2 --out out/bench-mad
+		--jobs 3 --out out/bench-mad
 
 clean:
 	rm -rf out

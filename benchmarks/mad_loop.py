@@ -8,7 +8,7 @@ with 95% t intervals (n - 1 dof): the paired gap FID(standard) - FID(sims) per g
 better), and each loop's drift FID(g) - FID(0) (> 0: worse than generation 0, i.e. MAD). Writes records.json,
 report.md and fid_vs_generation.png; a negative result is reported like any other (exit code 0).
 
-  python benchmarks/mad_loop.py --config pipelines/digits-mad.yaml --seeds 0 1 2 --jobs 2 --out out/bench-mad
+  python benchmarks/mad_loop.py --config pipelines/digits-mad.yaml --seeds 0 1 2 --jobs 3 --out out/bench-mad
   python benchmarks/mad_loop.py --seeds 0 --set loop.accumulate=true --out out/bench-mad-acc
   python benchmarks/mad_loop.py --seeds 0 1 2 --set loop.train_data=synthetic --out out/bench-mad-synth
 
