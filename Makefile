@@ -8,7 +8,7 @@ PIPELINE ?= pipelines/digits.yaml
 
 TOOLS := .tools/bin/helm
 
-.PHONY: demo demo-cluster-local test setup clean benchmark-sims chart-schema
+.PHONY: demo demo-cluster-local test setup clean benchmark-sims benchmark-mad chart-schema
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -39,6 +39,11 @@ chart-schema: $(STAMP)
 
 benchmark-sims: $(STAMP)
 	$(BIN)/python benchmarks/sims_effect.py --config $(PIPELINE) --seeds 0 1 2 3 4
+
+# Self-consuming loops, standard vs SIMS (docs/mad-loop.md): ~35 min per seed and thread; three seeds on 2 cores ~55 min.
+benchmark-mad: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/mad_loop.py --config pipelines/digits-mad.yaml --seeds 0 1 2 \
+		--jobs 3 --out out/bench-mad
 
 clean:
 	rm -rf out

@@ -26,7 +26,7 @@ records.json and report.md; a negative result is reported like any other (exit c
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
+import functools
 import io
 import json
 import math
@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 import torch
+from sims_effect import run_seeds
 
 from sims_platform.config import PipelineConfig, load_config
 from sims_platform.data import read_shards
@@ -185,16 +186,12 @@ def plot(records: list[dict]) -> bytes:
     return buf.getvalue()
 
 
-def _one_thread() -> None:
-    torch.set_num_threads(1)  # --jobs workers share the cores: one thread each avoids oversubscription
-
-
 def run_record(config: str, root: Path, seed: int, extra: list[str], pilot: bool) -> dict:
     """One seed: the pipeline, then the rejection-sampling baseline on its base; the benchmark's record."""
     t0 = time.time()
     cfg, results = run_seed(config, root, seed, extra)
     assert cfg.shift is not None
-    return {"seed": seed, "pilot": pilot, "gain": cfg.shift.gain, "design_w": cfg.shift.w,
+    return {"seed": seed, "root": str(root), "pilot": pilot, "gain": cfg.shift.gain, "design_w": cfg.shift.w,
             "steps": cfg.evaluate.sampler.steps, "sims": results["shift"]["methods"]["sims"],
             "base_histogram": results["shift"]["base_histogram"],
             "aux_set_histogram": results["shift"]["aux_set_histogram"], "target": results["shift"]["target"],
@@ -226,12 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         records.append(run_record(args.config, out / f"seed-{seeds[0]}", seeds[0], extra, pilot=True))
         extra.append(f"shift.gain={fitted_gain(records[0])}")
         seeds = seeds[1:]
-    if args.jobs > 1:
-        with concurrent.futures.ProcessPoolExecutor(args.jobs, initializer=_one_thread) as pool:
-            futures = [pool.submit(run_record, args.config, out / f"seed-{s}", s, extra, False) for s in seeds]
-            records += [f.result() for f in futures]
-    else:
-        records += [run_record(args.config, out / f"seed-{s}", s, extra, False) for s in seeds]
+    roots = {s: out / f"seed-{s}" for s in seeds}
+    records += run_seeds(functools.partial(run_record, pilot=False), args.config, roots, extra, args.jobs)
     (out / "records.json").write_text(json.dumps(records, indent=2))
     (out / "tv_fid_vs_w.png").write_bytes(plot(records))
     command = "python benchmarks/distribution_shift.py " + " ".join(sys.argv[1:] if argv is None else argv)

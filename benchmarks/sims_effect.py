@@ -23,6 +23,7 @@ import math
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from sims_platform.config import load_config
@@ -43,6 +44,21 @@ def _one_thread() -> None:
     import torch
 
     torch.set_num_threads(1)  # --jobs workers share the cores: one thread each avoids oversubscription
+
+
+def run_seeds(run: Callable[[str, Path, int, list[str]], dict], config: str, roots: dict[int, Path],
+              extra: list[str], jobs: int) -> list[dict]:
+    """run(config, root, seed, extra) for every seed of `roots`, `jobs` at a time in worker processes of one thread
+    each; the records in seed order, each printed with its time."""
+    if jobs > 1:
+        with concurrent.futures.ProcessPoolExecutor(jobs, initializer=_one_thread) as pool:
+            futures = {seed: pool.submit(run, config, root, seed, extra) for seed, root in roots.items()}
+            records = [futures[seed].result() for seed in roots]
+    else:
+        records = [run(config, root, seed, extra) for seed, root in roots.items()]
+    for r in records:
+        print(json.dumps({k: r[k] for k in ("seed", "root", "seconds")}), flush=True)
+    return records
 
 
 def _f(x: float | None, d: int = 2) -> str:
@@ -132,14 +148,7 @@ def main() -> int:
     out = Path(args.out).resolve()
     reuse = {int(k): Path(v).resolve() for k, v in (item.split("=", 1) for item in args.reuse)}
     roots = {seed: reuse.get(seed, out / f"seed-{seed}") for seed in args.seeds}
-    if args.jobs > 1:
-        with concurrent.futures.ProcessPoolExecutor(args.jobs, initializer=_one_thread) as pool:
-            futures = {seed: pool.submit(run_seed, args.config, roots[seed], seed, args.set) for seed in args.seeds}
-            records = [futures[seed].result() for seed in args.seeds]
-    else:
-        records = [run_seed(args.config, roots[seed], seed, args.set) for seed in args.seeds]
-    for r in records:
-        print(json.dumps({k: r[k] for k in ("seed", "root", "seconds")}), flush=True)
+    records = run_seeds(run_seed, args.config, roots, args.set, args.jobs)
     command = "python benchmarks/sims_effect.py " + " ".join(sys.argv[1:])
     table, verdict = report(records, command)
     out.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,7 @@ Examples:
   sims validate pipelines/digits.yaml
   sims run --config pipelines/digits.yaml --out out/digits
   sims stage train-base --config pipelines/digits.yaml --iteration 0
+  sims stage feed --config pipelines/digits-mad.yaml --iteration 1 --loop sims-dp50
   sims stage generate --config pipelines/digits.yaml --device cpu
   sims run --config pipelines/digits.yaml --set seed=1 --set finetune_aux.images=8192 --dry-run
   sims import-edm2 edm2-img512-s-2147483-0.130.pkl s3://bucket/models/edm2-s.pt
@@ -33,6 +34,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     cfg = load_config(args.file, list(args.set or []))
     sweeps = "; ".join(f"{m.name} w {m.weights}" for m in cfg.evaluate.methods)
     print(f"{args.file}: valid ({cfg.iterations.count} iteration(s), {sweeps})")
+    if cfg.loop is not None:
+        print(f"loops ({cfg.loop.generations} generations from a shared generation 0, {cfg.loop.train_data}"
+              f"{', accumulating' if cfg.loop.accumulate else ''}): "
+              + ", ".join(lp.name for lp in cfg.loop.loops()))
     if args.print:
         print(dump_config(cfg), end="")
     return 0
@@ -55,11 +60,37 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stage_loop(cfg: PipelineConfig, args: argparse.Namespace):
+    """The loop `--loop` names (None: the shared pipeline), once (stage, iteration, loop) is known to be a step of
+    the pipeline's plan."""
+    from sims_platform.pipeline.plan import pipeline_plan, resolve_loop
+    from sims_platform.storage.layout import REDUCERS
+
+    try:
+        loop = resolve_loop(cfg, args.loop)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if cfg.loop is None:
+        if args.iteration >= cfg.iterations.count:
+            raise ConfigError(f"--iteration {args.iteration}: the pipeline has iterations.count = "
+                              f"{cfg.iterations.count} (iterations are 0-based)")
+        return None
+    if loop is not None and args.iteration >= cfg.loop.generations:
+        raise ConfigError(f"--iteration {args.iteration}: the pipeline has loop.generations = "
+                          f"{cfg.loop.generations} (generations are 0-based)")
+    stage = next((s for s, r in REDUCERS.items() if r == args.name), args.name)
+    planned = {(st.iteration, st.stage, st.loop_name) for st in pipeline_plan(cfg)}
+    if stage not in RUN_STAGES and (args.iteration, stage, args.loop) not in planned:
+        loops = sorted({name for k, s, name in planned if s == stage and k == args.iteration and name})
+        where = f"; it runs in the loops {', '.join(loops)} (--loop NAME)" if loops and not args.loop else ""
+        raise ConfigError(f"stage {args.name} --iteration {args.iteration}"
+                          f"{' --loop ' + args.loop if args.loop else ''} is not a step of this pipeline's plan{where}")
+    return loop
+
+
 def cmd_stage(args: argparse.Namespace) -> int:
     cfg = _load(args)
-    if args.iteration >= cfg.iterations.count:
-        raise ConfigError(f"--iteration {args.iteration}: the pipeline has iterations.count = "
-                          f"{cfg.iterations.count} (iterations are 0-based)")
+    loop = _stage_loop(cfg, args)
     from sims_platform.pipeline.runner import close_complete_runs, open_run
     from sims_platform.stages import StageContext, run_stage
     from sims_platform.utils.accel import resolve_device
@@ -68,7 +99,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
     index = args.index if args.index is not None else int(os.environ.get("JOB_COMPLETION_INDEX", 0))
     layout, lineage, _ = open_run(cfg)
-    ctx = StageContext(cfg, layout, args.iteration, lineage, device=device, part=index, parts=args.count)
+    ctx = StageContext(cfg, layout, args.iteration, lineage, device=device, part=index, parts=args.count, loop=loop)
     result = run_stage(ctx, args.name, force=args.force)
     close_complete_runs(ctx)
     print(result, flush=True)
@@ -132,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index", type=int, help="this worker's part of a job-array stage (encode, reference, "
                    "generate, evaluate); default: $JOB_COMPLETION_INDEX or 0")
     p.add_argument("--count", type=int, default=1, help="how many parts the stage is split into (default 1)")
+    p.add_argument("--loop", help="a self-consuming loop's stage (config `loop`): its name, <arm>-dp<percent>, "
+                   "e.g. sims-dp50; without it, the shared pipeline's (generation 0)")
     p.add_argument("--force", action="store_true", help="run even if the stage is marked complete")
     p.add_argument("--device", help="where to compute: auto (default: cuda:LOCAL_RANK when a GPU is visible, "
                    "else cpu), cpu, cuda or cuda:N; sets runtime.device")

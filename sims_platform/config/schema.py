@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
@@ -434,6 +435,73 @@ class IterationsConfig(Strict):
         return self
 
 
+LoopArm = Literal["standard", "sims"]
+
+
+@dataclass(frozen=True)
+class Loop:
+    """One self-consuming loop of the experiment: an arm fed |D_p| = fraction x |D_r| samples per generation."""
+
+    arm: LoopArm
+    fraction: float
+
+    @property
+    def name(self) -> str:
+        """'<arm>-dp<percent of |D_r|>', e.g. 'sims-dp50': a folder, a CLI value and part of Kubernetes names."""
+        return f"{self.arm}-dp{round(self.fraction * 100)}"
+
+
+class LoopConfig(Strict):
+    """Self-consuming loops as an experiment (README "Self-consuming loops"): from one shared generation 0 (base,
+    synthetic set, aux, evaluation), every arm x feed fraction runs its own generations 1..G-1; generation g+1's
+    base trains on the real training split plus |D_p| samples of generation g's model (or on those samples only)."""
+
+    arms: list[LoopArm] = Field(
+        ["standard", "sims"], min_length=1, description="standard: generation g's model is its plain base (feeds "
+        "plain samples, evaluated at w = 0); sims: its base guided by loop.method at the w selected on the "
+        "selection seeds (generate, finetune-aux and evaluate every generation, feeds guided samples at that w)")
+    feed_fractions: list[float] = Field(
+        [0.5, 2.0], min_length=1, description="|D_p| per generation as fractions of |D_r|, the real training split "
+        "(after the held-out split and data.class_fractions); whole percents (0.25, 0.5, 1, 2); one loop per arm "
+        "and fraction")
+    generations: int = Field(3, ge=2, description="G: generation 0 (shared by every loop) and G-1 generations, each "
+                             "trained on its predecessor's samples")
+    accumulate: bool = Field(False, description="generation g trains on every earlier generation's feed of its loop "
+                             "(g x |D_p| samples), not only generation g-1's")
+    train_data: Literal["real+synthetic", "synthetic"] = Field(
+        "real+synthetic", description="real+synthetic: the synthetic augmentation loop (the real training split "
+        "plus the feed); synthetic: the fully synthetic loop (the feed only)")
+    method: Literal["sims", "neon"] = Field("sims", description="the sims arm's guidance (one of evaluate.methods): "
+                                            "away from the aux fine-tuned on the generation's own synthetic set")
+
+    @field_validator("arms")
+    @classmethod
+    def _arms(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"each arm may appear once, got {v}")
+        return v
+
+    @field_validator("feed_fractions")
+    @classmethod
+    def _fractions(cls, v: list[float]) -> list[float]:
+        bad = [f for f in v if not f > 0 or abs(f * 100 - round(f * 100)) > 1e-6]
+        if bad:
+            raise ValueError(f"feed fractions must be > 0 and whole percents of |D_r| (e.g. 0.25, 0.5, 2), got {bad}")
+        if len({round(f * 100) for f in v}) != len(v):
+            raise ValueError(f"feed fractions must be distinct, got {v}")
+        return sorted(float(f) for f in v)
+
+    def loops(self) -> list[Loop]:
+        """Every loop, arm-major in config order, fractions ascending."""
+        return [Loop(arm, f) for arm in self.arms for f in self.feed_fractions]
+
+    def find(self, name: str) -> Loop:
+        for loop in self.loops():
+            if loop.name == name:
+                return loop
+        raise KeyError(f"no loop '{name}': this pipeline's loops are {[lp.name for lp in self.loops()]}")
+
+
 class PretrainedConfig(Strict):
     """Networks that exist already, by URI: EDM2 pickles (read without running their code) or model files
     written by `sims import-edm2` or a previous run."""
@@ -489,6 +557,9 @@ class PipelineConfig(Strict):
     pretrained: PretrainedConfig = PretrainedConfig()
     shift: ShiftConfig | None = Field(None, description="distribution shifting (a select-aux stage between "
                                       "generate and finetune-aux); null = off")
+    loop: LoopConfig | None = Field(None, description="self-consuming loops as an experiment: standard vs SIMS "
+                                    "arms over feed fractions and generations, from one shared generation 0; "
+                                    "null = off")
     runtime: RuntimeConfig = RuntimeConfig()
     storage: StorageConfig = StorageConfig()
     tracking: TrackingConfig = TrackingConfig()
@@ -536,7 +607,32 @@ class PipelineConfig(Strict):
             raise ValueError("encoder.latent_mean and encoder.latent_std must have the same length")
         if self.shift is not None:
             self._check_shift(self.shift)
+        if self.loop is not None:
+            self._check_loop(self.loop)
         return self
+
+    def _check_loop(self, lp: LoopConfig) -> None:
+        if self.iterations.count > 1:
+            raise ValueError(f"loop runs its own generations (loop.generations = {lp.generations}): "
+                             f"iterations.count must be 1, got {self.iterations.count}")
+        if "sims" in lp.arms and lp.method not in [m.name for m in self.evaluate.methods]:
+            raise ValueError(f"loop.arms 'sims' guides with loop.method '{lp.method}', which evaluate.methods "
+                             f"lacks: add {{name: {lp.method}, weights: [...]}} to evaluate.methods")
+        if self.shift is not None:
+            raise ValueError("loop and shift cannot be combined (a loop's aux is the generation's own synthetic set); "
+                             "remove one of them")
+        if self.train_base.loader == "stream":
+            raise ValueError("loop trains each generation on the real split plus several feed shard sets: "
+                             "train_base.loader must be 'memory'")
+
+    def for_loop(self, loop: Loop) -> PipelineConfig:
+        """The config a loop's stages run with: its evaluation narrowed to its arm (standard: the plain base alone,
+        w = 0; sims: loop.method's w sweep), so a generation samples only what its arm's model needs."""
+        if self.loop is None:
+            raise ValueError("the pipeline has no loop section")
+        method = self.evaluate.method(self.loop.method) if loop.arm == "sims" else \
+            MethodConfig(name=self.loop.method, weights=[0.0])
+        return self.model_copy(update={"evaluate": self.evaluate.model_copy(update={"methods": [method]})})
 
     def _check_shift(self, sh: ShiftConfig) -> None:
         k = self.data.num_classes

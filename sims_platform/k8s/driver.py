@@ -22,6 +22,11 @@ from sims_platform.storage import fsio
 from sims_platform.storage.layout import REDUCERS, RunLayout
 
 
+def where(w: Workload) -> str:
+    """'iter K', or '<loop> iter K' for a self-consuming loop's workload."""
+    return f"{w.loop + ' ' if w.loop else ''}iter {w.iteration}"
+
+
 class StageFailed(RuntimeError):
     """Permanent: a stage's workload failed. The pipeline stops; the message names the stage, why, and how
     to go on once the cause is fixed."""
@@ -31,7 +36,8 @@ class StageFailed(RuntimeError):
         retry = (f"; after fixing the cause: kubectl -n {namespace} delete {workload.kind.lower()} {workload.name} "
                  f"&& helm upgrade {release} charts/sims -n {namespace} --reuse-values"
                  if namespace and release else "")
-        super().__init__(f"stage {workload.stage} (step {workload.step}) of iteration {workload.iteration} "
+        loop = f"loop {workload.loop}, " if workload.loop else ""
+        super().__init__(f"stage {workload.stage} (step {workload.step}) of {loop}iteration {workload.iteration} "
                          f"failed: {workload.kind} {workload.name}: {reason}{retry}")
 
 
@@ -63,12 +69,14 @@ class Driver:
 
     def run(self) -> None:
         steps = plan(self.cfg, self.settings, self.backend, self.owner)
-        self.log(f"run {self.cfg.name}: {len(steps)} workloads over {self.cfg.iterations.count} iteration(s) "
-                 f"in namespace {self.ns}")
+        lp = self.cfg.loop
+        over = (f"a shared generation 0 and {len(lp.loops())} loop(s) of {lp.generations} generations" if lp else
+                f"{self.cfg.iterations.count} iteration(s)")
+        self.log(f"run {self.cfg.name}: {len(steps)} workloads over {over} in namespace {self.ns}")
         for w in steps:
-            marker = self.layout.done_marker(w.iteration, w.stage)
+            marker = self.layout.in_loop(w.loop).done_marker(w.iteration, w.stage)
             if self._call(self.done, marker):
-                self.log(f"[iter {w.iteration} {w.step}] done ({marker}); skipping")
+                self.log(f"[{where(w)} {w.step}] done ({marker}); skipping")
                 continue
             self.run_step(w)
         self.log(f"run {self.cfg.name}: every stage succeeded")
@@ -84,22 +92,22 @@ class Driver:
                 seen = created or last is not None
                 # Finished and TTL-deleted between two polls: its completion record says so, never re-run it.
                 if seen and self._step_done(w):
-                    self.log(f"[iter {w.iteration} {w.step}] {w.kind} {w.name} finished and was deleted "
+                    self.log(f"[{where(w)} {w.step}] {w.kind} {w.name} finished and was deleted "
                              "(ttlSecondsAfterFinished); its completion record is in storage")
                     return
                 self.create(w, again=seen)
                 created = True
             elif obs.phase is Phase.SUCCEEDED:
-                self.log(f"[iter {w.iteration} {w.step}] {w.kind} {w.name} succeeded")
+                self.log(f"[{where(w)} {w.step}] {w.kind} {w.name} succeeded")
                 return
             elif obs.phase is Phase.FAILED:
                 self._check_ours(w, obj)
                 raise StageFailed(w, self._failure_detail(w, obs), self.ns, self.settings.release)
             elif last is None and not created:
                 self._check_ours(w, obj)
-                self.log(f"[iter {w.iteration} {w.step}] adopting existing {w.kind} {w.name} ({obs.describe()})")
+                self.log(f"[{where(w)} {w.step}] adopting existing {w.kind} {w.name} ({obs.describe()})")
             if obs != last and obs.phase is not Phase.MISSING:
-                self.log(f"[iter {w.iteration} {w.step}] {w.kind} {w.name}: {obs.describe()}")
+                self.log(f"[{where(w)} {w.step}] {w.kind} {w.name}: {obs.describe()}")
             last = obs
             self.sleep(self.settings.poll_seconds)
 
@@ -129,11 +137,12 @@ class Driver:
     def _step_done(self, w: Workload) -> bool:
         """The step's completion record: the stage's done marker, or for a reduced array's slices every part
         marker."""
+        layout = self.layout.in_loop(w.loop)
         if w.step == w.stage and w.stage in REDUCERS:  # the reducer writes the stage's marker; slices write parts
             count = self.settings.stage(w.step).shards
-            return all(self._call(self.done, self.layout.part_marker(w.iteration, w.stage, i, count))
+            return all(self._call(self.done, layout.part_marker(w.iteration, w.stage, i, count))
                        for i in range(count))
-        return bool(self._call(self.done, self.layout.done_marker(w.iteration, w.stage)))
+        return bool(self._call(self.done, layout.done_marker(w.iteration, w.stage)))
 
     def _check_ours(self, w: Workload, obj: dict[str, Any] | None) -> None:
         """Adopt only what this release created: a same-named run of another release is not ours to wait on."""
@@ -157,19 +166,22 @@ class Driver:
                 return
             raise
         verb = "recreated (it was deleted)" if again else "created"
-        self.log(f"[iter {w.iteration} {w.step}] {verb} {w.kind} {w.name}")
+        self.log(f"[{where(w)} {w.step}] {verb} {w.kind} {w.name}")
 
     def _failure_detail(self, w: Workload, obs: Observed) -> str:
         """The workload's failure reason plus what its pods' containers said (OOMKilled, exit codes)."""
         detail = ": ".join(p for p in (obs.reason, obs.message) if p) or "Failed"
         selector = ",".join(f"{k}={v}" for k, v in ((L.RUN, self.cfg.name), (L.ITERATION, str(w.iteration)),
                                                       (L.STEP, w.step)))
+        selector += f",{L.LOOP}={w.loop}" if w.loop else ""
         try:
             pods = to_dict(self._call(self.apis.core.list_namespaced_pod, self.ns, label_selector=selector))
         except Exception:  # the reason above is enough; pods may be gone already
             return detail
         seen = []
         for pod in pods.get("items") or []:
+            if ((pod.get("metadata") or {}).get("labels") or {}).get(L.LOOP) != w.loop:
+                continue  # the same iteration and step of another loop (or of the shared pipeline)
             for cs in (pod.get("status") or {}).get("containerStatuses") or []:
                 term = (cs.get("state") or {}).get("terminated") or (cs.get("lastState") or {}).get("terminated")
                 if term and term.get("exitCode"):

@@ -8,6 +8,7 @@ RUN = "sims.io/run"
 ITERATION = "sims.io/iteration"
 STAGE = "sims.io/stage"
 STEP = "sims.io/step"
+LOOP = "sims.io/loop"  # a self-consuming loop's workloads only
 QUEUE = "kueue.x-k8s.io/queue-name"
 MANAGED_BY = "sims-driver"
 
@@ -17,7 +18,8 @@ def run_selector(run: str) -> str:
     return f"{RUN}={run}"
 
 
-def workload_labels(settings: DriverSettings, run: str, iteration: int, stage: str, step: str) -> dict[str, str]:
+def workload_labels(settings: DriverSettings, run: str, iteration: int, stage: str, step: str,
+                    loop: str | None = None) -> dict[str, str]:
     """Labels of a workload the driver creates (its pods get the same, minus the Kueue queue)."""
     labels = {
         "app.kubernetes.io/name": "sims",
@@ -30,6 +32,8 @@ def workload_labels(settings: DriverSettings, run: str, iteration: int, stage: s
         STAGE: stage,
         STEP: step,
     }
+    if loop:
+        labels[LOOP] = loop
     if settings.queue:
         labels[QUEUE] = settings.queue
     return labels

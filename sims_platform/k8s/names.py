@@ -15,21 +15,26 @@ def is_dns_label(name: str, limit: int = 63) -> bool:
     return len(name) <= limit and bool(_DNS1035.match(name))
 
 
-def workload_name(run: str, iteration: int, step: str) -> str:
-    """'<run>-i<KK>-<step>', shortened with a stable hash of the full name when it would exceed MAX_NAME."""
+def workload_name(run: str, iteration: int, step: str, loop: str | None = None) -> str:
+    """'<run>-i<KK>-<step>' ('<run>-<loop>-i<KK>-<step>' for a self-consuming loop's step), shortened with a
+    stable hash of the full name when it would exceed MAX_NAME."""
     if iteration < 0:
         raise ValueError(f"iteration must be >= 0, got {iteration}")
-    full = f"{run}-i{iteration:02d}-{step}"
+    tail = f"{'-' + loop if loop else ''}-i{iteration:02d}-{step}"
+    full = f"{run}{tail}"
     if not full[0].isalpha():
         full = "r" + full
     if len(full) <= MAX_NAME:
         name = full
     else:
         digest = hashlib.sha256(full.encode()).hexdigest()[:8]
-        tail = f"-i{iteration:02d}-{step}-{digest}"
-        head = full[: MAX_NAME - len(tail)].rstrip("-")
-        name = head + tail
+        short = f"{tail}-{digest}"
+        if len(short) >= MAX_NAME - 1:  # a long loop name too: keep the step readable, the hash keeps it unique
+            short = f"-i{iteration:02d}-{step}-{digest}"
+        head = full[: MAX_NAME - len(short)].rstrip("-")
+        name = head + short
     if not is_dns_label(name, MAX_NAME):
-        raise ValueError(f"workload name '{name}' (run '{run}', iteration {iteration}, step '{step}') is not a "
-                         f"DNS-1035 label of at most {MAX_NAME} characters")
+        raise ValueError(f"workload name '{name}' (run '{run}', iteration {iteration}, step '{step}'"
+                         f"{', loop ' + repr(loop) if loop else ''}) is not a DNS-1035 label of at most {MAX_NAME} "
+                         "characters")
     return name

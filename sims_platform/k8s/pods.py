@@ -33,9 +33,11 @@ USER_ID = 1000  # the Dockerfile's non-root user
 GPU = "nvidia.com/gpu"
 
 
-def stage_argv(step: str, iteration: int, count: int | None = None) -> list[str]:
+def stage_argv(step: str, iteration: int, count: int | None = None, loop: str | None = None) -> list[str]:
     """The `sims` argv a stage pod runs (what `sims stage --help` documents)."""
     argv = ["stage", step, "--config", PIPELINE_FILE, "--iteration", str(iteration)]
+    if loop:
+        argv += ["--loop", loop]
     if count is not None:  # an Indexed Job slice: the index comes from JOB_COMPLETION_INDEX
         argv += ["--count", str(count)]
     return argv
@@ -57,6 +59,8 @@ def _env(settings: DriverSettings, labels: dict[str, str]) -> list[V1EnvVar]:
         "PYTHONUNBUFFERED": "1",
         "HOME": "/home/sims",
     }
+    if "sims.io/loop" in labels:
+        env["SIMS_LOOP"] = labels["sims.io/loop"]
     if settings.mlflow_uri:
         env["MLFLOW_TRACKING_URI"] = settings.mlflow_uri
     env.update(settings.env)

@@ -217,7 +217,7 @@ def _status(apis: Apis, namespace: str, spec: RunSpec, backend: TrainingBackend 
     rows = []
     for w in plan(spec.cfg, spec.settings, backend):
         obj = (jobs if w.is_job else customs).get(w.name)
-        marker = _read_json(layout.done_marker(w.iteration, w.stage))
+        marker = _read_json(layout.in_loop(w.loop).done_marker(w.iteration, w.stage))
         done = bool(marker)
         notes: list[str] = []
         if obj is not None:
@@ -228,17 +228,19 @@ def _status(apis: Apis, namespace: str, spec: RunSpec, backend: TrainingBackend 
         else:
             state = f"{Phase.SUCCEEDED.value} (storage)" if marker else "-"
         mine = [p for p in pods if (p["metadata"].get("labels") or {}).get(L.STEP) == w.step
-                and (p["metadata"].get("labels") or {}).get(L.ITERATION) == str(w.iteration)]
+                and (p["metadata"].get("labels") or {}).get(L.ITERATION) == str(w.iteration)
+                and (p["metadata"].get("labels") or {}).get(L.LOOP) == w.loop]
         ready = sum(1 for p in mine if any(c.get("type") == "Ready" and c.get("status") == "True"
                                            for c in (p.get("status") or {}).get("conditions") or []))
         notes += podstatus.pod_notes(mine)
         restarts = sum(podstatus.restarts(p) for p in mine) + podstatus.failed_pods(obj)
-        rows.append(Row(w.iteration, w.stage, w.step, w.name, state,
+        rows.append(Row(w.iteration, w.stage, f"{w.loop}/{w.step}" if w.loop else w.step, w.name, state,
                         _age((obj or {}).get("metadata", {}).get("creationTimestamp"), now),
                         f"{ready}/{len(mine)}" if mine else "-",
                         mlflow_link(uri, exp, marker.get("mlflow_run_id")),
                         str(restarts) if obj is not None or mine else "-",
-                        progress(spec.cfg, spec.settings, layout, w.iteration, w.stage, w.step, done),
+                        progress(spec.cfg, spec.settings, layout.in_loop(w.loop), w.iteration, w.stage, w.step,
+                                 done),
                         tuple(notes)))
     link = mlflow_link(uri, exp, record.get("mlflow_run_id")) or f"(no run.json under {layout.root} yet)"
     return rows, link, driver_row(all_jobs, pods, spec.settings.release)

@@ -12,7 +12,7 @@ from sims_platform.k8s.jobs import CONTAINER, batch_job
 from sims_platform.k8s.names import workload_name
 from sims_platform.k8s.pods import pod_template, stage_argv
 from sims_platform.k8s.settings import DriverSettings
-from sims_platform.pipeline.runner import stages_for
+from sims_platform.pipeline.plan import pipeline_plan, stages_for
 from sims_platform.storage.layout import REDUCERS, TRAINING_STAGES
 
 TRAINING = TRAINING_STAGES  # distributed training: the backend's kind (PyTorchJob or TrainJob)
@@ -21,7 +21,8 @@ INDEXED = ("encode", "reference", "generate", "evaluate")  # job arrays: each in
 
 @dataclass(frozen=True)
 class Workload:
-    """One object the driver creates. `stage` names the done marker; `step` the command it runs."""
+    """One object the driver creates. `stage` names the done marker; `step` the command it runs; `loop` the
+    self-consuming loop it belongs to (None: the shared pipeline)."""
 
     name: str
     iteration: int
@@ -30,6 +31,7 @@ class Workload:
     api_version: str
     kind: str
     body: dict[str, Any] = field(repr=False)
+    loop: str | None = None
 
     @property
     def is_job(self) -> bool:
@@ -39,31 +41,30 @@ class Workload:
 def steps_for(cfg: PipelineConfig, k: int) -> list[tuple[str, str]]:
     """(stage, step) pairs of iteration k in dependency order: reference and evaluate run as slices then a
     reducer."""
-    out: list[tuple[str, str]] = []
-    for stage in stages_for(cfg, k):
-        out.append((stage, stage))
-        if stage in REDUCERS:
-            out.append((stage, REDUCERS[stage]))
-    return out
+    return [(stage, step) for stage in stages_for(cfg, k) for step in _steps(stage)]
+
+
+def _steps(stage: str) -> list[str]:
+    return [stage] + ([REDUCERS[stage]] if stage in REDUCERS else [])
 
 
 def build_workload(cfg: PipelineConfig, settings: DriverSettings, k: int, stage: str, step: str,
-                   backend: TrainingBackend) -> Workload:
-    name = workload_name(cfg.name, k, step)
-    labels = L.workload_labels(settings, cfg.name, k, stage, step)
+                   backend: TrainingBackend, loop: str | None = None) -> Workload:
+    name = workload_name(cfg.name, k, step, loop)
+    labels = L.workload_labels(settings, cfg.name, k, stage, step, loop)
     st = settings.stage(step)
     pod_labels = L.pod_labels(labels)
     if step in TRAINING:
         template = pod_template(settings, st, container=backend.container, command=backend.launcher(),
-                                args=stage_argv(step, k), labels=pod_labels, restart_policy=None)
+                                args=stage_argv(step, k, loop=loop), labels=pod_labels, restart_policy=None)
         body = backend.build(name, labels, template, st.nodes, st.gpus, settings)
-        return Workload(name, k, stage, step, f"{backend.group}/{backend.version}", backend.kind, body)
+        return Workload(name, k, stage, step, f"{backend.group}/{backend.version}", backend.kind, body, loop)
     count = st.shards if step in INDEXED else None
-    template = pod_template(settings, st, container=CONTAINER, command=["sims"], args=stage_argv(step, k, count),
-                            labels=pod_labels, restart_policy="Never")
+    template = pod_template(settings, st, container=CONTAINER, command=["sims"],
+                            args=stage_argv(step, k, count, loop), labels=pod_labels, restart_policy="Never")
     body = batch_job(name, labels, template, settings, completions=count, parallelism=st.parallelism,
                      active_deadline_seconds=st.active_deadline_seconds)
-    return Workload(name, k, stage, step, "batch/v1", "Job", body)
+    return Workload(name, k, stage, step, "batch/v1", "Job", body, loop)
 
 
 def owned_by(body: dict[str, Any], owner: dict[str, Any] | None) -> dict[str, Any]:
@@ -79,12 +80,16 @@ def owned_by(body: dict[str, Any], owner: dict[str, Any] | None) -> dict[str, An
 
 def plan(cfg: PipelineConfig, settings: DriverSettings, backend: TrainingBackend | None = None,
          owner: dict[str, Any] | None = None) -> list[Workload]:
-    """Every workload of the whole pipeline, in the order the driver runs them (owned by `owner` if given)."""
+    """Every workload of the whole pipeline (pipeline.plan.pipeline_plan, each array stage followed by its
+    reducer), in the order the driver runs them (owned by `owner` if given)."""
     backend = backend or backend_for(settings)
     out = []
-    for k in range(cfg.iterations.count):
-        for stage, step in steps_for(cfg, k):
-            w = build_workload(cfg, settings, k, stage, step, backend)
+    for st in pipeline_plan(cfg):
+        for step in _steps(st.stage):
+            w = build_workload(cfg, settings, st.iteration, st.stage, step, backend, st.loop_name)
             out.append(Workload(w.name, w.iteration, w.stage, w.step, w.api_version, w.kind,
-                                owned_by(w.body, owner)))
+                                owned_by(w.body, owner), w.loop))
     return out
+
+
+__all__ = ["INDEXED", "TRAINING", "Workload", "build_workload", "plan", "steps_for"]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from sims_platform.config import load_config
 from sims_platform.launch.servers import free_port, mlflow_server, moto_s3
-from sims_platform.pipeline.runner import stages_for
+from sims_platform.pipeline.plan import pipeline_plan
 from sims_platform.storage import fsio
 from sims_platform.storage.layout import REDUCERS, TRAINING_STAGES, RunLayout
 
@@ -25,8 +25,8 @@ ARRAYS = ("reference", "generate", "evaluate")
 BUCKET = "sims"
 
 
-def _stage_argv(stage: str, config: str, k: int, overrides: list[str]) -> list[str]:
-    argv = ["stage", stage, "--config", config, "--iteration", str(k)]
+def _stage_argv(stage: str, config: str, k: int, overrides: list[str], loop: str | None = None) -> list[str]:
+    argv = ["stage", stage, "--config", config, "--iteration", str(k)] + (["--loop", loop] if loop else [])
     for o in overrides:
         argv += ["--set", o]
     return argv
@@ -57,23 +57,24 @@ def run_local_cluster(config: str, out: Path, procs: int = 2, writers: int = 2, 
             # One thread per process: several processes share the cores, as pods share a node.
             env = dict(os.environ, **s3.env(), OMP_NUM_THREADS="1", MLFLOW_TRACKING_URI=tracking)
             print(f"[local-cluster] S3 {s3.url}, MLflow {tracking}, storage {root}", flush=True)
-            for k in range(cfg.iterations.count):
-                for stage in stages_for(cfg, k):
-                    argv = _stage_argv(stage, config, k, overrides)
-                    if stage in TRAINING:
-                        torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
-                                    "--nproc_per_node", str(procs), "--master_addr", "127.0.0.1",
-                                    "--master_port", str(free_port()), "-m", "sims_platform.cli"]
-                        _run_all([torchrun + argv], env, f"iter {k} {stage} (torchrun x{procs})")
-                    elif stage in ARRAYS:
-                        n = writers if stage == "generate" else eval_parts
-                        _run_all([sims + argv + ["--index", str(i), "--count", str(n)] for i in range(n)], env,
-                                 f"iter {k} {stage} ({n} parts)")
-                        if stage in REDUCERS:
-                            _run_all([sims + _stage_argv(REDUCERS[stage], config, k, overrides)], env,
-                                     f"iter {k} {REDUCERS[stage]}")
-                    else:
-                        _run_all([sims + argv], env, f"iter {k} {stage}")
+            for st in pipeline_plan(cfg):
+                k, stage, loop = st.iteration, st.stage, st.loop_name
+                argv = _stage_argv(stage, config, k, overrides, loop)
+                what = f"{loop + ' ' if loop else ''}iter {k}"
+                if stage in TRAINING:
+                    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
+                                "--nproc_per_node", str(procs), "--master_addr", "127.0.0.1",
+                                "--master_port", str(free_port()), "-m", "sims_platform.cli"]
+                    _run_all([torchrun + argv], env, f"{what} {stage} (torchrun x{procs})")
+                elif stage in ARRAYS:
+                    n = writers if stage == "generate" else eval_parts
+                    _run_all([sims + argv + ["--index", str(i), "--count", str(n)] for i in range(n)], env,
+                             f"{what} {stage} ({n} parts)")
+                    if stage in REDUCERS:
+                        _run_all([sims + _stage_argv(REDUCERS[stage], config, k, overrides, loop)], env,
+                                 f"{what} {REDUCERS[stage]}")
+                else:
+                    _run_all([sims + argv], env, f"{what} {stage}")
             os.environ.update(s3.env())  # read the results back through s3fs in this process
             summary = fsio.read_json(RunLayout.of(root).summary)
             (out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -1,29 +1,14 @@
-"""Run the whole SIMS loop locally: every iteration's stages in order, then the summary."""
+"""Run the whole SIMS loop locally: every stage of the plan in order, then the summary."""
 
 from __future__ import annotations
 
 from sims_platform.config import PipelineConfig, dump_config
+from sims_platform.pipeline.plan import pipeline_plan, plan_groups, stages_for
 from sims_platform.stages import StageContext, run_stage
 from sims_platform.storage import fsio
 from sims_platform.storage.layout import RunLayout
 from sims_platform.tracking import Lineage, format_table, read_summary, resolve_tracking_uri, write_summary
-
-
-def stages_for(cfg: PipelineConfig, k: int) -> list[str]:
-    """Stage order of iteration k; encode (once, before iteration 0) for latent models; reference (once, before
-    iteration 0) unless evaluate.reference names published statistics; select-aux only with a shift section; feed
-    only when a later iteration trains on synthetic data."""
-    stages = ["encode"] if k == 0 and cfg.encoder.kind == "latent" else []
-    if k == 0 and not cfg.evaluate.reference:
-        stages.append("reference")
-    stages += ["train-base", "generate"] + (["select-aux"] if cfg.shift is not None else []) + ["finetune-aux"]
-    if any(m.name == "sims-real-aux" for m in cfg.evaluate.methods):
-        stages.append("finetune-real-aux")
-    stages.append("evaluate")
-    it = cfg.iterations
-    if k < it.count - 1 and it.train_data != "real":
-        stages.append("feed")
-    return stages
+from sims_platform.tracking.loops import format_loop_table, write_loop_results
 
 
 def open_run(cfg: PipelineConfig) -> tuple[RunLayout, Lineage, str]:
@@ -39,30 +24,52 @@ def open_run(cfg: PipelineConfig) -> tuple[RunLayout, Lineage, str]:
     return layout, lineage, lineage.pipeline_run(cfg)
 
 
-def iteration_complete(cfg: PipelineConfig, layout: RunLayout, k: int) -> bool:
-    """Every stage of iteration k's plan has its completion record."""
-    return all(fsio.exists(layout.done_marker(k, s)) for s in stages_for(cfg, k))
+def iteration_complete(cfg: PipelineConfig, layout: RunLayout, k: int, loop: str | None = None) -> bool:
+    """Every stage of iteration k's plan (in `loop`, or the shared pipeline's) has its completion record."""
+    stages = plan_groups(cfg).get((loop, k), [])
+    return all(fsio.exists(layout.in_loop(loop).done_marker(k, s)) for s in stages)
+
+
+def loop_complete(cfg: PipelineConfig, layout: RunLayout, loop: str) -> bool:
+    return all(iteration_complete(cfg, layout, k, name) for name, k in plan_groups(cfg) if name == loop)
+
+
+def pipeline_complete(cfg: PipelineConfig, layout: RunLayout) -> bool:
+    return all(iteration_complete(cfg, layout, k, loop) for loop, k in plan_groups(cfg))
 
 
 def close_complete_runs(ctx: StageContext) -> None:
-    """Finish ctx's iteration run once its whole plan is complete, and the pipeline run once every iteration is.
+    """Finish ctx's iteration run once its whole plan is complete, its loop's run once every generation of the
+    loop is, and the pipeline run once everything is (first writing a loop experiment's results).
 
     Level-triggered (it reads the completion records, not which stage just ran), so every launcher calls it
     after each stage: the local runner, `sims stage` in a pod, a rerun with --force or after a kill.
     """
-    cfg, layout, lin, k = ctx.cfg, ctx.layout, ctx.lineage, ctx.iteration
-    if not lin.writes or not iteration_complete(cfg, layout, k):
+    cfg, layout, lin, k, loop = ctx.pipeline_cfg, ctx.layout.in_loop(None), ctx.lineage, ctx.iteration, ctx.loop_name
+    if not lin.writes or not iteration_complete(cfg, layout, k, loop):
         return
-    lin.finish_if_running(lin.iteration_run(k))
-    if all(iteration_complete(cfg, layout, j) for j in range(cfg.iterations.count)):
-        lin.finish_if_running(lin.pipeline_id)
+    lin.finish_if_running(lin.iteration_run(k, loop))
+    if loop is not None and loop_complete(cfg, layout, loop):
+        lin.finish_if_running(lin.loop_run(loop))
+    if pipeline_complete(cfg, layout) and lin.status(lin.pipeline_id) != "FINISHED":
+        if cfg.loop is not None:
+            write_loop_results(cfg, layout, lin)
+        lin.finish(lin.pipeline_id)
 
 
 def end_interrupted_runs(cfg: PipelineConfig, layout: RunLayout, lineage: Lineage) -> None:
     """A new attempt of the whole pipeline: end the runs a killed attempt left RUNNING (see Lineage)."""
-    ended = lineage.end_interrupted(
-        stage_complete=lambda k, stage: fsio.exists(layout.done_marker(k or 0, stage)),
-        iteration_complete=lambda k: k < cfg.iterations.count and iteration_complete(cfg, layout, k))
+    groups = plan_groups(cfg)
+
+    def stage_complete(k: int | None, stage: str, loop: str | None) -> bool:
+        return fsio.exists(layout.in_loop(loop).done_marker(k or 0, stage))
+
+    def group_complete(k: int | None, loop: str | None) -> bool:
+        if k is None:
+            return loop is not None and loop_complete(cfg, layout, loop)
+        return (loop, k) in groups and iteration_complete(cfg, layout, k, loop)
+
+    ended = lineage.end_interrupted(stage_complete=stage_complete, iteration_complete=group_complete)
     if ended:
         print(f"ended runs left RUNNING by an earlier attempt: {', '.join(ended)}", flush=True)
 
@@ -70,15 +77,28 @@ def end_interrupted_runs(cfg: PipelineConfig, layout: RunLayout, lineage: Lineag
 def run_pipeline(cfg: PipelineConfig) -> dict:
     layout, lineage, parent = open_run(cfg)
     end_interrupted_runs(cfg, layout, lineage)
-    for k in range(cfg.iterations.count):
-        ctx = StageContext(cfg, layout, k, lineage)
-        for stage in stages_for(cfg, k):
-            run_stage(ctx, stage)
-            close_complete_runs(ctx)
+    contexts: dict[tuple[str | None, int], StageContext] = {}
+    for step in pipeline_plan(cfg):
+        key = (step.loop_name, step.iteration)
+        if key not in contexts:
+            contexts[key] = StageContext(cfg, layout, step.iteration, lineage, loop=step.loop)
+        run_stage(contexts[key], step.stage)
+        close_complete_runs(contexts[key])
     # Each evaluate completion updated summary.json; keep this run's iterations (a shorter rerun drops the rest).
     rows = [r for r in read_summary(layout)["iterations"] if r["iteration"] < cfg.iterations.count]
     summary = write_summary(layout, rows, parent)
+    if cfg.loop is not None:  # written when the last stage completed (close_complete_runs)
+        if not fsio.exists(layout.loop_results):
+            write_loop_results(cfg, layout, lineage)
+        summary["loops"] = fsio.read_json(layout.loop_results)["rows"]
     lineage.finish(parent, "FINISHED")
     print(format_table(summary), flush=True)
     print(f"summary: {layout.summary}", flush=True)
+    if cfg.loop is not None:
+        print(f"\nself-consuming loops ({layout.loop_table}, plot {layout.loop_plot}):\n"
+              f"{format_loop_table(summary['loops'])}", flush=True)
     return summary
+
+
+__all__ = ["close_complete_runs", "end_interrupted_runs", "iteration_complete", "open_run", "pipeline_plan",
+           "run_pipeline", "stages_for"]

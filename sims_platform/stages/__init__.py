@@ -46,9 +46,10 @@ def run_stage(ctx: StageContext, stage: str, force: bool = False) -> dict:
         ctx.layout.part_marker(ctx.iteration, stage, ctx.part, ctx.parts)
     for done in dict.fromkeys((stage_marker, marker)):
         if not force and fsio.exists(done):
-            print(f"[iter {ctx.iteration} {stage}] already complete ({done}); skipping", flush=True)
+            where = f"{ctx.loop_name} " if ctx.loop else ""
+            print(f"[{where}iter {ctx.iteration} {stage}] already complete ({done}); skipping", flush=True)
             return fsio.read_json(done)["result"]
-    run_id = ctx.lineage.stage_run(ctx.iteration, stage)
+    run_id = ctx.lineage.stage_run(ctx.iteration, stage, ctx.loop_name)
     t0 = time.time()
     try:
         result = STAGE_FUNCS[stage](ctx, run_id)
@@ -59,8 +60,8 @@ def run_stage(ctx: StageContext, stage: str, force: bool = False) -> dict:
     if not ctx.lineage.writes:
         return result  # ranks other than 0 of a distributed stage: rank 0 records completion
     seconds = time.time() - t0
-    record = {"stage": stage, "iteration": ctx.iteration, "mlflow_run_id": run_id, "seconds": seconds,
-              "part": ctx.part, "parts": ctx.parts, "result": result}
+    record = {"stage": stage, "iteration": ctx.iteration, "loop": ctx.loop_name, "mlflow_run_id": run_id,
+              "seconds": seconds, "part": ctx.part, "parts": ctx.parts, "result": result}
     fsio.write_json(marker, record)
     if ctx.parts == 1 or result.get("complete"):
         if ctx.parts > 1:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
 
-from sims_platform.config.schema import PipelineConfig
+from sims_platform.config.schema import Loop, PipelineConfig
 from sims_platform.data import LabeledImages, class_subset, load_images, read_shards, split_images
 from sims_platform.encoders import Encoder, build_encoder
 from sims_platform.models.precond import Precond
@@ -40,10 +40,18 @@ class StageContext:
     device: torch.device | None = None
     part: int = 0   # this worker's index in a job-array stage (JOB_COMPLETION_INDEX in an Indexed Job)
     parts: int = 1  # how many workers share the stage
+    # A self-consuming loop's stage (config `loop`): layout and config become the loop's view (RunLayout.in_loop,
+    # PipelineConfig.for_loop); None: the shared pipeline.
+    loop: Loop | None = None
+    pipeline_cfg: PipelineConfig = field(init=False)  # the whole pipeline's config (cfg is a loop's view of it)
 
     def __post_init__(self) -> None:
         if not 0 <= self.part < self.parts:
             raise ValueError(f"--index {self.part} is outside 0..{self.parts - 1} (--count {self.parts})")
+        self.pipeline_cfg = self.cfg
+        if self.loop is not None:
+            self.layout = self.layout.in_loop(self.loop.name)
+            self.cfg = self.cfg.for_loop(self.loop)
         self.device = torch.device(self.device) if self.device is not None else \
             resolve_device(self.cfg.runtime.device)
         apply_tf32(self.cfg.runtime.tf32)
@@ -103,20 +111,44 @@ class StageContext:
         real_x, real_y = self.real_encoded
         return real_x, real_y, {"real": self.real_uri() if self.cfg.encoder.kind == "pixel" else self.layout.encoded}
 
+    @property
+    def loop_name(self) -> str | None:
+        return self.loop.name if self.loop is not None else None
+
+    def train_data_mode(self) -> str:
+        """What iteration k > 0 trains its base on: real, real+synthetic or synthetic (loop.train_data in a loop)."""
+        return self.cfg.loop.train_data if self.loop is not None and self.cfg.loop else self.cfg.iterations.train_data
+
+    def feed_sources(self) -> dict[str, str]:
+        """The feed shard sets iteration k's base trains on, oldest first (lineage name -> URI): the previous
+        iteration's feed; in a loop with loop.accumulate, every earlier generation's feed of that loop."""
+        k = self.iteration
+        if k == 0 or self.train_data_mode() == "real":
+            return {}
+        first = 0 if self.loop is not None and self.cfg.loop and self.cfg.loop.accumulate else k - 1
+        return {f"feed_iter_{j}": self.layout.shards(j, "feed") for j in range(first, k)}
+
+    def feed_samples(self) -> int:
+        """|D_p|, the feed stage's sample count: iterations.feed_samples, or in a loop its fraction of |D_r| (the
+        real training split as the base trains on it)."""
+        if self.loop is None:
+            return self.cfg.iterations.feed_samples
+        return max(1, round(self.loop.fraction * len(self.real_encoded[1])))
+
     def base_training_data(self) -> tuple[torch.Tensor, torch.Tensor, dict[str, str]]:
-        """Iteration k's base training set and the URIs it came from (lineage)."""
-        k, mode = self.iteration, self.cfg.iterations.train_data
+        """Iteration k's base training set and the URIs it came from (lineage): the real training split and/or
+        the feed shard sets of feed_sources, concatenated in that order."""
         real_x, real_y, sources = self.real_training_data()
-        if k == 0 or mode == "real":
+        feeds = self.feed_sources()
+        if not feeds:
             return real_x, real_y, sources
-        feed_uri = self.layout.shards(k - 1, "feed")
-        feed_x, feed_y, _ = read_shards(feed_uri)
-        sources = {f"feed_iter_{k - 1}": feed_uri} | ({} if mode == "synthetic" else sources)
-        if mode == "synthetic":
-            return feed_x, feed_y, sources
+        parts = [read_shards(uri)[:2] for uri in feeds.values()]
+        feed_x, feed_y = torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])
+        if self.train_data_mode() == "synthetic":
+            return feed_x, feed_y, feeds
         if real_x.shape[1] == 2 * feed_x.shape[1]:  # encoded posteriors (mean, std): a feed sample is exact
             feed_x = torch.cat([feed_x, torch.zeros_like(feed_x)], dim=1)
-        return torch.cat([real_x, feed_x]), torch.cat([real_y, feed_y]), sources
+        return torch.cat([real_x, feed_x]), torch.cat([real_y, feed_y]), feeds | sources
 
     def real_uri(self) -> str:
         d = self.cfg.data

@@ -45,7 +45,8 @@ def _log_inputs(ctx: StageContext, run_id: str) -> None:
     params |= {f"weights.{m.name}": ",".join(map(w_key, m.weights)) for m in ev.methods}
     ctx.lineage.log_params(run_id, params)
     out = layout.stage(k, "evaluate")
-    ctx.lineage.link(run_id, inputs=model_inputs(ctx, [m.name for m in ev.methods]),
+    # A method evaluated at w = 0 only (a loop's standard arm) samples the base alone: it reads no guide.
+    ctx.lineage.link(run_id, inputs=model_inputs(ctx, [m.name for m in ev.methods if m.guided_weights]),
                      outputs={"fid": fsio.join(out, "fid.json"), "results": fsio.join(out, "results.json")})
 
 
@@ -187,7 +188,7 @@ def write_results(ctx: StageContext, run_id: str, merged: dict[str, P.ArmData]) 
     fsio.write_json(fsio.join(out, "results.json"), results)
     fsio.write_json(fsio.join(out, "fid.json"), row["fid"])
     # The run's summary grows as each iteration's evaluation completes, whichever launcher ran it.
-    log_iteration_results(lin, update_summary(layout, row, lin.pipeline_id), k)
+    log_iteration_results(lin, update_summary(layout, row, lin.pipeline_id), k, ctx.loop_name)
     return {"row": row, "best_w": row["best_w"], "complete": True}
 
 

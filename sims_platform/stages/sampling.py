@@ -57,29 +57,42 @@ def generate(ctx: StageContext, run_id: str) -> dict:
             "samples": manifest["total"] if manifest else None}
 
 
+def feed_source(ctx: StageContext) -> tuple[str, float | None]:
+    """(method, fixed w or None for the selected w) the feed samples with; ('base', 0.0) for the plain base.
+
+    A loop's arm decides: standard feeds its plain base, sims its base guided by loop.method at the w its
+    generation's evaluation selected. Otherwise iterations.feed_sampler / feed_method / feed_weight."""
+    cfg = ctx.cfg
+    if ctx.loop is not None:
+        assert cfg.loop is not None
+        return ("base", 0.0) if ctx.loop.arm == "standard" else (cfg.loop.method, None)
+    it = cfg.iterations
+    if it.feed_sampler == "plain":
+        return "base", 0.0
+    return it.feed_method or cfg.evaluate.primary.name, it.feed_weight
+
+
 def feed(ctx: StageContext, run_id: str) -> dict:
-    """Samples that feed the next iteration's training set (self-consuming loops), from the plain base or the
-    configured method (iterations.feed_method, default the primary one) at a fixed w or its selected best w."""
+    """Samples that feed the next iteration's training set (self-consuming loops), from the plain base or a
+    guided sampler (feed_source) at a fixed w or its method's best w, selected by this iteration's evaluation."""
     from sims_platform.evaluation.methods import Networks, model_inputs
     from sims_platform.evaluation.plan import Arm
 
-    k, layout, it, g = ctx.iteration, ctx.layout, ctx.cfg.iterations, ctx.cfg.generate
+    k, layout, g = ctx.iteration, ctx.layout, ctx.cfg.generate
     out = layout.shards(k, "feed")
-    method = it.feed_method or ctx.cfg.evaluate.primary.name
-    if it.feed_sampler == "plain":
-        method, w = "base", 0.0
-    elif it.feed_weight is not None:
-        w = it.feed_weight
-    else:
+    method, w = feed_source(ctx)
+    if w is None:
         results = fsio.read_json(fsio.join(layout.stage(k, "evaluate"), "results.json"))
         w = float(results["row"]["methods"][method]["best_w"])
     arm = Arm("base", 0.0) if w == 0 else Arm(method, w)
+    total = ctx.feed_samples()
     nets = Networks(ctx)
     inputs = model_inputs(ctx, [] if arm.method == "base" else [method])
-    ctx.lineage.log_params(run_id, {"feed_samples": it.feed_samples, "feed_sampler": it.feed_sampler,
-                                    "feed_method": arm.method, "w": w})
+    ctx.lineage.log_params(run_id, {"feed_samples": total, "feed_method": arm.method, "w": w}
+                           | ({"loop": ctx.loop.name, "feed_fraction": ctx.loop.fraction} if ctx.loop else
+                              {"feed_sampler": ctx.cfg.iterations.feed_sampler}))
     ctx.lineage.link(run_id, inputs=inputs, outputs={"feed": out})
-    manifest = write_samples(ctx, nets.denoiser(arm), out, "feed", it.feed_samples, g.batch_size, g.shard_size,
+    manifest = write_samples(ctx, nets.denoiser(arm), out, "feed", total, g.batch_size, g.shard_size,
                              g.sampler, {"source_model": inputs["base_model"], "iteration": k, "method": arm.method,
                                          "w": w}, f"iter {k} feed")
     return {"feed": out, "complete": manifest is not None, "method": arm.method, "w": w,

@@ -25,11 +25,20 @@ REDUCERS = {"reference": "reference-reduce", "evaluate": "evaluate-reduce"}
 
 @dataclass(frozen=True)
 class RunLayout:
+    """The run's folders; with `loop` set, as that self-consuming loop's stages see them: generation 0 is the
+    shared one (iter-00/, computed once for every loop) except the loop's own feed, and generations >= 1 live
+    under loops/<loop>/iter-KK/. Run-level files (config, run record, features, encode) are the run's."""
+
     root: str
+    loop: str | None = None
 
     @classmethod
     def of(cls, root: str) -> RunLayout:
         return cls(normalize_uri(root))
+
+    def in_loop(self, loop: str | None) -> RunLayout:
+        """This run's layout for one loop's stages (None: the shared pipeline's)."""
+        return RunLayout(self.root, loop)
 
     # run level ------------------------------------------------------------
     @property
@@ -43,7 +52,31 @@ class RunLayout:
 
     @property
     def summary(self) -> str:
-        return join(self.root, "summary.json")
+        """Evaluation rows per iteration: the shared pipeline's, or (in a loop) its generations >= 1."""
+        return join(self.loop_root(self.loop), "summary.json") if self.loop else join(self.root, "summary.json")
+
+    # self-consuming loops ----------------------------------------------------
+    @property
+    def loops(self) -> str:
+        """Every loop's own stages, and the experiment's results beside them."""
+        return join(self.root, "loops")
+
+    def loop_root(self, loop: str) -> str:
+        return join(self.loops, loop)
+
+    @property
+    def loop_results(self) -> str:
+        """Per loop and generation: FID, precision, recall (JSON rows)."""
+        return join(self.loops, "results.json")
+
+    @property
+    def loop_table(self) -> str:
+        return join(self.loops, "results.md")
+
+    @property
+    def loop_plot(self) -> str:
+        """FID vs generation, a line per loop (arm x |D_p|)."""
+        return join(self.loops, "fid_vs_generation.png")
 
     @property
     def features(self) -> str:
@@ -62,6 +95,8 @@ class RunLayout:
             return join(self.root, stage)
         if stage not in STAGES:
             raise ValueError(f"unknown stage '{stage}', expected one of {', '.join(STAGES + RUN_STAGES)}")
+        if self.loop is not None and (k > 0 or stage == "feed"):  # the loop's own; the rest of gen 0 is shared
+            return join(self.loop_root(self.loop), f"iter-{k:02d}", stage)
         return join(self.iteration(k), stage)
 
     def done_marker(self, k: int, stage: str) -> str:

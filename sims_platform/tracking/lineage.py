@@ -6,14 +6,20 @@ runs are found or created through `MlflowClient` by their tags and addressed by 
 Run tree (run names in quotes)::
 
     "<pipeline name>"            sims.kind=pipeline   (id kept in <root>/run.json)
-    └── "iter-<k>"               sims.kind=iteration  sims.iteration=<k>
-        └── "iter-<k>/<stage>"   sims.kind=stage      sims.iteration=<k>  sims.stage=<stage>
+    ├── "iter-<k>"               sims.kind=iteration  sims.iteration=<k>
+    │   └── "iter-<k>/<stage>"   sims.kind=stage      sims.iteration=<k>  sims.stage=<stage>
+    └── "<loop>"                 sims.kind=loop       sims.loop=<loop>    (config `loop`: one per arm x |D_p|)
+        └── "<loop>/iter-<k>"    sims.kind=iteration  ... and sims.loop=<loop> on each run below it
+            └── "<loop>/iter-<k>/<stage>"
 
 Tags (the lineage contract; query them in the UI search box, e.g. tags.`sims.stage` = 'train-base'):
 
 - ``mlflow.parentRunId``: the parent in the tree above (MLflow's own nesting tag).
-- ``sims.kind``: pipeline | iteration | stage.
+- ``sims.kind``: pipeline | loop | iteration | stage.
 - ``sims.run_name``, ``sims.storage_root``: the pipeline's name and storage root URI (on every run).
+- ``sims.loop``: a self-consuming loop's name (e.g. ``sims-dp50``) on its loop, iteration and stage runs; the
+  shared generation 0 (iter-0) has none. Its metrics (``mad.fid``, ``mad.precision``, ``mad.recall``, step =
+  generation, generation 0 included) compare the loops in MLflow's chart view.
 - ``sims.iteration``: k as a decimal string; ``sims.stage``: one of storage.layout.STAGES. Run-level
   stages (storage.layout.RUN_STAGES, e.g. encode) hang directly under the pipeline run, named "<stage>",
   without ``sims.iteration``.
@@ -74,7 +80,7 @@ log = logging.getLogger(__name__)
 
 PARENT = "mlflow.parentRunId"
 RUN_NAME = "mlflow.runName"
-KIND, ITERATION, STAGE = "sims.kind", "sims.iteration", "sims.stage"
+KIND, ITERATION, STAGE, LOOP = "sims.kind", "sims.iteration", "sims.stage", "sims.loop"
 NAME, ROOT = "sims.run_name", "sims.storage_root"
 INPUT, OUTPUT = "sims.input.", "sims.output."
 TERMINAL = ("FINISHED", "FAILED", "KILLED")
@@ -323,15 +329,25 @@ class Lineage:
             self._pipeline_id = run_id
         return self._pipeline_id
 
-    def iteration_run(self, k: int) -> str:
-        """The run 'iter-<k>' under the pipeline run (created on first use)."""
+    def loop_run(self, loop: str) -> str:
+        """The run '<loop>' under the pipeline run: a self-consuming loop's generations (created on first use)."""
+        tags = {PARENT: self.pipeline_id, KIND: "loop", LOOP: loop}
+        return self._get_or_create(loop, tags, self._common_tags())[0]
+
+    def iteration_run(self, k: int, loop: str | None = None) -> str:
+        """The run 'iter-<k>' under the pipeline run, or '<loop>/iter-<k>' under a loop's run (created on first
+        use)."""
         if k < 0:
             raise ValueError(f"iteration must be >= 0, got {k}")
-        tags = {PARENT: self.pipeline_id, KIND: "iteration", ITERATION: str(k)}
-        return self._get_or_create(f"iter-{k}", tags, self._common_tags())[0]
+        if loop is None:
+            tags = {PARENT: self.pipeline_id, KIND: "iteration", ITERATION: str(k)}
+            return self._get_or_create(f"iter-{k}", tags, self._common_tags())[0]
+        tags = {PARENT: self.loop_run(loop), KIND: "iteration", ITERATION: str(k), LOOP: loop}
+        return self._get_or_create(f"{loop}/iter-{k}", tags, self._common_tags())[0]
 
-    def stage_run(self, k: int, stage: str) -> str:
-        """The run 'iter-<k>/<stage>' under 'iter-<k>'; a re-run reuses it and marks it RUNNING again.
+    def stage_run(self, k: int, stage: str, loop: str | None = None) -> str:
+        """The run 'iter-<k>/<stage>' under 'iter-<k>' (in a loop: '<loop>/iter-<k>/<stage>'); a re-run reuses it
+        and marks it RUNNING again.
 
         Every process of a stage (the parts of a job array, the ranks of a PyTorchJob, a restarted pod)
         gets the same run: it is found by its tags under the pipeline run named in run.json, and processes
@@ -343,15 +359,19 @@ class Lineage:
             tags = {PARENT: self.pipeline_id, KIND: "stage", STAGE: stage}
             name = stage
         elif stage in STAGES:
-            tags = {PARENT: self.iteration_run(k), KIND: "stage", ITERATION: str(k), STAGE: stage}
+            tags = {PARENT: self.iteration_run(k, loop), KIND: "stage", ITERATION: str(k), STAGE: stage}
             name = f"iter-{k}/{stage}"
+            if loop is not None:
+                tags[LOOP], name = loop, f"{loop}/{name}"
         else:
             raise ValueError(f"unknown stage '{stage}', expected one of {', '.join(RUN_STAGES + STAGES)}")
         run_id, created = self._get_or_create(name, tags, self._common_tags())
         if self.writes:
-            # This stage runs again, and with it its iteration and the pipeline (after a failure or a kill).
-            for rid in ([] if created else [run_id]) + [tags[PARENT]] + \
-                    ([self.pipeline_id] if tags[PARENT] != self.pipeline_id else []):
+            # This stage runs again, and with it its iteration, its loop and the pipeline (after a failure or a
+            # kill).
+            above = [tags[PARENT]] + ([self.loop_run(loop)] if loop is not None and stage in STAGES else []) + \
+                [self.pipeline_id]
+            for rid in ([] if created else [run_id]) + list(dict.fromkeys(above)):
                 if self.client.get_run(rid).info.status != "RUNNING":
                     self.client.update_run(rid, status="RUNNING")
         return run_id
@@ -446,6 +466,9 @@ class Lineage:
                 time.sleep(0.5)
                 self.client.log_inputs(run_id, datasets=datasets)
 
+    def status(self, run_id: str) -> str:
+        return self.client.get_run(run_id).info.status
+
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         if status not in TERMINAL:
             raise ValueError(f"status must be one of {', '.join(TERMINAL)}, got {status!r}")
@@ -470,14 +493,15 @@ class Lineage:
                 self.finish(run_id, status)
             run_id = run.data.tags.get(PARENT, "")
 
-    def end_interrupted(self, stage_complete: Callable[[int | None, str], bool],
-                        iteration_complete: Callable[[int], bool]) -> list[str]:
+    def end_interrupted(self, stage_complete: Callable[[int | None, str, str | None], bool],
+                        iteration_complete: Callable[[int | None, str | None], bool]) -> list[str]:
         """Called when a new attempt of the whole pipeline starts: end the runs a killed attempt left RUNNING.
 
-        A stage or iteration run whose work is complete (say, killed between its completion record and
+        A stage, iteration or loop run whose work is complete (say, killed between its completion record and
         its status update) ends FINISHED, the others KILLED; the new attempt marks those it continues
         RUNNING again. Only one attempt may run at a time on a storage root, so any RUNNING run other than
-        the pipeline's is left over from a dead process. Returns the names of the runs it ended.
+        the pipeline's is left over from a dead process. The callbacks get (iteration, stage, loop) and
+        (iteration, loop), iteration None for a whole loop. Returns the names of the runs it ended.
         """
         if not self.writes:
             return []
@@ -488,10 +512,11 @@ class Lineage:
         for r in runs:
             t = r.data.tags
             k = int(t[ITERATION]) if ITERATION in t else None
+            loop = t.get(LOOP)
             if t.get(KIND) == "stage":
-                done = stage_complete(k, t[STAGE])
-            elif t.get(KIND) == "iteration" and k is not None:
-                done = iteration_complete(k)
+                done = stage_complete(k, t[STAGE], loop)
+            elif t.get(KIND) == "iteration" and k is not None or t.get(KIND) == "loop":
+                done = iteration_complete(k, loop)
             else:
                 continue  # the pipeline run: the new attempt carries it on
             self.finish(r.info.run_id, "FINISHED" if done else "KILLED")
@@ -510,14 +535,15 @@ class Lineage:
         for r in runs:
             t = r.data.tags
             out.append({
-                "iteration": int(t[ITERATION]) if ITERATION in t else None, "stage": t[STAGE],
+                "iteration": int(t[ITERATION]) if ITERATION in t else None, "stage": t[STAGE], "loop": t.get(LOOP),
                 "run_id": r.info.run_id,
                 "status": r.info.status,
                 "inputs": {k[len(INPUT):]: v for k, v in t.items() if k.startswith(INPUT)},
                 "outputs": {k[len(OUTPUT):]: v for k, v in t.items() if k.startswith(OUTPUT)},
             })
-        order = RUN_STAGES + STAGES  # run-level stages (iteration None) come first
-        out.sort(key=lambda s: (-1 if s["iteration"] is None else s["iteration"], order.index(s["stage"])))
+        order = RUN_STAGES + STAGES  # run-level stages (iteration None) come first, then the shared ones, then loops
+        out.sort(key=lambda s: (s["loop"] or "", -1 if s["iteration"] is None else s["iteration"],
+                                order.index(s["stage"])))
         return out
 
     def producers_of(self, uri: str) -> list[dict[str, Any]]:

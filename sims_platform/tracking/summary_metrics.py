@@ -78,30 +78,35 @@ def row_best(row: Mapping[str, Any]) -> dict[str, float]:
     return {"": float(row["best_w"])} if _number(row.get("best_w")) is not None else {}
 
 
-def log_iteration_results(lineage: Lineage, summary: Mapping[str, Any], k: int) -> dict[str, float]:
+def log_iteration_results(lineage: Lineage, summary: Mapping[str, Any], k: int,
+                          loop: str | None = None) -> dict[str, float]:
     """Log iteration k's row of summary.json on its iteration run and on the pipeline run; returns the metrics.
 
     Called where the row is written (evaluate, or its reducer), so every launcher logs it once per
-    evaluation; a re-evaluation logs the new values at the same step.
+    evaluation; a re-evaluation logs the new values at the same step. A loop's generation (config `loop`) logs
+    on its own iteration run, and on the pipeline run with the loop's name as a prefix (`<loop>.fid_base`) and
+    its plots under `loops/<loop>/`.
     """
     rows = {int(r["iteration"]): r for r in summary["iterations"]}
     if k not in rows:
         raise ValueError(f"summary has no row for iteration {k} (rows: {sorted(rows)})")
     row = rows[k]
     metrics = row_metrics(row)
-    iteration_run, pipeline_run = lineage.iteration_run(k), lineage.pipeline_id
-    for run_id in (iteration_run, pipeline_run):
-        lineage.log_metrics(run_id, metrics, step=k)
+    iteration_run, pipeline_run = lineage.iteration_run(k, loop), lineage.pipeline_id
+    lineage.log_metrics(iteration_run, metrics, step=k)
+    lineage.log_metrics(pipeline_run, {f"{loop}.{m}" if loop else m: v for m, v in metrics.items()}, step=k)
+    where = f"loops/{loop}/" if loop else ""
 
     curves = row_curves(row)
     if any(curves.values()):
-        png = fid_curves_png(curves, f"iteration {k}: FID vs guidance weight", best=row_best(row))
+        png = fid_curves_png(curves, f"{loop + ' ' if loop else ''}iteration {k}: FID vs guidance weight",
+                             best=row_best(row))
         lineage.log_png(iteration_run, "fid_vs_w.png", png)
-        lineage.log_png(pipeline_run, f"fid_vs_w/iter-{k}.png", png)
+        lineage.log_png(pipeline_run, f"{where}fid_vs_w/iter-{k}.png", png)
     # Every iteration so far on shared axes (a row's own "fid", which is SIMS's when it compares methods).
     overlay = {f"iter {j}": _curve(r.get("fid")) for j, r in sorted(rows.items())}
     if any(overlay.values()):
         best = {f"iter {j}": float(r["best_w"]) for j, r in rows.items() if _number(r.get("best_w")) is not None}
-        lineage.log_png(pipeline_run, "fid_vs_w.png",
+        lineage.log_png(pipeline_run, f"{where}fid_vs_w.png",
                         fid_curves_png(overlay, "FID vs guidance weight per iteration", best=best))
     return metrics

@@ -1,0 +1,83 @@
+"""The pipeline's plan: which stages run, for which iteration and loop, in which order. The local runner, the
+local cluster and the Kubernetes driver all read this one plan."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sims_platform.config import PipelineConfig
+from sims_platform.config.schema import Loop
+
+
+@dataclass(frozen=True)
+class Step:
+    """One stage of the plan: iteration k's `stage`, in `loop` (None: the shared pipeline)."""
+
+    iteration: int
+    stage: str
+    loop: Loop | None = None
+
+    @property
+    def loop_name(self) -> str | None:
+        return self.loop.name if self.loop is not None else None
+
+
+def stages_for(cfg: PipelineConfig, k: int) -> list[str]:
+    """Stage order of iteration k; encode (once, before iteration 0) for latent models; reference (once, before
+    iteration 0) unless evaluate.reference names published statistics; select-aux only with a shift section; feed
+    only when a later iteration trains on synthetic data."""
+    stages = ["encode"] if k == 0 and cfg.encoder.kind == "latent" else []
+    if k == 0 and not cfg.evaluate.reference:
+        stages.append("reference")
+    stages += ["train-base", "generate"] + (["select-aux"] if cfg.shift is not None else []) + ["finetune-aux"]
+    if any(m.name == "sims-real-aux" for m in cfg.evaluate.methods):
+        stages.append("finetune-real-aux")
+    stages.append("evaluate")
+    it = cfg.iterations
+    if k < it.count - 1 and it.train_data != "real":
+        stages.append("feed")
+    return stages
+
+
+def loop_stages(cfg: PipelineConfig, loop: Loop, k: int) -> list[str]:
+    """A loop's own stages of generation k. Generation 0 is shared, so the loop adds only its feed (standard: plain
+    samples of the base; sims: guided at the w selected by the shared evaluation). From generation 1 on: a new
+    base, then the standard arm evaluates it as it is, while the sims arm first samples its synthetic set and
+    fine-tunes its aux; every generation but the last feeds the next."""
+    assert cfg.loop is not None
+    last = k == cfg.loop.generations - 1
+    if k == 0:
+        return ["feed"]
+    model = ["generate", "finetune-aux"] if loop.arm == "sims" else []
+    return ["train-base", *model, "evaluate"] + ([] if last else ["feed"])
+
+
+def pipeline_plan(cfg: PipelineConfig) -> list[Step]:
+    """Every stage of the pipeline in run order: each iteration's stages; with a loop section, the shared
+    generation 0 (once) then each loop's feed and generations 1..G-1, loop after loop."""
+    if cfg.loop is None:
+        return [Step(k, s) for k in range(cfg.iterations.count) for s in stages_for(cfg, k)]
+    steps = [Step(0, s) for s in stages_for(cfg, 0)]
+    for loop in cfg.loop.loops():
+        steps += [Step(k, s, loop) for k in range(cfg.loop.generations) for s in loop_stages(cfg, loop, k)]
+    return steps
+
+
+def plan_groups(cfg: PipelineConfig) -> dict[tuple[str | None, int], list[str]]:
+    """The plan's stages per (loop name, iteration): what must be complete before that iteration's run ends."""
+    groups: dict[tuple[str | None, int], list[str]] = {}
+    for st in pipeline_plan(cfg):
+        groups.setdefault((st.loop_name, st.iteration), []).append(st.stage)
+    return groups
+
+
+def resolve_loop(cfg: PipelineConfig, name: str | None) -> Loop | None:
+    """The loop a `--loop NAME` names (None for None); a ValueError names the valid ones."""
+    if name is None:
+        return None
+    if cfg.loop is None:
+        raise ValueError(f"--loop {name}: the pipeline has no loop section")
+    try:
+        return cfg.loop.find(name)
+    except KeyError as err:
+        raise ValueError(f"--loop {err.args[0]}") from None
