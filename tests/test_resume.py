@@ -22,21 +22,27 @@ def data():
 CFG = TrainConfig(images=640, batch_size=32, checkpoint_images=160, keep_checkpoints=2, log_images=64)
 
 
-def test_interrupted_training_resumes_to_identical_weights(tmp_path):
+def _full_and_resumed(build, tmp_path):
+    """An uninterrupted run of `build()`'s network, and one stopped after its 320-image checkpoint and resumed."""
     x, y = data()
-    full = train(make_net(), x, y, CFG, seed=1, checkpoints=str(tmp_path / "a"))
+    full = train(build(), x, y, CFG, seed=1, checkpoints=str(tmp_path / "a"))
 
     def preempt(images):
         if images == 320:
             raise StopTraining
 
     with pytest.raises(StopTraining):
-        train(make_net(), x, y, CFG, seed=1, checkpoints=str(tmp_path / "b"), after_checkpoint=preempt)
+        train(build(), x, y, CFG, seed=1, checkpoints=str(tmp_path / "b"), after_checkpoint=preempt)
     assert [i for i, _ in list_checkpoints(str(tmp_path / "b"))] == [160, 320]
-    resumed = train(make_net(), x, y, CFG, seed=1, checkpoints=str(tmp_path / "b"))
+    resumed = train(build(), x, y, CFG, seed=1, checkpoints=str(tmp_path / "b"))
     assert resumed.resumed_from.endswith("ckpt-0000000320.pt")
     for a, b in zip(full.ema.state_dict().values(), resumed.ema.state_dict().values()):
         assert torch.equal(a, b)
+    return full, resumed
+
+
+def test_interrupted_training_resumes_to_identical_weights(tmp_path):
+    _full_and_resumed(make_net, tmp_path)
     # Only the newest `keep_checkpoints` remain.
     assert [i for i, _ in list_checkpoints(str(tmp_path / "b"))] == [480, 640]
 
@@ -54,22 +60,8 @@ def test_channels_last_training_resumes_exactly_and_matches_the_default_layout(t
     """runtime.channels_last trains the plain engine's network in the channels-last layout: a resumed run
     still reproduces the uninterrupted one bit for bit, and the weights agree with the default layout's to
     float32 rounding accumulated over training."""
+    full, _ = _full_and_resumed(lambda: make_net().to(memory_format=torch.channels_last), tmp_path)
     x, y = data()
-
-    def cl_net():
-        return make_net().to(memory_format=torch.channels_last)
-
-    full = train(cl_net(), x, y, CFG, seed=1, checkpoints=str(tmp_path / "a"))
-
-    def preempt(images):
-        if images == 320:
-            raise StopTraining
-
-    with pytest.raises(StopTraining):
-        train(cl_net(), x, y, CFG, seed=1, checkpoints=str(tmp_path / "b"), after_checkpoint=preempt)
-    resumed = train(cl_net(), x, y, CFG, seed=1, checkpoints=str(tmp_path / "b"))
-    for a, b in zip(full.ema.state_dict().values(), resumed.ema.state_dict().values()):
-        assert torch.equal(a, b)
     default = train(make_net(), x, y, CFG, seed=1, checkpoints=str(tmp_path / "c"))
     for name, a in full.ema.state_dict().items():
         b = default.ema.state_dict()[name]
