@@ -197,3 +197,47 @@ def test_noise_on_cuda_is_drawn_there_and_depends_only_on_the_seed():
     assert noise.device.type == "cuda"
     assert torch.equal(seeded_noise(seeds[2:], (4, 8, 8), "cuda"), noise[2:])
     assert torch.equal(seeded_noise(seeds, (4, 8, 8), "cuda"), noise)
+
+
+# ----------------------------------------------------------------------------
+# Training draws
+
+
+def _rank_batches(device: torch.device, spans: list[tuple[int, int]], batch: int = 12):
+    """A step's micro-batches as the ranks owning `spans` see them (in-memory data, label dropout on)."""
+    from sims_platform.config.schema import TrainConfig
+    from sims_platform.training.batches import draw_batch
+    from sims_platform.training.loop import noise_generator, step_generator
+
+    data, labels = torch.randn(20, 3, 4, 4, generator=torch.Generator().manual_seed(1)), torch.arange(20) % 5
+    cfg = TrainConfig(images=batch, label_dropout=0.5)
+    out = []
+    for lo, hi in spans:
+        gen = step_generator(3, 7)
+        d = draw_batch(data, labels, cfg, 5, batch, gen, noise_generator(3, 7, device, gen), (lo, hi))
+        out.append(d.rows(lo, hi, device))
+    return out
+
+
+def _cat(batches):
+    return [torch.cat([getattr(b, f) for b in batches]) for f in ("x", "y", "rnd", "noise")]
+
+
+def test_a_training_step_draws_the_same_rows_whatever_the_ranks_on_the_cpu():
+    from sims_platform.training.loop import noise_generator, step_generator
+
+    gen = step_generator(0, 0)
+    assert noise_generator(0, 0, torch.device("cpu"), gen) is gen  # one stream: the original draws, bit for bit
+    whole = _cat(_rank_batches(torch.device("cpu"), [(0, 12)]))
+    split = _cat(_rank_batches(torch.device("cpu"), [(0, 5), (5, 9), (9, 12)]))
+    assert all(torch.equal(a, b) for a, b in zip(whole, split))
+    assert whole[1].shape == (12, 5) and 0 < int((whole[1].sum(1) == 0).sum()) < 12  # one-hot rows, some dropped
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (training normals drawn on the device)")
+def test_a_training_step_draws_its_normals_on_cuda_whatever_the_ranks():
+    cuda = torch.device("cuda")
+    whole = _cat(_rank_batches(cuda, [(0, 12)]))
+    split = _cat(_rank_batches(cuda, [(0, 6), (6, 12)]))
+    assert all(t.device.type == "cuda" for t in whole)
+    assert all(torch.equal(a, b) for a, b in zip(whole, split))

@@ -109,19 +109,30 @@ def test_each_draw_of_an_image_gets_a_fresh_latent_from_the_step_generator():
 
     mean, std = torch.randn(1, 4, 8, 8), torch.rand(1, 4, 8, 8) * 0.5 + 0.1
     data, labels, cfg = torch.cat([mean, std], dim=1), torch.zeros(1, dtype=torch.int64), TrainConfig(images=1)
-    epoch0 = draw_batch(data, labels, cfg, 10, 4, step_generator(0, 0), posterior=True).x
-    again = draw_batch(data, labels, cfg, 10, 4, step_generator(0, 0), posterior=True).x
-    epoch1 = draw_batch(data, labels, cfg, 10, 4, step_generator(0, 1), posterior=True).x
+    cpu = torch.device("cpu")
+
+    def latents(n, step, span=None):
+        gen = step_generator(0, step)
+        d = draw_batch(data, labels, cfg, 10, n, gen, gen, span or (0, n), posterior=True)
+        lo, hi = span or (0, n)
+        return d.rows(lo, hi, cpu).x
+
+    epoch0, again, epoch1 = latents(4, 0), latents(4, 0), latents(4, 1)
     assert epoch0.shape == (4, 4, 8, 8) and torch.equal(epoch0, again)
     assert not torch.equal(epoch0[0], epoch1[0]) and not torch.equal(epoch0[0], epoch0[1])
+    assert torch.equal(latents(4, 0, (2, 4)), epoch0[2:])  # a rank's rows are the whole batch's rows
     # Scaled like a latent: the draws spread around the stored mean with the stored std.
-    many = draw_batch(data, labels, cfg, 10, 4096, step_generator(0, 2), posterior=True).x
+    many = latents(4096, 2)
     assert torch.allclose(many.mean(0), mean[0], atol=5 * 0.6 / 64) and torch.allclose(many.std(0), std[0], rtol=0.1)
 
     class Rows:  # what StreamRows.take hands over: this rank's stored rows
         def take(self, n):
             return data.expand(n, -1, -1, -1), labels.expand(n)
-    streamed = draw_stream_batch(Rows(), 0, 4, (8, 8, 8), cfg, 10, 4, step_generator(0, 0), posterior=True).x
+
+    def streamed_rows(lo, hi):
+        gen = step_generator(0, 0)
+        return draw_stream_batch(Rows(), lo, hi, (8, 8, 8), cfg, 10, 4, gen, gen, posterior=True).rows(lo, hi, cpu).x
+    streamed = streamed_rows(0, 4)
     assert streamed.shape == (4, 4, 8, 8) and not torch.equal(streamed[0], streamed[1])
-    half = draw_stream_batch(Rows(), 2, 4, (8, 8, 8), cfg, 10, 4, step_generator(0, 0), posterior=True).x
-    assert torch.equal(half[2:], streamed[2:])  # a row's latent does not depend on which rank reads it
+    half = streamed_rows(2, 4)
+    assert torch.equal(half, streamed[2:])  # a row's latent does not depend on which rank reads it

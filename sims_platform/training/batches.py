@@ -1,9 +1,15 @@
-"""One training step's data: the global batch drawn from the step's generator, then this rank's micro-batches.
+"""One training step's data: the global batch drawn from the step's generators, then this rank's micro-batches.
 
-Every rank draws the whole global batch (indices, label dropout, noise levels, noise) from the same per-step
-generator and keeps its slice, so what a step computes does not depend on the world size or the micro-batch
-size, only the order of the float reductions does. The draws come in the order the original loop made them, so one
-process with one micro-batch reproduces the original single-process loop bit for bit.
+Every rank draws the whole global batch's random numbers (indices, label dropout, noise levels, noise) from the
+same per-step generators and keeps its slice, so what a step computes does not depend on the world size or the
+micro-batch size, only the order of the float reductions does. The row indices and label dropout come from a
+host generator; the normals (noise, noise levels, the latents of VAE posteriors) from a generator on the training
+device, where they are drawn in one kernel each instead of ~34 M host normals per step at batch 2048. Only this
+rank's rows of data are gathered and copied (pinned, without blocking) to the device.
+
+On the CPU both generators are one, and the draws come in the order the original loop made them, so one process
+with one micro-batch reproduces the original single-process loop bit for bit. A CUDA generator is a different
+stream from the CPU one (Philox vs Mersenne Twister): the same seed gives another, equally valid run on a GPU.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from sims_platform.config.schema import TrainConfig
-from sims_platform.encoders.latent import draw_latents, posterior_sample
+from sims_platform.encoders.latent import posterior_sample
 from sims_platform.models.loss import edm2_loss
 from sims_platform.models.precond import Precond
 
@@ -41,28 +47,72 @@ def plan_batches(cfg: TrainConfig, world_size: int, where: str = "train") -> Bat
 
 @dataclass(frozen=True)
 class Draw:
-    """A global batch with its noise: x (images), y (labels, one-hot rows, or None), ln-sigma normals, noise."""
+    """A global batch's draws, with only this rank's rows of data.
+
+    x: this rank's stored rows [first, first + len(x)) of the global batch (images, or VAE posteriors when `eps`
+    is given), still on the host; y: the labels of the whole batch (or None), with `drop` its label-dropout mask
+    (or None); rnd (ln-sigma normals), noise and eps (the posteriors' normals) cover the whole global batch and
+    live on the training device, drawn there by the step's noise generator.
+    """
+
+    x: torch.Tensor
+    first: int
+    y: torch.Tensor | None
+    drop: torch.Tensor | None
+    label_dim: int
+    rnd: torch.Tensor
+    noise: torch.Tensor
+    eps: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.rnd.shape[0]
+
+    def rows(self, lo: int, hi: int, device: torch.device) -> Batch:
+        """Rows [lo, hi) of the global batch on `device` (they must be this rank's)."""
+        if not self.first <= lo <= hi <= self.first + len(self.x):
+            raise IndexError(f"rows [{lo}, {hi}) are not this rank's [{self.first}, {self.first + len(self.x)})")
+        x = _to(self.x[lo - self.first:hi - self.first], device)
+        x = x.to(torch.float32) if self.eps is None else posterior_sample(x, self.eps[lo:hi])
+        y = None
+        if self.label_dim and self.y is not None:
+            y = _to(self.y[lo:hi], device)
+            if self.drop is not None:
+                y = torch.nn.functional.one_hot(y, self.label_dim).float() * \
+                    (~_to(self.drop[lo:hi], device)).float()[:, None]
+        return Batch(x, y, self.rnd[lo:hi], self.noise[lo:hi])
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A micro-batch on the training device: x (images), y (labels, one-hot rows, or None), rnd, noise."""
 
     x: torch.Tensor
     y: torch.Tensor | None
     rnd: torch.Tensor
     noise: torch.Tensor
 
-    def __len__(self) -> int:
-        return self.x.shape[0]
 
-    def rows(self, lo: int, hi: int, device: torch.device) -> Draw:
-        y = None if self.y is None else self.y[lo:hi].to(device)
-        return Draw(self.x[lo:hi].to(device), y, self.rnd[lo:hi].to(device), self.noise[lo:hi].to(device))
+def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host rows to the device without blocking the host: a pinned staging copy for CUDA."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def draw_batch(data: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig, label_dim: int, batch: int,
-               gen: torch.Generator, posterior: bool = False) -> Draw:
-    """The step's global batch, drawn on the CPU from `gen` (the same draws in the same order as before).
-    posterior: data rows are VAE posteriors (mean, std); each drawn row gets a fresh latent from `gen`."""
+               gen: torch.Generator, noise_gen: torch.Generator, span: tuple[int, int],
+               posterior: bool = False) -> Draw:
+    """The step's global batch: the rows drawn on the host from `gen`, the normals on the device from `noise_gen`.
+
+    span: the rows [lo, hi) of the global batch this rank trains on; only those are gathered from `data`.
+    posterior: data rows are VAE posteriors (mean, std); each drawn row gets a fresh latent from `noise_gen`.
+    On the CPU `noise_gen` is `gen` itself, so the draws come in the order the original loop made them.
+    """
     idx = torch.randint(len(data), (batch,), generator=gen)
-    x = draw_latents(data[idx], gen) if posterior else data[idx].to(torch.float32)
-    return _with_noise(x, labels[idx], cfg, label_dim, gen)
+    lo, hi = span
+    shape = _latent_shape(tuple(data.shape[1:]), posterior)
+    eps = _normals((batch, *shape), noise_gen) if posterior else None
+    return _with_noise(data[idx[lo:hi]], lo, labels[idx], shape, cfg, label_dim, gen, noise_gen, eps)
 
 
 class StreamRows:
@@ -96,33 +146,36 @@ class StreamRows:
 
 
 def draw_stream_batch(rows: StreamRows, lo: int, hi: int, shape: tuple[int, ...], cfg: TrainConfig,
-                      label_dim: int, batch: int, gen: torch.Generator, posterior: bool = False) -> Draw:
-    """The step's global batch with this rank's rows [lo, hi) streamed in (other ranks' rows stay zero:
-    this rank never reads them); label dropout and noise still come from `gen` for the whole batch.
-    posterior: `shape` is the stored [2C, h, w] of VAE posteriors; the latents' normals are drawn for the
-    whole batch too, so a row's latent does not depend on the world size."""
+                      label_dim: int, batch: int, gen: torch.Generator, noise_gen: torch.Generator,
+                      posterior: bool = False) -> Draw:
+    """The step's global batch with this rank's rows [lo, hi) streamed in (this rank never reads the others);
+    label dropout and the normals still come from the generators for the whole batch, so a row's draws do not
+    depend on the world size. posterior: `shape` is the stored [2C, h, w] of VAE posteriors."""
+    shape = tuple(shape)
+    latent = _latent_shape(shape, posterior)
+    eps = _normals((batch, *latent), noise_gen) if posterior else None
     y = torch.zeros(batch, dtype=torch.int64)
-    if posterior:
-        eps = torch.randn((batch, shape[0] // 2, *shape[1:]), generator=gen)
-        x = torch.zeros(eps.shape)
-        if hi > lo:
-            stored, y[lo:hi] = rows.take(hi - lo)
-            x[lo:hi] = posterior_sample(stored, eps[lo:hi])
-        return _with_noise(x, y, cfg, label_dim, gen)
-    x = torch.zeros(batch, *shape)
+    x = torch.zeros(0, *shape)
     if hi > lo:
-        x[lo:hi], y[lo:hi] = rows.take(hi - lo)
-    return _with_noise(x, y, cfg, label_dim, gen)
+        x, y[lo:hi] = rows.take(hi - lo)
+    return _with_noise(x, lo, y, latent, cfg, label_dim, gen, noise_gen, eps)
 
 
-def _with_noise(x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, label_dim: int, gen: torch.Generator) -> Draw:
-    batch = x.shape[0]
-    if cfg.label_dropout > 0:
-        drop = torch.rand(batch, generator=gen) < cfg.label_dropout
-        y = torch.nn.functional.one_hot(y, label_dim).float() * (~drop).float()[:, None]
-    rnd = torch.randn(batch, 1, 1, 1, generator=gen)
-    noise = torch.randn(x.shape, generator=gen)
-    return Draw(x, y if label_dim else None, rnd, noise)
+def _latent_shape(stored: tuple[int, ...], posterior: bool) -> tuple[int, ...]:
+    return (stored[0] // 2, *stored[1:]) if posterior else stored
+
+
+def _normals(shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    return torch.randn(shape, generator=gen, device=gen.device)
+
+
+def _with_noise(x: torch.Tensor, first: int, y: torch.Tensor, shape: tuple[int, ...], cfg: TrainConfig,
+                label_dim: int, gen: torch.Generator, noise_gen: torch.Generator, eps: torch.Tensor | None) -> Draw:
+    batch = y.shape[0]
+    drop = torch.rand(batch, generator=gen) < cfg.label_dropout if cfg.label_dropout > 0 else None
+    rnd = _normals((batch, 1, 1, 1), noise_gen)
+    noise = _normals((batch, *shape), noise_gen)
+    return Draw(x, first, y if label_dim else None, drop, label_dim, rnd, noise, eps)
 
 
 def micro_slices(batch: int, plan: BatchPlan, rank: int) -> list[tuple[int, int]]:
@@ -137,7 +190,7 @@ def micro_slices(batch: int, plan: BatchPlan, rank: int) -> list[tuple[int, int]
     return [(bounds[i], bounds[i + 1]) for i in range(first, first + plan.accumulation)]
 
 
-def per_sample_loss(net: torch.nn.Module, d: Draw, p_mean: float, p_std: float) -> torch.Tensor:
+def per_sample_loss(net: torch.nn.Module, d: Batch, p_mean: float, p_std: float) -> torch.Tensor:
     """The EDM2 loss of a (micro-)batch with its pre-drawn noise; `net` may be a DeepSpeed engine."""
     return edm2_loss(net, d.x, d.y, d.rnd, d.noise, p_mean, p_std, _sigma_data(net))
 

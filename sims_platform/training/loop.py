@@ -58,6 +58,14 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
+def noise_generator(seed: int, step: int, device: torch.device, host: torch.Generator) -> torch.Generator:
+    """The generator of step `step`'s normals on `device`: `host` itself on the CPU (the original draws, in the
+    original order), a device generator seeded alike elsewhere."""
+    if device.type == "cpu":
+        return host
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
+
+
 @dataclass
 class TrainResult:
     ema: Precond | None  # the EMA network on rank 0; None on the other ranks
@@ -166,17 +174,19 @@ def train(net: Precond, data: torch.Tensor | ShardStream, labels: torch.Tensor |
     while images < cfg.images:
         batch = min(cfg.batch_size, cfg.images - images)
         gen = step_generator(seed, step)
+        noise_gen = noise_generator(seed, step, device, gen)
+        mine = micro_slices(batch, plan, rank)
+        span = (mine[0][0], mine[-1][1])
         if stream is None:
-            d = draw_batch(data, labels, cfg, net.label_dim, batch, gen, posterior)
+            d = draw_batch(data, labels, cfg, net.label_dim, batch, gen, noise_gen, span, posterior)
         else:
-            mine = micro_slices(batch, plan, rank)
-            d = draw_stream_batch(stream, mine[0][0], mine[-1][1], tuple(data.manifest["shape"]), cfg,
-                                  net.label_dim, batch, gen, posterior)
+            d = draw_stream_batch(stream, *span, tuple(data.manifest["shape"]), cfg, net.label_dim, batch, gen,
+                                  noise_gen, posterior)
         engine.set_lr(learning_rate(cfg.optimizer, schedule_offset + images + batch))
         # Summed on the device in float64, in the order a Python float sum would take, and read back only at
         # log points: a per-step .item() would stall the GPU's queue at every micro-batch.
         step_loss = torch.zeros((), dtype=torch.float64, device=device)
-        for lo, hi in micro_slices(batch, plan, rank):
+        for lo, hi in mine:
             with engine.autocast():
                 per = per_sample_loss(engine.forward, d.rows(lo, hi, device), cfg.p_mean, cfg.p_std)
             loss = per.sum() / batch  # this slice's share of the global batch mean
