@@ -167,6 +167,10 @@ def test_imagenet512_values_name_pretrained_networks_and_metrics_by_uri():
         "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
     assert cfg.data.reference_path.startswith("s3://") and "/val/" in cfg.data.reference_path
     assert cfg.data.source == "webdataset" and "/train/" in cfg.data.path
+    # reduced precision, as EDM2: mixed-precision training (bf16 autocast over fp32 weights), fp16 sampling
+    assert (cfg.train_base.distributed.precision, cfg.finetune_aux.distributed.precision) == ("bf16", "bf16")
+    assert (cfg.generate.sampler.precision, cfg.evaluate.sampler.precision) == ("fp16", "fp16")
+    assert cfg.runtime.tf32 is False
 
 
 @pytest.mark.parametrize("features", ["inception", "dinov2"])
