@@ -8,7 +8,7 @@ PIPELINE ?= pipelines/digits.yaml
 
 TOOLS := .tools/bin/helm
 
-.PHONY: demo demo-cluster-local test setup clean benchmark-sims benchmark-mad chart-schema
+.PHONY: demo demo-cluster-local test setup clean benchmark-sims benchmark-mad chart-schema gpu-wheels
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -44,6 +44,12 @@ benchmark-sims: $(STAMP)
 benchmark-mad: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/mad_loop.py --config pipelines/digits-mad.yaml --seeds 0 1 2 \
 		--jobs 3 --out out/bench-mad
+
+# The packages the device machine lacks for benchmarks/gpu_check.sh, as CPython 3.12 wheels (see that script).
+gpu-wheels: $(STAMP)
+	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d .whl -r benchmarks/gpu-wheels.txt
 
 clean:
 	rm -rf out

@@ -60,6 +60,10 @@ def test_pipeline_writes_summary_lineage_and_artifacts(tiny_cfg):
     iter_run = client.get_run(ev.data.tags["mlflow.parentRunId"])
     assert iter_run.data.tags["mlflow.parentRunId"] == summary["mlflow_run_id"]
     assert "loss" in runs["iter-0/train-base"].data.metrics
+    # Where each stage ran is on its run and its completion record (a CPU here: no peak GPU memory).
+    assert {r.data.tags["sims.device"] for r in (gen, aux, ev)} == {"cpu"}
+    marker = json.loads(Path(layout.done_marker(0, "generate")[len("file://"):]).read_text())
+    assert (marker["device"], marker["peak_gpu_memory_gib"]) == ("cpu", None)
     assert ev.data.metrics["fid_base"] == pytest.approx(row["fid_base"])
     arts = {a.path for a in client.list_artifacts(ev.info.run_id)} | \
         {a.path for a in client.list_artifacts(ev.info.run_id, "samples")}

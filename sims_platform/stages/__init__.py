@@ -13,6 +13,7 @@ from sims_platform.stages.sampling import feed, generate
 from sims_platform.stages.select_aux import select_aux
 from sims_platform.stages.training import finetune_aux, finetune_real_aux, train_base
 from sims_platform.storage import fsio
+from sims_platform.utils.accel import PeakMemory, describe_device
 
 STAGE_FUNCS: dict[str, Callable[[StageContext, str], dict]] = {
     "encode": encode,
@@ -50,7 +51,7 @@ def run_stage(ctx: StageContext, stage: str, force: bool = False) -> dict:
             print(f"[{where}iter {ctx.iteration} {stage}] already complete ({done}); skipping", flush=True)
             return fsio.read_json(done)["result"]
     run_id = ctx.lineage.stage_run(ctx.iteration, stage, ctx.loop_name)
-    t0 = time.time()
+    t0, peak = time.time(), PeakMemory(ctx.device)
     try:
         result = STAGE_FUNCS[stage](ctx, run_id)
     except BaseException as err:
@@ -59,14 +60,17 @@ def run_stage(ctx: StageContext, stage: str, force: bool = False) -> dict:
         raise
     if not ctx.lineage.writes:
         return result  # ranks other than 0 of a distributed stage: rank 0 records completion
-    seconds = time.time() - t0
+    seconds, device, gib = time.time() - t0, describe_device(ctx.device), peak.gib()
     record = {"stage": stage, "iteration": ctx.iteration, "loop": ctx.loop_name, "mlflow_run_id": run_id,
-              "seconds": seconds, "part": ctx.part, "parts": ctx.parts, "result": result}
+              "seconds": seconds, "part": ctx.part, "parts": ctx.parts, "device": device,
+              "peak_gpu_memory_gib": gib, "result": result}
     fsio.write_json(marker, record)
     if ctx.parts == 1 or result.get("complete"):
         if ctx.parts > 1:
             fsio.write_json(stage_marker, record)
-        ctx.lineage.log_metrics(run_id, {"stage_seconds": seconds}, step=0)
+        ctx.lineage.set_tags(run_id, {"sims.device": device})
+        ctx.lineage.log_metrics(run_id, {"stage_seconds": seconds} |
+                                ({} if gib is None else {"peak_gpu_memory_gib": gib}), step=0)
         ctx.lineage.finish(run_id, "FINISHED")
     return result
 

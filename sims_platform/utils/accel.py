@@ -59,6 +59,27 @@ def resolve_device(spec: str = "auto", env: Mapping[str, str] | None = None) -> 
     return torch.device("cuda", index)
 
 
+def describe_device(device: torch.device) -> str:
+    """The device as a stage records it: 'cpu', or 'cuda:N (<GPU name>)'."""
+    if device.type != "cuda":
+        return str(device)
+    return f"{device} ({torch.cuda.get_device_name(device)})"
+
+
+class PeakMemory:
+    """The peak CUDA memory a stage allocated on its device (GiB); None on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+
+    def gib(self) -> float | None:
+        if self.device.type != "cuda":
+            return None
+        return torch.cuda.max_memory_allocated(self.device) / 2**30
+
+
 # ----------------------------------------------------------------------------
 # Precision
 
