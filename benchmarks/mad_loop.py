@@ -125,15 +125,19 @@ def _interval(values: list[float]) -> dict:
 
 
 def plot(records: list[dict]) -> bytes:
-    """Mean FID over seeds vs generation, a line per arm and |D_p|; error bars = 95% CI half-widths."""
+    """Each loop's drift FID(g) - FID(0), paired within a seed, mean over seeds vs generation (error bars: 95% CI
+    half-widths). Absolute FIDs differ between seeds by more than any loop moves them (each seed trains its own
+    base), so their across-seed intervals would hide the effect; the per-seed FIDs are in the report."""
+    cells = _by(records)
     curves: dict[tuple[str, float], dict[int, tuple[float, float]]] = {}
-    for (arm, frac, g), rows in sorted(_by(records).items()):
-        fids = [x["fid"] for x in rows if x["fid"] is not None]
-        if not fids:
+    for (arm, frac, g), rows in sorted(cells.items()):
+        drift = _diffs(rows, cells.get((arm, frac, 0), [])) if g > 0 else [0.0]
+        if not drift:
             continue
-        mean, lo, hi = confidence_interval(fids)
+        mean, lo, hi = confidence_interval(drift) if g > 0 else (0.0, 0.0, 0.0)
         curves.setdefault((arm, frac), {})[g] = (mean, (hi - lo) / 2 if math.isfinite(lo) else float("nan"))
-    return generation_plot_png(curves, f"FID vs generation, {len(records)} seed(s) (95% CI)")
+    return generation_plot_png(curves, f"Drift from generation 0, {len(records)} seed(s) (95% CI)",
+                               ylabel="FID(g) - FID(0)  (> 0: worse)")
 
 
 def main() -> int:
@@ -143,17 +147,28 @@ def main() -> int:
     ap.add_argument("--out", default="out/bench-mad")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config override")
     ap.add_argument("--jobs", type=int, default=1, help="seeds run at once, each in its own process (one thread)")
+    ap.add_argument("--report-only", action="store_true",
+                    help="rewrite report.md and the plot from --out's records.json, running nothing")
     args = ap.parse_args()
 
     out = Path(args.out).resolve()
-    roots = {seed: out / f"seed-{seed}" for seed in args.seeds}
-    records = run_seeds(run_seed, args.config, roots, args.set, args.jobs)
-    command = "python benchmarks/mad_loop.py " + " ".join(sys.argv[1:])
+    if args.report_only:
+        saved = out / "records.json"
+        if not saved.is_file():
+            raise SystemExit(f"--report-only: {saved} not found (run the benchmark first)")
+        records = json.loads(saved.read_text())["records"]
+        command = json.loads(saved.read_text()).get("command", "python benchmarks/mad_loop.py (see records.json)")
+    else:
+        roots = {seed: out / f"seed-{seed}" for seed in args.seeds}
+        records = run_seeds(run_seed, args.config, roots, args.set, args.jobs)
+        command = "python benchmarks/mad_loop.py " + " ".join(a for a in sys.argv[1:] if a != "--report-only")
     table, verdict = report(records, command)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "records.json").write_text(json.dumps({"records": records, "verdict": verdict}, indent=2))
+    (out / "records.json").write_text(json.dumps({"records": records, "verdict": verdict, "command": command},
+                                                 indent=2))
     (out / "fid_vs_generation.png").write_bytes(plot(records))
-    (out / "report.md").write_text(f"# Self-consuming loops: {args.config}, seeds {args.seeds}\n\n{table}\n")
+    seeds = [r["seed"] for r in records]
+    (out / "report.md").write_text(f"# Self-consuming loops: {args.config}, seeds {seeds}\n\n{table}\n")
     print(table)
     print(f"\nrecords: {out / 'records.json'}\nreport: {out / 'report.md'}\nplot: {out / 'fid_vs_generation.png'}")
     return 0
