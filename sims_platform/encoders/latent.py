@@ -24,16 +24,10 @@ def load_autoencoder(cfg: EncoderConfig):
 
 
 def posterior_sample(posterior: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    """Latents from stored posteriors [N, 2C, H, W] (scaled mean, then scaled std) and normals eps [N, C, H, W]."""
+    """Latents from stored posteriors [N, 2C, H, W] (scaled mean, then scaled std) and normals eps [N, C, H, W]:
+    as EDM2, training draws a fresh latent each time it uses an image (eps from the step's generators)."""
     mean, std = posterior.float().chunk(2, dim=1)
     return mean + std * eps
-
-
-def draw_latents(posterior: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """One latent per row, as EDM2 draws a fresh one each time an image is used; the normals come from `gen`
-    (a training step's generator, so a resumed run draws the same ones)."""
-    c = posterior.shape[1] // 2
-    return posterior_sample(posterior, torch.randn((posterior.shape[0], c, *posterior.shape[2:]), generator=gen))
 
 
 class LatentEncoder:

@@ -2,7 +2,7 @@
 
 As EDM2, each sample keeps the posterior's mean and std (scaled like a latent, stacked on the channel axis:
 [2C, h, w], manifest `posterior: true`), and training draws a fresh latent every time it draws the image
-(encoders/latent.py draw_latents, from the step's generator).
+(encoders/latent.py posterior_sample, with normals from the step's generators: training/batches.py).
 
 Only the training images are encoded (data/split.py training_indices): the held-out images never reach a
 training stage; with a separate reference set (data.reference_path), all of data.path is. Part i of N encodes
