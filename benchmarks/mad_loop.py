@@ -58,6 +58,11 @@ def _diffs(a: list[dict], b: list[dict]) -> list[float]:
     return [x["fid"] - y["fid"] for x, y in zip(a, b) if x["fid"] is not None and y["fid"] is not None]
 
 
+def _drift(cells: dict[tuple[str, float, int], list[dict]], arm: str, frac: float, g: int) -> list[float]:
+    """Per seed FID(g) - FID(0) of one loop (empty at generation 0)."""
+    return _diffs(cells.get((arm, frac, g), []), cells.get((arm, frac, 0), [])) if g > 0 else []
+
+
 def _ci(values: list[float | None]) -> str:
     values = [v for v in values if v is not None]
     if not values:
@@ -90,12 +95,11 @@ def report(records: list[dict], command: str) -> tuple[str, dict]:
     verdict: dict = {"gap": {}, "drift": {}}
     for arm in arms:
         for frac in fractions:
-            first = cells.get((arm, frac, 0), [])
             for g in gens:
                 rows = cells.get((arm, frac, g), [])
                 if not rows:
                     continue
-                drift = _diffs(rows, first) if g > 0 else []
+                drift = _drift(cells, arm, frac, g)
                 if drift:
                     verdict["drift"][f"{arm}-dp{round(frac * 100)}/g{g}"] = _interval(drift)
                 lines.append(f"| {arm} | {frac:g} | {g} | {len(rows)} | {_ci([x['fid'] for x in rows])} | "
@@ -130,12 +134,12 @@ def plot(records: list[dict]) -> bytes:
     base), so their across-seed intervals would hide the effect; the per-seed FIDs are in the report."""
     cells = _by(records)
     curves: dict[tuple[str, float], dict[int, tuple[float, float]]] = {}
-    for (arm, frac, g), rows in sorted(cells.items()):
-        drift = _diffs(rows, cells.get((arm, frac, 0), [])) if g > 0 else [0.0]
-        if not drift:
-            continue
-        mean, lo, hi = confidence_interval(drift) if g > 0 else (0.0, 0.0, 0.0)
-        curves.setdefault((arm, frac), {})[g] = (mean, (hi - lo) / 2 if math.isfinite(lo) else float("nan"))
+    for arm, frac, g in sorted(cells):
+        if g == 0:
+            curves.setdefault((arm, frac), {})[0] = (0.0, 0.0)
+        elif drift := _drift(cells, arm, frac, g):
+            mean, lo, hi = confidence_interval(drift)
+            curves.setdefault((arm, frac), {})[g] = (mean, (hi - lo) / 2 if math.isfinite(lo) else float("nan"))
     return generation_plot_png(curves, f"Drift from generation 0, {len(records)} seed(s) (95% CI)",
                                ylabel="FID(g) - FID(0)  (> 0: worse)")
 
