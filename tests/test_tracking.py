@@ -322,3 +322,36 @@ def test_real_server_roundtrip(mlflow_server, tmp_path, monkeypatch):
     assert Path(local).read_bytes() == b'{"0.0": 30.0}'
     # The server stored it in its own artifacts destination (proxied upload, no client-side credentials).
     assert any(p.name == "fid.json" for p in artifacts.rglob("*"))
+
+
+# ----------------------------------------------------------------------------
+# Several processes opening one new local store (torchrun ranks, evaluate parts of `sims run`)
+
+
+def _open_store_at_once(uri: str, barrier, errors) -> None:
+    from sims_platform.tracking import open_client
+
+    barrier.wait()
+    try:
+        open_client(uri).search_experiments()
+    except Exception as err:  # reported to the test, which names it
+        errors.put(f"{type(err).__name__}: {err}"[:300])
+
+
+def test_processes_opening_a_new_sqlite_store_at_once_all_succeed(tmp_path):
+    """MLflow creates a SQLite store's tables on first connection; racing creators used to fail with
+    'table ... already exists' (seen with `torchrun --nproc_per_node 2 -m sims_platform.cli stage train-base`)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    uri = f"sqlite:///{tmp_path}/new/mlflow.db"  # a folder that does not exist yet
+    barrier, errors = ctx.Barrier(4), ctx.Queue()
+    procs = [ctx.Process(target=_open_store_at_once, args=(uri, barrier, errors)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    failures = [errors.get() for _ in range(errors.qsize())] if not errors.empty() else []
+    assert not failures, failures
+    assert [p.exitcode for p in procs] == [0] * 4
+    assert MlflowClient(uri).get_experiment_by_name("Default") is not None

@@ -1,11 +1,11 @@
 """Tracking: MLflow lineage of the pipeline's runs, summary.json, the results table and PNG figures."""
 
-from sims_platform.tracking.lineage import (
-    Lineage,
+from sims_platform.tracking.lineage import Lineage, process_rank
+from sims_platform.tracking.store import (
     LineageError,
     default_artifact_location,
     local_store,
-    process_rank,
+    open_client,
     resolve_tracking_uri,
     ui_command,
 )
@@ -31,6 +31,7 @@ __all__ = [
     "format_table",
     "image_grid_png",
     "local_store",
+    "open_client",
     "log_iteration_results",
     "process_rank",
     "read_summary",

@@ -53,14 +53,12 @@ from __future__ import annotations
 
 import logging
 import os
-import shlex
 import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag, ViewType
 from mlflow.exceptions import MlflowException
 from mlflow.utils.validation import (
@@ -75,6 +73,7 @@ from sims_platform.config.schema import PipelineConfig
 from sims_platform.storage.fsio import exists, read_json, write_json
 from sims_platform.storage.layout import REDUCERS, RUN_STAGES, STAGES, RunLayout
 from sims_platform.tracking.datasets import dataset_input
+from sims_platform.tracking.store import LineageError, default_artifact_location, open_client, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -96,55 +95,6 @@ CREATE_SETTLE_S = 2.0
 LOCAL_SETTLE_S = 0.2
 # Tries of a params batch that a concurrent part of the same job array may race (log_params).
 PARAM_ATTEMPTS = 3
-
-
-class LineageError(RuntimeError):
-    """The tracking store and the run's folder disagree, or a run cannot be found or created."""
-
-
-# ----------------------------------------------------------------------------
-# Where the tracking store is
-
-
-def _local_path(layout: RunLayout) -> str | None:
-    return layout.root[len("file://"):] if layout.root.startswith("file://") else None
-
-
-def local_store(layout: RunLayout) -> tuple[str, str]:
-    """(tracking URI, artifact root) of the SQLite store kept under a local storage root."""
-    path = _local_path(layout)
-    if path is None:
-        raise LineageError(f"storage root {layout.root} is not local, so it cannot hold an MLflow store: "
-                           "set tracking.uri (or MLFLOW_TRACKING_URI) to a tracking server, "
-                           "e.g. http://mlflow.mlflow.svc:5000")
-    # MLflow 3 refuses the file store (./mlruns) unless MLFLOW_ALLOW_FILE_STORE=true; SQLite is its default.
-    return f"sqlite:///{path}/mlflow.db", f"file://{path}/mlartifacts"
-
-
-def resolve_tracking_uri(cfg: PipelineConfig, layout: RunLayout) -> str:
-    """tracking.uri, else MLFLOW_TRACKING_URI, else a SQLite store under the (local) storage root."""
-    if cfg.tracking.uri:
-        return cfg.tracking.uri
-    if env := os.environ.get("MLFLOW_TRACKING_URI"):
-        return env
-    return local_store(layout)[0]
-
-
-def default_artifact_location(tracking_uri: str, layout: RunLayout) -> str | None:
-    """The artifact root for the local store under the storage root; None lets a server choose."""
-    if _local_path(layout) is not None and tracking_uri == local_store(layout)[0]:
-        return local_store(layout)[1]
-    return None
-
-
-def ui_command(tracking_uri: str, layout: RunLayout | None = None) -> str:
-    """The shell command that shows these runs (for a tracking server, just its URL to open)."""
-    if tracking_uri.startswith(("http://", "https://")):
-        return tracking_uri
-    cmd = f"mlflow ui --backend-store-uri {shlex.quote(tracking_uri)}"
-    if layout is not None and (artifacts := default_artifact_location(tracking_uri, layout)):
-        cmd += f" --default-artifact-root {shlex.quote(artifacts)}"
-    return cmd
 
 
 def process_rank() -> int:
@@ -196,10 +146,7 @@ class Lineage:
                  artifact_location: str | None = None):
         self.tracking_uri = tracking_uri
         self.layout = layout
-        self.client = MlflowClient(tracking_uri)
-        if tracking_uri.startswith("sqlite:///"):
-            # SQLite needs its folder; the database itself is created on first connection.
-            os.makedirs(os.path.dirname(tracking_uri[len("sqlite:///"):]) or ".", exist_ok=True)
+        self.client = open_client(tracking_uri)
         self.experiment_id = self._experiment(
             experiment, artifact_location or default_artifact_location(tracking_uri, layout))
         self._pipeline_id: str | None = None
