@@ -17,6 +17,7 @@ import os
 import sys
 
 from sims_platform.config import ConfigError, PipelineConfig, dump_config, load_config
+from sims_platform.data.errors import DataError
 from sims_platform.storage.layout import RUN_STAGES, STAGES
 from sims_platform.storage.safe_pickle import UnsafePickleError
 
@@ -27,6 +28,8 @@ def _load(args: argparse.Namespace) -> PipelineConfig:
         overrides.append(f"storage.root={os.path.abspath(args.out)}")
     if getattr(args, "device", None):
         overrides.append(f"runtime.device={args.device}")  # validated with the rest of the config
+    if getattr(args, "processes", None) is not None:
+        overrides.append(f"runtime.local_processes={args.processes}")
     return load_config(args.config, overrides)
 
 
@@ -53,8 +56,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     from sims_platform.tracking import resolve_tracking_uri, ui_command
     from sims_platform.utils.accel import resolve_device
 
+    from sims_platform.launch.processes import StepFailed
+
     resolve_device(cfg.runtime.device)  # a missing GPU fails before any stage starts
-    run_pipeline(cfg)
+    try:
+        run_pipeline(cfg)
+    except StepFailed as err:  # the failed processes printed their own errors above
+        print(f"error: {err}; `sims run` again resumes from the completed stages", file=sys.stderr)
+        return 1
     layout = RunLayout.of(cfg.storage.root)
     print(f"open the MLflow UI with:\n  {ui_command(resolve_tracking_uri(cfg, layout), layout)}", flush=True)
     return 0
@@ -145,13 +154,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--print", action="store_true", help="print the resolved config with every default")
     p.set_defaults(func=cmd_validate)
 
-    p = sub.add_parser("run", help="run every iteration and stage of a pipeline in this process")
+    p = sub.add_parser("run", help="run every iteration and stage of a pipeline on this machine")
     p.add_argument("--config", required=True, help="pipeline YAML")
     p.add_argument("--out", help="storage root (overrides storage.root), e.g. out/digits")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help=set_help)
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and stop")
     p.add_argument("--device", help="where to compute: auto (default: cuda:LOCAL_RANK when a GPU is visible, "
                    "else cpu), cpu, cuda or cuda:N; sets runtime.device")
+    p.add_argument("--processes", type=int, metavar="N", help="run each stage as N processes on this machine "
+                   "(training under torchrun, job arrays as parts + reducer); sets runtime.local_processes")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("stage", help="run one stage of one iteration (resumes from its newest checkpoint)")
@@ -196,16 +207,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as err:
+    except (ConfigError, FileNotFoundError, UnsafePickleError, DataError) as err:
+        # Bad input: the message names the field or file and what was expected (a refused pickle ran nothing).
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except FileNotFoundError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except UnsafePickleError as err:  # a file that may carry code: refused, nothing in it ran
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-
 
 if __name__ == "__main__":
     sys.exit(main())

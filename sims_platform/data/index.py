@@ -16,6 +16,7 @@ import torch
 from webdataset.shardlists import expand_urls
 
 from sims_platform.config.schema import DataConfig
+from sims_platform.data.errors import DataError
 from sims_platform.data.images import LabeledImages
 from sims_platform.data.shards import iter_tar
 from sims_platform.data.sources import IMAGE_KEYS, _class_of, decode_image, folder_files, load_images
@@ -45,7 +46,7 @@ class SourceIndex:
         if cfg.max_images is not None:
             self._entries = self._entries[: cfg.max_images]
         if len(self) == 0:
-            raise ValueError(f"data.path: no images found in {cfg.path}")
+            raise DataError(f"data.path: no images found in {cfg.path}")
 
     def __len__(self) -> int:
         return len(self._memory) if self._memory is not None else len(self._entries)
@@ -80,7 +81,7 @@ class SourceIndex:
             images = [decoded[e.where, e.key] for e in entries]
         labels = torch.tensor([e.label for e in entries], dtype=torch.int64)
         if cfg.num_classes > 0 and len(labels) and (labels.min() < 0 or labels.max() >= cfg.num_classes):
-            raise ValueError(f"data.num_classes is {cfg.num_classes} but labels span "
+            raise DataError(f"data.num_classes is {cfg.num_classes} but labels span "
                              f"{int(labels.min())}..{int(labels.max())}")
         return LabeledImages(torch.stack(images).float(), labels)
 
@@ -96,7 +97,7 @@ def _webdataset_entries(cfg: DataConfig) -> list[_Entry]:
             for sample in samples:
                 name = f"{url}:{sample['__key__']}"
                 if not any(k in sample for k in IMAGE_KEYS):
-                    raise ValueError(f"{name}: no image; expected one of {list(IMAGE_KEYS)}")
+                    raise DataError(f"{name}: no image; expected one of {list(IMAGE_KEYS)}")
                 label = _class_of(sample, name, cfg.num_classes) if cfg.num_classes else 0
                 out.append(_Entry(url, sample["__key__"], label))
                 if cfg.max_images is not None and len(out) == cfg.max_images:

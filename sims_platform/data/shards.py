@@ -14,6 +14,7 @@ from webdataset import TarWriter
 from webdataset.autodecode import npy_loads
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from sims_platform.data.errors import DataError
 from sims_platform.storage.fsio import atomic_open, exists, join, listdir, read_json, write_json
 
 MANIFEST = "manifest.json"
@@ -22,7 +23,7 @@ _MTIME = 0  # fixed: byte-identical shards for the same samples; an int (a float
 _RESERVED = {"shards", "total", "shard_size", "dtype", "shape"}
 
 
-class ShardError(ValueError):
+class ShardError(DataError):
     """A synthetic set that is incomplete, corrupt or inconsistent with its manifest."""
 
 

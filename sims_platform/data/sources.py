@@ -13,6 +13,7 @@ from PIL import Image
 from webdataset.shardlists import expand_urls
 
 from sims_platform.config.schema import DataConfig
+from sims_platform.data.errors import DataError
 from sims_platform.data.images import LabeledImages
 from sims_platform.data.shards import iter_tar
 from sims_platform.storage.fsio import filesystem
@@ -26,11 +27,11 @@ def load_images(cfg: DataConfig) -> LabeledImages:
         "digits": _digits, "folder": _folder, "webdataset": _webdataset}
     images, labels = loaders[cfg.source](cfg)
     if len(labels) == 0:
-        raise ValueError(f"data.path: no images found in {cfg.path}")
+        raise DataError(f"data.path: no images found in {cfg.path}")
     if cfg.num_classes == 0:
         labels = torch.zeros_like(labels)  # unconditional: the class is never looked at
     elif labels.min() < 0 or labels.max() >= cfg.num_classes:
-        raise ValueError(f"data.num_classes is {cfg.num_classes} but the labels of {cfg.source} data span "
+        raise DataError(f"data.num_classes is {cfg.num_classes} but the labels of {cfg.source} data span "
                          f"{int(labels.min())}..{int(labels.max())}; expected 0..{cfg.num_classes - 1}")
     return LabeledImages(images=images.float().contiguous(), labels=labels.long())
 
@@ -54,7 +55,7 @@ def decode_image(data: bytes, name: str, channels: int, resolution: int) -> torc
         with Image.open(io.BytesIO(data)) as img:
             img = img.convert("L" if channels == 1 else "RGB")
     except Exception as e:  # PIL raises several unrelated types for bad data; all mean the same here
-        raise ValueError(f"{name}: cannot decode as an image ({e})") from e
+        raise DataError(f"{name}: cannot decode as an image ({e})") from e
     w, h = img.size
     s = min(w, h)
     left, top = (w - s) // 2, (h - s) // 2
@@ -84,14 +85,14 @@ def folder_files(cfg: DataConfig) -> list[tuple[str, int]]:
     """(file path, class) of a folder source in its deterministic order: sorted classes, sorted files."""
     fs, root = filesystem(cfg.path)
     if not fs.isdir(root):
-        raise ValueError(f"data.path: folder {cfg.path} does not exist")
+        raise DataError(f"data.path: folder {cfg.path} does not exist")
     entries = fs.ls(root, detail=True)
     classes = sorted(e["name"] for e in entries if e["type"] == "directory" and not _hidden(e["name"]))
     if not classes:
-        raise ValueError(f"data.path: {cfg.path} has no class sub-folders (expected one folder of images per "
+        raise DataError(f"data.path: {cfg.path} has no class sub-folders (expected one folder of images per "
                          f"class)")
     if cfg.num_classes > 0 and len(classes) != cfg.num_classes:
-        raise ValueError(f"data.num_classes is {cfg.num_classes} but {cfg.path} has {len(classes)} class "
+        raise DataError(f"data.num_classes is {cfg.num_classes} but {cfg.path} has {len(classes)} class "
                          f"folders: {[_base(c) for c in classes]}")
     out = []
     for label, folder in enumerate(classes):
@@ -116,7 +117,7 @@ def _webdataset(cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
                 name = f"{url}:{sample['__key__']}"
                 key = next((k for k in IMAGE_KEYS if k in sample), None)
                 if key is None:
-                    raise ValueError(f"{name}: no image; expected one of {list(IMAGE_KEYS)}, found "
+                    raise DataError(f"{name}: no image; expected one of {list(IMAGE_KEYS)}, found "
                                      f"{sorted(k for k in sample if not k.startswith('__'))}")
                 images.append(decode_image(sample[key], f"{name}.{key}", cfg.channels, cfg.resolution))
                 labels.append(_class_of(sample, name, cfg.num_classes))
@@ -133,11 +134,11 @@ def _class_of(sample: dict, name: str, num_classes: int) -> int:
     if "cls" not in sample:
         if num_classes == 0:
             return 0
-        raise ValueError(f"{name}: no 'cls' entry; data.num_classes is {num_classes} so every sample needs one")
+        raise DataError(f"{name}: no 'cls' entry; data.num_classes is {num_classes} so every sample needs one")
     try:
         return int(sample["cls"])
     except ValueError as e:
-        raise ValueError(f"{name}.cls: expected an integer class, got {sample['cls'][:20]!r}") from e
+        raise DataError(f"{name}.cls: expected an integer class, got {sample['cls'][:20]!r}") from e
 
 
 def _capped(samples: Iterator[dict], cap: int | None, have: int) -> Iterator[dict]:

@@ -9,38 +9,16 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 from sims_platform.config import load_config
-from sims_platform.launch.servers import free_port, mlflow_server, moto_s3
+from sims_platform.launch.processes import Processes, run_step
+from sims_platform.launch.servers import mlflow_server, moto_s3
 from sims_platform.pipeline.plan import pipeline_plan
 from sims_platform.storage import fsio
-from sims_platform.storage.layout import REDUCERS, TRAINING_STAGES, RunLayout
+from sims_platform.storage.layout import RunLayout
 
-TRAINING = TRAINING_STAGES
-ARRAYS = ("reference", "generate", "evaluate")
 BUCKET = "sims"
-
-
-def _stage_argv(stage: str, config: str, k: int, overrides: list[str], loop: str | None = None) -> list[str]:
-    argv = ["stage", stage, "--config", config, "--iteration", str(k)] + (["--loop", loop] if loop else [])
-    for o in overrides:
-        argv += ["--set", o]
-    return argv
-
-
-def _run_all(commands: list[list[str]], env: dict[str, str], what: str) -> None:
-    """Start the commands together (one job array or one torchrun) and fail with the first bad exit code."""
-    t0 = time.time()
-    procs = [subprocess.Popen(c, env=env) for c in commands]
-    codes = [p.wait() for p in procs]
-    bad = [(i, c) for i, c in enumerate(codes) if c != 0]
-    if bad:
-        raise RuntimeError(f"{what}: process(es) {bad} failed (index, exit code)")
-    print(f"[local-cluster] {what}: ok in {time.time() - t0:.0f} s", flush=True)
 
 
 def run_local_cluster(config: str, out: Path, procs: int = 2, writers: int = 2, eval_parts: int = 2,
@@ -48,7 +26,6 @@ def run_local_cluster(config: str, out: Path, procs: int = 2, writers: int = 2, 
     cfg = load_config(config, extra)
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    sims = [sys.executable, "-m", "sims_platform.cli"]
     with moto_s3(out) as s3:
         s3.create_bucket(BUCKET)
         with mlflow_server(out, f"s3://{BUCKET}/mlartifacts", env=s3.env()) as tracking:
@@ -57,24 +34,9 @@ def run_local_cluster(config: str, out: Path, procs: int = 2, writers: int = 2, 
             # One thread per process: several processes share the cores, as pods share a node.
             env = dict(os.environ, **s3.env(), OMP_NUM_THREADS="1", MLFLOW_TRACKING_URI=tracking)
             print(f"[local-cluster] S3 {s3.url}, MLflow {tracking}, storage {root}", flush=True)
-            for st in pipeline_plan(cfg):
-                k, stage, loop = st.iteration, st.stage, st.loop_name
-                argv = _stage_argv(stage, config, k, overrides, loop)
-                what = f"{loop + ' ' if loop else ''}iter {k}"
-                if stage in TRAINING:
-                    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
-                                "--nproc_per_node", str(procs), "--master_addr", "127.0.0.1",
-                                "--master_port", str(free_port()), "-m", "sims_platform.cli"]
-                    _run_all([torchrun + argv], env, f"{what} {stage} (torchrun x{procs})")
-                elif stage in ARRAYS:
-                    n = writers if stage == "generate" else eval_parts
-                    _run_all([sims + argv + ["--index", str(i), "--count", str(n)] for i in range(n)], env,
-                             f"{what} {stage} ({n} parts)")
-                    if stage in REDUCERS:
-                        _run_all([sims + _stage_argv(REDUCERS[stage], config, k, overrides, loop)], env,
-                                 f"{what} {REDUCERS[stage]}")
-                else:
-                    _run_all([sims + argv], env, f"{what} {stage}")
+            n = Processes(train=procs, generate=writers, arrays=eval_parts)
+            for step in pipeline_plan(cfg):
+                run_step(step, config, overrides, env, n, tag="[local-cluster]")
             os.environ.update(s3.env())  # read the results back through s3fs in this process
             summary = fsio.read_json(RunLayout.of(root).summary)
             (out / "summary.json").write_text(json.dumps(summary, indent=2))

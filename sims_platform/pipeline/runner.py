@@ -1,9 +1,19 @@
-"""Run the whole SIMS loop locally: every stage of the plan in order, then the summary."""
+"""Run the whole SIMS loop locally: every stage of the plan in order, then the summary.
+
+Each stage runs in this process, or with runtime.local_processes = N > 1 as N processes launched as the cluster
+launches them (launch/processes.py: training under torchrun, job arrays as parts and a reducer), N CPU threads
+shared among them. The stages' results are the same up to float rounding (distributed training sums its
+gradients in another order); completion records, resumption and lineage do not depend on the launcher.
+"""
 
 from __future__ import annotations
 
+import os
+import tempfile
+from collections.abc import Callable
+
 from sims_platform.config import PipelineConfig, dump_config
-from sims_platform.pipeline.plan import pipeline_plan, plan_groups, stages_for
+from sims_platform.pipeline.plan import Step, pipeline_plan, plan_groups, stages_for
 from sims_platform.stages import StageContext, run_stage
 from sims_platform.storage import fsio
 from sims_platform.storage.layout import RunLayout
@@ -74,16 +84,41 @@ def end_interrupted_runs(cfg: PipelineConfig, layout: RunLayout, lineage: Lineag
         print(f"ended runs left RUNNING by an earlier attempt: {', '.join(ended)}", flush=True)
 
 
-def run_pipeline(cfg: PipelineConfig) -> dict:
-    layout, lineage, parent = open_run(cfg)
-    end_interrupted_runs(cfg, layout, lineage)
+def _run_steps(cfg: PipelineConfig, layout: RunLayout, lineage: Lineage,
+               launch: Callable[[StageContext, Step], None]) -> None:
     contexts: dict[tuple[str | None, int], StageContext] = {}
     for step in pipeline_plan(cfg):
         key = (step.loop_name, step.iteration)
         if key not in contexts:
             contexts[key] = StageContext(cfg, layout, step.iteration, lineage, loop=step.loop)
-        run_stage(contexts[key], step.stage)
+        launch(contexts[key], step)
         close_complete_runs(contexts[key])
+
+
+def _run_as_processes(cfg: PipelineConfig, layout: RunLayout, lineage: Lineage) -> None:
+    """Every step as runtime.local_processes processes running `sims stage` on this config (written resolved,
+    so they read exactly the config this run was given), OMP_NUM_THREADS sharing the cores unless it is set."""
+    from sims_platform.launch.processes import Processes, cpu_threads, run_step
+
+    n = cfg.runtime.local_processes
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", cpu_threads(n))
+    with tempfile.TemporaryDirectory(prefix="sims-run-") as tmp:
+        config = os.path.join(tmp, "pipeline.yaml")
+        with open(config, "w") as fh:
+            fh.write(dump_config(cfg))
+        print(f"[local] each stage as {n} processes ({env['OMP_NUM_THREADS']} CPU thread(s) each)", flush=True)
+        _run_steps(cfg, layout, lineage,
+                   lambda ctx, step: run_step(step, config, [], env, Processes.uniform(n)))
+
+
+def run_pipeline(cfg: PipelineConfig) -> dict:
+    layout, lineage, parent = open_run(cfg)
+    end_interrupted_runs(cfg, layout, lineage)
+    if cfg.runtime.local_processes > 1:
+        _run_as_processes(cfg, layout, lineage)
+    else:
+        _run_steps(cfg, layout, lineage, lambda ctx, step: run_stage(ctx, step.stage))
     # Each evaluate completion updated summary.json; keep this run's iterations (a shorter rerun drops the rest).
     rows = [r for r in read_summary(layout)["iterations"] if r["iteration"] < cfg.iterations.count]
     summary = write_summary(layout, rows, parent)
