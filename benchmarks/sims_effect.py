@@ -36,7 +36,7 @@ def run_seed(config: str, root: Path, seed: int, extra: list[str]) -> dict:
     """One pipeline run (complete stages in `root` are skipped); returns its iteration-0 summary row. Every stage
     runs in this process (the seeds are the parallelism; the recorded results were trained by one process)."""
     cfg = load_config(config, [f"seed={seed}", f"storage.root={root}", "iterations.count=1",
-                               "runtime.local_processes=1", *extra])
+                               "runtime.local_parts=1", *extra])
     t0 = time.time()
     row = run_pipeline(cfg)["iterations"][0]
     return {"seed": seed, "root": str(root), "seconds": time.time() - t0, "row": row}

@@ -28,8 +28,8 @@ def _load(args: argparse.Namespace) -> PipelineConfig:
         overrides.append(f"storage.root={os.path.abspath(args.out)}")
     if getattr(args, "device", None):
         overrides.append(f"runtime.device={args.device}")  # validated with the rest of the config
-    if getattr(args, "processes", None) is not None:
-        overrides.append(f"runtime.local_processes={args.processes}")
+    if getattr(args, "parts", None) is not None:
+        overrides.append(f"runtime.local_parts={args.parts}")
     return load_config(args.config, overrides)
 
 
@@ -161,8 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and stop")
     p.add_argument("--device", help="where to compute: auto (default: cuda:LOCAL_RANK when a GPU is visible, "
                    "else cpu), cpu, cuda or cuda:N; sets runtime.device")
-    p.add_argument("--processes", type=int, metavar="N", help="run each stage as N processes on this machine "
-                   "(training under torchrun, job arrays as parts + reducer); sets runtime.local_processes")
+    p.add_argument("--parts", type=int, metavar="N", help="run generate and evaluate as N job-array parts, "
+                   "each its own process on this machine; sets runtime.local_parts")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("stage", help="run one stage of one iteration (resumes from its newest checkpoint)")

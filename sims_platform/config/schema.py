@@ -530,12 +530,12 @@ class RuntimeConfig(Strict):
                                 "1.07x for the demo's training). Outputs agree with the default layout to float32 rounding "
                                 "(~1e-6), not bit for bit; every arm of a comparison, and a resumed training run, "
                                 "uses the same layout. DeepSpeed training keeps the default layout")
-    local_processes: int = Field(1, ge=1, le=256, description="`sims run` only: how many processes each stage "
-                                 "runs as on this machine, launched as on a cluster (training under torchrun, "
-                                 "reference/generate/evaluate as job-array parts and a reducer), the CPU threads "
-                                 "shared among them. 1: every stage in the `sims run` process. On a small CPU, "
-                                 "one-thread processes outrun one multi-thread process (the demo: 2). Results "
-                                 "agree to float rounding, not bit for bit; pods and `sims stage` ignore it")
+    local_parts: int = Field(1, ge=1, le=256, description="`sims run` only: the sampling job arrays (generate, "
+                             "evaluate) run as this many processes on this machine, as the cluster's Indexed Jobs "
+                             "run them (the CPU threads shared among them), their reducer and every other stage in "
+                             "the `sims run` process. 1: everything in the `sims run` process. On a small CPU, "
+                             "one-thread processes sample faster than one multi-thread process (the demo: 2). "
+                             "Results agree to float rounding; pods and `sims stage` ignore it")
 
 
 class StorageConfig(Strict):

@@ -2,8 +2,8 @@
 under torchrun (gloo on the CPU), a job-array stage (reference, generate, evaluate) as parts then its reducer, any
 other stage as one process. Each process runs `sims stage ...`, the command a pod runs.
 
-`sims run` launches through it when runtime.local_processes > 1 (on a multi-core CPU, several one-thread
-processes outrun one multi-thread process on small networks), `sims local-cluster` always.
+`sims local-cluster` launches every step through it; `sims run` with runtime.local_parts > 1 launches its sampling
+job arrays (generate, evaluate) as parts through it (run_parts) and runs everything else itself.
 """
 
 from __future__ import annotations
@@ -109,24 +109,35 @@ def run_together(commands: list[list[str]], env: dict[str, str], what: str, tag:
     print(f"{tag} {what}: ok in {time.time() - t0:.0f} s", flush=True)
 
 
+def _what(step: Step) -> str:
+    return f"{step.loop_name + ' ' if step.loop_name else ''}iter {step.iteration}"
+
+
+def run_parts(step: Step, config: str, overrides: list[str], env: dict[str, str], parts: int,
+              tag: str = "[local]") -> None:
+    """A job-array stage's parts 0..parts-1 together, each `sims stage <stage> --index i --count parts` (a
+    one-part array reduces its own result; more parts leave that to the stage's reducer)."""
+    argv = stage_argv(step.stage, config, step.iteration, overrides, step.loop_name)
+    run_together([SIMS + argv + ["--index", str(i), "--count", str(parts)] for i in range(parts)], env,
+                 f"{_what(step)} {step.stage} ({parts} part{'s' if parts > 1 else ''})", tag)
+
+
 def run_step(step: Step, config: str, overrides: list[str], env: dict[str, str], n: Processes,
              tag: str = "[local]") -> None:
     """Run one step of the plan: training under torchrun, a job array as parts (then its reducer), else one
-    process. A count of 1 runs the stage as one plain process (a one-part array reduces its own result)."""
+    process. A count of 1 runs the stage as one plain process."""
     k, stage, loop = step.iteration, step.stage, step.loop_name
     argv = stage_argv(stage, config, k, overrides, loop)
-    what = f"{loop + ' ' if loop else ''}iter {k}"
     if stage in TRAINING_STAGES and n.train > 1:
         torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node",
                     str(n.train), "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
                     "-m", "sims_platform.cli"]
-        run_together([torchrun + argv], env, f"{what} {stage} (torchrun x{n.train})", tag)
+        run_together([torchrun + argv], env, f"{_what(step)} {stage} (torchrun x{n.train})", tag)
     elif stage in ARRAYS:
         parts = n.generate if stage == "generate" else n.arrays
-        run_together([SIMS + argv + ["--index", str(i), "--count", str(parts)] for i in range(parts)], env,
-                     f"{what} {stage} ({parts} part{'s' if parts > 1 else ''})", tag)
+        run_parts(step, config, overrides, env, parts, tag)
         if stage in REDUCERS and parts > 1:
             run_together([SIMS + stage_argv(REDUCERS[stage], config, k, overrides, loop)], env,
-                         f"{what} {REDUCERS[stage]}", tag)
+                         f"{_what(step)} {REDUCERS[stage]}", tag)
     else:
-        run_together([SIMS + argv], env, f"{what} {stage}", tag)
+        run_together([SIMS + argv], env, f"{_what(step)} {stage}", tag)

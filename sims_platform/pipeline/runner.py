@@ -1,9 +1,10 @@
 """Run the whole SIMS loop locally: every stage of the plan in order, then the summary.
 
-Each stage runs in this process, or with runtime.local_processes = N > 1 as N processes launched as the cluster
-launches them (launch/processes.py: training under torchrun, job arrays as parts and a reducer), N CPU threads
-shared among them. The stages' results are the same up to float rounding (distributed training sums its
-gradients in another order); completion records, resumption and lineage do not depend on the launcher.
+Every stage runs in this process; with runtime.local_parts = N > 1 the sampling job arrays (generate, evaluate)
+run as N processes, `sims stage ... --index i --count N` as the cluster's Indexed Jobs run them, with the cores
+shared among them, and their reducer runs here. Each sample depends only on its seed and the reduction only sums,
+so the results agree with one process to float rounding; completion records, resumption and lineage do not
+depend on the launcher.
 """
 
 from __future__ import annotations
@@ -14,11 +15,16 @@ from collections.abc import Callable
 
 from sims_platform.config import PipelineConfig, dump_config
 from sims_platform.pipeline.plan import Step, pipeline_plan, plan_groups, stages_for
-from sims_platform.stages import StageContext, run_stage
+from sims_platform.stages import StageContext, is_done, run_stage
 from sims_platform.storage import fsio
-from sims_platform.storage.layout import RunLayout
+from sims_platform.storage.layout import REDUCERS, RunLayout
 from sims_platform.tracking import Lineage, format_table, read_summary, resolve_tracking_uri, write_summary
 from sims_platform.tracking.loops import format_loop_table, write_loop_results
+
+# The stages `sims run` splits into job-array parts with runtime.local_parts > 1: sampling, whose work dwarfs a
+# process start. Training and small arrays (reference) run faster in the `sims run` process on the 2-core machine
+# (docs/benchmarks.md).
+LOCAL_PARTS = ("generate", "evaluate")
 
 
 def open_run(cfg: PipelineConfig) -> tuple[RunLayout, Lineage, str]:
@@ -95,28 +101,37 @@ def _run_steps(cfg: PipelineConfig, layout: RunLayout, lineage: Lineage,
         close_complete_runs(contexts[key])
 
 
-def _run_as_processes(cfg: PipelineConfig, layout: RunLayout, lineage: Lineage) -> None:
-    """Every step as runtime.local_processes processes running `sims stage` on this config (written resolved,
-    so they read exactly the config this run was given), OMP_NUM_THREADS sharing the cores unless it is set."""
-    from sims_platform.launch.processes import Processes, cpu_threads, run_step
+def _run_with_parts(cfg: PipelineConfig, layout: RunLayout, lineage: Lineage) -> None:
+    """generate and evaluate as runtime.local_parts processes (on this config, written resolved so they read
+    exactly what this run was given; OMP_NUM_THREADS shares the cores unless it is set), the rest here."""
+    from sims_platform.launch.processes import cpu_threads, run_parts
 
-    n = cfg.runtime.local_processes
+    n = cfg.runtime.local_parts
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", cpu_threads(n))
     with tempfile.TemporaryDirectory(prefix="sims-run-") as tmp:
         config = os.path.join(tmp, "pipeline.yaml")
         with open(config, "w") as fh:
             fh.write(dump_config(cfg))
-        print(f"[local] each stage as {n} processes ({env['OMP_NUM_THREADS']} CPU thread(s) each)", flush=True)
-        _run_steps(cfg, layout, lineage,
-                   lambda ctx, step: run_step(step, config, [], env, Processes.uniform(n)))
+        print(f"[local] generate and evaluate as {n} processes ({env['OMP_NUM_THREADS']} CPU thread(s) each)",
+              flush=True)
+
+        def launch(ctx: StageContext, step: Step) -> None:
+            if step.stage not in LOCAL_PARTS or is_done(ctx, step.stage):  # a complete stage: skipped here
+                run_stage(ctx, step.stage)
+                return
+            run_parts(step, config, [], env, n)
+            if step.stage in REDUCERS:
+                run_stage(ctx, REDUCERS[step.stage])
+
+        _run_steps(cfg, layout, lineage, launch)
 
 
 def run_pipeline(cfg: PipelineConfig) -> dict:
     layout, lineage, parent = open_run(cfg)
     end_interrupted_runs(cfg, layout, lineage)
-    if cfg.runtime.local_processes > 1:
-        _run_as_processes(cfg, layout, lineage)
+    if cfg.runtime.local_parts > 1:
+        _run_with_parts(cfg, layout, lineage)
     else:
         _run_steps(cfg, layout, lineage, lambda ctx, step: run_stage(ctx, step.stage))
     # Each evaluate completion updated summary.json; keep this run's iterations (a shorter rerun drops the rest).
