@@ -14,13 +14,14 @@ TOOLS := .tools/bin/helm
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
-# pip would byte-compile the ~24k installed modules one by one; compiling them on every core instead takes less
-# time (a fresh set-up on the 2-core machine: 139 s -> ~110 s). The bytecode is only a cache, so the files
-# that do not compile on this Python (e.g. torch's tests of 3.12 syntax, which pip skips too) are ignored.
+# Bytecode: pip would compile all ~24k installed modules (72 s here, most never imported by the demo). Installing
+# without it and letting Python cache what it imports, as it does by default, costs the first import ~7 s once.
+# Some machines set PYTHONDONTWRITEBYTECODE (this project's dev machine does): every process would then compile
+# its imports again (+5 s each), so the recipes here run without it.
 # The demo installs the package alone (~20 s less); the tests add the test extras (moto, kubernetes-validate, ...).
+unexport PYTHONDONTWRITEBYTECODE
 define install
 	$(BIN)/pip install -q --no-compile -c constraints-dev.txt -e '$(1)'
-	-$(BIN)/python -m compileall -qq -j 0 $(VENV)/lib > /dev/null
 endef
 
 $(STAMP): $(BIN)/python pyproject.toml constraints-dev.txt
@@ -45,8 +46,9 @@ demo-cluster-local: $(TEST_STAMP)
 $(TOOLS): | $(TEST_STAMP)
 	$(BIN)/python tests/k8s/tools.py
 
+# Tests run in parallel workers (pytest-xdist), one per core up to 4; TEST_ARGS adds pytest options.
 test: $(TEST_STAMP) $(TOOLS)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 $(TEST_ARGS)
 
 chart-schema: $(STAMP)
 	$(BIN)/python -m sims_platform.k8s.chart_schema charts/sims/values.schema.json

@@ -12,7 +12,10 @@ from pipeline_support import tiny_config_dict
 from sims_platform.config import config_from_dict
 
 os.environ.setdefault("SIMS_PROGRESS_INTERVAL", "30")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs several workers: they share the cores, a thread each
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
 @pytest.fixture

@@ -38,10 +38,6 @@ class Processes:
     generate: int = 1  # generate's job-array parts (shard writers)
     arrays: int = 1    # reference and evaluate parts
 
-    @classmethod
-    def uniform(cls, n: int) -> Processes:
-        return cls(train=n, generate=n, arrays=n)
-
 
 def stage_argv(stage: str, config: str, k: int, overrides: list[str], loop: str | None = None) -> list[str]:
     argv = ["stage", stage, "--config", config, "--iteration", str(k)] + (["--loop", loop] if loop else [])
