@@ -51,12 +51,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(dump_config(cfg), end="")
         return 0
+    from sims_platform.launch.processes import StepFailed
     from sims_platform.pipeline.runner import run_pipeline
     from sims_platform.storage.layout import RunLayout
     from sims_platform.tracking import resolve_tracking_uri, ui_command
     from sims_platform.utils.accel import resolve_device
-
-    from sims_platform.launch.processes import StepFailed
 
     resolve_device(cfg.runtime.device)  # a missing GPU fails before any stage starts
     try:
@@ -211,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         # Bad input: the message names the field or file and what was expected (a refused pickle ran nothing).
         print(f"error: {err}", file=sys.stderr)
         return 2
+
 
 if __name__ == "__main__":
     sys.exit(main())

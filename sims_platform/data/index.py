@@ -82,7 +82,7 @@ class SourceIndex:
         labels = torch.tensor([e.label for e in entries], dtype=torch.int64)
         if cfg.num_classes > 0 and len(labels) and (labels.min() < 0 or labels.max() >= cfg.num_classes):
             raise DataError(f"data.num_classes is {cfg.num_classes} but labels span "
-                             f"{int(labels.min())}..{int(labels.max())}")
+                            f"{int(labels.min())}..{int(labels.max())}")
         return LabeledImages(torch.stack(images).float(), labels)
 
 

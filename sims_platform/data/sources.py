@@ -32,7 +32,7 @@ def load_images(cfg: DataConfig) -> LabeledImages:
         labels = torch.zeros_like(labels)  # unconditional: the class is never looked at
     elif labels.min() < 0 or labels.max() >= cfg.num_classes:
         raise DataError(f"data.num_classes is {cfg.num_classes} but the labels of {cfg.source} data span "
-                         f"{int(labels.min())}..{int(labels.max())}; expected 0..{cfg.num_classes - 1}")
+                        f"{int(labels.min())}..{int(labels.max())}; expected 0..{cfg.num_classes - 1}")
     return LabeledImages(images=images.float().contiguous(), labels=labels.long())
 
 
@@ -90,10 +90,10 @@ def folder_files(cfg: DataConfig) -> list[tuple[str, int]]:
     classes = sorted(e["name"] for e in entries if e["type"] == "directory" and not _hidden(e["name"]))
     if not classes:
         raise DataError(f"data.path: {cfg.path} has no class sub-folders (expected one folder of images per "
-                         f"class)")
+                        f"class)")
     if cfg.num_classes > 0 and len(classes) != cfg.num_classes:
         raise DataError(f"data.num_classes is {cfg.num_classes} but {cfg.path} has {len(classes)} class "
-                         f"folders: {[_base(c) for c in classes]}")
+                        f"folders: {[_base(c) for c in classes]}")
     out = []
     for label, folder in enumerate(classes):
         files = sorted(e["name"] for e in fs.ls(folder, detail=True)
@@ -118,7 +118,7 @@ def _webdataset(cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
                 key = next((k for k in IMAGE_KEYS if k in sample), None)
                 if key is None:
                     raise DataError(f"{name}: no image; expected one of {list(IMAGE_KEYS)}, found "
-                                     f"{sorted(k for k in sample if not k.startswith('__'))}")
+                                    f"{sorted(k for k in sample if not k.startswith('__'))}")
                 images.append(decode_image(sample[key], f"{name}.{key}", cfg.channels, cfg.resolution))
                 labels.append(_class_of(sample, name, cfg.num_classes))
         if cfg.max_images is not None and len(images) == cfg.max_images:
