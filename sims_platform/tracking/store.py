@@ -86,6 +86,4 @@ def open_client(tracking_uri: str) -> MlflowClient:
     db = tracking_uri[len(SQLITE):]
     os.makedirs(os.path.dirname(db) or ".", exist_ok=True)
     with _exclusive(f"{db}.lock"):
-        client = MlflowClient(tracking_uri)
-        client.search_experiments(max_results=1)  # the first query creates or migrates the tables
-    return client
+        return MlflowClient(tracking_uri)  # constructing it opens the store, which creates or migrates the tables
