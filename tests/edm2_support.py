@@ -84,7 +84,11 @@ def _convert(m: nn.Module, reconstruct, src: str, init_kwargs: dict):
     return _Persistent(reconstruct, type(m).__name__, state, src)
 
 
-def edm2_pickle(net: nn.Module, init_kwargs: dict, marker: str, class_name: str | None = None) -> bytes:
+RAW_MEAN, RAW_STD = [5.81, 3.25, 0.12, -2.15], [4.17, 4.62, 3.71, 3.28]  # EDM2's StabilityVAEEncoder defaults
+
+
+def edm2_pickle(net: nn.Module, init_kwargs: dict, marker: str, class_name: str | None = None,
+                raw_mean: list[float] = RAW_MEAN, raw_std: list[float] = RAW_STD) -> bytes:
     """Bytes of a network-snapshot-*.pkl holding `net` (cast to float16 like EDM2) as its 'ema'."""
     src = f"import os\nos.system('touch {marker}')\n"  # a network module's source: must never be executed
     with _edm2_names() as mods:
@@ -93,11 +97,13 @@ def edm2_pickle(net: nn.Module, init_kwargs: dict, marker: str, class_name: str 
         ema = _convert(copy.deepcopy(net).half(), reconstruct, src, init_kwargs)
         if class_name is not None:
             ema.args[0]["class_name"] = class_name
-        scale = np.float32(0.5) / np.float32([4.17, 4.62, 3.71, 3.28])
+        scale = np.float32(0.5) / np.float32(raw_std)
+        # EDM2's latent networks (4 channels: SD-VAE latents) carry the VAE encoder, its pixel networks the RGB one.
         encoder = _Persistent(reconstruct, "StabilityVAEEncoder",
                               dict(_init_args=(), _init_kwargs={}, vae_name="stabilityai/sd-vae-ft-mse",
-                                   scale=scale, bias=np.float32(0) - np.float32([5.81, 3.25, 0.12, -2.15]) * scale,
-                                   batch_size=8, _vae=None), src)
+                                   scale=scale, bias=np.float32(0) - np.float32(raw_mean) * scale,
+                                   batch_size=8, _vae=None), src) if init_kwargs.get("img_channels") == 4 else \
+            _Persistent(reconstruct, "StandardRGBEncoder", dict(_init_args=(), _init_kwargs={}), src)
         loss = _Persistent(reconstruct, "EDM2Loss", dict(_init_args=(), _init_kwargs={}, P_mean=-0.4, P_std=1.0,
                                                           sigma_data=0.5), src)
         data = easy(encoder=encoder, loss_fn=loss, ema=ema,

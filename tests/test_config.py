@@ -171,6 +171,22 @@ def test_imagenet512_values_name_pretrained_networks_and_metrics_by_uri():
     assert (cfg.train_base.distributed.precision, cfg.finetune_aux.distributed.precision) == ("bf16", "bf16")
     assert (cfg.generate.sampler.precision, cfg.evaluate.sampler.precision) == ("fp16", "fp16")
     assert cfg.runtime.tf32 is False
+    # the VAE comes from the bucket, pinned by the sha256 of its weights (no hub at run time)
+    assert cfg.encoder.vae.startswith("s3://") and cfg.encoder.vae_sha256 is not None
+
+
+def test_validate_names_an_unpinned_vae(tmp_path, capsys):
+    """`sims validate` rejects a VAE URI without a sha256 and a hub id without a revision, naming the field."""
+    path = tmp_path / "p.yaml"
+    path.write_text(PIPELINES[0].read_text())
+    assert main(["validate", str(path), "--set", "encoder.kind=latent", "--set",
+                 "encoder.vae=s3://bucket/models/vae"]) == 2
+    err = capsys.readouterr().err
+    assert "encoder.vae_sha256 is required" in err and "Traceback" not in err
+    assert main(["validate", str(path), "--set", "encoder.kind=latent"]) == 2  # the hub id default, no revision
+    assert "encoder.vae_revision is required" in capsys.readouterr().err
+    assert main(["validate", str(path), "--set", "encoder.kind=latent", "--set", "encoder.vae=s3://bucket/vae",
+                 "--set", f"encoder.vae_sha256={'ab' * 32}"]) == 0
 
 
 @pytest.mark.parametrize("features", ["inception", "dinov2"])

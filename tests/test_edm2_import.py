@@ -136,3 +136,52 @@ class _StorageBytes:
 
     def __reduce__(self):
         return (torch.storage._load_from_bytes, (self.data,))
+
+
+# ----------------------------------------------------------------------------
+# The space a checkpoint was trained in travels with it
+
+
+LATENT_KWARGS = dict(INIT_KWARGS, img_channels=4)
+
+
+def _latent_pickle(tmp_path, **raw) -> str:
+    torch.manual_seed(2)
+    kw = {k: v for k, v in LATENT_KWARGS.items() if k != "use_fp16"}
+    path = tmp_path / "edm2-img64-xs-2147483-0.135.pkl"
+    path.write_bytes(edm2_pickle(Precond(**kw), LATENT_KWARGS, str(tmp_path / "pwned"), **raw))
+    return str(path)
+
+
+def test_a_latent_checkpoint_runs_only_with_the_latents_it_was_trained_on(tmp_path):
+    from sims_platform.config.schema import EncoderConfig
+    from sims_platform.models.pretrained import check_encoder, import_edm2, read_network
+
+    src = _latent_pickle(tmp_path)
+    net = read_edm2(src)
+    assert net.encoder is not None and net.encoder["kind"] == "latent"
+    edm2_latents = EncoderConfig(kind="latent", vae="s3://b/vae", vae_sha256="0" * 64)  # EDM2's constants
+    check_encoder(net, edm2_latents, "pretrained.base")
+    other = edm2_latents.model_copy(update={"latent_std": [1.0, 1.0, 1.0, 1.0]})
+    with pytest.raises(ValueError, match=r"pretrained.base: .* normalised with raw mean \[5.81, 3.25, 0.12, -2.15\] "
+                                         r"and std \[4.17, 4.62, 3.71, 3.28\]"):
+        check_encoder(net, other, "pretrained.base")
+    with pytest.raises(ValueError, match="trained in latent space, the config's encoder.kind is pixel"):
+        check_encoder(net, EncoderConfig(kind="pixel"), "pretrained.base")
+    # `sims import-edm2` keeps it, so the platform record is checked the same way
+    import_edm2(src, str(tmp_path / "xs.pt"))
+    rec = read_network(str(tmp_path / "xs.pt"))
+    assert rec.encoder == net.encoder
+    with pytest.raises(ValueError, match="encoder"):
+        check_encoder(rec, other, "encoder")
+
+
+def test_a_checkpoint_of_other_latent_statistics_names_them(tmp_path):
+    from sims_platform.config.schema import EncoderConfig
+    from sims_platform.models.pretrained import encoder_mismatch
+
+    net = read_edm2(_latent_pickle(tmp_path, raw_mean=[1.0, 2.0, 3.0, 4.0], raw_std=[2.0, 2.0, 2.0, 2.0]))
+    cfg = EncoderConfig(kind="latent", vae_config={}, latent_mean=[1.0, 2.0, 3.0, 4.0], latent_std=[2.0] * 4)
+    assert encoder_mismatch(net.encoder, cfg) is None
+    assert "raw mean [1.0, 2.0, 3.0, 4.0]" in encoder_mismatch(net.encoder, EncoderConfig(kind="latent",
+                                                                                          vae_config={}))

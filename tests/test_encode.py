@@ -65,7 +65,7 @@ def test_encode_in_two_parts_then_train_on_latents(digit_folder, tmp_path):
     # The shards keep the posterior as EDM2 does: the scaled mean, then the scaled std (stored as float16).
     assert manifest["posterior"] is True and manifest["shape"] == [8, 8, 8]
     assert torch.allclose(x[:, :4], expected, atol=2e-3 * expected.abs().max())
-    dist = ctx.encoder.vae.encode(images.expand(-1, 3, -1, -1)).latent_dist
+    dist = ctx.encoder.vae.encode((images.expand(-1, 3, -1, -1) + 1) / 2).latent_dist  # EDM2 feeds [0, 1]
     std = dist.std * ctx.encoder.scale
     assert (x[:, 4:] > 0).all() and torch.allclose(x[:, 4:], std, rtol=2e-3, atol=1e-4)
     assert ctx.shape() == (4, 8, 8)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
@@ -91,9 +92,31 @@ class DataConfig(Strict):
                           path=self.reference_path)
 
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def vae_kind(vae: str) -> Literal["hub", "location"]:
+    """What encoder.vae names. 'location': a storage URI (scheme://) or a path starting with '/', './' or '../';
+    'hub': a hub id 'owner/name' (so a relative path must start with './')."""
+    if "://" in vae or vae.startswith(("/", "./", "../")):
+        return "location"
+    if _HUB_ID.match(vae):
+        return "hub"
+    raise ValueError(f"encoder.vae: '{vae}' is neither a storage URI or path (s3://..., file://..., /..., ./...) "
+                     "nor a hub id (owner/name)")
+
+
 class EncoderConfig(Strict):
     kind: Literal["pixel", "latent"] = Field("pixel", description="pixel: x in [-1, 1]; latent: VAE latents")
-    vae: str = Field("stabilityai/sd-vae-ft-mse", description="diffusers AutoencoderKL: hub id or local path")
+    vae: str = Field(
+        "stabilityai/sd-vae-ft-mse", description="diffusers AutoencoderKL folder (config.json and "
+        "diffusion_pytorch_model.safetensors): a storage URI (s3://, file://, ...) or a path starting with '/', "
+        "'./' or '../', pinned by vae_sha256; or a hub id (owner/name), pinned by vae_revision (docs/imagenet.md)")
+    vae_sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$", description="sha256 of the VAE folder's "
+                                   "diffusion_pytorch_model.safetensors, checked on every load (required when vae "
+                                   "is a URI or path; optional for a hub id)")
+    vae_revision: str | None = Field(None, min_length=1, description="hub id only: the commit hash (or tag) of "
+                                     "the model repository, so the weights cannot change under a run")
     vae_config: dict | None = Field(None, description="build a randomly initialised AutoencoderKL from this "
                                     "config instead of loading weights (tests, offline smoke runs)")
     latent_mean: list[float] = Field([5.81, 3.25, 0.12, -2.15], description="raw latent mean per channel (EDM2)")
@@ -101,6 +124,36 @@ class EncoderConfig(Strict):
     final_std: float = Field(0.5, gt=0, description="latents are scaled to this std (sigma_data)")
     batch_size: int = Field(8, ge=1, description="images per VAE call")
     shard_size: int = Field(1000, ge=1, description="encode stage: latents per WebDataset shard")
+
+    @model_validator(mode="after")
+    def _pinned(self) -> EncoderConfig:
+        """A latent model's VAE must be the same bytes in every process of every run that reads its latents."""
+        if self.kind == "latent" and any(s <= 0 for s in self.latent_std):
+            raise ValueError(f"encoder.latent_std must be > 0 per channel, got {self.latent_std}")
+        if self.kind != "latent" or self.vae_config is not None:
+            return self
+        kind = vae_kind(self.vae)
+        if kind == "location" and self.vae_sha256 is None:
+            raise ValueError(f"encoder.vae_sha256 is required: encoder.vae names the folder {self.vae}, and the "
+                             "sha256 of its diffusion_pytorch_model.safetensors pins it (sha256sum that file; "
+                             "docs/imagenet.md)")
+        if kind == "location" and self.vae_revision is not None:
+            raise ValueError("encoder.vae_revision is for hub ids; a folder is pinned by encoder.vae_sha256")
+        if kind == "hub" and self.vae_revision is None:
+            raise ValueError(f"encoder.vae_revision is required: encoder.vae is the hub id '{self.vae}', which "
+                             "must be pinned to a commit hash; or stage the folder and give its URI with "
+                             "encoder.vae_sha256 (docs/imagenet.md)")
+        return self
+
+    def vae_identity(self) -> str:
+        """What produced the latents, for lineage: the pinned VAE, or 'random' (vae_config)."""
+        if self.kind == "pixel":
+            return "none"
+        if self.vae_config is not None:
+            return "random"
+        if vae_kind(self.vae) == "hub":
+            return f"{self.vae}@{self.vae_revision}" + (f" sha256:{self.vae_sha256.lower()}" if self.vae_sha256 else "")
+        return f"{self.vae}@sha256:{(self.vae_sha256 or '').lower()}"
 
 
 # ----------------------------------------------------------------------------

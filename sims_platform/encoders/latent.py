@@ -1,14 +1,23 @@
-"""Latent space through diffusers' AutoencoderKL, normalised per channel as EDM2 does."""
+"""Latent space through diffusers' AutoencoderKL with EDM2's conventions (its StabilityVAEEncoder).
+
+EDM2 feeds the VAE pixels in [0, 1] (uint8 / 255), normalises the raw latents per channel (raw_mean, raw_std ->
+mean 0, std final_std), and decodes by clamping the VAE's output to [0, 1]. The published checkpoints were trained
+on exactly those latents. The project's images are u / 127.5 - 1 in [-1, 1], so the encoder maps [-1, 1] -> [0, 1]
+on the way in and back on the way out; quantising a decoded image (metrics/preprocess.py) then gives EDM2's uint8
+pixels, except where EDM2 truncates and we round (at most 1 level apart).
+"""
 
 from __future__ import annotations
 
 import torch
 
 from sims_platform.config.schema import EncoderConfig
+from sims_platform.encoders.vae_source import VaeSourceError, vae_folder
 
 
 def load_autoencoder(cfg: EncoderConfig):
-    """The VAE from a hub id / local path, or randomly initialised from cfg.vae_config (no download)."""
+    """The VAE cfg pins (a folder at a URI or path checked against vae_sha256, or a hub id at vae_revision), or a
+    randomly initialised one from cfg.vae_config (no download). Only its safetensors weights are read."""
     from diffusers import AutoencoderKL
 
     if cfg.vae_config is not None:
@@ -16,11 +25,13 @@ def load_autoencoder(cfg: EncoderConfig):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             return AutoencoderKL(**cfg.vae_config)
-    try:
-        return AutoencoderKL.from_pretrained(cfg.vae)
-    except OSError as err:
-        raise RuntimeError(f"encoder.vae: cannot load AutoencoderKL '{cfg.vae}' ({err}). Give a local path, "
-                           "make the hub reachable, or set encoder.vae_config for a random VAE") from err
+    with vae_folder(cfg.vae, cfg.vae_sha256, cfg.vae_revision) as folder:
+        try:
+            return AutoencoderKL.from_pretrained(folder, use_safetensors=True, local_files_only=True)
+        except (OSError, ValueError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise VaeSourceError(f"encoder.vae: {cfg.vae} is not a diffusers AutoencoderKL folder ({first})") \
+                from None
 
 
 def posterior_sample(posterior: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -61,7 +72,8 @@ class LatentEncoder:
         for chunk in images.split(self.cfg.batch_size):
             if chunk.shape[1] == 1:  # the SD VAE expects RGB
                 chunk = chunk.expand(-1, 3, -1, -1)
-            dist = self.vae.encode(chunk.to(self.device, torch.float32)).latent_dist
+            pixels01 = (chunk.to(self.device, torch.float32) + 1) * 0.5  # EDM2 feeds the VAE [0, 1]
+            dist = self.vae.encode(pixels01).latent_dist
             outs.append(torch.cat([(dist.mean - self.mean) * self.scale, dist.std * self.scale], dim=1).cpu())
         return torch.cat(outs)
 
@@ -74,5 +86,6 @@ class LatentEncoder:
         outs = []
         for chunk in x.split(self.cfg.batch_size):
             raw = chunk.to(self.device, torch.float32) / self.scale + self.mean
-            outs.append(self.vae.decode(raw).sample.clamp(-1, 1).cpu())
+            pixels01 = self.vae.decode(raw).sample.clamp(0, 1)  # EDM2's range, clamped as it clamps
+            outs.append((pixels01 * 2 - 1).cpu())
         return torch.cat(outs)

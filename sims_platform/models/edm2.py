@@ -182,6 +182,7 @@ class Edm2Network:
     state_dict: dict[str, torch.Tensor]
     images: int | None  # training images behind the weights, from the file name (EDM2 names them so)
     source: str
+    encoder: dict[str, Any] | None = None  # the space the network was trained in (encoder_settings), if recorded
 
     def build(self) -> Precond:
         if self.kwargs is None:
@@ -213,7 +214,29 @@ def read_edm2(uri: str, raw: bytes | None = None) -> Edm2Network:
     state: dict[str, torch.Tensor] = {}
     _state_dict(ema, "", state, uri)
     m = _IMAGES.search(os.path.basename(uri))
-    return Edm2Network(precond_kwargs(dict(init_kwargs), uri), state, int(m.group(1)) * 1000 if m else None, uri)
+    return Edm2Network(precond_kwargs(dict(init_kwargs), uri), state, int(m.group(1)) * 1000 if m else None, uri,
+                       encoder_settings(data.get("encoder"), uri))
+
+
+def encoder_settings(encoder: Any, where: str) -> dict[str, Any] | None:
+    """The pickle's encoder as data: {'kind': 'pixel'} or {'kind': 'latent', 'scale': [...], 'bias': [...]}, the
+    per-channel affine map EDM2 applies to the VAE's raw latents (final = raw * scale + bias); None if absent."""
+    if encoder is None:
+        return None
+    if not isinstance(encoder, PersistentState):
+        raise ValueError(f"{where}: 'encoder' is a {type(encoder).__name__}, expected an EDM2 encoder")
+    if encoder.class_name == "StandardRGBEncoder":
+        return {"kind": "pixel"}
+    if encoder.class_name != "StabilityVAEEncoder":
+        raise ValueError(f"{where}: 'encoder' is {encoder.class_name}, expected StabilityVAEEncoder or "
+                         "StandardRGBEncoder")
+    out: dict[str, Any] = {"kind": "latent"}
+    for key in ("scale", "bias"):
+        value = np.asarray(encoder.state.get(key), dtype=np.float64)
+        if value.ndim != 1 or value.size == 0:
+            raise ValueError(f"{where}: the encoder's {key} is not a per-channel vector")
+        out[key] = [float(v) for v in value]
+    return out
 
 
 def load_edm2(uri: str) -> Precond:

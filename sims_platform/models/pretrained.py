@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
+from sims_platform.config.schema import EncoderConfig
 from sims_platform.models.edm2 import EDM2_DEFAULTS, Edm2Network, read_edm2
 from sims_platform.storage import fsio
 from sims_platform.storage.safe_pickle import load_torch_bytes
@@ -25,7 +28,11 @@ def read_network(uri: str) -> Edm2Network:
     if kwargs is not None and not isinstance(kwargs, dict):
         raise ValueError(f"{uri}: 'precond' is a {type(kwargs).__name__}, expected the network's arguments")
     images = rec.get("images")
-    return Edm2Network(kwargs, rec["ema"], int(images) if images is not None else None, uri)  # type: ignore[arg-type]
+    encoder = rec.get("encoder")
+    if encoder is not None and not isinstance(encoder, dict):
+        raise ValueError(f"{uri}: 'encoder' is a {type(encoder).__name__}, expected the encoder's settings")
+    return Edm2Network(kwargs, rec["ema"], int(images) if images is not None else None, uri,  # type: ignore[arg-type]
+                       encoder)
 
 
 def import_edm2(src: str, dst: str) -> dict[str, Any]:
@@ -33,10 +40,33 @@ def import_edm2(src: str, dst: str) -> dict[str, Any]:
     net = read_edm2(src)
     net.build()  # the weights fit the arguments: checked now, not when a stage first loads it
     fsio.save_torch(dst, {"ema": net.state_dict, "images": net.images or 0, "precond": net.kwargs,
-                          "source": src})
+                          "encoder": net.encoder, "source": src})
     return {"source": src, "model": dst, "images": net.images, "parameters": sum(t.numel() for t in
                                                                                   net.state_dict.values()),
-            "precond": net.kwargs}
+            "precond": net.kwargs, "encoder": net.encoder}
+
+
+def encoder_mismatch(trained: dict[str, Any] | None, cfg: EncoderConfig) -> str | None:
+    """Why a network trained in the space `trained` describes (an EDM2 pickle's encoder) cannot run in cfg's, or
+    None. EDM2's latent map is raw * scale + bias with scale = final_std / raw_std, bias = -raw_mean * scale: the
+    config's latent_mean, latent_std and final_std must give the same numbers, or the network sees other latents."""
+    if trained is None:
+        return None
+    if trained.get("kind") != cfg.kind:
+        return f"it was trained in {trained.get('kind')} space, the config's encoder.kind is {cfg.kind}"
+    if cfg.kind == "pixel":
+        return None
+    mean, std = np.asarray(cfg.latent_mean, np.float64), np.asarray(cfg.latent_std, np.float64)
+    scale, bias = cfg.final_std / std, -mean * (cfg.final_std / std)
+    want_scale, want_bias = np.asarray(trained["scale"]), np.asarray(trained["bias"])
+    if scale.shape != want_scale.shape or not (np.allclose(scale, want_scale, rtol=1e-5, atol=1e-6)
+                                               and np.allclose(bias, want_bias, rtol=1e-5, atol=1e-5)):
+        raw_std = cfg.final_std / want_scale
+        raw_mean = -want_bias / want_scale
+        return (f"its latents are normalised with raw mean {np.round(raw_mean, 4).tolist()} and std "
+                f"{np.round(raw_std, 4).tolist()} (for final_std {cfg.final_std}); set encoder.latent_mean / "
+                "latent_std to those")
+    return None
 
 
 def mismatches(have: dict[str, Any], want: dict[str, Any]) -> list[str]:
@@ -49,3 +79,10 @@ def mismatches(have: dict[str, Any], want: dict[str, Any]) -> list[str]:
         if norm(a) != norm(b):
             out.append(f"{key}: checkpoint {a!r}, config {b!r}")
     return out
+
+
+def check_encoder(net: Edm2Network, cfg: EncoderConfig, field: str) -> None:
+    """ValueError naming `field` when the network at net.source was trained on another latent space than cfg's."""
+    why = encoder_mismatch(net.encoder, cfg)
+    if why is not None:
+        raise ValueError(f"{field}: {net.source} does not fit the config's encoder: {why}")

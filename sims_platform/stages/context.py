@@ -12,7 +12,7 @@ from sims_platform.data import LabeledImages, class_subset, load_images, read_sh
 from sims_platform.encoders import Encoder, build_encoder
 from sims_platform.models.precond import Precond
 from sims_platform.models.presets import architecture, build_network
-from sims_platform.models.pretrained import read_network
+from sims_platform.models.pretrained import check_encoder, read_network
 from sims_platform.storage import fsio
 from sims_platform.storage.layout import RunLayout
 from sims_platform.tracking import Lineage
@@ -169,6 +169,7 @@ class StageContext:
         if not fsio.exists(uri):
             raise FileNotFoundError(f"model not found at {uri}: run the stage that writes it first")
         rec = read_network(uri)
+        check_encoder(rec, self.cfg.encoder, "encoder")
         net = rec.build().to(self.device) if rec.kwargs is not None else self.build_net()
         net.load_state_dict(rec.state_dict)
         return net.eval().requires_grad_(False)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from sims_platform.data import ShardStream
-from sims_platform.models.pretrained import mismatches, read_network
+from sims_platform.models.pretrained import check_encoder, mismatches, read_network
 from sims_platform.stages.context import StageContext
 from sims_platform.training import distributed
 from sims_platform.training.loop import train
@@ -51,6 +51,7 @@ def adopt_pretrained(ctx: StageContext, run_id: str, uri: str) -> dict:
         distributed.barrier()
         return {"model": out_uri, "pretrained": uri}
     rec = read_network(uri)
+    check_encoder(rec, ctx.cfg.encoder, "pretrained.base")
     if rec.kwargs is not None:  # a file that names its architecture must name ours
         diff = mismatches(rec.kwargs, ctx.network_kwargs())
         if diff:

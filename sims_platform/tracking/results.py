@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from sims_platform.metrics.preprocess import quantize_uint8
 from sims_platform.storage.fsio import exists, read_json, write_json
 from sims_platform.storage.layout import RunLayout
 
@@ -191,7 +192,7 @@ def image_grid_png(images: torch.Tensor, nrow: int = 8, min_size: int = 64, padd
     if nrow < 1:
         raise ValueError(f"nrow must be >= 1, got {nrow}")
     scale = max(1, math.ceil(min_size / min(h, w)))
-    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    x = quantize_uint8(images.detach().cpu())  # the pixels the feature networks see (EDM2's PNG quantisation)
     cols, rows = min(nrow, n), math.ceil(n / nrow)
     th, tw = h * scale, w * scale
     height, width = rows * th + (rows + 1) * padding, cols * tw + (cols + 1) * padding

@@ -76,8 +76,8 @@ def test_configmap_pipeline_is_accepted_by_sims_validate(rendered, values, tmp_p
 def test_imagenet_values_configure_the_latent_run(rendered):
     cm = next(d for d in docs_of(rendered("values-imagenet512.yaml")) if d["kind"] == "ConfigMap")
     p = yaml.safe_load(cm["data"]["pipeline.yaml"])
-    assert p["network"]["preset"].startswith("edm2-") and p["encoder"] == p["encoder"] | {
-        "kind": "latent", "vae": "stabilityai/sd-vae-ft-mse"}
+    assert p["network"]["preset"].startswith("edm2-") and p["encoder"]["kind"] == "latent"
+    assert p["encoder"]["vae"].startswith("s3://") and len(p["encoder"]["vae_sha256"]) == 64  # pinned, no hub
     assert p["data"]["source"] == "webdataset" and p["data"]["path"].startswith("s3://")
     assert p["storage"]["root"].startswith("s3://") and p["tracking"]["uri"].startswith("http")
     d = yaml.safe_load(cm["data"]["driver.yaml"])
