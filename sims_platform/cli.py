@@ -17,6 +17,7 @@ import os
 import sys
 
 from sims_platform.config import ConfigError, PipelineConfig, dump_config, load_config
+from sims_platform.config.loader import is_values_file
 from sims_platform.data.errors import DataError
 from sims_platform.storage.layout import RUN_STAGES, STAGES
 from sims_platform.storage.safe_pickle import UnsafePickleError
@@ -34,9 +35,15 @@ def _load(args: argparse.Namespace) -> PipelineConfig:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from sims_platform.data.check import check_data_paths
+
     cfg = load_config(args.file, list(args.set or []))
+    notes = check_data_paths(cfg.data)
     sweeps = "; ".join(f"{m.name} w {m.weights}" for m in cfg.evaluate.methods)
-    print(f"{args.file}: valid ({cfg.iterations.count} iteration(s), {sweeps})")
+    what = " (Helm values file: its pipeline)" if is_values_file(args.file) else ""
+    print(f"{args.file}{what}: valid ({cfg.iterations.count} iteration(s), {sweeps})")
+    for note in notes:
+        print(f"note: {note}")
     if cfg.loop is not None:
         print(f"loops ({cfg.loop.generations} generations from a shared generation 0, {cfg.loop.train_data}"
               f"{', accumulating' if cfg.loop.accumulate else ''}): "
@@ -147,8 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     set_help = "override a config value, KEY=VALUE with a dotted key (repeatable)"
 
-    p = sub.add_parser("validate", help="check a pipeline YAML file; errors name the field")
-    p.add_argument("file", help="pipeline YAML ('-' for standard input)")
+    p = sub.add_parser("validate", help="check a pipeline YAML file (or a Helm values file's pipeline); errors "
+                       "name the field; local data paths are checked too")
+    p.add_argument("file", help="pipeline YAML or Helm values file ('-' for standard input)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help=set_help)
     p.add_argument("--print", action="store_true", help="print the resolved config with every default")
     p.set_defaults(func=cmd_validate)
