@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from sims_platform.config import ConfigError
+from sims_platform.pipeline.plan import base_step_error
 from sims_platform.stages.context import StageContext
 from sims_platform.stages.encode import encode
 from sims_platform.stages.evaluate import evaluate, evaluate_reduce
@@ -13,8 +15,6 @@ from sims_platform.stages.reference import reference, reference_reduce
 from sims_platform.stages.sampling import feed, generate
 from sims_platform.stages.select_aux import select_aux
 from sims_platform.stages.training import finetune_aux, finetune_real_aux, train_base
-from sims_platform.config import ConfigError
-from sims_platform.pipeline.plan import base_step_error
 from sims_platform.storage import fsio
 from sims_platform.utils.accel import PeakMemory, describe_device
 

@@ -7,19 +7,19 @@ from typing import Literal
 
 from sims_platform.storage.fsio import join, normalize_uri
 
+# Iteration 0's base from an existing network: one process reads pretrained.base, checks it is the config's
+# network and writes it as train-base's model; nothing is trained, so it needs no GPU, torchrun or gang.
+IMPORT_BASE = "import-base"
 # Stages of one iteration, in order; `evaluate-reduce` merges the evaluate job array's parts;
 # `finetune-real-aux` is the control of the comparison (the aux fine-tune on real training data); `select-aux`
 # (distribution shifting only) resamples the synthetic set per class into the aux fine-tuning set; `import-base`
 # replaces train-base for iteration 0 when pretrained.base names a network (pipeline.plan.base_step).
-STAGES = ("train-base", "import-base", "generate", "select-aux", "finetune-aux", "finetune-real-aux", "evaluate",
+STAGES = ("train-base", IMPORT_BASE, "generate", "select-aux", "finetune-aux", "finetune-real-aux", "evaluate",
           "evaluate-reduce", "feed")
 # Stages of the run as a whole (not per iteration): `encode` turns the real images into VAE latents once;
 # `reference` streams the held-out images through the feature network once (a job array; `reference-reduce`
 # merges its parts into the statistics evaluate compares with).
 RUN_STAGES = ("encode", "reference", "reference-reduce")
-# Iteration 0's base from an existing network: one process reads pretrained.base, checks it is the config's
-# network and writes it as train-base's model; nothing is trained, so it needs no GPU, torchrun or gang.
-IMPORT_BASE = "import-base"
 # Job arrays whose parts a reducer merges (float64 statistics); the reducer completes the stage in its folder,
 # after every part. Every launcher reads this one table.
 REDUCERS = {"reference": "reference-reduce", "evaluate": "evaluate-reduce"}
@@ -37,8 +37,7 @@ STEP_KINDS: dict[str, StepKind] = {
     "finetune-aux": "training", "finetune-real-aux": "training", "evaluate": "array", "evaluate-reduce": "single",
     "feed": "single",
 }
-TRAINING_STAGES = tuple(s for s, kind in STEP_KINDS.items() if kind == "training")
-JOB_ARRAYS = tuple(s for s, kind in STEP_KINDS.items() if kind == "array")
+TRAINING_STAGES = tuple(s for s, kind in STEP_KINDS.items() if kind == "training")  # derived: never listed twice
 
 
 def stage_of(step: str) -> str:
