@@ -4,6 +4,7 @@ Examples:
   sims validate pipelines/digits.yaml
   sims run --config pipelines/digits.yaml --out out/digits
   sims stage train-base --config pipelines/digits.yaml --iteration 0
+  sims stage import-base --config pipelines/digits.yaml --set pretrained.base=s3://bucket/models/base.pt
   sims stage feed --config pipelines/digits-mad.yaml --iteration 1 --loop sims-dp50
   sims stage generate --config pipelines/digits.yaml --device cpu
   sims run --config pipelines/digits.yaml --set seed=1 --set finetune_aux.images=8192 --dry-run
@@ -19,7 +20,7 @@ import sys
 from sims_platform.config import ConfigError, PipelineConfig, dump_config, load_config
 from sims_platform.config.loader import is_values_file
 from sims_platform.data.errors import DataError
-from sims_platform.storage.layout import RUN_STAGES, STAGES
+from sims_platform.storage.layout import IMPORT_BASE, RUN_STAGES, STAGES
 from sims_platform.storage.safe_pickle import UnsafePickleError
 
 
@@ -78,7 +79,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _stage_loop(cfg: PipelineConfig, args: argparse.Namespace):
     """The loop `--loop` names (None: the shared pipeline), once (stage, iteration, loop) is known to be a step of
     the pipeline's plan."""
-    from sims_platform.pipeline.plan import pipeline_plan, resolve_loop
+    from sims_platform.pipeline.plan import base_step_error, pipeline_plan, resolve_loop
     from sims_platform.storage.layout import REDUCERS
 
     try:
@@ -89,10 +90,14 @@ def _stage_loop(cfg: PipelineConfig, args: argparse.Namespace):
         if args.iteration >= cfg.iterations.count:
             raise ConfigError(f"--iteration {args.iteration}: the pipeline has iterations.count = "
                               f"{cfg.iterations.count} (iterations are 0-based)")
-        return None
-    if loop is not None and args.iteration >= cfg.loop.generations:
+    elif loop is not None and args.iteration >= cfg.loop.generations:
         raise ConfigError(f"--iteration {args.iteration}: the pipeline has loop.generations = "
                           f"{cfg.loop.generations} (generations are 0-based)")
+    wrong = base_step_error(cfg, args.iteration, args.name, loop)
+    if wrong:  # train-base and import-base write the same folder: only the plan's one may run
+        raise ConfigError(wrong)
+    if cfg.loop is None:
+        return None
     stage = next((s for s, r in REDUCERS.items() if r == args.name), args.name)
     planned = {(st.iteration, st.stage, st.loop_name) for st in pipeline_plan(cfg)}
     if stage not in RUN_STAGES and (args.iteration, stage, args.loop) not in planned:
@@ -110,7 +115,8 @@ def cmd_stage(args: argparse.Namespace) -> int:
     from sims_platform.stages import StageContext, run_stage
     from sims_platform.utils.accel import resolve_device
 
-    device = resolve_device(cfg.runtime.device)  # before the run is opened: a missing GPU fails fast
+    # Before the run is opened: a missing GPU fails fast. import-base only copies weights: its pod has no GPU.
+    device = resolve_device("cpu" if args.name == IMPORT_BASE else cfg.runtime.device)
 
     index = args.index if args.index is not None else int(os.environ.get("JOB_COMPLETION_INDEX", 0))
     layout, lineage, _ = open_run(cfg)

@@ -13,6 +13,7 @@ import torch
 from edm2_support import edm2_pickle
 
 from sims_platform.cli import main
+from sims_platform.config import ConfigError
 from sims_platform.models import edm2
 from sims_platform.models.edm2 import load_edm2, read_edm2
 from sims_platform.models.precond import Precond
@@ -85,7 +86,7 @@ def test_pretrained_base_replaces_training(tmp_path, tiny_cfg):
     cfg.pretrained.base = str(pkl)
     layout, lineage, _ = open_run(cfg)
     ctx = StageContext(cfg, layout, 0, lineage)
-    result = run_stage(ctx, "train-base")
+    result = run_stage(ctx, "import-base")  # the plan's step for iteration 0's base (tests/test_import_base.py)
     assert result["pretrained"] == str(pkl) and result["images"] == 2147483000
     assert not fsio.exists(layout.checkpoints(0, "train-base")) or not fsio.listdir(layout.checkpoints(0, "train-base"))
     base = ctx.load_model(layout.model(0, "train-base"))  # the config's network with the imported weights
@@ -97,8 +98,8 @@ def test_pretrained_base_replaces_training(tmp_path, tiny_cfg):
 
     cfg.network.model_channels = 32  # a config whose network is not the checkpoint's: clear error
     ctx = StageContext(cfg, layout, 0, lineage)
-    with pytest.raises(ValueError, match=r"pretrained.base: .* model_channels: checkpoint 16, config 32"):
-        run_stage(ctx, "train-base", force=True)
+    with pytest.raises(ConfigError, match=r"pretrained.base: .* model_channels: checkpoint 16, config 32"):
+        run_stage(ctx, "import-base", force=True)
 
 
 def test_malicious_pickles_are_refused(tmp_path):

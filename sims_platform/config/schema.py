@@ -559,9 +559,9 @@ class PretrainedConfig(Strict):
     """Networks that exist already, by URI: EDM2 pickles (read without running their code) or model files
     written by `sims import-edm2` or a previous run."""
 
-    base: str | None = Field(None, description="iteration 0's base model: train-base is skipped and this "
-                             "network (it must match network and data) becomes iter-00/train-base/model.pt; "
-                             "the lineage records the source")
+    base: str | None = Field(None, description="iteration 0's base model: instead of train-base, the import-base "
+                             "step (one process, no GPU) checks that this network matches network and data and "
+                             "writes it as iter-00/train-base/model.pt; the lineage records the source")
     guide: str | None = Field(None, description="evaluate.methods autoguidance: the guide network (e.g. EDM2-XS "
                               "at 134 Mi images) instead of a snapshot of the base's own training")
 

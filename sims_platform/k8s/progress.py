@@ -8,10 +8,8 @@ import posixpath
 from sims_platform.config import PipelineConfig
 from sims_platform.k8s.settings import DriverSettings
 from sims_platform.storage import fsio
-from sims_platform.storage.layout import TRAINING_STAGES, RunLayout
+from sims_platform.storage.layout import STEP_KINDS, RunLayout
 from sims_platform.training.checkpoints import latest
-
-JOB_ARRAYS = ("encode", "reference", "generate", "evaluate")  # steps whose parts write part markers (Indexed Jobs)
 
 
 def training_progress(cfg: PipelineConfig, layout: RunLayout, k: int, stage: str) -> str:
@@ -29,15 +27,16 @@ def parts_progress(layout: RunLayout, k: int, stage: str, count: int) -> str:
 
 def progress(cfg: PipelineConfig, settings: DriverSettings, layout: RunLayout, k: int, stage: str,
              step: str, done: bool) -> str:
-    """'done', '2560/5120 img (50%)', '3/8 parts', or '' when the step has nothing to count; '?' when the
-    storage cannot be read from here (credentials, network)."""
+    """'done', '2560/5120 img (50%)', '3/8 parts', or '' when the step has nothing to count (a single step such as
+    import-base or a reducer); '?' when the storage cannot be read from here (credentials, network)."""
     if done:
         return "done"
+    kind = STEP_KINDS[step]
     try:
-        if step in TRAINING_STAGES:
+        if kind == "training":
             return training_progress(cfg, layout, k, stage)
         count = settings.stage(step).shards
-        if step in JOB_ARRAYS and count > 1:  # a single part writes the stage's own marker only
+        if kind == "array" and count > 1:  # a single part writes the stage's own marker only (parts: Indexed Jobs)
             return parts_progress(layout, k, stage, count)
     except Exception:  # storage unreachable from here: the cluster's view is still worth printing
         return "?"

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pydantic.alias_generators import to_camel
 
 from sims_platform.config.loader import ConfigError
-from sims_platform.storage.layout import RUN_STAGES, STAGES
+from sims_platform.storage.layout import IMPORT_BASE, RUN_STAGES, STAGES
 
 # Keys are camelCase in YAML (Helm values convention) and snake_case in Python.
 
@@ -41,6 +41,15 @@ class StageSettings(Section):
     placement: Placement = Placement()
     shm_size: str = Field("1Gi", description="/dev/shm size (emptyDir medium Memory)")
     active_deadline_seconds: int | None = Field(None, ge=1)
+
+
+# A step's pods when the chart's `stages:` does not list it (otherwise: one pod, no GPU, no requests). import-base
+# only reads a network and writes it back: a few cores and room for the file, its weights and the network at once
+# (EDM2-XXL, the largest: ~3 GB as an fp16 pickle, ~6 GB per fp32 copy); never a GPU.
+DEFAULT_STAGES: dict[str, StageSettings] = {
+    IMPORT_BASE: StageSettings(resources=Resources(requests={"cpu": "2", "memory": "16Gi"},
+                                                   limits={"memory": "32Gi"})),
+}
 
 
 class Gang(Section):
@@ -88,7 +97,9 @@ class DriverSettings(Section):
         return self
 
     def stage(self, name: str) -> StageSettings:
-        return self.stages.get(name, StageSettings())
+        if name in self.stages:
+            return self.stages[name]
+        return DEFAULT_STAGES.get(name, StageSettings())
 
 
 def settings_from_dict(data: Any, source: str = "<driver settings>") -> DriverSettings:

@@ -13,16 +13,14 @@ from sims_platform.k8s.names import workload_name
 from sims_platform.k8s.pods import pod_template, stage_argv
 from sims_platform.k8s.settings import DriverSettings
 from sims_platform.pipeline.plan import pipeline_plan, stages_for
-from sims_platform.storage.layout import REDUCERS, TRAINING_STAGES
-
-TRAINING = TRAINING_STAGES  # distributed training: the backend's kind (PyTorchJob or TrainJob)
-INDEXED = ("encode", "reference", "generate", "evaluate")  # job arrays: each index owns a disjoint slice
+from sims_platform.storage.layout import REDUCERS, STEP_KINDS, stage_of
 
 
 @dataclass(frozen=True)
 class Workload:
-    """One object the driver creates. `stage` names the done marker; `step` the command it runs; `loop` the
-    self-consuming loop it belongs to (None: the shared pipeline)."""
+    """One object the driver creates. `stage` names the done marker; `step` the command it runs (a reducer or
+    import-base completes another stage: storage.layout.STAGE_OF); `loop` the self-consuming loop it belongs to
+    (None: the shared pipeline)."""
 
     name: str
     iteration: int
@@ -40,8 +38,8 @@ class Workload:
 
 def steps_for(cfg: PipelineConfig, k: int) -> list[tuple[str, str]]:
     """(stage, step) pairs of iteration k in dependency order: reference and evaluate run as slices then a
-    reducer."""
-    return [(stage, step) for stage in stages_for(cfg, k) for step in _steps(stage)]
+    reducer; import-base completes train-base."""
+    return [(stage_of(step), step) for planned in stages_for(cfg, k) for step in _steps(planned)]
 
 
 def _steps(stage: str) -> list[str]:
@@ -50,16 +48,19 @@ def _steps(stage: str) -> list[str]:
 
 def build_workload(cfg: PipelineConfig, settings: DriverSettings, k: int, stage: str, step: str,
                    backend: TrainingBackend, loop: str | None = None) -> Workload:
+    """The step as storage.layout.STEP_KINDS says: training as the backend's kind (PyTorchJob or TrainJob), a job
+    array as an Indexed Job (each index owns a disjoint slice), a single step (import-base, a reducer, feed) as a
+    one-pod Job."""
     name = workload_name(cfg.name, k, step, loop)
     labels = L.workload_labels(settings, cfg.name, k, stage, step, loop)
     st = settings.stage(step)
     pod_labels = L.pod_labels(labels)
-    if step in TRAINING:
+    if STEP_KINDS[step] == "training":
         template = pod_template(settings, st, container=backend.container, command=backend.launcher(),
                                 args=stage_argv(step, k, loop=loop), labels=pod_labels, restart_policy=None)
         body = backend.build(name, labels, template, st.nodes, st.gpus, settings)
         return Workload(name, k, stage, step, f"{backend.group}/{backend.version}", backend.kind, body, loop)
-    count = st.shards if step in INDEXED else None
+    count = st.shards if STEP_KINDS[step] == "array" else None
     template = pod_template(settings, st, container=CONTAINER, command=["sims"],
                             args=stage_argv(step, k, count, loop), labels=pod_labels, restart_policy="Never")
     body = batch_job(name, labels, template, settings, completions=count, parallelism=st.parallelism,
@@ -86,10 +87,10 @@ def plan(cfg: PipelineConfig, settings: DriverSettings, backend: TrainingBackend
     out = []
     for st in pipeline_plan(cfg):
         for step in _steps(st.stage):
-            w = build_workload(cfg, settings, st.iteration, st.stage, step, backend, st.loop_name)
+            w = build_workload(cfg, settings, st.iteration, stage_of(step), step, backend, st.loop_name)
             out.append(Workload(w.name, w.iteration, w.stage, w.step, w.api_version, w.kind,
                                 owned_by(w.body, owner), w.loop))
     return out
 
 
-__all__ = ["INDEXED", "TRAINING", "Workload", "build_workload", "plan", "steps_for"]
+__all__ = ["Workload", "build_workload", "plan", "steps_for"]

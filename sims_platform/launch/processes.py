@@ -1,6 +1,7 @@
 """One step of the plan as processes on this machine, launched the way the cluster launches it: a training stage
 under torchrun (gloo on the CPU), a job-array stage (reference, generate, evaluate) as parts then its reducer, any
-other stage as one process. Each process runs `sims stage ...`, the command a pod runs.
+other step (import-base, select-aux, feed) as one process. Each process runs `sims stage ...`, the command a pod
+runs.
 
 `sims local-cluster` launches every step through it; `sims run` with runtime.local_parts > 1 launches its sampling
 job arrays (generate, evaluate) as parts through it (run_parts) and runs everything else itself.
@@ -19,8 +20,9 @@ from dataclasses import dataclass
 
 from sims_platform.launch.servers import free_port
 from sims_platform.pipeline.plan import Step
-from sims_platform.storage.layout import REDUCERS, TRAINING_STAGES
+from sims_platform.storage.layout import REDUCERS, STEP_KINDS
 
+# The job arrays this launcher splits into parts (encode, of latent models only, runs as one process here).
 ARRAYS = ("reference", "generate", "evaluate")
 SIMS = [sys.executable, "-m", "sims_platform.cli"]
 STOP_GRACE_S = 30.0  # how long stopped processes get to record their state before they are killed
@@ -120,11 +122,11 @@ def run_parts(step: Step, config: str, overrides: list[str], env: dict[str, str]
 
 def run_step(step: Step, config: str, overrides: list[str], env: dict[str, str], n: Processes,
              tag: str = "[local]") -> None:
-    """Run one step of the plan: training under torchrun, a job array as parts (then its reducer), else one
-    process. A count of 1 runs the stage as one plain process."""
+    """Run one step of the plan as storage.layout.STEP_KINDS says: training under torchrun, a job array as parts
+    (then its reducer), a single step as one process. A count of 1 runs the stage as one plain process."""
     k, stage, loop = step.iteration, step.stage, step.loop_name
     argv = stage_argv(stage, config, k, overrides, loop)
-    if stage in TRAINING_STAGES and n.train > 1:
+    if STEP_KINDS[stage] == "training" and n.train > 1:
         torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node",
                     str(n.train), "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
                     "-m", "sims_platform.cli"]

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from sims_platform.config import PipelineConfig
 from sims_platform.config.schema import Loop
+from sims_platform.storage.layout import IMPORT_BASE
 
 
 @dataclass(frozen=True)
@@ -22,14 +23,36 @@ class Step:
         return self.loop.name if self.loop is not None else None
 
 
+def base_step(cfg: PipelineConfig, k: int) -> str:
+    """The step that provides iteration k's base: import-base for iteration 0 (shared by every loop) when
+    pretrained.base names a network, else train-base (a loop's generations >= 1 always train)."""
+    return IMPORT_BASE if k == 0 and cfg.pretrained.base else "train-base"
+
+
+def base_step_error(cfg: PipelineConfig, k: int, step: str, loop: Loop | None = None) -> str | None:
+    """Why `step` cannot provide iteration k's base in this pipeline (None: it can, or it is no base step)."""
+    if step not in ("train-base", IMPORT_BASE):
+        return None
+    if step == base_step(cfg, k):
+        return None
+    where = f"stage {step} --iteration {k}{' --loop ' + loop.name if loop else ''}"
+    if step == "train-base":
+        return (f"{where}: pretrained.base is set, so iteration 0's base is imported, not trained: run stage "
+                f"{IMPORT_BASE}")
+    if k == 0:
+        return f"{where}: pretrained.base is not set, so iteration 0's base is trained: run stage train-base"
+    return (f"{where}: only iteration 0's base is imported (pretrained.base); iteration {k}'s is trained: run stage "
+            "train-base")
+
+
 def stages_for(cfg: PipelineConfig, k: int) -> list[str]:
     """Stage order of iteration k; encode (once, before iteration 0) for latent models; reference (once, before
-    iteration 0) unless evaluate.reference names published statistics; select-aux only with a shift section; feed
-    only when a later iteration trains on synthetic data."""
+    iteration 0) unless evaluate.reference names published statistics; the base trained, or imported (base_step);
+    select-aux only with a shift section; feed only when a later iteration trains on synthetic data."""
     stages = ["encode"] if k == 0 and cfg.encoder.kind == "latent" else []
     if k == 0 and not cfg.evaluate.reference:
         stages.append("reference")
-    stages += ["train-base", "generate"] + (["select-aux"] if cfg.shift is not None else []) + ["finetune-aux"]
+    stages += [base_step(cfg, k), "generate"] + (["select-aux"] if cfg.shift is not None else []) + ["finetune-aux"]
     if any(m.name == "sims-real-aux" for m in cfg.evaluate.methods):
         stages.append("finetune-real-aux")
     stages.append("evaluate")

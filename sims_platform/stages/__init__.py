@@ -5,9 +5,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from sims_platform.config import ConfigError
+from sims_platform.pipeline.plan import base_step_error
 from sims_platform.stages.context import StageContext
 from sims_platform.stages.encode import encode
 from sims_platform.stages.evaluate import evaluate, evaluate_reduce
+from sims_platform.stages.import_base import import_base
 from sims_platform.stages.reference import reference, reference_reduce
 from sims_platform.stages.sampling import feed, generate
 from sims_platform.stages.select_aux import select_aux
@@ -20,6 +23,7 @@ STAGE_FUNCS: dict[str, Callable[[StageContext, str], dict]] = {
     "reference": reference,
     "reference-reduce": reference_reduce,  # one process; its record is reference's (layout.stage maps the folder)
     "train-base": train_base,
+    "import-base": import_base,  # iteration 0's base from pretrained.base; its record is train-base's
     "generate": generate,
     "select-aux": select_aux,
     "finetune-aux": finetune_aux,
@@ -42,6 +46,9 @@ def run_stage(ctx: StageContext, stage: str, force: bool = False) -> dict:
     """
     if stage not in STAGE_FUNCS:
         raise ValueError(f"unknown stage '{stage}', expected one of {', '.join(STAGE_FUNCS)}")
+    wrong = base_step_error(ctx.pipeline_cfg, ctx.iteration, stage, ctx.loop)
+    if wrong:  # before any record or run: the other base step writes the same folder
+        raise ConfigError(wrong)
     stage_marker = ctx.layout.done_marker(ctx.iteration, stage)
     marker = stage_marker if ctx.parts == 1 else \
         ctx.layout.part_marker(ctx.iteration, stage, ctx.part, ctx.parts)

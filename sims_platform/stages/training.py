@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 
 from sims_platform.data import ShardStream
-from sims_platform.models.pretrained import check_encoder, mismatches, read_network
 from sims_platform.stages.context import StageContext
 from sims_platform.training import distributed
 from sims_platform.training.loop import train
@@ -44,37 +43,10 @@ def _stream(ctx: StageContext, uri: str, tcfg, salt: int):
     return ShardStream(uri, seed=ctx.cfg.seed + salt, buffer_size=tcfg.shuffle_buffer)
 
 
-def adopt_pretrained(ctx: StageContext, run_id: str, uri: str) -> dict:
-    """Iteration 0's base from an existing network (pretrained.base) instead of training; rank 0 only."""
-    out_uri = ctx.layout.model(0, "train-base")
-    if not distributed.detect().is_main:
-        distributed.barrier()
-        return {"model": out_uri, "pretrained": uri}
-    rec = read_network(uri)
-    check_encoder(rec, ctx.cfg.encoder, "pretrained.base")
-    if rec.kwargs is not None:  # a file that names its architecture must name ours
-        diff = mismatches(rec.kwargs, ctx.network_kwargs())
-        if diff:
-            raise ValueError(f"pretrained.base: {uri} is not the network this config describes (network, "
-                             f"data): {'; '.join(diff)}")
-    net = ctx.build_net()
-    try:
-        net.load_state_dict(rec.state_dict)
-    except RuntimeError as err:
-        raise ValueError(f"pretrained.base: the weights in {uri} do not fit the config's network: {err}") from None
-    images = rec.images or 0
-    ctx.lineage.log_params(run_id, {"pretrained": uri, "images": images})
-    ctx.lineage.link(run_id, inputs={"pretrained": uri}, outputs={"model": out_uri})
-    ctx.save_model(out_uri, net, images, stage="train-base", iteration=0, source=uri)
-    distributed.barrier()
-    return {"model": out_uri, "images": images, "pretrained": uri}
-
-
 def train_base(ctx: StageContext, run_id: str, **train_kwargs) -> dict:
-    """Train iteration k's base model from scratch on the data its config names (or adopt pretrained.base)."""
+    """Train iteration k's base model from scratch on the data its config names (with pretrained.base, iteration
+    0's base is import-base's instead: stages.import_base)."""
     k, tcfg = ctx.iteration, ctx.cfg.train_base
-    if k == 0 and ctx.cfg.pretrained.base:
-        return adopt_pretrained(ctx, run_id, ctx.cfg.pretrained.base)
     if tcfg.loader == "stream":  # one shard set: the encoded latents, or the previous feed (validated)
         uri = ctx.layout.encoded if k == 0 or ctx.cfg.iterations.train_data == "real" \
             else ctx.layout.shards(k - 1, "feed")

@@ -3,24 +3,46 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from sims_platform.storage.fsio import join, normalize_uri
 
+# Iteration 0's base from an existing network: one process reads pretrained.base, checks it is the config's
+# network and writes it as train-base's model; nothing is trained, so it needs no GPU, torchrun or gang.
+IMPORT_BASE = "import-base"
 # Stages of one iteration, in order; `evaluate-reduce` merges the evaluate job array's parts;
 # `finetune-real-aux` is the control of the comparison (the aux fine-tune on real training data); `select-aux`
-# (distribution shifting only) resamples the synthetic set per class into the aux fine-tuning set.
-STAGES = ("train-base", "generate", "select-aux", "finetune-aux", "finetune-real-aux", "evaluate", "evaluate-reduce",
-          "feed")
+# (distribution shifting only) resamples the synthetic set per class into the aux fine-tuning set; `import-base`
+# replaces train-base for iteration 0 when pretrained.base names a network (pipeline.plan.base_step).
+STAGES = ("train-base", IMPORT_BASE, "generate", "select-aux", "finetune-aux", "finetune-real-aux", "evaluate",
+          "evaluate-reduce", "feed")
 # Stages of the run as a whole (not per iteration): `encode` turns the real images into VAE latents once;
 # `reference` streams the held-out images through the feature network once (a job array; `reference-reduce`
 # merges its parts into the statistics evaluate compares with).
 RUN_STAGES = ("encode", "reference", "reference-reduce")
-# Stages that train a network (torchrun on N nodes: a PyTorchJob or TrainJob on a cluster); the rest are
-# job arrays or single processes. Every launcher reads this one list.
-TRAINING_STAGES = ("train-base", "finetune-aux", "finetune-real-aux")
 # Job arrays whose parts a reducer merges (float64 statistics); the reducer completes the stage in its folder,
 # after every part. Every launcher reads this one table.
 REDUCERS = {"reference": "reference-reduce", "evaluate": "evaluate-reduce"}
+# Steps that complete another stage: they write its folder, completion record and MLflow run, so whatever reads
+# that stage (the next stages, resumption, lineage queries) does not depend on which step produced it.
+STAGE_OF = {reducer: stage for stage, reducer in REDUCERS.items()} | {IMPORT_BASE: "train-base"}
+
+StepKind = Literal["training", "array", "single"]
+# How each step runs, on every launcher: "training" is torchrun on N nodes (the training backend's PyTorchJob or
+# TrainJob on a cluster); "array" is a job array whose parts own disjoint slices (an Indexed Job); "single" is one
+# plain process (a single-pod Job). Every launcher reads this one table.
+STEP_KINDS: dict[str, StepKind] = {
+    "encode": "array", "reference": "array", "reference-reduce": "single",
+    "train-base": "training", IMPORT_BASE: "single", "generate": "array", "select-aux": "single",
+    "finetune-aux": "training", "finetune-real-aux": "training", "evaluate": "array", "evaluate-reduce": "single",
+    "feed": "single",
+}
+TRAINING_STAGES = tuple(s for s, kind in STEP_KINDS.items() if kind == "training")  # derived: never listed twice
+
+
+def stage_of(step: str) -> str:
+    """The stage whose folder, completion record and MLflow run a step completes (itself for most steps)."""
+    return STAGE_OF.get(step, step)
 
 
 @dataclass(frozen=True)
@@ -88,7 +110,7 @@ class RunLayout:
         return join(self.root, f"iter-{k:02d}")
 
     def stage(self, k: int, stage: str) -> str:
-        stage = next((s for s, reducer in REDUCERS.items() if reducer == stage), stage)
+        stage = stage_of(stage)
         if stage == "reference":  # next to the feature networks it is computed with
             return join(self.features, "reference")
         if stage in RUN_STAGES:

@@ -20,7 +20,8 @@ Tags (the lineage contract; query them in the UI search box, e.g. tags.`sims.sta
 - ``sims.loop``: a self-consuming loop's name (e.g. ``sims-dp50``) on its loop, iteration and stage runs; the
   shared generation 0 (iter-0) has none. Its metrics (``mad.fid``, ``mad.precision``, ``mad.recall``, step =
   generation, generation 0 included) compare the loops in MLflow's chart view.
-- ``sims.iteration``: k as a decimal string; ``sims.stage``: one of storage.layout.STAGES. Run-level
+- ``sims.iteration``: k as a decimal string; ``sims.stage``: one of storage.layout.STAGES (a reducer or
+  import-base logs into the run of the stage it completes: evaluate, iteration 0's train-base). Run-level
   stages (storage.layout.RUN_STAGES, e.g. encode) hang directly under the pipeline run, named "<stage>",
   without ``sims.iteration``.
 - ``sims.input.<name>`` / ``sims.output.<name>``: URIs a stage read / wrote (`Lineage.link`). A model
@@ -71,7 +72,7 @@ from mlflow.utils.validation import (
 from sims_platform.config.loader import dump_config
 from sims_platform.config.schema import PipelineConfig
 from sims_platform.storage.fsio import exists, read_json, write_json
-from sims_platform.storage.layout import REDUCERS, RUN_STAGES, STAGES, RunLayout
+from sims_platform.storage.layout import RUN_STAGES, STAGES, RunLayout, stage_of
 from sims_platform.tracking.datasets import dataset_input
 from sims_platform.tracking.store import LineageError, default_artifact_location, open_client, resolve_tracking_uri
 
@@ -86,8 +87,6 @@ TERMINAL = ("FINISHED", "FAILED", "KILLED")
 # MLflow 3's UI picks an experiment's views from this tag: without it, a new experiment opens on the GenAI
 # pages (traces, prompts); model training opens on the runs table with charts and comparisons.
 EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
-# Steps that log into another stage's run: a reducer (evaluate-reduce, reference-reduce) completes its array's stage.
-RUN_OF = {reducer: stage for stage, reducer in REDUCERS.items()}
 # How old the oldest of racing runs must be before every process trusts it (Lineage._canonical): paid only
 # right after a run is created. On a tracking server it bounds request latency plus clock skew between pods;
 # a local store has one clock, so only the time between taking a start time and committing the run counts.
@@ -298,10 +297,11 @@ class Lineage:
 
         Every process of a stage (the parts of a job array, the ranks of a PyTorchJob, a restarted pod)
         gets the same run: it is found by its tags under the pipeline run named in run.json, and processes
-        that create it at the same moment converge on the oldest (see _get_or_create). The evaluate
-        reducer logs into evaluate's run, as it completes evaluate's folder (RunLayout.stage).
+        that create it at the same moment converge on the oldest (see _get_or_create). A step that completes
+        another stage logs into that stage's run (storage.layout.STAGE_OF): the evaluate reducer into evaluate's,
+        import-base into iteration 0's train-base run.
         """
-        stage = RUN_OF.get(stage, stage)
+        stage = stage_of(stage)  # a reducer or import-base logs into the run of the stage it completes
         if stage in RUN_STAGES:  # once per pipeline, not per iteration
             tags = {PARENT: self.pipeline_id, KIND: "stage", STAGE: stage}
             name = stage

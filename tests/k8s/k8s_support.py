@@ -40,3 +40,19 @@ def containers(obj: dict) -> list[dict]:
     if "template" in spec:
         templates.append(spec["template"])
     return [c for t in templates for c in t["spec"]["containers"]]
+
+
+def validate_strictly(obj: dict, version: str) -> None:
+    """Raise if obj is not strictly valid: core objects against Kubernetes `version`'s OpenAPI schema, TrainJob and
+    TrainingRuntime against the Trainer v2.3.0 CRDs, a PyTorchJob's pod templates as core PodTemplates."""
+    import kubernetes_validate
+    from crd_schema import validate_custom
+
+    if obj["apiVersion"].startswith("trainer.kubeflow.org/"):
+        validate_custom(obj)
+    elif obj["kind"] == "PyTorchJob":  # the kubeflow-training models check the CR; its pod templates are core
+        for i, r in enumerate(obj["spec"]["pytorchReplicaSpecs"].values()):
+            kubernetes_validate.validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {
+                "name": f"{obj['metadata']['name']}-{i}"}, "template": r["template"]}, version, strict=True)
+    else:
+        kubernetes_validate.validate(obj, version, strict=True)

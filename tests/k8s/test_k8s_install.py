@@ -6,10 +6,9 @@ from __future__ import annotations
 import itertools
 
 import jsonschema
-import kubernetes_validate
 import pytest
 from crd_schema import validate_custom
-from k8s_support import BACKENDS, K8S_VERSIONS, RELEASE, VALUES_FILES, docs_of
+from k8s_support import BACKENDS, K8S_VERSIONS, RELEASE, VALUES_FILES, docs_of, validate_strictly
 
 from sims_platform.k8s.render import render_objects, run_specs
 
@@ -22,17 +21,6 @@ def _template(helm, version: str, backend: str, values: str | None, *extra: str)
     return helm(*args).stdout
 
 
-def _validate(obj: dict, version: str) -> None:
-    if obj["apiVersion"].startswith("trainer.kubeflow.org/"):
-        validate_custom(obj)
-    elif obj["kind"] == "PyTorchJob":  # the kubeflow-training models check the CR; its pod templates are core
-        for i, r in enumerate(obj["spec"]["pytorchReplicaSpecs"].values()):
-            kubernetes_validate.validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {
-                "name": f"{obj['metadata']['name']}-{i}"}, "template": r["template"]}, version, strict=True)
-    else:
-        kubernetes_validate.validate(obj, version, strict=True)
-
-
 @pytest.mark.parametrize("version, backend", list(itertools.product(K8S_VERSIONS, BACKENDS)))
 def test_every_object_validates_strictly(helm, version, backend):
     kinds = set()
@@ -40,7 +28,7 @@ def test_every_object_validates_strictly(helm, version, backend):
         text = _template(helm, version, backend, values)
         objs = docs_of(text) + render_objects(text)
         for obj in objs:
-            _validate(obj, version)
+            validate_strictly(obj, version)
             kinds.add(obj["kind"])
     training = {"pytorchjob": "PyTorchJob", "trainjob": "TrainJob"}[backend]
     assert training in kinds and ("TrainingRuntime" in kinds) == (backend == "trainjob")

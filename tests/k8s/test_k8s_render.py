@@ -15,6 +15,7 @@ from kubeflow.training import KubeflowOrgV1PyTorchJob
 from sims_platform.k8s.names import is_dns_label
 from sims_platform.k8s.render import render, render_objects, run_specs
 from sims_platform.k8s.workloads import plan
+from sims_platform.pipeline.plan import base_step
 
 ALL_VALUES = (None, *VALUES_FILES)
 
@@ -36,7 +37,7 @@ def test_render_prints_every_stage_of_every_iteration(rendered, values, monkeypa
     iterations = spec.cfg.iterations.count
     steps = {(o["metadata"]["labels"]["sims.io/iteration"], o["metadata"]["labels"]["sims.io/step"]) for o in objs}
     for k in range(iterations):
-        for step in ("train-base", "generate", "finetune-aux", "evaluate", "evaluate-reduce"):
+        for step in (base_step(spec.cfg, k), "generate", "finetune-aux", "evaluate", "evaluate-reduce"):
             assert (str(k), step) in steps
     feeds = [s for s in steps if s[1] == "feed"]
     assert len(feeds) == (iterations - 1 if spec.cfg.iterations.train_data != "real" else 0)
