@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from sims_platform.cli import main
 from sims_platform.config import ConfigError, config_from_dict, load_config
@@ -249,3 +250,15 @@ def test_validate_checks_local_data_paths(tmp_path, capsys):
     (tmp_path / "images" / "a").mkdir(parents=True)
     assert main(["validate", str(path), "--set", "data.source=folder", "--set", f"data.path={tmp_path}/images",
                  "--set", "data.num_classes=1"]) == 0
+
+
+def test_an_imported_base_needs_a_named_guide_for_autoguidance():
+    d = yaml.safe_load(PIPELINES[0].read_text())
+    d["evaluate"]["methods"] = [{"name": "autoguidance", "weights": [1.0], "guide_images": 1024}]
+    d["train_base"]["snapshots"] = [1024]
+    d.pop("loop", None)
+    d["pretrained"] = {"base": "s3://bucket/models/base.pkl"}
+    with pytest.raises(ConfigError, match="imported .*set pretrained.guide"):
+        config_from_dict(d)
+    d["pretrained"]["guide"] = "s3://bucket/models/guide.pkl"
+    config_from_dict(d)

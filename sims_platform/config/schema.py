@@ -647,6 +647,9 @@ class PipelineConfig(Strict):
             raise ValueError("pretrained.guide is autoguidance's guide network: add an 'autoguidance' entry to "
                              "evaluate.methods or remove pretrained.guide")
         for m in self.evaluate.methods:
+            if m.name == "autoguidance" and self.pretrained.guide is None and self.pretrained.base is not None:
+                raise ValueError("evaluate.methods autoguidance: iteration 0's base is imported (pretrained.base), so "
+                                 "it has no training snapshots to guide with; set pretrained.guide (e.g. EDM2-XS)")
             if m.name == "autoguidance" and self.pretrained.guide is None \
                     and m.guide_images not in self.train_base.snapshots:
                 raise ValueError("evaluate.methods autoguidance: guide_images must be one of train_base.snapshots "
