@@ -72,8 +72,26 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"error: {err}; `sims run` again resumes from the completed stages", file=sys.stderr)
         return 1
     layout = RunLayout.of(cfg.storage.root)
-    print(f"open the MLflow UI with:\n  {ui_command(resolve_tracking_uri(cfg, layout), layout)}", flush=True)
+    sims = os.path.relpath(sys.argv[0]) if os.path.basename(sys.argv[0]) == "sims" else "sims"
+    print(f"open the MLflow UI with:\n  {ui_command(resolve_tracking_uri(cfg, layout), layout, sims)}", flush=True)
     return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    """The MLflow UI on a local run folder's store, wherever the folder now is (its artifacts re-rooted first)."""
+    from sims_platform.storage.layout import RunLayout
+    from sims_platform.tracking.store import local_store, mlflow_ui_argv, open_client
+
+    layout = RunLayout.of(args.folder)
+    uri, _ = local_store(layout)
+    if not os.path.isfile(uri[len("sqlite:///"):]):
+        raise ConfigError(f"{args.folder}: no MLflow store here (expected {uri[len('sqlite:///'):]}); give the "
+                          "folder a `sims run --out` wrote")
+    open_client(uri)  # re-roots the artifact locations of a moved or copied folder
+    argv = mlflow_ui_argv(layout) + ["--host", args.host, "--port", str(args.port)]
+    print(f"[ui] {' '.join(argv[1:])}", flush=True)
+    os.execv(argv[0], argv)
+    return 0  # not reached
 
 
 def _stage_loop(cfg: PipelineConfig, args: argparse.Namespace):
@@ -209,6 +227,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="EDM2 pickle: path or URI (network-snapshot-*.pkl, edm2-img512-*.pkl)")
     p.add_argument("dst", help="model file to write: path or URI (usable as pretrained.base / pretrained.guide)")
     p.set_defaults(func=cmd_import_edm2)
+
+    p = sub.add_parser("ui", help="open the MLflow UI on a run folder (`sims run --out`), also after it was "
+                       "moved or copied")
+    p.add_argument("folder", help="the run's folder, e.g. out/digits")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=5000, help="port (default 5000)")
+    p.set_defaults(func=cmd_ui)
 
     from sims_platform.k8s.cli import register as register_k8s
 

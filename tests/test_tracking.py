@@ -57,8 +57,8 @@ def test_tracking_uri_resolution(tmp_path, monkeypatch):
     layout = RunLayout.of(cfg.storage.root)
     uri = resolve_tracking_uri(cfg, layout)
     assert uri == f"sqlite:///{tmp_path}/run/mlflow.db"
-    cmd = ui_command(uri, layout)
-    assert cmd.startswith("mlflow ui --backend-store-uri sqlite:///") and f"file://{tmp_path}/run/mlartifacts" in cmd
+    assert ui_command(uri, layout, ".venv/bin/sims") == f".venv/bin/sims ui {os.path.relpath(tmp_path / 'run')}"
+    assert ui_command(uri).startswith("mlflow ui --backend-store-uri sqlite:///")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://env:5000")
     assert resolve_tracking_uri(cfg, layout) == "http://env:5000"
     cfg.tracking.uri = "http://cfg:5000"

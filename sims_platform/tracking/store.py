@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import shlex
+import sqlite3
+import sys
 from contextlib import contextmanager
 from collections.abc import Iterator
 
@@ -57,14 +60,66 @@ def default_artifact_location(tracking_uri: str, layout: RunLayout) -> str | Non
     return None
 
 
-def ui_command(tracking_uri: str, layout: RunLayout | None = None) -> str:
-    """The shell command that shows these runs (for a tracking server, just its URL to open)."""
+def ui_command(tracking_uri: str, layout: RunLayout | None = None, sims: str = "sims") -> str:
+    """The shell command that shows these runs (for a tracking server, just its URL to open): `sims ui <folder>` for
+    the store under a local run folder (it re-roots a moved folder's artifacts first), else `mlflow ui`."""
     if tracking_uri.startswith(("http://", "https://")):
         return tracking_uri
-    cmd = f"mlflow ui --backend-store-uri {shlex.quote(tracking_uri)}"
-    if layout is not None and (artifacts := default_artifact_location(tracking_uri, layout)):
-        cmd += f" --default-artifact-root {shlex.quote(artifacts)}"
-    return cmd
+    if layout is not None and default_artifact_location(tracking_uri, layout):
+        return f"{sims} ui {shlex.quote(os.path.relpath(_local_path(layout) or '.'))}"
+    return f"mlflow ui --backend-store-uri {shlex.quote(tracking_uri)}"
+
+
+def mlflow_ui_argv(layout: RunLayout) -> list[str]:
+    """The `mlflow ui` command line (this Python's mlflow) for the store under a local run folder."""
+    uri, artifacts = local_store(layout)
+    return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--default-artifact-root", artifacts]
+
+
+# ----------------------------------------------------------------------------
+# A run folder that moves: artifact locations follow the database
+
+# The columns of MLflow's SQLite schema that hold an artifact location (absolute URIs, fixed when a row is written).
+_LOCATION_COLUMNS = (("experiments", "artifact_location"), ("runs", "artifact_uri"),
+                     ("logged_models", "artifact_location"), ("model_versions", "storage_location"),
+                     ("model_versions", "source"), ("workspaces", "default_artifact_root"))
+_ARTIFACTS = re.compile(r"^file://(/.*)/mlartifacts(?:/|$)")
+
+
+def reroot(db: str) -> list[str]:
+    """Point every artifact location of the run folder's store at this folder's `mlartifacts/`.
+
+    MLflow records absolute artifact URIs, so a moved folder would show "No Artifacts Recorded" and a copied one
+    would write its new artifacts into the original. The store lives at <folder>/mlflow.db and its artifacts at
+    <folder>/mlartifacts, so any other `file://<old>/mlartifacts` prefix is this folder's own, from where it was
+    written. Returns the old folders rewritten. Call with the database's lock held."""
+    if not os.path.exists(db):
+        return []
+    here = os.path.dirname(os.path.abspath(db))
+    con = sqlite3.connect(db)
+    try:
+        tables = {name for (name,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        columns = [(t, c) for t, c in _LOCATION_COLUMNS
+                   if t in tables and c in {row[1] for row in con.execute(f"PRAGMA table_info({t})")}]
+        old: set[str] = set()
+        for t, c in columns:
+            for (value,) in con.execute(f"SELECT DISTINCT {c} FROM {t} WHERE {c} LIKE 'file://%/mlartifacts%'"):
+                m = _ARTIFACTS.match(value or "")
+                if m and m.group(1) != here:
+                    old.add(m.group(1))
+        for prefix in sorted(old):
+            src, dst = f"file://{prefix}/mlartifacts", f"file://{here}/mlartifacts"
+            for t, c in columns:
+                con.execute(f"UPDATE {t} SET {c} = ? || substr({c}, ?) WHERE {c} = ? OR {c} LIKE ? ESCAPE '\\'",
+                            (dst, len(src) + 1, src, _like_prefix(src + "/")))
+        con.commit()
+        return sorted(old)
+    finally:
+        con.close()
+
+
+def _like_prefix(prefix: str) -> str:
+    return prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
 
 
 @contextmanager
@@ -86,4 +141,8 @@ def open_client(tracking_uri: str) -> MlflowClient:
     db = tracking_uri[len(SQLITE):]
     os.makedirs(os.path.dirname(db) or ".", exist_ok=True)
     with _exclusive(f"{db}.lock"):
+        moved = reroot(db)
+        if moved:
+            print(f"[tracking] {os.path.dirname(db)} was moved or copied from {', '.join(moved)}: its artifact "
+                  "locations now point into it", flush=True)
         return MlflowClient(tracking_uri)  # constructing it opens the store, which creates or migrates the tables
