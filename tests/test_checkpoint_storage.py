@@ -101,6 +101,19 @@ def test_save_sharded_refuses_to_rewrite_a_committed_checkpoint(tmp_path, scratc
     assert fsio.exists(fsio.join(uri, "ds", SHARED))
 
 
+def test_a_commit_record_written_meanwhile_is_not_replaced(tmp_path, scratch):
+    folder = str(tmp_path / "store")
+    theirs = {"engine": "deepspeed", "writer": "the other run"}
+
+    def state() -> dict:  # runs after the upload, before the commit: another writer commits first
+        fsio.write_json(fsio.join(folder, "ckpt-0000000320", COMMIT), theirs)
+        return {"images": 320, "step": 1}
+
+    with pytest.raises(CheckpointExistsError, match=r"ckpt-0000000320/COMMIT\.json was committed by another writer"):
+        save_sharded(folder, 320, save_native=_save_native, state=state, commit={"engine": "deepspeed"}, keep=2)
+    assert fsio.read_json(fsio.join(folder, "ckpt-0000000320", COMMIT)) == theirs
+
+
 def test_save_sharded_replaces_an_uncommitted_leftover(tmp_path, scratch):
     folder = str(tmp_path / "store")
     leftover = tmp_path / "store" / "ckpt-0000000320" / "ds" / "state"

@@ -169,7 +169,12 @@ def save_sharded(folder: str, images: int, *, save_native: Callable[[str], None]
     # Every rank's upload finished (a rank that failed raised and never gets here, so this waits for it).
     all_files = sorted({f for fs in distributed.all_gather(files) for f in fs})
     if distributed.is_main():
-        fsio.write_json(commit_uri, {**commit, "images": images, "native_files": all_files})
+        try:  # created only if absent: a second writer of this checkpoint never replaces its record
+            fsio.create_json(commit_uri, {**commit, "images": images, "native_files": all_files})
+        except FileExistsError:
+            raise CheckpointExistsError(
+                f"{commit_uri} was committed by another writer while this run wrote {uri}; expected one run "
+                f"to write {folder} at a time") from None
         prune(folder, keep)
     distributed.barrier()
     return uri
