@@ -5,7 +5,9 @@ from __future__ import annotations
 import io
 import json
 import os
+import tarfile
 import uuid
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +16,8 @@ from webdataset import TarWriter
 
 import sims_platform.data.shards as shards_mod
 from sims_platform.config.schema import DataConfig
-from sims_platform.data import ShardError, ShardWriter, load_images, read_shards
+from sims_platform.data import DataError, ShardError, ShardWriter, SourceIndex, load_images, read_shards
+from sims_platform.data.shards import iter_tar
 from sims_platform.storage.fsio import listdir, read_json
 
 # ----------------------------------------------------------------------------
@@ -117,6 +120,34 @@ def test_webdataset_source_missing_image_named(tmp_path):
         tar.write({"__key__": "s0", "txt": "hello", "cls": 0})
     with pytest.raises(ValueError, match="s0: no image"):
         load_images(DataConfig(source="webdataset", path=str(tmp_path / "bad.tar")))
+
+
+def _truncate(path: Path, where: str) -> None:
+    """Cut the tar at path after its first sample: at that member boundary ('boundary': the rest of the
+    samples and the end-of-archive marker gone) or halfway through the second sample's largest file."""
+    with tarfile.open(path) as t:
+        members = t.getmembers()
+    key = members[0].name.split(".")[0]
+    second = [m for m in members if m.name.split(".")[0] != key]
+    if where == "boundary":
+        size = second[0].offset
+    else:
+        m = max((m for m in second if m.name.split(".")[0] == second[0].name.split(".")[0]), key=lambda m: m.size)
+        size = m.offset_data + m.size // 2
+    with open(path, "r+b") as f:
+        f.truncate(size)
+
+
+@pytest.mark.parametrize("where", ["boundary", "mid-member"])
+def test_webdataset_source_refuses_a_truncated_tar(tmp_path, where):
+    uri = _image_shards(tmp_path)
+    _truncate(tmp_path / "img-01.tar", where)
+    cfg = DataConfig(source="webdataset", path=uri, resolution=8, channels=1, num_classes=4)
+    pattern = r"img-01\.tar: truncated"
+    with pytest.raises(DataError, match=pattern):
+        load_images(cfg)
+    with pytest.raises(DataError, match=pattern):
+        SourceIndex(cfg)
 
 
 # ----------------------------------------------------------------------------
@@ -227,3 +258,14 @@ def test_manifest_count_mismatch_is_refused(tmp_path):
     (tmp_path / "syn" / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ShardError, match="holds 3 samples, manifest says 2"):
         read_shards(uri)
+
+
+@pytest.mark.parametrize("where", ["boundary", "mid-member"])
+def test_truncated_synthetic_shard_is_refused(tmp_path, where):
+    uri = f"file://{tmp_path}/syn"
+    _write_all(uri).finalize()
+    _truncate(tmp_path / "syn" / "shard-000001.tar", where)
+    with pytest.raises(ShardError, match=r"shard-000001\.tar: truncated"):
+        read_shards(uri)
+    with pytest.raises(DataError, match=r"shard-000001\.tar: truncated"):
+        list(iter_tar(f"{uri}/shard-000001.tar"))

@@ -11,7 +11,8 @@ from sklearn.datasets import load_digits
 from sims_platform.config import config_from_dict
 from sims_platform.data import SourceIndex, holdout_split, load_images, read_manifest, read_shards
 from sims_platform.pipeline.runner import open_run, stages_for
-from sims_platform.stages import StageContext, run_stage
+from sims_platform.stages import STAGE_FUNCS, StageContext, is_done, run_stage
+from sims_platform.storage import fsio
 
 from pipeline_support import tiny_config_dict
 from test_encoders import TINY_VAE
@@ -72,6 +73,40 @@ def test_encode_in_two_parts_then_train_on_latents(digit_folder, tmp_path):
     out = run_stage(ctx, "train-base")
     assert out["images"] == 256
     assert run_stage(StageContext(cfg, layout, 0, lineage, part=0, parts=2), "encode")["complete"]  # skipped
+
+
+def test_a_kill_between_a_parts_record_and_the_stages_is_completed_by_a_rerun(digit_folder, tmp_path):
+    """The part that completes encode is killed after its own record, before the stage's: rerunning either
+    part writes the stage's record (before, both skipped as done and the stage never completed)."""
+    cfg = latent_cfg(tmp_path, digit_folder)
+    layout, lineage, _ = open_run(cfg)
+    for i in (1, 0):
+        run_stage(StageContext(cfg, layout, 0, lineage, part=i, parts=2), "encode")
+    marker = layout.done_marker(0, "encode")
+    for rerun in (1, 0):
+        fsio.remove(marker)  # what the kill leaves: both part records, no stage record
+        assert run_stage(StageContext(cfg, layout, 0, lineage, part=rerun, parts=2), "encode")["images"] == 20
+        record = fsio.read_json(marker)
+        assert record["part"] == 0 and record["result"]["complete"]  # the completing part's record
+    assert is_done(StageContext(cfg, layout, 0, lineage), "encode")
+
+
+def test_a_stage_record_written_meanwhile_is_kept(digit_folder, tmp_path, monkeypatch, capsys):
+    """Two parts that both find the set complete: the first stage record stands, the second is not written
+    over it."""
+    cfg = latent_cfg(tmp_path, digit_folder)
+    layout, lineage, _ = open_run(cfg)
+    marker = layout.done_marker(0, "encode")
+    theirs = {"stage": "encode", "part": 1, "result": {"complete": True}}
+
+    def racing(ctx: StageContext, run_id: str) -> dict:  # the other part records the stage first
+        fsio.write_json(marker, theirs)
+        return {"complete": True}
+
+    monkeypatch.setitem(STAGE_FUNCS, "encode", racing)
+    assert run_stage(StageContext(cfg, layout, 0, lineage, part=0, parts=2), "encode") == {"complete": True}
+    assert fsio.read_json(marker) == theirs
+    assert "completed meanwhile by another process" in capsys.readouterr().out
 
 
 def test_streamed_training_on_encoded_latents_and_synthetic_set(digit_folder, tmp_path):

@@ -222,6 +222,56 @@ def test_stream_takes_rank_from_the_environment(tmp_path, monkeypatch):
         next(iter(ShardStream(uri, rank=4, world_size=5)))
 
 
+# StreamRows.take for every rank of a world_size x loader_workers layout, in a process of its own (so a hang
+# is a timeout, not a stuck test run); prints each rank's row count.
+_TAKE = """
+import json, sys
+from sims_platform.data import ShardStream
+from sims_platform.training.batches import StreamRows
+uri, world, workers, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+rows = [StreamRows(ShardStream(uri, rank=r, world_size=world, buffer_size=4, seed=3), workers, 0).take(n)[0]
+        for r in range(world)]
+print(json.dumps([len(x) for x in rows]))
+"""
+
+
+def test_every_rank_gets_shards_when_slots_outnumber_them(tmp_path):
+    """2 shards, 2 ranks x 2 loader workers: 4 slots for 2 shards, yet both ranks read one, and training
+    takes rows across epochs instead of spinning through empty ones."""
+    uri = str(tmp_path / "set")
+    _write_set(uri, total=8, shard_size=4)
+    ranks = _epoch(uri, 0, world_size=2, num_workers=2)
+    assert all(ranks) and sorted(ranks[0] + ranks[1]) == list(range(8))
+    env = {**os.environ, "PYTHONPATH": str(SCRIPT.parents[1]), "OMP_NUM_THREADS": "1"}
+    try:
+        out = subprocess.run([sys.executable, "-c", _TAKE, uri, "2", "2", "6"], env=env, capture_output=True,
+                             text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("StreamRows.take for 2 ranks x 2 loader workers on 2 shards did not return in 120 s")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == [6, 6]  # 4 rows a rank and epoch: crosses one
+
+
+def test_stream_rows_fail_on_an_epoch_without_samples():
+    """Should a rank's epoch ever come up empty, training fails naming the set instead of spinning."""
+    from torch.utils.data import IterableDataset
+
+    from sims_platform.data import DataError
+    from sims_platform.training.batches import StreamRows
+
+    class Empty(IterableDataset):
+        uri, num_samples = "s3://bucket/set", 8
+
+        def set_epoch(self, epoch: int) -> None:
+            pass
+
+        def __iter__(self):
+            return iter(())
+
+    with pytest.raises(DataError, match=r"s3://bucket/set: epoch 0 gave this rank no samples"):
+        StreamRows(Empty(), 0, 0).take(2)
+
+
 def test_stream_from_s3_with_workers_matches_the_set(s3_bucket):
     uri = s3_bucket + "/stream"
     _write_set(uri, total=30, shard_size=4, shape=(2, 8, 8))

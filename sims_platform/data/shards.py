@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
+import tarfile
 from collections.abc import Iterator
 from typing import IO, Any
 
@@ -12,7 +14,7 @@ import numpy as np
 import torch
 from webdataset import TarWriter
 from webdataset.autodecode import npy_loads
-from webdataset.tariterators import group_by_keys, tar_file_expander
+from webdataset.tariterators import group_by_keys
 
 from sims_platform.data.errors import DataError
 from sims_platform.storage.fsio import atomic_open, exists, join, listdir, read_json, write_json
@@ -57,9 +59,52 @@ class _Hashing:
         return b
 
 
+class _EndAwareInfo(tarfile.TarInfo):
+    """TarInfo that notes on its TarFile when the end-of-archive marker (a zero block) is read.
+
+    tarfile ends its iteration silently both at that marker and at a bare end of data, and a tar cut at a
+    member boundary looks like the latter: without this note its missing samples would just be gone.
+    """
+
+    @classmethod
+    def fromtarfile(cls, tar: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.EOFHeaderError:
+            tar.end_marker_seen = True  # type: ignore[attr-defined]
+            raise
+
+
+# Member names webdataset's own tar iteration skips as shard metadata (e.g. __index__).
+_META = re.compile(r"__[^/]*__($|/)")
+
+
+def _tar_files(stream: IO[bytes] | _Hashing, url: str) -> Iterator[dict[str, Any]]:
+    """The regular files of one tar stream as webdataset's iteration yields them ({fname, data, __url__}),
+    read to the end-of-archive marker: a tar cut short raises DataError naming url, never loses samples."""
+    try:
+        tar = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_EndAwareInfo)  # type: ignore[arg-type]
+        members = 0
+        for info in tar:
+            members += 1
+            if not info.isreg() or _META.match(info.name):
+                continue
+            f = tar.extractfile(info)
+            assert f is not None  # a regular file always has data
+            yield {"fname": info.name, "data": f.read(), "__url__": url}
+            tar.members = []  # stream mode would keep every header for the whole shard
+    except (tarfile.TarError, EOFError) as e:  # cut (or corrupt) inside a member or a compressed stream
+        raise DataError(f"{url}: truncated or corrupt tar ({e}); expected a complete tar archive (was the copy "
+                        "or upload cut short?)") from e
+    if not getattr(tar, "end_marker_seen", False):
+        raise DataError(f"{url}: truncated tar: it ends after {members} members without the end-of-archive "
+                        "marker; expected a complete tar archive (was the copy or upload cut short?)")
+
+
 def tar_samples(stream: IO[bytes] | _Hashing, url: str) -> Iterator[dict[str, Any]]:
-    """Samples of one open tar stream (raw bytes by extension, plus __key__), via webdataset's tar iteration."""
-    return group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))
+    """Samples of one open tar stream (raw bytes by extension, plus __key__), grouped as webdataset does;
+    a truncated tar raises DataError naming url (webdataset's own iteration would drop the lost samples)."""
+    return group_by_keys(_tar_files(stream, url))
 
 
 def iter_tar(uri: str) -> Iterator[dict[str, Any]]:
@@ -188,6 +233,8 @@ def read_shard(uri: str, entry: dict[str, Any],
                 seeds.append(int(sample["seed"]))
             while stream.read(1 << 20):  # tar readers stop at the end marker; the checksum covers every byte
                 pass
+    except DataError as e:  # a truncated tar: the message already names the shard
+        raise ShardError(str(e)) from e
     except (OSError, ValueError, KeyError, EOFError) as e:
         raise ShardError(f"{path}: unreadable shard ({e!r})") from e
     if stream.sha.hexdigest() != entry["sha256"]:

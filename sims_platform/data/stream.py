@@ -31,8 +31,13 @@ def shard_order(num_shards: int, seed: int, epoch: int, shuffle: bool) -> list[i
 
 def assigned_shards(num_shards: int, seed: int, epoch: int, shuffle: bool,
                     rank: int, world_size: int, worker: int, num_workers: int) -> list[int]:
-    """Shards that (rank, worker) reads this epoch: each shard goes to exactly one of world_size * num_workers."""
-    slot, slots = rank * num_workers + worker, world_size * num_workers
+    """Shards that (rank, worker) reads this epoch: each shard goes to exactly one of world_size * num_workers.
+
+    Dealt worker-major (worker 0 of every rank, then worker 1 of every rank, ...): with at least one shard per
+    rank every rank gets data whatever its loader_workers, so no rank spins through empty epochs; only a
+    surplus worker may get none, and it simply ends.
+    """
+    slot, slots = worker * world_size + rank, world_size * num_workers
     return shard_order(num_shards, seed, epoch, shuffle)[slot::slots]
 
 
@@ -44,8 +49,9 @@ class ShardStream(IterableDataset):
     per worker is one shard plus the shuffle buffer. Every epoch the shard order is permuted (seed, epoch),
     and samples pass through a buffer of `buffer_size` shuffled by (seed, epoch, rank, worker): the order is
     reproducible and differs between epochs. Shards are dealt round-robin to the world_size * num_workers
-    (rank, DataLoader worker) slots, so each is read by exactly one per epoch; slots beyond the number of
-    shards get nothing, and ranks may get different sample counts when shards do not divide evenly.
+    (rank, DataLoader worker) slots, worker-major (see assigned_shards), so each is read by exactly one per
+    epoch and every rank gets some as long as there is a shard per rank; workers beyond the number of shards
+    get nothing, and ranks may get different sample counts when shards do not divide evenly.
 
     rank and world_size default to torch.distributed (or the RANK / WORLD_SIZE env that torchrun sets).
     Call set_epoch(e) before iterating each epoch (DataLoader workers copy the dataset when an iterator is

@@ -29,19 +29,24 @@ def owner_uri(layout: RunLayout) -> str:
 
 
 def claim(layout: RunLayout, namespace: str, release: str, run: str) -> dict[str, Any]:
-    """Record (namespace, release, run) as the storage root's owner, or raise if someone else holds it."""
+    """Record (namespace, release, run) as the storage root's owner, or raise if someone else holds it.
+
+    The record is created only if absent (one atomic step, see fsio.create_bytes), so of two drivers
+    claiming a fresh root at once exactly one becomes the owner and the other reads its record and raises.
+    """
     me = {"namespace": namespace, "release": release, "run": run}
     uri = owner_uri(layout)
-    if fsio.exists(uri):
+    try:
+        fsio.create_json(uri, me)
+        return me
+    except FileExistsError:
         held = fsio.read_json(uri)
-        if {k: held.get(k) for k in me} != me:
-            raise OwnershipError(
-                f"storage root {layout.root} belongs to release '{held.get('release')}' (run '{held.get('run')}') "
-                f"in namespace '{held.get('namespace')}' ({uri}); this is release '{release}' in namespace "
-                f"'{namespace}'. Use another storage.root, or, if that release is gone for good, delete {uri}")
-        return held
-    fsio.write_json(uri, me)
-    return me
+    if {k: held.get(k) for k in me} != me:
+        raise OwnershipError(
+            f"storage root {layout.root} belongs to release '{held.get('release')}' (run '{held.get('run')}') "
+            f"in namespace '{held.get('namespace')}' ({uri}); this is release '{release}' in namespace "
+            f"'{namespace}'. Use another storage.root, or, if that release is gone for good, delete {uri}")
+    return held
 
 
 def _diff(a: Any, b: Any, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:

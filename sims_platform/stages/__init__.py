@@ -42,7 +42,8 @@ def run_stage(ctx: StageContext, stage: str, force: bool = False) -> dict:
     """Run one stage (or one part of a job-array stage) unless its completion record exists.
 
     A rerun after a kill resumes inside the stage. A part records its own completion; the stage's record is
-    written by whoever completes the whole stage (a stage function says so with result["complete"]).
+    written by whoever completes the whole stage (a stage function says so with result["complete"]), and a
+    rerun of any part writes it if that part was killed before it could.
     """
     if stage not in STAGE_FUNCS:
         raise ValueError(f"unknown stage '{stage}', expected one of {', '.join(STAGE_FUNCS)}")
@@ -54,6 +55,8 @@ def run_stage(ctx: StageContext, stage: str, force: bool = False) -> dict:
         ctx.layout.part_marker(ctx.iteration, stage, ctx.part, ctx.parts)
     for done in dict.fromkeys((stage_marker, marker)):
         if not force and fsio.exists(done):
+            if done != stage_marker and ctx.lineage.writes:
+                _complete_from_parts(ctx, stage, stage_marker)
             where = f"{ctx.loop_name} " if ctx.loop else ""
             print(f"[{where}iter {ctx.iteration} {stage}] already complete ({done}); skipping", flush=True)
             return fsio.read_json(done)["result"]
@@ -71,15 +74,49 @@ def run_stage(ctx: StageContext, stage: str, force: bool = False) -> dict:
     record = {"stage": stage, "iteration": ctx.iteration, "loop": ctx.loop_name, "mlflow_run_id": run_id,
               "seconds": seconds, "part": ctx.part, "parts": ctx.parts, "device": device,
               "peak_gpu_memory_gib": gib, "result": result}
-    fsio.write_json(marker, record)
+    if ctx.parts > 1:
+        fsio.write_json(marker, record)
     if ctx.parts == 1 or result.get("complete"):
-        if ctx.parts > 1:
-            fsio.write_json(stage_marker, record)
-        ctx.lineage.set_tags(run_id, {"sims.device": device})
-        ctx.lineage.log_metrics(run_id, {"stage_seconds": seconds} |
-                                ({} if gib is None else {"peak_gpu_memory_gib": gib}), step=0)
-        ctx.lineage.finish(run_id, "FINISHED")
+        _complete(ctx, stage_marker, record, replace=force)
     return result
+
+
+def _complete(ctx: StageContext, stage_marker: str, record: dict, replace: bool) -> None:
+    """Write the stage's completion record and close its MLflow run.
+
+    The record is created only if absent: of two processes completing the stage at once (parts that both
+    find the set complete), the first one's record stands. --force (replace) rewrites it.
+    """
+    if replace:
+        fsio.write_json(stage_marker, record)
+    else:
+        try:
+            fsio.create_json(stage_marker, record)
+        except FileExistsError:
+            where = f"{ctx.loop_name} " if ctx.loop else ""
+            print(f"[{where}iter {ctx.iteration} {record['stage']}] completed meanwhile by another process "
+                  f"({stage_marker}); keeping its record", flush=True)
+    run_id, gib = record["mlflow_run_id"], record["peak_gpu_memory_gib"]
+    ctx.lineage.set_tags(run_id, {"sims.device": record["device"]})
+    ctx.lineage.log_metrics(run_id, {"stage_seconds": record["seconds"]} |
+                            ({} if gib is None else {"peak_gpu_memory_gib": gib}), step=0)
+    ctx.lineage.finish(run_id, "FINISHED")
+
+
+def _complete_from_parts(ctx: StageContext, stage: str, stage_marker: str) -> None:
+    """This part is done but the stage has no record: if a part recorded that it completed the stage and was
+    killed before writing the stage's record (generate, feed, encode: the part that wrote the manifest),
+    write it now from that part's record. Until every part has its record, the parts still to run complete
+    the stage themselves; stages with a reducer never complete in a part (the reducer writes the record)."""
+    parts = [ctx.layout.part_marker(ctx.iteration, stage, i, ctx.parts) for i in range(ctx.parts)]
+    names = set(fsio.listdir(parts[0].rsplit("/", 1)[0]))
+    if not all(p.rsplit("/", 1)[1] in names for p in parts):
+        return
+    for uri in parts:
+        record = fsio.read_json(uri)
+        if record.get("result", {}).get("complete"):
+            _complete(ctx, stage_marker, record, replace=False)
+            return
 
 
 __all__ = ["STAGE_FUNCS", "StageContext", "is_done", "run_stage"]

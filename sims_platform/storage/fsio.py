@@ -136,6 +136,40 @@ def write_bytes(uri: str, data: bytes) -> None:
         f.write(data)
 
 
+def create_bytes(uri: str, data: bytes) -> None:
+    """Write uri only if nothing is there yet, in one step: of writers racing for the name, exactly one
+    succeeds and the others get FileExistsError (the record they found is the winner's).
+
+    Local files are written under a temporary name and hard-linked into place: link() fails if the name
+    exists, and readers never see a partial file. s3:// is a conditional PUT (If-None-Match: *), which S3
+    refuses with 412 when the key exists (s3fs raises FileExistsError); an S3-compatible store must
+    implement conditional writes for this to hold. Other fsspec stores get fsspec's check-then-write,
+    which is not atomic.
+    """
+    fs, path = filesystem(uri)
+    if not _is_local(fs):
+        fs.pipe_file(path, data, mode="create")
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError:  # a filesystem without hard links: O_EXCL still lets only one writer create the name
+        with open(path, "xb") as f:
+            f.write(data)
+    finally:
+        os.remove(tmp)
+
+
+def create_json(uri: str, obj: Any) -> None:
+    """write_json, but only if uri does not exist yet (see create_bytes); FileExistsError otherwise."""
+    create_bytes(uri, json.dumps(obj, indent=2, sort_keys=True).encode())
+
+
 def read_bytes(uri: str) -> bytes:
     with fsspec.open(uri, "rb") as f:
         return f.read()

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from sims_platform.config.schema import TrainConfig
+from sims_platform.data.errors import DataError
 from sims_platform.encoders.latent import posterior_sample
 from sims_platform.models.loss import edm2_loss
 from sims_platform.models.precond import Precond
@@ -127,6 +128,7 @@ class StreamRows:
         from torch.utils.data import DataLoader
 
         self.stream.set_epoch(self.epoch)
+        self._rows_this_epoch = 0
         return iter(DataLoader(self.stream, batch_size=None, num_workers=self.workers))
 
     def take(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,9 +137,13 @@ class StreamRows:
             try:
                 x, y, _ = next(self._it)
             except StopIteration:
+                if self._rows_this_epoch == 0:  # the next epoch would be as empty: fail instead of spinning
+                    raise DataError(f"{self.stream.uri}: epoch {self.epoch} gave this rank no samples "
+                                    f"({self.workers} loader workers); expected at least one shard per rank")
                 self.epoch += 1
                 self._it = self._epoch_iter()
                 continue
+            self._rows_this_epoch += 1
             xs.append(x)
             ys.append(y)
         if not xs:

@@ -127,14 +127,32 @@ def _upload_tree(local: str, uri: str) -> list[str]:
     return sorted(names)
 
 
+class CheckpointExistsError(FileExistsError):
+    """A committed checkpoint is immutable: writing the same one again is refused (the message names it)."""
+
+
+class CheckpointRefused(fsio.UnsafePickleError):
+    """A checkpoint folder holding (or a commit record listing) files it should not; nothing was fetched.
+
+    An UnsafePickleError: like a refused pickle, it is untrusted storage content, reported in one line."""
+
+
 def save_sharded(folder: str, images: int, *, save_native: Callable[[str], None],
                  state: Callable[[], dict[str, Any] | None], commit: dict[str, Any], keep: int) -> str:
     """A DeepSpeed checkpoint; every rank calls this (DeepSpeed's save is collective).
 
     `save_native(dir)` writes this rank's DeepSpeed files; `state()` returns the consolidated state on
-    rank 0 (it may run collectives, so every rank calls it) and None elsewhere.
+    rank 0 (it may run collectives, so every rank calls it) and None elsewhere. A folder of the same name
+    without COMMIT.json (a killed attempt) is replaced; a committed one raises CheckpointExistsError.
     """
     uri = fsio.join(folder, folder_name(images))
+    commit_uri = fsio.join(uri, COMMIT)
+    # Every rank looks (before any collective), so all of them raise together instead of one waiting
+    # in a barrier for a rank that gave up; COMMIT.json only appears after the last barrier below.
+    if fsio.exists(commit_uri):
+        raise CheckpointExistsError(
+            f"{uri} is committed ({commit_uri}) and a committed checkpoint is never rewritten; expected this "
+            f"run to write checkpoints after the newest one it resumed from (is another run writing {folder}?)")
     local = tempfile.mkdtemp(prefix=f"sims-ckpt-r{distributed.rank()}-", dir=_local_root())
     try:
         save_native(local)
@@ -151,28 +169,78 @@ def save_sharded(folder: str, images: int, *, save_native: Callable[[str], None]
     # Every rank's upload finished (a rank that failed raised and never gets here, so this waits for it).
     all_files = sorted({f for fs in distributed.all_gather(files) for f in fs})
     if distributed.is_main():
-        fsio.write_json(fsio.join(uri, COMMIT), {**commit, "images": images, "native_files": all_files})
+        try:  # created only if absent: a second writer of this checkpoint never replaces its record
+            fsio.create_json(commit_uri, {**commit, "images": images, "native_files": all_files})
+        except FileExistsError:
+            raise CheckpointExistsError(
+                f"{commit_uri} was committed by another writer while this run wrote {uri}; expected one run "
+                f"to write {folder} at a time") from None
         prune(folder, keep)
     distributed.barrier()
     return uri
 
 
-def fetch_native(ckpt: Checkpoint, rank: int) -> str:
-    """Download the DeepSpeed files this rank reads (shared ones and its own shard) to a local folder."""
+# A DeepSpeed file name as COMMIT.json lists it: relative, '/'-separated parts of letters, digits, '_', '-'
+# and '.', none starting with '.' (so never '.', '..' or hidden), e.g. state/mp_rank_00_model_states.pt.
+_NATIVE_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+def _listed_native_files(ckpt: Checkpoint) -> list[str]:
+    """COMMIT.json's native_files, each name checked: the fetch joins them onto a local folder."""
     assert ckpt.commit is not None, ckpt
+    commit_uri = fsio.join(ckpt.uri, COMMIT)
+    names = ckpt.commit.get("native_files")
+    if not isinstance(names, list) or not names:
+        raise CheckpointRefused(f"{commit_uri}: native_files is {names!r}; expected the list of DeepSpeed file "
+                                "names the checkpoint holds; refused, nothing fetched")
+    for name in names:
+        if not isinstance(name, str) or not all(_NATIVE_PART.fullmatch(p) for p in name.split("/")):
+            raise CheckpointRefused(
+                f"{commit_uri}: native_files lists {name!r}; expected a relative name of letters, digits, "
+                "'_', '-', '.' (no '..', no absolute path); refused, nothing fetched")
+    return names
+
+
+def fetch_native(ckpt: Checkpoint, rank: int) -> str:
+    """Download the DeepSpeed files this rank reads (shared ones and its own shard) to a local folder.
+
+    The folder in storage must hold exactly the files its COMMIT.json lists: anything else there (a key
+    planted in the bucket, a name that climbs out with '..') raises CheckpointRefused naming it before a
+    byte is written, and only listed, checked names are joined onto the local folder.
+    """
+    names = _listed_native_files(ckpt)
     src = fsio.join(ckpt.uri, NATIVE)
     fs, base = fsio.filesystem(src)
-    local = tempfile.mkdtemp(prefix=f"sims-load-r{rank}-", dir=_local_root())
+    base = base.rstrip("/")
+    fs.invalidate_cache(base)
+    # Names by prefix, not os.path.relpath: relpath would resolve a literal '..' in an object key.
+    found = {p[len(base) + 1:] if p.startswith(base + "/") else p for p in fs.find(base)}
+    unlisted, missing = sorted(found - set(names)), sorted(set(names) - found)
+    if unlisted or missing:
+        name = (unlisted or missing)[0]
+        others = len(unlisted) + len(missing) - 1
+        why = f"not listed in {fsio.join(ckpt.uri, COMMIT)}" if unlisted else \
+            f"listed in {fsio.join(ckpt.uri, COMMIT)} but missing"
+        raise CheckpointRefused(
+            f"{src}/{name}: {why}{f' (and {others} more)' if others else ''}; a committed checkpoint holds "
+            "exactly the files its commit record lists (was something planted or removed?); refused, nothing "
+            "fetched")
+    local = os.path.realpath(tempfile.mkdtemp(prefix=f"sims-load-r{rank}-", dir=_local_root()))
     mine = re.compile(rf"zero_pp_rank_{rank}_")
-    for path in fs.find(base):
-        rel = os.path.relpath(path, base.rstrip("/"))
-        name = os.path.basename(rel)
-        if "zero_pp_rank_" in name and not mine.search(name):
-            continue  # another rank's ZeRO shard: DeepSpeed reads only its own at the same world size
-        dest = os.path.join(local, rel)
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
-        fs.get_file(path, dest)
-        check_native_file(dest, fsio.join(src, rel))
+    try:
+        for rel in names:
+            if "zero_pp_rank_" in os.path.basename(rel) and not mine.search(os.path.basename(rel)):
+                continue  # another rank's ZeRO shard: DeepSpeed reads only its own at the same world size
+            dest = os.path.join(local, *rel.split("/"))
+            # The names are checked above; this keeps the promise even if that check is ever loosened.
+            if os.path.commonpath([local, os.path.realpath(dest)]) != local:
+                raise CheckpointRefused(f"{src}/{rel}: would be written outside {local}; refused")
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            fs.get_file(f"{base}/{rel}", dest)
+            check_native_file(dest, fsio.join(src, rel))
+    except BaseException:
+        shutil.rmtree(local, ignore_errors=True)
+        raise
     return local
 
 
