@@ -18,6 +18,9 @@ class Strict(BaseModel):
 # ----------------------------------------------------------------------------
 # Data and encoders
 
+# data.crop, and `sims prepare --crop`: how an image becomes a square (data/crop.py implements each mode).
+CropMode = Literal["dhariwal", "center", "none"]
+
 
 class DataConfig(Strict):
     source: Literal["digits", "folder", "webdataset"] = Field(
@@ -26,6 +29,14 @@ class DataConfig(Strict):
     path: str | None = Field(None, description="folder path or shard URI pattern (folder / webdataset sources)")
     resolution: int = Field(16, ge=4, le=1024, description="images are resized to resolution x resolution")
     channels: Literal[1, 3] = Field(1, description="1 = grayscale, 3 = RGB")
+    crop: CropMode = Field(
+        "dhariwal", description="how folder and webdataset images become resolution x resolution squares. "
+        "dhariwal: EDM2's ImageNet preparation (dataset_tool.py --transform=center-crop-dhariwal): halve with a "
+        "box filter while the short side is at least twice the resolution, bicubic resize of the short side to "
+        "the resolution, centre crop; center: the centred square, resized with antialiased bilinear "
+        "interpolation; none: square images only (resized like center; any other is an error). An image already "
+        "at resolution x resolution (e.g. written by `sims prepare`) is read unchanged by every mode. The digits "
+        "source ignores it")
     num_classes: int = Field(10, ge=0, description="0 = unconditional")
     max_images: int | None = Field(None, ge=1, description="use only the first N images (deterministic order)")
     holdout_fraction: float = Field(

@@ -65,7 +65,8 @@ class SourceIndex:
         cfg, entries = self.cfg, [self._entries[i] for i in indices]
         if cfg.source == "folder":
             fs, _ = filesystem(cfg.path)
-            images = [decode_image(fs.cat_file(e.where), e.where, cfg.channels, cfg.resolution) for e in entries]
+            images = [decode_image(fs.cat_file(e.where), e.where, cfg.channels, cfg.resolution,
+                                   cfg.crop) for e in entries]
         else:
             wanted: dict[str, set[str]] = defaultdict(set)
             for e in entries:
@@ -77,7 +78,8 @@ class SourceIndex:
                         if sample["__key__"] in keys:
                             key = next(k for k in IMAGE_KEYS if k in sample)
                             decoded[url, sample["__key__"]] = decode_image(
-                                sample[key], f"{url}:{sample['__key__']}.{key}", cfg.channels, cfg.resolution)
+                                sample[key], f"{url}:{sample['__key__']}.{key}", cfg.channels, cfg.resolution,
+                                cfg.crop)
             images = [decoded[e.where, e.key] for e in entries]
         labels = torch.tensor([e.label for e in entries], dtype=torch.int64)
         if cfg.num_classes > 0 and len(labels) and (labels.min() < 0 or labels.max() >= cfg.num_classes):

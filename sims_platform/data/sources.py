@@ -13,6 +13,7 @@ from PIL import Image
 from webdataset.shardlists import expand_urls
 
 from sims_platform.config.schema import DataConfig
+from sims_platform.data.crop import CropMode, crop_pixels
 from sims_platform.data.errors import DataError
 from sims_platform.data.images import LabeledImages
 from sims_platform.data.shards import iter_tar
@@ -49,20 +50,29 @@ def resize(x: torch.Tensor, resolution: int) -> torch.Tensor:
     return x.clamp(-1, 1)
 
 
-def decode_image(data: bytes, name: str, channels: int, resolution: int) -> torch.Tensor:
-    """Encoded image bytes to [C, R, R] in [-1, 1]: converted to L or RGB, center-cropped to a square."""
+def decode_pixels(data: bytes, name: str, channels: int, resolution: int, crop: CropMode) -> np.ndarray:
+    """Encoded image bytes to square uint8 pixels ([S, S] or [S, S, 3]), converted to L or RGB and cropped as
+    data.crop says (data/crop.py: S = resolution for dhariwal, the image's own square for center and none)."""
     try:
         with Image.open(io.BytesIO(data)) as img:
             img = img.convert("L" if channels == 1 else "RGB")
+    except Image.UnidentifiedImageError as e:
+        raise DataError(f"{name}: cannot decode as an image (not an image format PIL reads)") from e
     except Exception as e:  # PIL raises several unrelated types for bad data; all mean the same here
         raise DataError(f"{name}: cannot decode as an image ({e})") from e
-    w, h = img.size
-    s = min(w, h)
-    left, top = (w - s) // 2, (h - s) // 2
-    img = img.crop((left, top, left + s, top + s))
-    a = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())
+    return crop_pixels(img, resolution, crop, name)
+
+
+def pixels_to_float(pixels: np.ndarray, resolution: int) -> torch.Tensor:
+    """Square uint8 pixels to [C, R, R] in [-1, 1] (u / 127.5 - 1), scaled to R in float when not R already."""
+    a = torch.from_numpy(np.array(pixels, dtype=np.uint8))  # a writable copy: PIL's arrays are read-only
     a = a[None] if a.ndim == 2 else a.permute(2, 0, 1)
     return resize(a[None].float() / 127.5 - 1, resolution)[0]
+
+
+def decode_image(data: bytes, name: str, channels: int, resolution: int, crop: CropMode) -> torch.Tensor:
+    """Encoded image bytes to [C, R, R] in [-1, 1]: converted to L or RGB, cropped as data.crop says."""
+    return pixels_to_float(decode_pixels(data, name, channels, resolution, crop), resolution)
 
 
 # ----------------------------------------------------------------------------
@@ -105,7 +115,8 @@ def folder_files(cfg: DataConfig) -> list[tuple[str, int]]:
 def _folder(cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
     fs, _ = filesystem(cfg.path)
     files = folder_files(cfg)
-    images = [decode_image(fs.cat_file(path), path, cfg.channels, cfg.resolution) for path, _ in files]
+    images = [decode_image(fs.cat_file(path), path, cfg.channels, cfg.resolution, cfg.crop)
+              for path, _ in files]
     return _stack(images, cfg), torch.tensor([label for _, label in files], dtype=torch.int64)
 
 
@@ -119,7 +130,8 @@ def _webdataset(cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
                 if key is None:
                     raise DataError(f"{name}: no image; expected one of {list(IMAGE_KEYS)}, found "
                                     f"{sorted(k for k in sample if not k.startswith('__'))}")
-                images.append(decode_image(sample[key], f"{name}.{key}", cfg.channels, cfg.resolution))
+                images.append(decode_image(sample[key], f"{name}.{key}", cfg.channels, cfg.resolution,
+                                           cfg.crop))
                 labels.append(_class_of(sample, name, cfg.num_classes))
         if cfg.max_images is not None and len(images) == cfg.max_images:
             break

@@ -37,12 +37,14 @@ class ReferencePartsError(RuntimeError):
 
 def reference_source(d: DataConfig) -> dict:
     """The settings that decide which images the reference is: a separate set (all of data.reference_path) or the
-    held-out split of data.path."""
+    held-out split of data.path, and how its files are decoded (data.crop changes every pixel; the digits are
+    not decoded from files, so their key ignores it)."""
+    decoded = {"crop"} if d.source != "digits" else set()
     if d.reference_path is not None:
         return d.model_dump(mode="json", include={"source", "reference_path", "resolution", "channels",
-                                                  "num_classes"})
+                                                  "num_classes"} | decoded)
     return d.model_dump(mode="json", include={"source", "path", "resolution", "channels", "num_classes",
-                                              "max_images", "holdout_fraction", "holdout_seed"})
+                                              "max_images", "holdout_fraction", "holdout_seed"} | decoded)
 
 
 def reference_key(cfg: PipelineConfig, extractor: FeatureExtractor) -> str:

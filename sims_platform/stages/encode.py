@@ -26,6 +26,7 @@ def encode(ctx: StageContext, run_id: str) -> dict:
     train = training_indices(index.labels, cfg.data)
     train = train[class_subset(index.labels[train], cfg.data.class_fractions, cfg.data.holdout_seed)]
     meta = {"source": cfg.data.source, "path": cfg.data.path, "resolution": cfg.data.resolution,
+            "crop": cfg.data.crop,
             "encoder": cfg.encoder.kind, "vae": cfg.encoder.vae_identity(),
             "vae_pixel_range": [0, 1],  # EDM2's convention (encoders/latent.py)
             "holdout_fraction": cfg.data.holdout_fraction, "holdout_seed": cfg.data.holdout_seed,
