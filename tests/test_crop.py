@@ -180,3 +180,15 @@ def test_folder_and_webdataset_sources_apply_the_crop(which, crop, odd_folder, o
     assert loaded.labels.tolist() == [label for _, label in items]
     indexed = SourceIndex(cfg).load([4, 0, 5])
     assert torch.equal(indexed.images, expected[[4, 0, 5]])
+
+
+def test_the_reference_statistics_key_changes_with_the_crop():
+    """Cached reference statistics are recomputed when data.crop changes the reference pixels."""
+    from sims_platform.evaluation.reference import reference_source
+
+    for extra in ({}, {"reference_path": "s3://b/val-{0..3}.tar"}):
+        a = DataConfig(source="webdataset", path="s3://b/train-{0..9}.tar", crop="dhariwal", **extra)
+        b = DataConfig(source="webdataset", path="s3://b/train-{0..9}.tar", crop="center", **extra)
+        assert reference_source(a) != reference_source(b) and reference_source(a)["crop"] == "dhariwal"
+    # the digits are not decoded from files: their cached statistics stay valid whatever crop says
+    assert reference_source(DataConfig(crop="center")) == reference_source(DataConfig())
