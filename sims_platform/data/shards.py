@@ -6,7 +6,7 @@ import hashlib
 import math
 import re
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import IO, Any
 
 import fsspec
@@ -33,7 +33,7 @@ def shard_name(j: int) -> str:
     return f"shard-{j:06d}.tar"
 
 
-def _record_name(j: int) -> str:
+def record_name(j: int) -> str:
     # Written right after the shard commits: its presence is what marks shard j as done.
     return f"shard-{j:06d}.json"
 
@@ -48,14 +48,17 @@ class _Hashing:
     def __init__(self, f: IO[bytes]) -> None:
         self.f = f
         self.sha = hashlib.sha256()
+        self.size = 0
 
     def write(self, b: bytes) -> int:
         self.sha.update(b)
+        self.size += len(b)
         return self.f.write(b)
 
     def read(self, n: int = -1) -> bytes:
         b = self.f.read(n)
         self.sha.update(b)
+        self.size += len(b)
         return b
 
 
@@ -122,7 +125,14 @@ def iter_tar(uri: str) -> Iterator[dict[str, Any]]:
 
 
 class ShardWriter:
-    """Writes samples 0..total-1 as shards of shard_size; committed shards survive restarts, manifest last."""
+    """Writes samples 0..total-1 as shards of shard_size; committed shards survive restarts, manifest last.
+
+    The samples are float16 arrays (x.npy) with a class and a seed; a subclass stores other samples through
+    commit_shard and names its own DTYPE and manifest ENTRY_KEYS.
+    """
+
+    DTYPE = DTYPE
+    ENTRY_KEYS: tuple[str, ...] = ("name", "count", "first_seed", "sha256")  # each shard's manifest entry
 
     def __init__(self, uri: str, shard_size: int, total: int, meta: dict[str, Any] | None = None) -> None:
         if shard_size < 1 or total < 1:
@@ -145,7 +155,7 @@ class ShardWriter:
     def missing_shards(self) -> list[int]:
         names = set(listdir(self.uri))
         return [j for j in range(self.num_shards)
-                if shard_name(j) not in names or _record_name(j) not in names]
+                if shard_name(j) not in names or record_name(j) not in names]
 
     def write_shard(self, j: int, x: torch.Tensor, labels: torch.Tensor, seeds: torch.Tensor,
                     keys: torch.Tensor | None = None) -> dict[str, Any]:
@@ -168,23 +178,40 @@ class ShardWriter:
                              "distinct and >= 0")
         arrays = x16.numpy()
         label_list = [int(c) for c in labels]
+        samples = ({"__key__": f"{key:010d}", "x.npy": a, "cls": c, "seed": str(s)}
+                   for a, c, s, key in zip(arrays, label_list, seed_list, key_list))
+        return self.commit_shard(j, samples, {"first_seed": seed_list[0], "shape": list(x16.shape[1:])})
 
+    def commit_shard(self, j: int, samples: Iterable[dict[str, Any]], info: dict[str, Any]) -> dict[str, Any]:
+        """Write the samples as shard j atomically, then its record (name, count, sha256, bytes, plus info, which
+        holds at least the sample shape): the record's presence marks shard j as committed.
+
+        samples may be a generator that fails midway (a bad input file): the partial tar is then discarded
+        (storage/fsio.atomic_open) and no record is written, so the shard stays missing.
+        """
+        count = 0
         with atomic_open(join(self.uri, shard_name(j)), "wb") as f:
             out = _Hashing(f)
             with TarWriter(out, mtime=_MTIME) as tar:
-                for a, c, s, key in zip(arrays, label_list, seed_list, key_list):
-                    tar.write({"__key__": f"{key:010d}", "x.npy": a, "cls": c, "seed": str(s)})
-        record = {"name": shard_name(j), "count": n, "first_seed": seed_list[0],
-                  "sha256": out.sha.hexdigest(), "shape": list(x16.shape[1:])}
-        write_json(join(self.uri, _record_name(j)), record)
+                for sample in samples:
+                    tar.write(sample)
+                    count += 1
+                if count != len(self.shard_range(j)):  # raised inside: the tar is discarded, not committed
+                    raise ValueError(f"{self.uri}: shard {j} got {count} samples, expected "
+                                     f"{len(self.shard_range(j))}")
+        record = {**info, "name": shard_name(j), "count": count, "sha256": out.sha.hexdigest(), "bytes": out.size}
+        write_json(join(self.uri, record_name(j)), record)
         return record
+
+    def read_record(self, j: int) -> dict[str, Any]:
+        return read_json(join(self.uri, record_name(j)))
 
     def finalize(self) -> dict[str, Any]:
         """Write manifest.json (the set's commit point) from the shard records; every shard must be there."""
         missing = self.missing_shards()
         if missing:
             raise ShardError(f"{self.uri}: cannot finalize, shards {missing} of {self.num_shards} are not written")
-        records = [read_json(join(self.uri, _record_name(j))) for j in range(self.num_shards)]
+        records = [self.read_record(j) for j in range(self.num_shards)]
         for j, r in enumerate(records):
             if r["count"] != len(self.shard_range(j)):
                 raise ShardError(f"{self.uri}: {r['name']} holds {r['count']} samples, expected "
@@ -192,8 +219,8 @@ class ShardWriter:
         shapes = {tuple(r["shape"]) for r in records}
         if len(shapes) != 1:
             raise ShardError(f"{self.uri}: shards disagree on the sample shape: {sorted(shapes)}")
-        manifest = {"shards": [{k: r[k] for k in ("name", "count", "first_seed", "sha256")} for r in records],
-                    "total": self.total, "shard_size": self.shard_size, "dtype": DTYPE,
+        manifest = {"shards": [{k: r[k] for k in self.ENTRY_KEYS} for r in records],
+                    "total": self.total, "shard_size": self.shard_size, "dtype": self.DTYPE,
                     "shape": list(shapes.pop()), **self.meta}
         write_json(join(self.uri, MANIFEST), manifest)
         return manifest

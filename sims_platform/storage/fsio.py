@@ -65,10 +65,33 @@ def listdir(uri: str) -> list[str]:
     return sorted(os.path.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
 
 
+def file_sizes(uri: str) -> dict[str, int]:
+    """Name -> size in bytes of the files directly under uri, from one listing; empty if it does not exist."""
+    fs, path = filesystem(uri)
+    _fresh(fs, path)
+    if not fs.exists(path):
+        return {}
+    return {os.path.basename(e["name"].rstrip("/")): int(e["size"]) for e in fs.ls(path, detail=True)
+            if e["type"] == "file"}
+
+
+def read_many(uris: list[str]) -> list[bytes]:
+    """The contents of several files, in order (s3fs fetches them concurrently: one round trip, not len(uris))."""
+    if not uris:
+        return []
+    fs, _ = filesystem(uris[0])
+    paths = [filesystem(u)[1] for u in uris]
+    got = fs.cat(paths, on_error="raise")
+    return [got[p] for p in paths]
+
+
 def remove(uri: str) -> None:
     fs, path = filesystem(uri)
     if fs.exists(path):
         fs.rm(path, recursive=True)
+
+
+_TMP = ".tmp-"  # a local atomic write's temporary name: <path>.tmp-<8 hex digits>
 
 
 def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
@@ -91,7 +114,7 @@ def atomic_open(uri: str, mode: str = "wb") -> Iterator[IO[Any]]:
     parent = os.path.dirname(path)
     if _is_local(fs):
         fs.makedirs(parent, exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp = f"{path}{_TMP}{uuid.uuid4().hex[:8]}"
         f = fs.open(tmp, mode)
         try:
             yield f
@@ -116,6 +139,19 @@ def atomic_open(uri: str, mode: str = "wb") -> Iterator[IO[Any]]:
         with contextlib.suppress(Exception):
             _discard(fs, path, f)
         raise
+
+
+def remove_leftovers(uri: str) -> int:
+    """Remove what killed atomic_open writers of uri left behind (local temporary files; object stores leave
+    nothing visible); returns how many. Only the one writer that owns uri may call it, before writing it."""
+    fs, path = filesystem(uri)
+    if not _is_local(fs):
+        return 0
+    stale = fs.glob(f"{path}{_TMP}*")
+    for p in stale:
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm(p)
+    return len(stale)
 
 
 def _discard(fs: fsspec.AbstractFileSystem, path: str, f: IO[Any]) -> None:
