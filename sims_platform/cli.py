@@ -9,6 +9,7 @@ Examples:
   sims stage generate --config pipelines/digits.yaml --device cpu
   sims run --config pipelines/digits.yaml --set seed=1 --set finetune_aux.images=8192 --dry-run
   sims import-edm2 edm2-img512-s-2147483-0.130.pkl s3://bucket/models/edm2-s.pt
+  sims prepare --src imagenet/train --dst s3://bucket/datasets/imagenet-1k/train-512 --resolution 512
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import get_args
 
 from sims_platform.config import ConfigError, PipelineConfig, dump_config, load_config
 from sims_platform.config.loader import is_values_file
+from sims_platform.config.schema import CropMode
 from sims_platform.data.errors import DataError
 from sims_platform.storage.layout import IMPORT_BASE, RUN_STAGES, STAGES
 from sims_platform.storage.safe_pickle import UnsafePickleError
@@ -162,6 +165,21 @@ def cmd_import_edm2(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare(args: argparse.Namespace) -> int:
+    import json
+
+    from sims_platform.data.prepare import PrepareSpec, run_part
+
+    spec = PrepareSpec(src=args.src, dst=args.dst, resolution=args.resolution, crop=args.crop,
+                       channels=args.channels, shard_size=args.shard_size, max_images=args.max_images,
+                       num_classes=args.num_classes, png_level=args.png_level, workers=args.workers,
+                       verify=args.verify)
+    index = args.index if args.index is not None else int(os.environ.get("JOB_COMPLETION_INDEX", 0))
+    result = run_part(spec, index, args.count, log=lambda m: print(m, file=sys.stderr, flush=True))
+    print(json.dumps(result), flush=True)
+    return 0
+
+
 def cmd_local_cluster(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -234,6 +252,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=5000, help="port (default 5000)")
     p.set_defaults(func=cmd_ui)
+
+    p = sub.add_parser("prepare", help="turn an ImageNet-style folder (one sub-folder of images per class) into "
+                       "WebDataset shards of images cropped and resized as training reads them (PNG + cls)",
+                       description="Shard j holds images [j*S, (j+1)*S) of the sorted file list; part i of N "
+                       "writes the shards j with j % N == i, skipping shards already committed from the same "
+                       "inputs, and whichever part finds every shard committed writes manifest.json. Rerun it "
+                       "after a failure: it resumes.")
+    p.add_argument("--src", required=True, help="the folder: path or URI (file://, s3://)")
+    p.add_argument("--dst", required=True, help="the shard folder to write: path or URI; data.path is then "
+                   "DST/shard-{000000..N-1}.tar")
+    p.add_argument("--resolution", type=int, required=True, help="side of the square images, e.g. 512")
+    p.add_argument("--crop", default="dhariwal", choices=get_args(CropMode),
+                   help="as data.crop (default dhariwal: EDM2's ImageNet preparation)")
+    p.add_argument("--channels", type=int, default=3, choices=[1, 3], help="1 = grayscale, 3 = RGB (default)")
+    p.add_argument("--shard-size", type=int, default=1000, help="images per shard (default 1000)")
+    p.add_argument("--max-images", type=int, help="only the first N images of the sorted list")
+    p.add_argument("--num-classes", type=int, help="refuse a folder without exactly this many class folders")
+    p.add_argument("--index", type=int, help="this part (default: $JOB_COMPLETION_INDEX or 0)")
+    p.add_argument("--count", type=int, default=1, help="how many parts write the shards (default 1)")
+    p.add_argument("--workers", type=int, default=4, help="threads preparing images (default 4)")
+    p.add_argument("--png-level", type=int, default=0, help="PNG zlib level 0-9 (default 0: uncompressed, as "
+                   "EDM2 stores its images; higher is smaller and slower to write, same pixels)")
+    p.add_argument("--verify", action="store_true", help="re-read this part's committed shards and check their "
+                   "sha256 before keeping them (default: their record and size)")
+    p.set_defaults(func=cmd_prepare)
 
     from sims_platform.k8s.cli import register as register_k8s
 

@@ -93,23 +93,30 @@ def _digits(cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
 
 def folder_files(cfg: DataConfig) -> list[tuple[str, int]]:
     """(file path, class) of a folder source in its deterministic order: sorted classes, sorted files."""
-    fs, root = filesystem(cfg.path)
-    if not fs.isdir(root):
-        raise DataError(f"data.path: folder {cfg.path} does not exist")
-    entries = fs.ls(root, detail=True)
-    classes = sorted(e["name"] for e in entries if e["type"] == "directory" and not _hidden(e["name"]))
-    if not classes:
-        raise DataError(f"data.path: {cfg.path} has no class sub-folders (expected one folder of images per "
-                        f"class)")
+    classes, files = class_folder(cfg.path or "", "data.path")
     if cfg.num_classes > 0 and len(classes) != cfg.num_classes:
         raise DataError(f"data.num_classes is {cfg.num_classes} but {cfg.path} has {len(classes)} class "
-                        f"folders: {[_base(c) for c in classes]}")
+                        f"folders: {classes}")
+    return files[: cfg.max_images] if cfg.max_images is not None else files
+
+
+def class_folder(path: str, field: str) -> tuple[list[str], list[tuple[str, int]]]:
+    """The class names (sub-folder names, sorted) of an ImageNet-style folder and its (file path, class) pairs:
+    class c is the c-th sub-folder in sorted order, its files sorted by path; hidden entries are skipped.
+    Errors name `field`, the setting that gave the path."""
+    fs, root = filesystem(path)
+    if not fs.isdir(root):
+        raise DataError(f"{field}: folder {path} does not exist")
+    entries = fs.ls(root, detail=True)
+    folders = sorted(e["name"] for e in entries if e["type"] == "directory" and not _hidden(e["name"]))
+    if not folders:
+        raise DataError(f"{field}: {path} has no class sub-folders (expected one folder of images per class)")
     out = []
-    for label, folder in enumerate(classes):
+    for label, folder in enumerate(folders):
         files = sorted(e["name"] for e in fs.ls(folder, detail=True)
                        if e["type"] == "file" and not _hidden(e["name"]))
-        out += [(path, label) for path in files]
-    return out[: cfg.max_images] if cfg.max_images is not None else out
+        out += [(p, label) for p in files]
+    return [_base(f) for f in folders], out
 
 
 def _folder(cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
