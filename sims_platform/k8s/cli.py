@@ -1,10 +1,12 @@
-"""`sims k8s render|drive` and `sims status`: wired into the `sims` CLI with register(subparsers).
+"""`sims k8s render|drive|preflight|prepare-job` and `sims status`: wired into the `sims` CLI with register(subparsers).
 
 Examples:
   helm template sims-run charts/sims -f values-imagenet512.yaml | sims k8s render -
   sims k8s drive --config /etc/sims/pipeline.yaml --settings /etc/sims/driver.yaml   (the driver Job runs this)
   sims k8s preflight --config /etc/sims/pipeline.yaml --settings /etc/sims/driver.yaml   (`helm test`)
   sims status imagenet512-edm2-s -n sims
+  helm template sims-run charts/sims -f values-imagenet512.yaml | sims k8s prepare-job - --parts 32 \
+      --src s3://bucket/raw/imagenet/train --dst s3://bucket/datasets/imagenet-1k/train-512 --resolution 512
 """
 
 from __future__ import annotations
@@ -83,6 +85,25 @@ def cmd_preflight(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare_job(args: argparse.Namespace) -> int:
+    import yaml
+
+    from sims_platform.cli import prepare_spec
+    from sims_platform.k8s.prepare_job import prepare_job
+    from sims_platform.k8s.render import run_specs
+
+    text = sys.stdin.read() if args.file == "-" else open(args.file).read()
+    settings = run_specs(text)[0].settings  # the release's image, namespace, queue, S3 Secret, volumes, env
+    try:
+        workers = max(1, int(float(args.cpu)))
+    except ValueError:  # e.g. 500m: a fraction of a core
+        workers = 1
+    job = prepare_job(settings, prepare_spec(args, workers), args.parts, parallelism=args.parallelism,
+                      cpu=args.cpu, memory=args.memory, name=args.name)
+    sys.stdout.write(yaml.safe_dump(job, sort_keys=False, explicit_start=True))
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from sims_platform.k8s.kube import connect, current_namespace
     from sims_platform.k8s.status import run_status
@@ -111,6 +132,20 @@ def register(subparsers: Any) -> None:
     f.add_argument("--config", required=True, help="pipeline YAML (/etc/sims/pipeline.yaml)")
     f.add_argument("--settings", required=True, help="driver settings YAML (/etc/sims/driver.yaml)")
     f.set_defaults(func=cmd_preflight)
+
+    from sims_platform.cli import add_prepare_arguments  # the same options `sims prepare` takes
+
+    j = k8s.add_parser("prepare-job", help="print the Indexed Job that runs `sims prepare` as N parts, with the "
+                       "release's image, namespace, queue and S3 Secret (from `helm template` output)")
+    j.add_argument("file", help="rendered chart manifests ('-' for standard input)")
+    add_prepare_arguments(j)
+    j.add_argument("--parts", type=int, required=True, help="Indexed Job completions: each writes the shards j "
+                   "with j %% parts == its index")
+    j.add_argument("--parallelism", type=int, help="pods at once (default: parts)")
+    j.add_argument("--cpu", default="4", help="CPU request of each pod (default 4; also the default --workers)")
+    j.add_argument("--memory", default="8Gi", help="memory request and limit of each pod (default 8Gi)")
+    j.add_argument("--name", help="Job name (default: <release>-prepare-<hash of --dst>)")
+    j.set_defaults(func=cmd_prepare_job)
 
     s = subparsers.add_parser("status", help="table of a Kubernetes run's iterations and stages")
     s.add_argument("run", help="the run name (pipeline.name; label sims.io/run)")

@@ -68,13 +68,17 @@ def _env(settings: DriverSettings, labels: dict[str, str]) -> list[V1EnvVar]:
 
 
 def pod_template(settings: DriverSettings, st: StageSettings, *, container: str, command: list[str],
-                 args: list[str], labels: dict[str, str], restart_policy: str | None) -> V1PodTemplateSpec:
-    mounts = [V1VolumeMount(name="config", mount_path=CONFIG_DIR, read_only=True),
-              V1VolumeMount(name="dshm", mount_path="/dev/shm"),
+                 args: list[str], labels: dict[str, str], restart_policy: str | None,
+                 mount_config: bool = True) -> V1PodTemplateSpec:
+    """mount_config: False for pods that read no pipeline config (`sims prepare`), so they can run before the
+    release's ConfigMap exists."""
+    mounts = [V1VolumeMount(name="dshm", mount_path="/dev/shm"),
               V1VolumeMount(name="home", mount_path="/home/sims")]
-    volumes = [V1Volume(name="config", config_map=V1ConfigMapVolumeSource(name=settings.config_map)),
-               V1Volume(name="dshm", empty_dir=V1EmptyDirVolumeSource(medium="Memory", size_limit=st.shm_size)),
+    volumes = [V1Volume(name="dshm", empty_dir=V1EmptyDirVolumeSource(medium="Memory", size_limit=st.shm_size)),
                V1Volume(name="home", empty_dir=V1EmptyDirVolumeSource())]
+    if mount_config:
+        mounts.insert(0, V1VolumeMount(name="config", mount_path=CONFIG_DIR, read_only=True))
+        volumes.insert(0, V1Volume(name="config", config_map=V1ConfigMapVolumeSource(name=settings.config_map)))
     if settings.data_claim:
         mounts.append(V1VolumeMount(name="data", mount_path=settings.data_mount_path))
         volumes.append(V1Volume(name="data", persistent_volume_claim=V1PersistentVolumeClaimVolumeSource(
