@@ -212,3 +212,36 @@ def test_bad_input_is_one_line_naming_the_file_and_commits_nothing_half_written(
         assert main(["prepare", *argv, "--dst", str(tmp_path / "other"), "--resolution", str(RES)]) == 2
         err = capsys.readouterr().err
         assert [line for line in err.splitlines() if line.startswith("error:")][0].startswith(what), err
+
+
+def test_the_webdataset_index_of_a_prepared_set_reads_its_manifest_not_its_shards(jpeg_folder, tmp_path,
+                                                                                  monkeypatch):
+    import shutil
+
+    from sims_platform.data import index as index_mod
+
+    root, files = jpeg_folder
+    result = _run(root, tmp_path / "out")
+    shutil.copytree(tmp_path / "out", tmp_path / "bare", ignore=shutil.ignore_patterns("*.json"))  # no manifest
+    bare = result["data_path"].replace("/out/", "/bare/")
+    opened: list[str] = []
+
+    def spy(uri: str):
+        opened.append(uri)
+        return iter_tar(uri)
+    monkeypatch.setattr(index_mod, "iter_tar", spy)
+    for cap in (None, 7):
+        cfg = DataConfig(source="webdataset", path=result["data_path"], resolution=RES, channels=3, num_classes=3,
+                         max_images=cap)
+        scanned = SourceIndex(cfg.model_copy(update={"path": bare}))
+        opened.clear()
+        index = SourceIndex(cfg)
+        assert opened == []  # indexed from manifest.json alone
+        assert len(index) == len(scanned) == (cap or 12)
+        assert index.labels.tolist() == scanned.labels.tolist() == [label for _, label in files][: cap or 12]
+        picked = [6, 0, len(index) - 1]
+        want = scanned.load(picked).images
+        opened.clear()
+        assert torch.equal(index.load(picked).images, want)
+        # it reads only the shards that hold those samples (5 a shard)
+        assert sorted(opened) == [f"file://{tmp_path}/out/shard-{j:06d}.tar" for j in sorted({i // 5 for i in picked})]

@@ -20,8 +20,9 @@ import fsspec
 import numpy as np
 from PIL import Image
 
-from sims_platform.data.shards import ShardWriter, _Hashing, record_name, shard_name
-from sims_platform.storage.fsio import file_sizes, join, read_many
+from sims_platform.data.shards import (MANIFEST, ShardError, ShardWriter, _Hashing, read_manifest, record_name,
+                                       shard_name)
+from sims_platform.storage.fsio import exists, file_sizes, join, read_many
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,45 @@ def png_bytes(pixels: np.ndarray, level: int) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format="PNG", compress_level=level, optimize=False)
     return buf.getvalue()
+
+
+def sample_key(i: int) -> str:
+    """The key of the i-th image of a prepared set (its position in the sorted file list)."""
+    return f"{i:08d}"
+
+
+def labels_rle(labels: list[int]) -> list[list[int]]:
+    """[[class, run length], ...] of the classes in sample order: the manifest lists every sample's class in
+    about as many entries as there are classes (sorted class folders make one run per class)."""
+    runs: list[list[int]] = []
+    for c in labels:
+        if runs and runs[-1][0] == c:
+            runs[-1][1] += 1
+        else:
+            runs.append([c, 1])
+    return runs
+
+
+def prepared_samples(folder: str) -> dict[str, list[tuple[str, int]]] | None:
+    """Shard name -> [(sample key, class)] of a set `sims prepare` wrote in folder, from its manifest alone (the
+    webdataset source then indexes a 1 TB set without reading it); None when folder holds no such manifest."""
+    if not exists(join(folder, MANIFEST)):
+        return None
+    try:
+        manifest = read_manifest(folder)
+    except ShardError:  # some other file named manifest.json: the shards are scanned instead, as any others
+        return None
+    if manifest.get("format") != "png" or "labels_rle" not in manifest:
+        return None
+    labels = [c for c, n in manifest["labels_rle"] for _ in range(n)]
+    if len(labels) != manifest["total"]:
+        raise ShardError(f"{join(folder, MANIFEST)}: labels_rle holds {len(labels)} classes for "
+                         f"{manifest['total']} samples")
+    out, first = {}, 0
+    for entry in manifest["shards"]:
+        out[entry["name"]] = [(sample_key(i), labels[i]) for i in range(first, first + entry["count"])]
+        first += entry["count"]
+    return out
 
 
 class ImageShardWriter(ShardWriter):

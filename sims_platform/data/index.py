@@ -1,8 +1,8 @@
 """Random access to a data source by sample index, so workers can each load only their slice of it.
 
 The order is the same deterministic order `load_images` uses. Folders list their files (cheap); WebDataset
-sources are scanned once for their sample keys (reads the tars, decodes nothing) and then each slice reads
-only the shards that hold it.
+sources are scanned once for their sample keys (reads the tars, decodes nothing), except a set `sims prepare`
+wrote, whose manifest lists every sample and class; then each slice reads only the shards that hold it.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from webdataset.shardlists import expand_urls
 
 from sims_platform.config.schema import DataConfig
 from sims_platform.data.errors import DataError
+from sims_platform.data.image_shards import prepared_samples
 from sims_platform.data.images import LabeledImages
 from sims_platform.data.shards import iter_tar
 from sims_platform.data.sources import IMAGE_KEYS, _class_of, decode_image, folder_files, load_images
@@ -80,6 +81,10 @@ class SourceIndex:
                             decoded[url, sample["__key__"]] = decode_image(
                                 sample[key], f"{url}:{sample['__key__']}.{key}", cfg.channels, cfg.resolution,
                                 cfg.crop)
+            lost = next((e for e in entries if (e.where, e.key) not in decoded), None)
+            if lost is not None:
+                raise DataError(f"{lost.where}: no sample {lost.key}, which its index listed; was the shard "
+                                "replaced after its manifest was written?")
             images = [decoded[e.where, e.key] for e in entries]
         labels = torch.tensor([e.label for e in entries], dtype=torch.int64)
         if cfg.num_classes > 0 and len(labels) and (labels.min() < 0 or labels.max() >= cfg.num_classes):
@@ -93,8 +98,19 @@ def _folder_entries(cfg: DataConfig) -> list[_Entry]:
 
 
 def _webdataset_entries(cfg: DataConfig) -> list[_Entry]:
-    out = []
+    out: list[_Entry] = []
+    prepared: dict[str, dict[str, list[tuple[str, int]]] | None] = {}  # folder -> `sims prepare` manifest
     for url in expand_urls(cfg.path):
+        folder, name = url.rsplit("/", 1) if "/" in url else ("", url)
+        if folder not in prepared:
+            prepared[folder] = prepared_samples(folder) if folder else None
+        listed = (prepared[folder] or {}).get(name)
+        if listed is not None:  # a prepared set's manifest lists its samples: no need to read the shard
+            for key, label in listed:
+                out.append(_Entry(url, key, label if cfg.num_classes else 0))
+                if cfg.max_images is not None and len(out) == cfg.max_images:
+                    return out
+            continue
         with contextlib.closing(iter_tar(url)) as samples:
             for sample in samples:
                 name = f"{url}:{sample['__key__']}"

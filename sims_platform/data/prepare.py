@@ -27,7 +27,7 @@ from typing import Any
 from sims_platform.config.schema import CropMode
 from sims_platform.data.crop import CROP_MODES
 from sims_platform.data.errors import DataError
-from sims_platform.data.image_shards import ImageShardWriter, PreparedImage
+from sims_platform.data.image_shards import ImageShardWriter, PreparedImage, labels_rle, sample_key
 from sims_platform.data.shards import MANIFEST, read_manifest, record_name, shard_name
 from sims_platform.data.sources import class_folder, decode_pixels, pixels_to_float
 from sims_platform.storage.fsio import exists, filesystem, join, normalize_uri, remove_leftovers
@@ -111,7 +111,8 @@ def plan(spec: PrepareSpec, files: SourceFiles) -> ImageShardWriter:
     inputs = shard_inputs(spec, files, ranges)
     meta = {"format": "png", "src": files.root, "resolution": spec.resolution, "crop": spec.crop,
             "channels": spec.channels, "png_level": spec.png_level, "num_classes": len(files.classes),
-            "classes": files.classes, "inputs_sha256": hashlib.sha256("".join(inputs).encode()).hexdigest()}
+            "classes": files.classes, "labels_rle": labels_rle([c for _, _, c in files.files]),
+            "inputs_sha256": hashlib.sha256("".join(inputs).encode()).hexdigest()}
     return ImageShardWriter(spec.dst, s, total, meta, inputs, [spec.channels, spec.resolution, spec.resolution],
                             spec.png_level)
 
@@ -145,7 +146,7 @@ def _prepared(spec: PrepareSpec, files: SourceFiles, rng: range, pool: ThreadPoo
             x = pixels_to_float(pixels, spec.resolution)
             pixels = ((x + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
             pixels = pixels[..., 0] if spec.channels == 1 else pixels
-        return PreparedImage(f"{i:08d}", pixels, label, rel)
+        return PreparedImage(sample_key(i), pixels, label, rel)
 
     window = 4 * spec.workers
     for start in range(rng.start, rng.stop, window):
