@@ -99,8 +99,9 @@ class ImageShardWriter(ShardWriter):
         """Commit shard j from its images (a generator may raise midway: nothing is committed then)."""
         def samples():
             for im in images:
-                if list(im.pixels.shape) != self._hwc():
-                    raise ValueError(f"{im.source}: prepared pixels {list(im.pixels.shape)}, expected {self._hwc()}")
+                if list(im.pixels.shape) != self._hwc():  # a bug, not bad input: every crop mode gives R x R
+                    raise ValueError(f"{im.source}: prepared pixels {list(im.pixels.shape)}, expected "
+                                     f"{self._hwc()}")
                 yield {"__key__": im.key, "png": png_bytes(im.pixels, self.png_level), "cls": im.label,
                        "src": im.source}
         return self.commit_shard(j, samples(), {"shape": self.shape, "inputs": self.inputs[j]})
@@ -108,21 +109,24 @@ class ImageShardWriter(ShardWriter):
     def missing_shards(self, verify: Iterable[int] = ()) -> list[int]:
         """Shards not committed from these inputs: no shard or record, a record of other inputs, a shard whose
         size is not the record's, or (for the shards in `verify`, which are read whole) a sha256 mismatch."""
-        sizes = file_sizes(self.uri)
+        sizes, check = file_sizes(self.uri), set(verify)
         listed = [j for j in range(self.num_shards) if shard_name(j) in sizes and record_name(j) in sizes]
-        records = dict(zip(listed, (json.loads(b) for b in read_many([join(self.uri, record_name(j))
-                                                                       for j in listed]))))
+        raw = read_many([join(self.uri, record_name(j)) for j in listed])
         self.stale = {}
-        for j, rec in records.items():
-            why = self._why_stale(j, rec, sizes[shard_name(j)])
-            if why is None and j in set(verify):
-                why = self._checksum(j, rec)
+        for j, data in zip(listed, raw):
+            why = self._why_stale(j, data, sizes[shard_name(j)])
+            if why is None and j in check:
+                why = self._checksum(j, json.loads(data))
             if why is not None:
                 self.stale[j] = why
-        return [j for j in range(self.num_shards) if j not in records or j in self.stale]
+        return [j for j in range(self.num_shards) if j not in listed or j in self.stale]
 
-    def _why_stale(self, j: int, rec: dict[str, Any], size: int) -> str | None:
-        if rec.get("inputs") != self.inputs[j]:
+    def _why_stale(self, j: int, data: bytes, size: int) -> str | None:
+        try:
+            rec = json.loads(data)
+        except ValueError:
+            return "its record is unreadable"
+        if not isinstance(rec, dict) or rec.get("inputs") != self.inputs[j]:
             return "written from other files or settings"
         if rec.get("count") != len(self.shard_range(j)) or rec.get("bytes") != size:
             return f"{size} bytes, its record says {rec.get('bytes')} (truncated or replaced)"

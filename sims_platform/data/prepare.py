@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from itertools import islice
 from typing import Any
 
 from sims_platform.config.schema import CropMode
@@ -81,7 +83,7 @@ class SourceFiles:
     files: list[tuple[str, str, int]]
 
     @classmethod
-    def list(cls, spec: PrepareSpec) -> SourceFiles:
+    def of(cls, spec: PrepareSpec) -> SourceFiles:
         classes, files = class_folder(spec.src, "--src")
         if spec.num_classes is not None and len(classes) != spec.num_classes:
             raise DataError(f"--num-classes is {spec.num_classes} but {spec.src} has {len(classes)} class folders")
@@ -93,12 +95,14 @@ class SourceFiles:
         return cls(spec.src, classes, rel[: spec.max_images] if spec.max_images is not None else rel)
 
 
-def shard_inputs(spec: PrepareSpec, files: SourceFiles, writer_ranges: list[range]) -> list[str]:
-    """Per shard, sha256 of its files (relative paths), their classes and the settings."""
+def shard_inputs(spec: PrepareSpec, files: SourceFiles, ranges: list[range]) -> list[str]:
+    """Per shard, sha256 of the settings, its first position (the sample keys) and its files (relative paths)
+    with their classes."""
     settings = json.dumps(spec.settings(), sort_keys=True)
     out = []
-    for rng in writer_ranges:
+    for rng in ranges:
         h = hashlib.sha256(settings.encode())
+        h.update(json.dumps(rng.start).encode())
         for _, rel, c in files.files[rng.start:rng.stop]:
             h.update(json.dumps([rel, c]).encode())
         out.append(h.hexdigest())
@@ -131,8 +135,8 @@ def _refuse_other_set(writer: ImageShardWriter) -> None:
 
 
 def _prepared(spec: PrepareSpec, files: SourceFiles, rng: range, pool: ThreadPoolExecutor,
-              done: Any) -> Iterator[PreparedImage]:
-    """The images of one shard, in order, prepared by the pool a window at a time (bounded memory)."""
+              done: Callable[[int], None]) -> Iterator[PreparedImage]:
+    """The images of one shard, in order, prepared by the pool's threads."""
     fs, _ = filesystem(spec.src)
 
     def one(i: int) -> PreparedImage:
@@ -148,19 +152,25 @@ def _prepared(spec: PrepareSpec, files: SourceFiles, rng: range, pool: ThreadPoo
             pixels = pixels[..., 0] if spec.channels == 1 else pixels
         return PreparedImage(sample_key(i), pixels, label, rel)
 
-    window = 4 * spec.workers
-    for start in range(rng.start, rng.stop, window):
-        for im in pool.map(one, range(start, min(start + window, rng.stop))):
-            done(1)
-            yield im
+    # A sliding window of 4 images a thread ahead of the writer: threads stay busy, memory stays bounded.
+    indices = iter(rng)
+    pending = deque(pool.submit(one, i) for i in islice(indices, 4 * spec.workers))
+    while pending:
+        im = pending.popleft().result()
+        nxt = next(indices, None)
+        if nxt is not None:
+            pending.append(pool.submit(one, nxt))
+        done(1)
+        yield im
 
 
-def run_part(spec: PrepareSpec, index: int = 0, count: int = 1, log: Any = print) -> dict[str, Any]:
+def run_part(spec: PrepareSpec, index: int = 0, count: int = 1,
+             log: Callable[[str], None] = print) -> dict[str, Any]:
     """Write part `index` of `count`'s missing shards; finalize when every shard is committed."""
     if count < 1 or not 0 <= index < count:
         raise DataError(f"--index {index} --count {count}: expected 0 <= index < count")
     spec = replace(spec, src=normalize_uri(spec.src), dst=normalize_uri(spec.dst))
-    files = SourceFiles.list(spec)
+    files = SourceFiles.of(spec)
     writer = plan(spec, files)
     _refuse_other_set(writer)
     owned = [j for j in range(writer.num_shards) if j % count == index]
