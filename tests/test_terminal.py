@@ -22,3 +22,15 @@ def test_progress_resumed_at_shows_no_nan(capsys):
     assert line == "[iter 0 train-base] resumed at 1024/2048 img (50%) eta ?", line
 
 
+
+
+def test_status_without_cluster_credentials_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
+    from sims_platform.cli import main
+
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing-kubeconfig"))
+    assert main(["status", "some-run"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: no Kubernetes cluster credentials") and "KUBECONFIG" in err, err
