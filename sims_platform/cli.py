@@ -15,13 +15,35 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+from typing import TYPE_CHECKING
 
 from sims_platform.config import ConfigError, PipelineConfig, dump_config, load_config
 from sims_platform.config.loader import is_values_file
 from sims_platform.data.errors import DataError
 from sims_platform.storage.layout import IMPORT_BASE, RUN_STAGES, STAGES
 from sims_platform.storage.safe_pickle import UnsafePickleError
+from sims_platform.utils import interrupt
+
+if TYPE_CHECKING:
+    from sims_platform.stages import StageContext
+
+# Exit codes (listed in `sims --help` and the README).
+EXIT_OK = 0
+EXIT_FAILED = 1       # a stage failed: its own output above says why
+EXIT_BAD_INPUT = 2    # a bad command line, config, input file or missing cluster credentials: fix what it names
+EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT): every process stopped; rerunning resumes
+EXIT_STOPPED = 143      # SIGTERM: every process stopped; rerunning resumes
+EXIT_CODES = f"""exit codes:
+  {EXIT_OK}    success
+  {EXIT_FAILED}    a stage failed (its output above says why; `sims run` again resumes)
+  {EXIT_BAD_INPUT}    bad command line, config, input file or cluster credentials (the error line names it)
+  {EXIT_INTERRUPTED}  interrupted with Ctrl-C: every process of the run stopped; run the command again to resume
+  {EXIT_STOPPED}  stopped with SIGTERM: every process of the run stopped; run the command again to resume
+  10   sims k8s drive: a stage of the run failed
+  11   sims k8s drive / preflight: the namespace is not ready for the run (the error line says what is missing)
+"""
 
 
 def _load(args: argparse.Namespace) -> PipelineConfig:
@@ -70,7 +92,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         run_pipeline(cfg)
     except StepFailed as err:  # the failed processes printed their own errors above
         print(f"error: {err}; `sims run` again resumes from the completed stages", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
     layout = RunLayout.of(cfg.storage.root)
     sims = os.path.relpath(sys.argv[0]) if os.path.basename(sys.argv[0]) == "sims" else "sims"
     print(f"open the MLflow UI with:\n  {ui_command(resolve_tracking_uri(cfg, layout), layout, sims)}", flush=True)
@@ -141,8 +163,20 @@ def cmd_stage(args: argparse.Namespace) -> int:
     ctx = StageContext(cfg, layout, args.iteration, lineage, device=device, part=index, parts=args.count, loop=loop)
     result = run_stage(ctx, args.name, force=args.force)
     close_complete_runs(ctx)
-    print(result, flush=True)
+    if not interrupt.launched():  # a launcher prints its own line per step; a pod's log gets this one
+        print(stage_summary(args.name, ctx, result), flush=True)
     return 0
+
+
+def stage_summary(stage: str, ctx: StageContext, result: dict) -> str:
+    """One line on what a `sims stage` process did: its step and the result's plain values (URIs, counts)."""
+    where = f"{ctx.loop_name} " if ctx.loop_name else ""
+    part = f" part {ctx.part}/{ctx.parts}" if ctx.parts > 1 else ""
+    fields = ", ".join(f"{k}={v}" for k, v in result.items()
+                       if k != "complete" and v is not None and isinstance(v, (str, int, float)))
+    if ctx.parts > 1 and not result.get("complete", True):
+        fields += ("; " if fields else "") + "the stage completes when its other parts (or its reducer) have run"
+    return f"[{where}iter {ctx.iteration} {stage}{part}] finished" + (f": {fields}" if fields else "")
 
 
 def cmd_import_edm2(args: argparse.Namespace) -> int:
@@ -157,7 +191,7 @@ def cmd_import_edm2(args: argparse.Namespace) -> int:
         if isinstance(err, UnsafePickleError):
             raise
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     print(json.dumps(info, indent=2), flush=True)
     return 0
 
@@ -173,7 +207,7 @@ def cmd_local_cluster(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sims", description=__doc__,
+    parser = argparse.ArgumentParser(prog="sims", description=__doc__, epilog=EXIT_CODES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     set_help = "override a config value, KEY=VALUE with a dotted key (repeatable)"
@@ -241,14 +275,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# How each command resumes after an interruption (what the one line printed on Ctrl-C or SIGTERM says).
+RESUME = {
+    "run": "`sims run ...` again resumes from the completed stages",
+    "stage": "`sims stage ...` again resumes from the stage's last checkpoint",
+    "local-cluster": "`sims local-cluster ...` again resumes from the completed stages",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    command = ""
     try:
-        return args.func(args)
-    except (ConfigError, FileNotFoundError, UnsafePickleError, DataError) as err:
-        # Bad input: the message names the field or file and what was expected (a refused pickle ran nothing).
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        with interrupt.handled():
+            args = build_parser().parse_args(argv)
+            command = args.command
+            try:
+                return args.func(args)
+            except (ConfigError, FileNotFoundError, UnsafePickleError, DataError) as err:
+                # Bad input: the message names the field or file and what was expected (a refused pickle ran
+                # nothing).
+                print(f"error: {err}", file=sys.stderr)
+                return EXIT_BAD_INPUT
+    except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: the launchers' `finally` blocks stopped their processes
+        stopped = err if isinstance(err, interrupt.Stopped) else interrupt.Stopped(signal.SIGINT)
+        return interrupt.report(stopped, RESUME.get(command))
 
 
 if __name__ == "__main__":
