@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+import yaml
+
+from pipeline_support import tiny_config_dict
 
 from sims_platform.utils.progress import Progress
 
@@ -34,3 +38,21 @@ def test_status_without_cluster_credentials_is_one_line_and_exit_2(tmp_path, mon
     out, err = capsys.readouterr()
     assert out == "" and len(err.strip().splitlines()) == 1, err
     assert err.startswith("error: no Kubernetes cluster credentials") and "KUBECONFIG" in err, err
+
+
+@pytest.mark.parametrize("stage, needs, writer", [
+    ("feed", "iter-00/evaluate/results.json", "evaluate"),
+    ("generate", "iter-00/train-base/model.pt", "train-base"),
+])
+def test_a_stage_run_before_its_inputs_exist_names_the_stage_that_writes_them(tmp_path, capsys, stage, needs,
+                                                                               writer):
+    from sims_platform.cli import main
+
+    cfg = tmp_path / "pipeline.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_config_dict(str(tmp_path / "run"))))
+    sets = ["iterations.count=2", "iterations.train_data=real+synthetic", "iterations.feed_samples=64"]
+    argv = ["stage", stage, "--config", str(cfg), *(a for s in sets for a in ("--set", s))]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert needs in err and "Errno" not in err, err
+    assert f"written by stage {writer} of iteration 0; run `sims stage {writer} --iteration 0` first" in err, err
