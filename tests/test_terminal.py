@@ -56,3 +56,18 @@ def test_a_stage_run_before_its_inputs_exist_names_the_stage_that_writes_them(tm
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert needs in err and "Errno" not in err, err
     assert f"written by stage {writer} of iteration 0; run `sims stage {writer} --iteration 0` first" in err, err
+
+
+def test_training_the_digits_feature_network_reports_its_start_and_progress(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from sims_platform.config import config_from_dict
+    from sims_platform.data import load_images
+    from sims_platform.metrics.features import train_digits_classifier
+
+    data = load_images(config_from_dict(tiny_config_dict(str(tmp_path / "run"))).data)
+    train_digits_classifier(SimpleNamespace(images=data.images[:100], labels=data.labels[:100]),
+                            cache_uri=str(tmp_path / "cache"), seed=0)
+    err = capsys.readouterr().err
+    assert "[digits-classifier] training the FID feature network on 100 labelled images" in err, err
+    assert "[digits-classifier] done 12/12 epoch (100%)" in err and "nan" not in err, err
