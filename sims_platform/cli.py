@@ -39,10 +39,10 @@ EXIT_CODES = f"""exit codes:
   {EXIT_OK}    success
   {EXIT_FAILED}    a stage failed (its output above says why; `sims run` again resumes)
   {EXIT_BAD_INPUT}    bad command line, config, input file or cluster credentials (the error line names it)
-  {EXIT_INTERRUPTED}  interrupted with Ctrl-C: every process of the run stopped; run the command again to resume
-  {EXIT_STOPPED}  stopped with SIGTERM: every process of the run stopped; run the command again to resume
   10   sims k8s drive: a stage of the run failed
   11   sims k8s drive / preflight: the namespace is not ready for the run (the error line says what is missing)
+  {EXIT_INTERRUPTED}  interrupted with Ctrl-C: every process of the run stopped; run the command again to resume
+  {EXIT_STOPPED}  stopped with SIGTERM: every process of the run stopped; run the command again to resume
 """
 
 
@@ -206,20 +206,26 @@ def cmd_local_cluster(args: argparse.Namespace) -> int:
     return 0
 
 
+def _subcommand(sub: argparse._SubParsersAction, name: str, help: str, **kwargs) -> argparse.ArgumentParser:
+    """A subcommand whose `--help` starts with the same sentence as its line in `sims --help`."""
+    kwargs.setdefault("description", help[0].upper() + help[1:] + ".")
+    return sub.add_parser(name, help=help, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sims", description=__doc__, epilog=EXIT_CODES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     set_help = "override a config value, KEY=VALUE with a dotted key (repeatable)"
 
-    p = sub.add_parser("validate", help="check a pipeline YAML file (or a Helm values file's pipeline); errors "
+    p = _subcommand(sub, "validate", help="check a pipeline YAML file (or a Helm values file's pipeline); errors "
                        "name the field; local data paths are checked too")
     p.add_argument("file", help="pipeline YAML or Helm values file ('-' for standard input)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help=set_help)
     p.add_argument("--print", action="store_true", help="print the resolved config with every default")
     p.set_defaults(func=cmd_validate)
 
-    p = sub.add_parser("run", help="run every iteration and stage of a pipeline on this machine")
+    p = _subcommand(sub, "run", help="run every iteration and stage of a pipeline on this machine")
     p.add_argument("--config", required=True, help="pipeline YAML")
     p.add_argument("--out", help="storage root (overrides storage.root), e.g. out/digits")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help=set_help)
@@ -230,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "each its own process on this machine; sets runtime.local_parts")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("stage", help="run one stage of one iteration (resumes from its newest checkpoint)")
+    p = _subcommand(sub, "stage", help="run one stage of one iteration (resumes from its newest checkpoint)")
     p.add_argument("name", choices=STAGES + RUN_STAGES)
     p.add_argument("--config", required=True, help="pipeline YAML")
     p.add_argument("--iteration", type=int, default=0, help="0-based iteration (default 0)")
@@ -246,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "else cpu), cpu, cuda or cuda:N; sets runtime.device")
     p.set_defaults(func=cmd_stage)
 
-    p = sub.add_parser("local-cluster", help="run a pipeline as the cluster does, on this machine: torchrun "
+    p = _subcommand(sub, "local-cluster", help="run a pipeline as the cluster does, on this machine: torchrun "
                        "training, job-array parts, a reducer, a loopback S3 endpoint and MLflow server")
     p.add_argument("--config", required=True, help="pipeline YAML")
     p.add_argument("--out", default="out/cluster-local", help="folder for server logs, MLflow database, summary")
@@ -256,13 +262,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help=set_help)
     p.set_defaults(func=cmd_local_cluster)
 
-    p = sub.add_parser("import-edm2", help="convert an EDM2 network pickle (training snapshot or post-hoc-EMA "
+    p = _subcommand(sub, "import-edm2", help="convert an EDM2 network pickle (training snapshot or post-hoc-EMA "
                        "export) into a model file, reading it without running any code it carries")
     p.add_argument("src", help="EDM2 pickle: path or URI (network-snapshot-*.pkl, edm2-img512-*.pkl)")
     p.add_argument("dst", help="model file to write: path or URI (usable as pretrained.base / pretrained.guide)")
     p.set_defaults(func=cmd_import_edm2)
 
-    p = sub.add_parser("ui", help="open the MLflow UI on a run folder (`sims run --out`), also after it was "
+    p = _subcommand(sub, "ui", help="open the MLflow UI on a run folder (`sims run --out`), also after it was "
                        "moved or copied")
     p.add_argument("folder", help="the run's folder, e.g. out/digits")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")

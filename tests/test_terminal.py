@@ -71,3 +71,27 @@ def test_training_the_digits_feature_network_reports_its_start_and_progress(tmp_
     err = capsys.readouterr().err
     assert "[digits-classifier] training the FID feature network on 100 labelled images" in err, err
     assert "[digits-classifier] done 12/12 epoch (100%)" in err and "nan" not in err, err
+
+
+def _parsers(parser):
+    import argparse
+
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                yield from _parsers(child)
+
+
+def test_every_help_text_is_written_for_users_and_lists_the_exit_codes():
+    from sims_platform.cli import build_parser
+
+    parser = build_parser()
+    top = parser.format_help()
+    for code in ("0 ", "1 ", "2 ", "130", "143"):
+        assert f"\n  {code}" in top, top
+    for p in _parsers(parser):
+        text = p.format_help()
+        assert p.description, p.prog
+        for developer_words in ("register(", "subparsers", "wired into", "the `sims` CLI with"):
+            assert developer_words not in text, (p.prog, text)
