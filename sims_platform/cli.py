@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
-from typing import get_args
+from typing import TYPE_CHECKING, get_args
 
 from sims_platform.config import ConfigError, PipelineConfig, dump_config, load_config
 from sims_platform.config.loader import is_values_file
@@ -25,6 +26,26 @@ from sims_platform.config.schema import CropMode
 from sims_platform.data.errors import DataError
 from sims_platform.storage.layout import IMPORT_BASE, RUN_STAGES, STAGES
 from sims_platform.storage.safe_pickle import UnsafePickleError
+from sims_platform.utils import interrupt
+
+if TYPE_CHECKING:
+    from sims_platform.stages import StageContext
+
+# Exit codes (listed in `sims --help` and the README).
+EXIT_OK = 0
+EXIT_FAILED = 1       # a stage failed: its own output above says why
+EXIT_BAD_INPUT = 2    # a bad command line, config, input file or missing cluster credentials: fix what it names
+EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT): every process stopped; rerunning resumes
+EXIT_STOPPED = 143      # SIGTERM: every process stopped; rerunning resumes
+EXIT_CODES = f"""exit codes:
+  {EXIT_OK}    success
+  {EXIT_FAILED}    a stage failed (its output above says why; `sims run` again resumes)
+  {EXIT_BAD_INPUT}    bad command line, config, input file or cluster credentials (the error line names it)
+  10   sims k8s drive: a stage of the run failed
+  11   sims k8s drive / preflight: the namespace is not ready for the run (the error line says what is missing)
+  {EXIT_INTERRUPTED}  interrupted with Ctrl-C: every process of the run stopped; run the command again to resume
+  {EXIT_STOPPED}  stopped with SIGTERM: every process of the run stopped; run the command again to resume
+"""
 
 
 def _load(args: argparse.Namespace) -> PipelineConfig:
@@ -73,7 +94,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         run_pipeline(cfg)
     except StepFailed as err:  # the failed processes printed their own errors above
         print(f"error: {err}; `sims run` again resumes from the completed stages", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
     layout = RunLayout.of(cfg.storage.root)
     sims = os.path.relpath(sys.argv[0]) if os.path.basename(sys.argv[0]) == "sims" else "sims"
     print(f"open the MLflow UI with:\n  {ui_command(resolve_tracking_uri(cfg, layout), layout, sims)}", flush=True)
@@ -144,8 +165,20 @@ def cmd_stage(args: argparse.Namespace) -> int:
     ctx = StageContext(cfg, layout, args.iteration, lineage, device=device, part=index, parts=args.count, loop=loop)
     result = run_stage(ctx, args.name, force=args.force)
     close_complete_runs(ctx)
-    print(result, flush=True)
+    if not interrupt.launched():  # a launcher prints its own line per step; a pod's log gets this one
+        print(stage_summary(args.name, ctx, result), flush=True)
     return 0
+
+
+def stage_summary(stage: str, ctx: StageContext, result: dict) -> str:
+    """One line on what a `sims stage` process did: its step and the result's plain values (URIs, counts)."""
+    where = f"{ctx.loop_name} " if ctx.loop_name else ""
+    part = f" part {ctx.part}/{ctx.parts}" if ctx.parts > 1 else ""
+    fields = ", ".join(f"{k}={v}" for k, v in result.items()
+                       if k != "complete" and v is not None and isinstance(v, (str, int, float)))
+    if ctx.parts > 1 and not result.get("complete", True):
+        fields += ("; " if fields else "") + "the stage completes when its other parts (or its reducer) have run"
+    return f"[{where}iter {ctx.iteration} {stage}{part}] finished" + (f": {fields}" if fields else "")
 
 
 def cmd_import_edm2(args: argparse.Namespace) -> int:
@@ -160,7 +193,7 @@ def cmd_import_edm2(args: argparse.Namespace) -> int:
         if isinstance(err, UnsafePickleError):
             raise
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     print(json.dumps(info, indent=2), flush=True)
     return 0
 
@@ -216,20 +249,26 @@ def cmd_local_cluster(args: argparse.Namespace) -> int:
     return 0
 
 
+def _subcommand(sub: argparse._SubParsersAction, name: str, help: str, **kwargs) -> argparse.ArgumentParser:
+    """A subcommand whose `--help` starts with the same sentence as its line in `sims --help`."""
+    kwargs.setdefault("description", help[0].upper() + help[1:] + ".")
+    return sub.add_parser(name, help=help, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sims", description=__doc__,
+    parser = argparse.ArgumentParser(prog="sims", description=__doc__, epilog=EXIT_CODES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     set_help = "override a config value, KEY=VALUE with a dotted key (repeatable)"
 
-    p = sub.add_parser("validate", help="check a pipeline YAML file (or a Helm values file's pipeline); errors "
+    p = _subcommand(sub, "validate", help="check a pipeline YAML file (or a Helm values file's pipeline); errors "
                        "name the field; local data paths are checked too")
     p.add_argument("file", help="pipeline YAML or Helm values file ('-' for standard input)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help=set_help)
     p.add_argument("--print", action="store_true", help="print the resolved config with every default")
     p.set_defaults(func=cmd_validate)
 
-    p = sub.add_parser("run", help="run every iteration and stage of a pipeline on this machine")
+    p = _subcommand(sub, "run", help="run every iteration and stage of a pipeline on this machine")
     p.add_argument("--config", required=True, help="pipeline YAML")
     p.add_argument("--out", help="storage root (overrides storage.root), e.g. out/digits")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help=set_help)
@@ -240,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "each its own process on this machine; sets runtime.local_parts")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("stage", help="run one stage of one iteration (resumes from its newest checkpoint)")
+    p = _subcommand(sub, "stage", help="run one stage of one iteration (resumes from its newest checkpoint)")
     p.add_argument("name", choices=STAGES + RUN_STAGES)
     p.add_argument("--config", required=True, help="pipeline YAML")
     p.add_argument("--iteration", type=int, default=0, help="0-based iteration (default 0)")
@@ -256,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "else cpu), cpu, cuda or cuda:N; sets runtime.device")
     p.set_defaults(func=cmd_stage)
 
-    p = sub.add_parser("local-cluster", help="run a pipeline as the cluster does, on this machine: torchrun "
+    p = _subcommand(sub, "local-cluster", help="run a pipeline as the cluster does, on this machine: torchrun "
                        "training, job-array parts, a reducer, a loopback S3 endpoint and MLflow server")
     p.add_argument("--config", required=True, help="pipeline YAML")
     p.add_argument("--out", default="out/cluster-local", help="folder for server logs, MLflow database, summary")
@@ -266,20 +305,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help=set_help)
     p.set_defaults(func=cmd_local_cluster)
 
-    p = sub.add_parser("import-edm2", help="convert an EDM2 network pickle (training snapshot or post-hoc-EMA "
+    p = _subcommand(sub, "import-edm2", help="convert an EDM2 network pickle (training snapshot or post-hoc-EMA "
                        "export) into a model file, reading it without running any code it carries")
     p.add_argument("src", help="EDM2 pickle: path or URI (network-snapshot-*.pkl, edm2-img512-*.pkl)")
     p.add_argument("dst", help="model file to write: path or URI (usable as pretrained.base / pretrained.guide)")
     p.set_defaults(func=cmd_import_edm2)
 
-    p = sub.add_parser("ui", help="open the MLflow UI on a run folder (`sims run --out`), also after it was "
+    p = _subcommand(sub, "ui", help="open the MLflow UI on a run folder (`sims run --out`), also after it was "
                        "moved or copied")
     p.add_argument("folder", help="the run's folder, e.g. out/digits")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=5000, help="port (default 5000)")
     p.set_defaults(func=cmd_ui)
 
-    p = sub.add_parser("prepare", help="turn an ImageNet-style folder (one sub-folder of images per class) into "
+    p = _subcommand(sub, "prepare", help="turn an ImageNet-style folder (one sub-folder of images per class) into "
                        "WebDataset shards of images cropped and resized as training reads them (PNG + cls)",
                        description="Shard j holds images [j*S, (j+1)*S) of the sorted file list; part i of N "
                        "writes the shards j with j % N == i, skipping shards already committed from the same "
@@ -296,14 +335,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# How each command resumes after an interruption (what the one line printed on Ctrl-C or SIGTERM says).
+RESUME = {
+    "run": "`sims run ...` again resumes from the completed stages",
+    "stage": "`sims stage ...` again resumes from the stage's last checkpoint",
+    "local-cluster": "`sims local-cluster ...` again resumes from the completed stages",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    command = ""
     try:
-        return args.func(args)
-    except (ConfigError, FileNotFoundError, UnsafePickleError, DataError) as err:
-        # Bad input: the message names the field or file and what was expected (a refused pickle ran nothing).
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        with interrupt.handled():
+            args = build_parser().parse_args(argv)
+            command = args.command
+            try:
+                return args.func(args)
+            except (ConfigError, FileNotFoundError, UnsafePickleError, DataError) as err:
+                # Bad input: the message names the field or file and what was expected (a refused pickle ran
+                # nothing).
+                print(f"error: {err}", file=sys.stderr)
+                return EXIT_BAD_INPUT
+    except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: the launchers' `finally` blocks stopped their processes
+        stopped = err if isinstance(err, interrupt.Stopped) else interrupt.Stopped(signal.SIGINT)
+        return interrupt.report(stopped, RESUME.get(command))
 
 
 if __name__ == "__main__":

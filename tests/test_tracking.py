@@ -253,6 +253,24 @@ def test_table_contains_every_method_value_and_verdict():
         assert value in table, value
 
 
+def test_table_with_one_repeat_shows_no_sd_and_no_significance_verdict():
+    # One report seed set (set 0 selects w = 1.0): an sd of one value is undefined, and so is the 2-sd test.
+    row = _row(0, [30.0, 31.0], [18.0, 20.0])
+    assert row["repeats"] == 1
+    table = format_table(json.loads(json.dumps({"iterations": [row], "mlflow_run_id": None})))
+    assert "nan" not in table and "±" not in table, table
+    assert "n/a (1 repeat)" in table and "repeats >= 2" in table, table
+    assert "1.0*" in table and "* = the w each method selected" in table, table
+
+
+def test_table_with_two_repeats_shows_sd_and_verdict_and_explains_the_star():
+    row = _row(0, [30.0, 30.0, 31.0], [18.0, 18.0, 18.5])
+    table = format_table({"iterations": [row], "mlflow_run_id": None})
+    assert "FID (mean ± sd)" in table and "30.50 ± 0.71" in table and "18.25 ± 0.35" in table, table
+    assert "yes" in table and "n/a" not in table and "nan" not in table, table
+    assert table.splitlines()[-2].startswith("* = the w each method selected on its selection seed set"), table
+
+
 # ----------------------------------------------------------------------------
 # PNGs
 

@@ -113,30 +113,52 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+# What `sims k8s --help` shows (the module docstring above is for readers of the code).
+K8S_DESCRIPTION = """\
+Run a pipeline on Kubernetes. `helm install` of charts/sims starts a run: its driver Job runs `sims k8s drive`
+and `helm test` runs `sims k8s preflight`; `sims k8s render` shows what the driver would create, and
+`sims status RUN` shows a run's progress.
+
+examples:
+  helm template sims-run charts/sims -f values-imagenet512.yaml | sims k8s render -
+  sims k8s preflight --config /etc/sims/pipeline.yaml --settings /etc/sims/driver.yaml
+  sims status imagenet512-edm2-s -n sims
+"""
+
+
+def _add(subparsers: Any, name: str, help: str, **kwargs: Any) -> argparse.ArgumentParser:
+    """A subcommand whose `--help` starts with the same sentence as its line in the parent's list."""
+    kwargs.setdefault("description", help[0].upper() + help[1:] + ".")
+    return subparsers.add_parser(name, help=help, **kwargs)
+
+
 def register(subparsers: Any) -> None:
-    """Add `k8s` (render, drive) and `status` to the `sims` parser's subcommands."""
-    p = subparsers.add_parser("k8s", help="Kubernetes: render the workloads, or drive the pipeline (in a pod)",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """Add `k8s` (render, drive, preflight) and `status` to the `sims` parser's subcommands."""
+    p = subparsers.add_parser("k8s", help="Kubernetes: render the workloads, check a namespace, or drive a run "
+                              "(the driver pod runs this)", description=K8S_DESCRIPTION,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     k8s = p.add_subparsers(dest="k8s_command", required=True)
 
-    r = k8s.add_parser("render", help="print every object the driver would create, from `helm template` output")
+    r = _add(k8s, "render", help="print every object the driver would create, from `helm template` output")
     r.add_argument("file", help="rendered chart manifests ('-' for standard input)")
     r.set_defaults(func=cmd_render)
 
-    d = k8s.add_parser("drive", help="create each stage's workload in order and wait on it (the driver Job)")
+    d = _add(k8s, "drive", help="create each stage's workload in order and wait on it (what the chart's driver Job "
+             "runs; exit 10: a stage failed, 11: the namespace is not ready)")
     d.add_argument("--config", required=True, help="pipeline YAML (the chart mounts /etc/sims/pipeline.yaml)")
     d.add_argument("--settings", required=True, help="driver settings YAML (/etc/sims/driver.yaml)")
     d.set_defaults(func=cmd_drive)
 
-    f = k8s.add_parser("preflight", help="check the namespace has what the run needs (CRDs, Secret, LocalQueue)")
+    f = _add(k8s, "preflight", help="check the namespace has what the run needs (CRDs, Secret, LocalQueue; "
+             "exit 11 when not)")
     f.add_argument("--config", required=True, help="pipeline YAML (/etc/sims/pipeline.yaml)")
     f.add_argument("--settings", required=True, help="driver settings YAML (/etc/sims/driver.yaml)")
     f.set_defaults(func=cmd_preflight)
 
     from sims_platform.cli import add_prepare_arguments  # the same options `sims prepare` takes
 
-    j = k8s.add_parser("prepare-job", help="print the Indexed Job that runs `sims prepare` as N parts, with the "
-                       "release's image, namespace, queue and S3 Secret (from `helm template` output)")
+    j = _add(k8s, "prepare-job", help="print the Indexed Job that runs `sims prepare` as N parts, with the "
+             "release's image, namespace, queue and S3 Secret (from `helm template` output)")
     j.add_argument("file", help="rendered chart manifests ('-' for standard input)")
     add_prepare_arguments(j)
     j.add_argument("--parts", type=int, required=True, help="Indexed Job completions: each writes the shards j "
@@ -147,7 +169,8 @@ def register(subparsers: Any) -> None:
     j.add_argument("--name", help="Job name (default: <release>-prepare-<hash of --dst>)")
     j.set_defaults(func=cmd_prepare_job)
 
-    s = subparsers.add_parser("status", help="table of a Kubernetes run's iterations and stages")
+    s = _add(subparsers, "status", help="show a Kubernetes run's iterations and stages as a table (needs a "
+             "kubeconfig, or a pod's ServiceAccount)")
     s.add_argument("run", help="the run name (pipeline.name; label sims.io/run)")
     s.add_argument("-n", "--namespace", help="namespace (default: the kubeconfig context's)")
     s.set_defaults(func=cmd_status)

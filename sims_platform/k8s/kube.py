@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
 from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
+
+from sims_platform.config import ConfigError
 
 
 @dataclass
@@ -18,14 +21,26 @@ class Apis:
     core: Any
 
 
+class NoCredentials(ConfigError):
+    """Neither a pod's ServiceAccount nor a usable kubeconfig: nothing to talk to the cluster with."""
+
+
 def connect() -> Apis:
-    """In a pod: the ServiceAccount's token; elsewhere: the current kubeconfig context."""
+    """In a pod: the ServiceAccount's token; elsewhere: the current kubeconfig context. Without either,
+    NoCredentials says where credentials are looked for and what to do (the CLI prints it as one line)."""
     from kubernetes import client, config
 
     try:
         config.load_incluster_config()
     except config.ConfigException:
-        config.load_kube_config()
+        try:
+            config.load_kube_config()
+        except (config.ConfigException, OSError) as err:
+            where = os.environ.get("KUBECONFIG") or "~/.kube/config"
+            raise NoCredentials(
+                f"no Kubernetes cluster credentials: not in a pod (no in-cluster ServiceAccount) and no usable "
+                f"kubeconfig at {where} ({err}); set KUBECONFIG to your cluster's kubeconfig file or select a "
+                "context with `kubectl config use-context`") from None
     return Apis(batch=client.BatchV1Api(), custom=client.CustomObjectsApi(), core=client.CoreV1Api())
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from sims_platform.launch.servers import free_port
 from sims_platform.pipeline.plan import Step
 from sims_platform.storage.layout import REDUCERS, STEP_KINDS
+from sims_platform.utils.interrupt import QUIET_ENV, ignore_sigint
 
 # The job arrays this launcher splits into parts (encode, of latent models only, runs as one process here).
 ARRAYS = ("reference", "generate", "evaluate")
@@ -56,7 +57,8 @@ def cpu_threads(processes: int) -> str:
 
 @contextmanager
 def _sigterm_raises() -> Iterator[None]:
-    """In the main thread, SIGTERM raises SystemExit, so a launcher that is stopped stops its processes too."""
+    """In the main thread, SIGTERM raises SystemExit, so a launcher that is stopped stops its processes too (the
+    `sims` command has its own handler, utils.interrupt; this covers other callers)."""
     if sys.platform == "win32" or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
         yield
         return
@@ -96,7 +98,10 @@ def run_together(commands: list[list[str]], env: dict[str, str], what: str, tag:
     procs: list[subprocess.Popen] = []
     try:
         with _sigterm_raises():
-            procs = [subprocess.Popen(c, env=env) for c in commands]
+            # The children leave Ctrl-C to this launcher (which stops them) and print nothing when stopped.
+            child_env = env | {QUIET_ENV: "1"}
+            quiet = None if sys.platform == "win32" else ignore_sigint
+            procs = [subprocess.Popen(c, env=child_env, preexec_fn=quiet) for c in commands]
             codes = [p.wait() for p in procs]
     finally:
         _stop(procs)

@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol, runtime_checkable
@@ -18,6 +19,7 @@ from torch import Tensor, nn
 from sims_platform.metrics.stats import FeatureStats
 from sims_platform.metrics.weights import Weights, WeightsError, load_weights
 from sims_platform.storage.fsio import exists, join, load_torch, save_torch
+from sims_platform.utils.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +200,9 @@ def _train_digits(x: Tensor, y: Tensor, num_classes: int, hp: DigitsClassifierHP
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=hp.lr,
                                                     total_steps=hp.epochs * steps_per_epoch)
         net.train()
-        for _ in range(hp.epochs):
+        # Tens of seconds on a CPU: a line per progress interval (and at the end) so the terminal is not silent.
+        progress = Progress("digits-classifier", total=hp.epochs, unit="epoch")
+        for epoch in range(hp.epochs):
             order = train[torch.randperm(len(train), generator=g)]
             for i in range(0, len(order), hp.batch_size):
                 idx = order[i:i + hp.batch_size]
@@ -207,6 +211,8 @@ def _train_digits(x: Tensor, y: Tensor, num_classes: int, hp: DigitsClassifierHP
                 loss.backward()
                 opt.step()
                 sched.step()
+            progress.update(epoch + 1, loss=loss.detach())
+        progress.close()
         net.eval()
         metrics = {"train_accuracy": _accuracy(net, x[train], y[train]),
                    "holdout_accuracy": _accuracy(net, x[hold], y[hold]),
@@ -252,6 +258,8 @@ def train_digits_classifier(real: LabeledImagesLike, *, cache_uri: str, seed: in
                                     fingerprint=fingerprint, metrics=record["metrics"], from_cache=True)
         log.info("digits-classifier: cache at %s was built from other data or settings; retraining", uri)
 
+    print(f"[digits-classifier] training the FID feature network on {len(y)} labelled images (once per data set; "
+          f"cached at {uri})", file=sys.stderr, flush=True)
     net, metrics = _train_digits(x, y, num_classes, hp, seed)
     log.info("digits-classifier: trained in %.1f s, train accuracy %.4f, holdout accuracy %.4f",
              metrics["train_seconds"], metrics["train_accuracy"], metrics["holdout_accuracy"])

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from sims_platform.config import ConfigError
 from sims_platform.pipeline.plan import base_step_error
-from sims_platform.stages.context import StageContext
+from sims_platform.stages.context import StageContext, missing_input
 from sims_platform.stages.encode import encode
 from sims_platform.stages.evaluate import evaluate, evaluate_reduce
 from sims_platform.stages.import_base import import_base
@@ -67,6 +67,9 @@ def run_stage(ctx: StageContext, stage: str, force: bool = False) -> dict:
     except BaseException as err:
         # The stage, its iteration and the pipeline end FAILED (KILLED on Ctrl-C); a retry reopens them.
         ctx.lineage.end_with_ancestors(run_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        missing = missing_input(ctx, stage, err) if isinstance(err, FileNotFoundError) else None
+        if missing is not None:  # an earlier stage has not run: say which, not just the path
+            raise missing from None
         raise
     if not ctx.lineage.writes:
         return result  # ranks other than 0 of a distributed stage: rank 0 records completion

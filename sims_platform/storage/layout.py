@@ -121,6 +121,26 @@ class RunLayout:
             return join(self.loop_root(self.loop), f"iter-{k:02d}", stage)
         return join(self.iteration(k), stage)
 
+    def producer(self, uri: str) -> tuple[str, int, str | None] | None:
+        """(stage, iteration, loop) whose folder holds uri, a path under this run's root (a local path without
+        file:// too); None for anything else. Used to say which stage writes a missing input."""
+        root = self.root.rstrip("/") + "/"
+        local = root[len("file://"):] if root.startswith("file://") else None
+        if local is not None and uri.startswith(local):
+            uri = "file://" + uri
+        if not uri.startswith(root):
+            return None
+        parts, loop = uri[len(root):].split("/"), None
+        if parts[0] == "loops" and len(parts) > 3:
+            loop, parts = parts[1], parts[2:]
+        if parts[:2] == ["features", "reference"]:
+            return "reference", 0, None
+        if parts[0] in RUN_STAGES:
+            return parts[0], 0, None
+        if len(parts) > 1 and parts[0].startswith("iter-") and parts[0][5:].isdigit() and parts[1] in STAGES:
+            return parts[1], int(parts[0][5:]), loop
+        return None
+
     def done_marker(self, k: int, stage: str) -> str:
         return join(self.stage(k, stage), "_SUCCESS.json")
 

@@ -81,43 +81,63 @@ def _grid(header: list[str], body: list[list[str]]) -> list[str]:
     return lines
 
 
+def _one_repeat(row: Mapping[str, Any]) -> bool:
+    """One report seed set: there is no sd, so no "± sd" and no significance test (it needs repeats >= 2)."""
+    return int(row.get("repeats", 2)) < 2
+
+
 def format_iteration(row: Mapping[str, Any], digits: int = 2) -> str:
-    """One iteration: every (method, w) with FID mean ± sd, precision, recall and cost, then each method's verdict."""
+    """One iteration: every (method, w) with FID mean ± sd, precision, recall and cost, then each method's verdict.
+    With one report seed set the sd and the significance test are left out (an sd of one value is undefined)."""
     order = row.get("method_order") or list(row["methods"])  # summary.json sorts keys; the config's order wins
     methods = {name: row["methods"][name] for name in order}
+    one = _one_repeat(row)
+
+    def fid(mean: float | None, sd: float | None) -> str:
+        return _fmt(mean, digits) if one else f"{_fmt(mean, digits)} ± {_fmt(sd, digits)}"
+
     lines = [f"iteration {row['iteration']}: Heun {row['sampler_steps']} steps; {row['repeats']} report seed "
              f"set(s) x {row.get('num_samples', '?')} samples; each method's w chosen on a separate selection set"]
     first = next(iter(methods.values()))
-    body = [["base", "0.0", str(first["nfe_per_w"]["0.0"]),
-             f"{_fmt(first['fid']['0.0'], digits)} ± {_fmt(first['fid_sd']['0.0'], digits)}",
+    body = [["base", "0.0", str(first["nfe_per_w"]["0.0"]), fid(first["fid"]["0.0"], first["fid_sd"]["0.0"]),
              _fmt(first["precision"]["0.0"], 3), _fmt(first["recall"]["0.0"], 3)]]
     for name, m in methods.items():
         for w in sorted(m["fid"], key=float):
             if float(w) == 0:
                 continue
             star = "*" if float(w) == m["best_w"] else " "
-            body.append([name, w + star, str(m["nfe_per_w"][w]),
-                         f"{_fmt(m['fid'][w], digits)} ± {_fmt(m['fid_sd'][w], digits)}",
+            body.append([name, w + star, str(m["nfe_per_w"][w]), fid(m["fid"][w], m["fid_sd"][w]),
                          _fmt(m["precision"][w], 3), _fmt(m["recall"][w], 3)])
-    lines += _grid(["method", "w", "NFE/sample", "FID (mean ± sd)", "precision", "recall"], body)
+    lines += _grid(["method", "w", "NFE/sample", "FID" if one else "FID (mean ± sd)", "precision", "recall"], body)
     lines.append("")
     body = []
     for name, m in methods.items():
-        verdict = "yes" if m["significant"] else ("no gain (best w = 0)" if m["best_w"] == 0 else "no")
+        if m["best_w"] == 0:
+            verdict = "no gain (best w = 0)"
+        elif one:
+            verdict = "n/a (1 repeat)"
+        else:
+            verdict = "yes" if m["significant"] else "no"
         body.append([name, str(m["best_w"]), _fmt(m["fid_base"], digits), _fmt(m["fid_best"], digits),
-                     f"{_fmt(m['gain'], digits)} ± {_fmt(m['gain_sd'], digits)}", verdict])
+                     fid(m["gain"], m["gain_sd"]), verdict])
     lines += _grid(["method", "best w", "FID base", "FID at best w", "gain (base - best)", "gain > 2 sd?"], body)
     return "\n".join(lines)
 
 
 def format_table(summary: Mapping[str, Any], digits: int = 2) -> str:
-    """Every iteration's comparison table; '*' marks each method's selected w."""
+    """Every iteration's comparison table and a legend; '*' marks each method's selected w."""
     rows = summary["iterations"]
     if not rows:
         return "(no iterations evaluated yet)"
     parts = [format_iteration(r, digits) for r in rows]
-    parts.append("FID (lower is better), mean ± sd over the report seed sets; gain = paired FID(base) - FID(best w) "
-                 "on the same seeds, mean ± sd; w = 0 is the base model")
+    legend = ["* = the w each method selected on its selection seed set (its best w); w = 0 is the base model"]
+    if any(not _one_repeat(r) for r in rows):
+        legend.append("FID (lower is better), mean ± sd over the report seed sets; gain = paired FID(base) - "
+                      "FID(best w) on the same seeds, mean ± sd")
+    if any(_one_repeat(r) for r in rows):
+        legend.append("FID (lower is better) on 1 report seed set: no sd, and whether a gain exceeds 2 sd needs "
+                      "evaluate.repeats >= 2")
+    parts.append("\n".join(legend))
     return "\n\n".join(parts)
 
 

@@ -9,6 +9,7 @@ database at the same moment; MLflow creates its tables on the first connection a
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import re
 import shlex
@@ -133,9 +134,22 @@ def _exclusive(path: str) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+# Loggers that report creating or migrating the store's tables at INFO, in every process that opens it (each
+# part, each rank): routine setup, not news to the user. Their warnings and errors still show.
+_SETUP_LOGGERS = ("mlflow.store.db.utils", "alembic")
+
+
+def _quiet_store_setup() -> None:
+    for name in _SETUP_LOGGERS:
+        logger = logging.getLogger(name)
+        if logger.getEffectiveLevel() < logging.WARNING:
+            logger.setLevel(logging.WARNING)
+
+
 def open_client(tracking_uri: str) -> MlflowClient:
     """An MlflowClient on tracking_uri; a SQLite database gets its folder and is created by one process at a time
     (the first to take <database>.lock creates the tables, the others find them)."""
+    _quiet_store_setup()
     if not tracking_uri.startswith(SQLITE):
         return MlflowClient(tracking_uri)
     db = tracking_uri[len(SQLITE):]

@@ -33,8 +33,9 @@ class Progress:
     def _emit(self, prefix: str = "") -> None:
         elapsed = time.monotonic() - self.t0
         rate = (self.done - self.start_done) / elapsed if elapsed > 0 else 0.0
-        eta = (self.total - self.done) / rate if rate > 0 else float("nan")
+        # Until work has been done there is no rate: "eta ?" rather than "0.0 it/s eta nan".
+        speed = f"{rate:.1f} {self.unit}/s eta {(self.total - self.done) / rate:.0f}s" if rate > 0 else "eta ?"
         extra = "".join(f" {k}={v:.4g}" for k, v in self.extra.items())
         line = (f"[{self.desc}] {prefix}{self.done}/{self.total} {self.unit} "
-                f"({100 * self.done / self.total:.0f}%) {rate:.1f} {self.unit}/s eta {eta:.0f}s{extra}")
+                f"({100 * self.done / self.total:.0f}%) {speed}{extra}")
         print(line, file=sys.stderr, flush=True)
