@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -179,7 +180,7 @@ def _records(layout: RunLayout, step: Step) -> list[str]:
     return [fsio.join(parts, n) for n in fsio.listdir(parts) if n.endswith(".json")]
 
 
-def stale_steps(cfg: PipelineConfig, layout: RunLayout, skip: list[Step] = ()) -> list[tuple[Step, str]]:
+def stale_steps(cfg: PipelineConfig, layout: RunLayout, skip: Collection[Step] = ()) -> list[tuple[Step, str]]:
     """Every step of the plan (but `skip`) with a record that does not match this config, with the reason."""
     stale = []
     for step, prov in plan_provenance(cfg).items():
@@ -213,7 +214,7 @@ def redo_steps(cfg: PipelineConfig, targets: list[str]) -> list[Step]:
     return redo
 
 
-def invalidate(cfg: PipelineConfig, layout: RunLayout, steps: list[Step]) -> list[str]:
+def invalidate(layout: RunLayout, steps: list[Step]) -> list[str]:
     """Delete the folders of these steps (completion records, part records, checkpoints, models, shards,
     evaluation parts), so they run from scratch; returns the step names that had anything to delete."""
     deleted = []

@@ -38,7 +38,7 @@ def verify_run(cfg: PipelineConfig, redo_from: list[str] | None = None) -> None:
     stale = stale_steps(cfg, layout, skip=redo)
     if stale:
         raise StaleStageError(stale_message(cfg, stale))
-    deleted = invalidate(cfg, layout, redo)
+    deleted = invalidate(layout, redo)
     if deleted:
         print(f"redo: removed {', '.join(deleted)}", flush=True)
 
@@ -164,5 +164,5 @@ def run_pipeline(cfg: PipelineConfig, redo_from: list[str] | None = None) -> dic
     return summary
 
 
-__all__ = ["StaleStageError", "close_complete_runs", "end_interrupted_runs", "iteration_complete", "open_run", "pipeline_plan",
-           "run_pipeline", "stages_for", "verify_run"]
+__all__ = ["StaleStageError", "close_complete_runs", "end_interrupted_runs", "iteration_complete", "open_run",
+           "pipeline_plan", "run_pipeline", "stages_for", "verify_run"]
