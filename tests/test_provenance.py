@@ -120,7 +120,7 @@ def test_an_unchanged_rerun_skips_everything(finished, tmp_path, capsys):
     before = _records(run)
     assert main(["run", "--config", str(cfg)]) == 0
     out = capsys.readouterr().out
-    assert out.count("already complete") == len(before) == 5
+    assert out.count("already complete (") == len(before) == 5
     assert _records(run) == before
 
 
@@ -172,5 +172,5 @@ def test_parts_and_one_process_resume_each_other(finished, tmp_path, capsys):
         {k: v for k, v in before.items() if "evaluate" not in k}
     capsys.readouterr()
     assert main(["run", "--config", str(cfg)]) == 0  # one process: everything complete, nothing refused
-    assert capsys.readouterr().out.count("already complete") == 5
+    assert capsys.readouterr().out.count("already complete (") == 5
     assert _records(run) == after
