@@ -16,6 +16,7 @@ from pipeline_support import tiny_config_dict
 
 from sims_platform.cli import main
 from sims_platform.config import config_from_dict
+from sims_platform.pipeline.provenance import plan_provenance, step_name
 from sims_platform.pipeline.runner import run_pipeline
 
 
@@ -174,3 +175,24 @@ def test_parts_and_one_process_resume_each_other(finished, tmp_path, capsys):
     assert main(["run", "--config", str(cfg)]) == 0  # one process: everything complete, nothing refused
     assert capsys.readouterr().out.count("already complete (") == 5
     assert _records(run) == after
+
+
+def _digests(d: dict) -> dict[str, str]:
+    return {step_name(s): p.digest for s, p in plan_provenance(config_from_dict(d)).items()}
+
+
+def test_digests_follow_what_each_step_reads(tmp_path):
+    one = tiny_config_dict(str(tmp_path / "run"))
+    two = {**one, "iterations": {"count": 2, "train_data": "real+synthetic", "feed_samples": 8}}
+    a, b = _digests(one), _digests(two)
+    assert {k: b[k] for k in a} == a  # iteration 0 does not read how later iterations train
+    more = _digests({**two, "iterations": {**two["iterations"], "feed_samples": 16}})
+    assert [k for k in b if more[k] != b[k]] == ["iter-00/feed", "iter-01/train-base", "iter-01/generate",
+                                                 "iter-01/finetune-aux", "iter-01/evaluate"]
+    loop = {**one, "loop": {"arms": ["standard", "sims"], "feed_fractions": [0.5], "generations": 3}}
+    aux = _digests({**loop, "finetune_aux": {**one["finetune_aux"], "images": 256}})
+    changed = {k for k, d in _digests(loop).items() if aux[k] != d}
+    assert "sims-dp50/iter-01/train-base" in changed  # its feed is guided by generation 0's aux
+    assert "sims-dp50/iter-01/finetune-aux" in changed and "iter-00/generate" not in changed
+    longer = _digests({**loop, "loop": {**loop["loop"], "generations": 4}})
+    assert all(longer[k] == d for k, d in _digests(loop).items())  # more generations extend the run

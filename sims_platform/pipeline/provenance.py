@@ -88,6 +88,8 @@ def _settings(cfg: PipelineConfig, step: Step) -> dict[str, Any]:
     view = cfg.for_loop(step.loop) if step.loop is not None else cfg
     dump = view.model_dump(mode="json")
     paths = SETTINGS[step.stage] + (LOOP_SETTINGS if step.loop is not None else ())
+    if step.stage == "train-base" and step.iteration == 0:  # iteration 0's base trains on the real data alone
+        paths = tuple(p for p in paths if p != "iterations")
     out = {p: _pick(dump, p) for p in paths}
     for path in EXCLUDED:
         head, _, tail = path.partition(".")
@@ -116,12 +118,12 @@ def plan_provenance(cfg: PipelineConfig) -> dict[Step, Provenance]:
     by_key: dict[tuple[str | None, int, str], tuple[str, str]] = {}  # key -> (step name, digest)
     for step in pipeline_plan(cfg):
         names = [(step.loop_name, step.iteration, s) for s in INPUTS[step.stage]]
-        if step.stage == "train-base":
+        if step.stage == "train-base" and (step.loop is not None or cfg.iterations.train_data != "real"):
             names += [(step.loop_name, j, "feed") for j in range(step.iteration)]
         inputs: dict[str, str] = {}
         for loop, k, stage in names:
             # A stage read from the shared pipeline: run-level, or a loop's generation 0 (all shared but its feed).
-            for key in ((loop, k, stage), (None, k, stage), (None, 0, stage)):
+            for key in ((loop, k, stage), (None, k if stage not in RUN_STAGES else 0, stage)):
                 if key in by_key:
                     inputs[by_key[key][0]] = by_key[key][1]
                     break
