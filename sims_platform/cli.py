@@ -8,6 +8,7 @@ Examples:
   sims stage feed --config pipelines/digits-mad.yaml --iteration 1 --loop sims-dp50
   sims stage generate --config pipelines/digits.yaml --device cpu
   sims run --config pipelines/digits.yaml --set seed=1 --set finetune_aux.images=8192 --dry-run
+  sims run --config pipelines/digits.yaml --out out/digits --set generate.sampler.steps=16 --redo-from generate
   sims import-edm2 edm2-img512-s-2147483-0.130.pkl s3://bucket/models/edm2-s.pt
   sims prepare --src imagenet/train --dst s3://bucket/datasets/imagenet-1k/train-512 --resolution 512
 """
@@ -91,7 +92,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     resolve_device(cfg.runtime.device)  # a missing GPU fails before any stage starts
     try:
-        run_pipeline(cfg)
+        run_pipeline(cfg, redo_from=args.redo_from)
     except StepFailed as err:  # the failed processes printed their own errors above
         print(f"error: {err}; `sims run` again resumes from the completed stages", file=sys.stderr)
         return EXIT_FAILED
@@ -277,6 +278,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "else cpu), cpu, cuda or cuda:N; sets runtime.device")
     p.add_argument("--parts", type=int, metavar="N", help="run generate and evaluate as N job-array parts, "
                    "each its own process on this machine; sets runtime.local_parts")
+    p.add_argument("--redo-from", action="append", metavar="STAGE",
+                   help="rerun STAGE and every stage that reads its results, in every iteration and loop (e.g. "
+                   "generate), or one step only with what reads it (e.g. iter-01/generate, sims-dp50/iter-01/feed); "
+                   "their folders are deleted first (repeatable). A resumed run keeps each completed stage only if "
+                   "its record was made with the same settings (storage, tracking, runtime and the name aside), and "
+                   "otherwise stops and names the stage and the changed keys")
     p.set_defaults(func=cmd_run)
 
     p = _subcommand(sub, "stage", help="run one stage of one iteration (resumes from its newest checkpoint)")
@@ -290,7 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, default=1, help="how many parts the stage is split into (default 1)")
     p.add_argument("--loop", help="a self-consuming loop's stage (config `loop`): its name, <arm>-dp<percent>, "
                    "e.g. sims-dp50; without it, the shared pipeline's (generation 0)")
-    p.add_argument("--force", action="store_true", help="run even if the stage is marked complete")
+    p.add_argument("--force", action="store_true", help="run even if the stage is marked complete (also when "
+                   "its record was made with other settings, which is otherwise refused)")
     p.add_argument("--device", help="where to compute: auto (default: cuda:LOCAL_RANK when a GPU is visible, "
                    "else cpu), cpu, cuda or cuda:N; sets runtime.device")
     p.set_defaults(func=cmd_stage)

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from sims_platform.config import PipelineConfig, dump_config
 from sims_platform.pipeline.plan import Step, pipeline_plan, plan_groups, stages_for
+from sims_platform.pipeline.provenance import StaleStageError, invalidate, redo_steps, stale_message, stale_steps
 from sims_platform.stages import StageContext, is_done, run_stage
 from sims_platform.storage import fsio
 from sims_platform.storage.layout import REDUCERS, RunLayout
@@ -27,14 +28,25 @@ from sims_platform.tracking.loops import format_loop_table, write_loop_results
 LOCAL_PARTS = ("generate", "evaluate")
 
 
-def open_run(cfg: PipelineConfig) -> tuple[RunLayout, Lineage, str]:
-    """The run's layout and lineage; records the resolved config next to the results."""
+def verify_run(cfg: PipelineConfig, redo_from: list[str] | None = None) -> None:
+    """Before a resumed run starts: redo what --redo-from names (deleting those stages' folders), then refuse
+    if any other completed stage was made under other settings (one line per stale stage, with the fix).
+
+    The check comes first, so a refused run deletes nothing."""
     layout = RunLayout.of(cfg.storage.root)
-    if fsio.exists(layout.config):
-        previous = fsio.read_bytes(layout.config).decode()
-        if previous != dump_config(cfg):
-            print(f"note: {layout.config} differs from this config; stages already complete are kept "
-                  "(delete the folder to start over)", flush=True)
+    redo = redo_steps(cfg, redo_from) if redo_from else []
+    stale = stale_steps(cfg, layout, skip=redo)
+    if stale:
+        raise StaleStageError(stale_message(cfg, stale))
+    deleted = invalidate(layout, redo)
+    if deleted:
+        print(f"redo: removed {', '.join(deleted)}", flush=True)
+
+
+def open_run(cfg: PipelineConfig) -> tuple[RunLayout, Lineage, str]:
+    """The run's layout and lineage; records the resolved config next to the results (each completion record
+    carries what shaped it: pipeline.provenance)."""
+    layout = RunLayout.of(cfg.storage.root)
     fsio.write_bytes(layout.config, dump_config(cfg).encode())
     lineage = Lineage(resolve_tracking_uri(cfg, layout), cfg.tracking.experiment, layout)
     return layout, lineage, lineage.pipeline_run(cfg)
@@ -127,7 +139,9 @@ def _run_with_parts(cfg: PipelineConfig, layout: RunLayout, lineage: Lineage) ->
         _run_steps(cfg, layout, lineage, launch)
 
 
-def run_pipeline(cfg: PipelineConfig) -> dict:
+def run_pipeline(cfg: PipelineConfig, redo_from: list[str] | None = None) -> dict:
+    """Run (or resume) the pipeline; `redo_from` names the stages (or steps) to redo with what reads them."""
+    verify_run(cfg, redo_from)
     layout, lineage, parent = open_run(cfg)
     end_interrupted_runs(cfg, layout, lineage)
     if cfg.runtime.local_parts > 1:
@@ -150,5 +164,5 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     return summary
 
 
-__all__ = ["close_complete_runs", "end_interrupted_runs", "iteration_complete", "open_run", "pipeline_plan",
-           "run_pipeline", "stages_for"]
+__all__ = ["StaleStageError", "close_complete_runs", "end_interrupted_runs", "iteration_complete", "open_run",
+           "pipeline_plan", "run_pipeline", "stages_for", "verify_run"]

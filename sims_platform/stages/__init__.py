@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 from sims_platform.config import ConfigError
 from sims_platform.pipeline.plan import base_step_error
+from sims_platform.pipeline.provenance import Provenance, StaleStageError, explain, step_provenance
 from sims_platform.stages.context import StageContext, missing_input
 from sims_platform.stages.encode import encode
 from sims_platform.stages.evaluate import evaluate, evaluate_reduce
@@ -44,6 +45,9 @@ def run_stage(ctx: StageContext, stage: str, force: bool = False) -> dict:
     A rerun after a kill resumes inside the stage. A part records its own completion; the stage's record is
     written by whoever completes the whole stage (a stage function says so with result["complete"]), and a
     rerun of any part writes it if that part was killed before it could.
+
+    Every record carries the step's provenance (pipeline.provenance); a record made under other settings is
+    refused (StaleStageError) rather than reused, unless `force` runs the step again.
     """
     if stage not in STAGE_FUNCS:
         raise ValueError(f"unknown stage '{stage}', expected one of {', '.join(STAGE_FUNCS)}")
@@ -53,14 +57,18 @@ def run_stage(ctx: StageContext, stage: str, force: bool = False) -> dict:
     stage_marker = ctx.layout.done_marker(ctx.iteration, stage)
     marker = stage_marker if ctx.parts == 1 else \
         ctx.layout.part_marker(ctx.iteration, stage, ctx.part, ctx.parts)
+    prov = step_provenance(ctx.pipeline_cfg, ctx.iteration, stage, ctx.loop_name)
     for done in dict.fromkeys((stage_marker, marker)):
         if not force and fsio.exists(done):
+            _check(ctx, stage, fsio.read_json(done), prov)
             if done != stage_marker and ctx.lineage.writes:
                 _complete_from_parts(ctx, stage, stage_marker)
             where = f"{ctx.loop_name} " if ctx.loop else ""
             print(f"[{where}iter {ctx.iteration} {stage}] already complete ({done}); skipping", flush=True)
             return fsio.read_json(done)["result"]
     run_id = ctx.lineage.stage_run(ctx.iteration, stage, ctx.loop_name)
+    if prov is not None:  # a tag, not a param: a redo under new settings logs into the same run
+        ctx.lineage.set_tags(run_id, {"sims.provenance": prov.digest})
     t0, peak = time.time(), PeakMemory(ctx.device)
     try:
         result = STAGE_FUNCS[stage](ctx, run_id)
@@ -77,11 +85,23 @@ def run_stage(ctx: StageContext, stage: str, force: bool = False) -> dict:
     record = {"stage": stage, "iteration": ctx.iteration, "loop": ctx.loop_name, "mlflow_run_id": run_id,
               "seconds": seconds, "part": ctx.part, "parts": ctx.parts, "device": device,
               "peak_gpu_memory_gib": gib, "result": result}
+    if prov is not None:
+        record["provenance"] = prov.record()
     if ctx.parts > 1:
         fsio.write_json(marker, record)
     if ctx.parts == 1 or result.get("complete"):
         _complete(ctx, stage_marker, record, replace=force)
     return result
+
+
+def _check(ctx: StageContext, stage: str, record: dict, prov: Provenance | None) -> None:
+    """Refuse a completion record made under settings other than this config's (see pipeline.provenance)."""
+    why = explain(record, prov) if prov is not None else None
+    if why:
+        where = f" --loop {ctx.loop_name}" if ctx.loop else ""
+        raise StaleStageError(
+            f"stage {stage} --iteration {ctx.iteration}{where} was {why}: run it again with `sims stage ... --force` "
+            "(and the stages that read it), or `sims run ... --redo-from STAGE`, or delete the run folder")
 
 
 def _complete(ctx: StageContext, stage_marker: str, record: dict, replace: bool) -> None:

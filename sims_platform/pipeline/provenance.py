@@ -1,0 +1,243 @@
+"""What shaped each stage's results: a digest of the config settings it reads and of its inputs' digests.
+
+Every completion record carries its stage's digest (stages.run_stage), so a resumed run knows whether a completed
+stage was made under the settings it would run with now. A stage's digest folds in the digests of the stages it
+reads, so a change upstream reaches everything downstream. Digests are computed from the config and the plan
+alone (canonical JSON of the pydantic dumps, no file is read or hashed): a plan's digests are known before any
+stage runs, in every launcher, and are the same in every process of a job array.
+
+Settings that never change results are left out: where the run folder is (storage, so a moved or copied folder
+resumes), tracking, runtime (device, local_parts, channels_last and tf32 change results only within float
+rounding, so `sims run --parts 2` and `sims stage` resume each other), the run's name, and iterations.count /
+loop.generations (more iterations extend a run without touching the finished ones).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Collection
+from dataclasses import dataclass
+from typing import Any
+
+from sims_platform.config import ConfigError, PipelineConfig
+from sims_platform.pipeline.plan import Step, pipeline_plan
+from sims_platform.storage import fsio
+from sims_platform.storage.layout import IMPORT_BASE, RUN_STAGES, RunLayout, stage_of
+
+MODEL = ("seed", "data", "encoder", "network")  # what every model-based stage depends on
+# The config settings (dotted paths into the pipeline config) each step's results depend on.
+SETTINGS: dict[str, tuple[str, ...]] = {
+    "encode": ("data", "encoder"),
+    "reference": ("data", "evaluate.features", "evaluate.inception_weights", "evaluate.precision_recall",
+                  "evaluate.batch_size"),
+    "train-base": MODEL + ("train_base", "iterations"),
+    IMPORT_BASE: ("data", "encoder", "network", "pretrained.base"),
+    "generate": MODEL + ("generate",),
+    "select-aux": MODEL + ("generate", "shift"),
+    "finetune-aux": MODEL + ("finetune_aux", "shift"),
+    "finetune-real-aux": MODEL + ("finetune_aux",),
+    "evaluate": MODEL + ("evaluate", "shift", "pretrained.guide"),
+    "feed": MODEL + ("generate", "evaluate", "iterations"),
+}
+# A loop's stages also depend on its own settings (the arm and fraction are the loop's name).
+LOOP_SETTINGS = ("loop.accumulate", "loop.train_data", "loop.method")
+EXCLUDED = {"iterations.count"}
+# The stages whose results each stage reads (when they are in the plan). train-base of k > 0 also reads the feeds
+# of earlier iterations (feeds_before).
+INPUTS: dict[str, tuple[str, ...]] = {
+    "encode": (), "reference": (), IMPORT_BASE: (),
+    "train-base": ("encode",),
+    "generate": ("train-base",),
+    "select-aux": ("generate",),
+    "finetune-aux": ("encode", "train-base", "generate", "select-aux"),
+    "finetune-real-aux": ("encode", "train-base"),
+    "evaluate": ("encode", "reference", "train-base", "finetune-aux", "finetune-real-aux"),
+    "feed": ("train-base", "finetune-aux", "evaluate"),
+}
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """One step's digest, the settings it was computed from, and the inputs (step names) it folds in."""
+
+    digest: str
+    settings: dict[str, Any]
+    inputs: dict[str, str]
+
+    def record(self) -> dict[str, Any]:
+        return {"digest": self.digest, "settings": self.settings, "inputs": self.inputs}
+
+
+def step_name(step: Step) -> str:
+    """'iter-01/generate', 'sims-dp50/iter-01/feed', 'encode': how messages and --redo-from name a step."""
+    stage = stage_of(step.stage)
+    if stage in RUN_STAGES:
+        return stage
+    return f"{step.loop_name + '/' if step.loop_name else ''}iter-{step.iteration:02d}/{stage}"
+
+
+def _pick(dump: dict[str, Any], path: str) -> Any:
+    value: Any = dump
+    for key in path.split("."):
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
+
+
+def _settings(cfg: PipelineConfig, step: Step) -> dict[str, Any]:
+    view = cfg.for_loop(step.loop) if step.loop is not None else cfg
+    dump = view.model_dump(mode="json")
+    paths = SETTINGS[step.stage] + (LOOP_SETTINGS if step.loop is not None else ())
+    if step.stage == "train-base" and step.iteration == 0:  # iteration 0's base trains on the real data alone
+        paths = tuple(p for p in paths if p != "iterations")
+    out = {p: _pick(dump, p) for p in paths}
+    for path in EXCLUDED:
+        head, _, tail = path.partition(".")
+        if isinstance(out.get(head), dict):
+            out[head] = {k: v for k, v in out[head].items() if k != tail}
+    if step.loop is not None:
+        out["loop.name"] = step.loop.name
+    return out
+
+
+def digest_of(value: Any) -> str:
+    """sha256 of canonical JSON (sorted keys, no whitespace): the same value gives the same digest anywhere."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _key(step: Step) -> tuple[str | None, int, str]:
+    """Steps that complete the same folder share a key (import-base is iteration 0's train-base)."""
+    stage = stage_of(step.stage)
+    return (None, 0, stage) if stage in RUN_STAGES else (step.loop_name, step.iteration, stage)
+
+
+def plan_provenance(cfg: PipelineConfig) -> dict[Step, Provenance]:
+    """Every step of the plan with its provenance, in plan order."""
+    out: dict[Step, Provenance] = {}
+    by_key: dict[tuple[str | None, int, str], tuple[str, str]] = {}  # key -> (step name, digest)
+    for step in pipeline_plan(cfg):
+        names = [(step.loop_name, step.iteration, s) for s in INPUTS[step.stage]]
+        if step.stage == "train-base" and (step.loop is not None or cfg.iterations.train_data != "real"):
+            names += [(step.loop_name, j, "feed") for j in range(step.iteration)]
+        inputs: dict[str, str] = {}
+        for loop, k, stage in names:
+            # A stage read from the shared pipeline: run-level, or a loop's generation 0 (all shared but its feed).
+            for key in ((loop, k, stage), (None, k if stage not in RUN_STAGES else 0, stage)):
+                if key in by_key:
+                    inputs[by_key[key][0]] = by_key[key][1]
+                    break
+        settings = _settings(cfg, step)
+        prov = Provenance(digest_of({"step": step.stage, "settings": settings, "inputs": inputs}), settings, inputs)
+        out[step] = prov
+        by_key[_key(step)] = (step_name(step), prov.digest)
+    return out
+
+
+def step_provenance(cfg: PipelineConfig, k: int, stage: str, loop_name: str | None) -> Provenance | None:
+    """The provenance of one step (a reducer's is its stage's); None when it is not a step of the plan (a stage run
+    by hand outside the plan, which then records no digest)."""
+    want = _key(Step(k, stage)) if stage_of(stage) in RUN_STAGES else (loop_name, k, stage_of(stage))
+    for step, prov in plan_provenance(cfg).items():
+        if _key(step) == want:
+            return prov
+    return None
+
+
+def _changed(recorded: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ."""
+    if isinstance(recorded, dict) and isinstance(now, dict):
+        return [p for k in sorted(set(recorded) | set(now), key=str)
+                for p in _changed(recorded.get(k), now.get(k), f"{prefix}.{k}" if prefix else str(k))]
+    return [] if recorded == now else [prefix]
+
+
+def explain(record: dict[str, Any], prov: Provenance) -> str | None:
+    """Why a completion record does not match this config (None: it does)."""
+    rec = record.get("provenance")
+    if not isinstance(rec, dict) or "digest" not in rec:
+        return "its record predates settings tracking, so it cannot be told whether it matches this config"
+    if rec["digest"] == prov.digest:
+        return None
+    keys = _changed(rec.get("settings", {}), prov.settings)
+    if keys:
+        shown = ", ".join(keys[:6]) + (f" and {len(keys) - 6} more" if len(keys) > 6 else "")
+        return f"made with different settings ({shown})"
+    stale = [name for name, d in prov.inputs.items() if rec.get("inputs", {}).get(name) != d]
+    return f"made from inputs that changed since ({', '.join(stale) or 'its inputs'})"
+
+
+class StaleStageError(ConfigError):
+    """A completed stage's record was made under other settings than the run's config (one line per stage)."""
+
+
+def _records(layout: RunLayout, step: Step) -> list[str]:
+    """The step's completion record, or while it is incomplete its parts' records (a resumed job array skips
+    the parts recorded complete)."""
+    run = layout.in_loop(step.loop_name)
+    marker = run.done_marker(step.iteration, step.stage)
+    if fsio.exists(marker):
+        return [marker]
+    parts = fsio.join(run.stage(step.iteration, step.stage), "parts")
+    return [fsio.join(parts, n) for n in fsio.listdir(parts) if n.endswith(".json")]
+
+
+def stale_steps(cfg: PipelineConfig, layout: RunLayout, skip: Collection[Step] = ()) -> list[tuple[Step, str]]:
+    """Every step of the plan (but `skip`) with a record that does not match this config, with the reason."""
+    stale = []
+    for step, prov in plan_provenance(cfg).items():
+        if step in skip:
+            continue
+        for uri in _records(layout, step):
+            why = explain(fsio.read_json(uri), prov)
+            if why:
+                stale.append((step, why))
+                break
+    return stale
+
+
+def redo_steps(cfg: PipelineConfig, targets: list[str]) -> list[Step]:
+    """The steps `--redo-from TARGET` reruns: each TARGET (a stage, in every iteration and loop; or one step as
+    step_name writes it, e.g. iter-01/generate) and every step that reads what they write, directly or not."""
+    plan = plan_provenance(cfg)
+    stages = {stage_of(s.stage) for s in plan}
+    names = {step_name(s) for s in plan}
+    for target in targets:
+        if target not in stages and target not in names:
+            raise ConfigError(f"--redo-from {target}: not a stage or step of this pipeline's plan; give a stage "
+                              f"({', '.join(sorted(stages))}) or a step such as {sorted(names)[-1]}")
+    redo: list[Step] = []
+    redone: set[str] = set()
+    for step, prov in plan.items():
+        name = step_name(step)
+        if stage_of(step.stage) in targets or name in targets or any(i in redone for i in prov.inputs):
+            redo.append(step)
+            redone.add(name)
+    return redo
+
+
+def invalidate(layout: RunLayout, steps: list[Step]) -> list[str]:
+    """Delete the folders of these steps (completion records, part records, checkpoints, models, shards,
+    evaluation parts), so they run from scratch; returns the step names that had anything to delete."""
+    deleted = []
+    for step in steps:
+        folder = layout.in_loop(step.loop_name).stage(step.iteration, step.stage)
+        if fsio.exists(folder):
+            fsio.remove(folder)
+            deleted.append(step_name(step))
+    return deleted
+
+
+def stale_message(cfg: PipelineConfig, stale: list[tuple[Step, str]]) -> str:
+    """One line per stale step, each with the fix: the fewest --redo-from stages (earliest first) that cover
+    every stale step."""
+    targets: list[str] = []
+    covered: set[Step] = set()
+    fix: dict[Step, str] = {}
+    for step, _ in stale:
+        if step not in covered:
+            targets.append(stage_of(step.stage))
+            covered |= set(redo_steps(cfg, [targets[-1]]))
+        fix[step] = next(t for t in targets if step in redo_steps(cfg, [t]))
+    return "\n".join(f"stage {step_name(step)} was {why}: rerun with `sims run ... --redo-from {fix[step]}` "
+                     "(redoes it and every stage that reads it), or delete the run folder" for step, why in stale)
