@@ -19,6 +19,9 @@ from mlflow.tracking import MlflowClient
 
 from pipeline_support import tiny_config_dict
 
+from sims_platform.config import config_from_dict
+from sims_platform.pipeline.provenance import step_provenance
+
 SIMS = [sys.executable, "-m", "sims_platform.cli"]
 
 
@@ -98,7 +101,11 @@ def test_a_failing_part_ends_sims_run_with_a_clear_error(tmp_path):
     buf = io.BytesIO()
     torch.save({"ema": _Payload(str(marker)), "images": 0}, buf)
     (base / "model.pt").write_bytes(buf.getvalue())
-    (base / "_SUCCESS.json").write_text(json.dumps({"result": {"model": str(base / "model.pt")}}))
+    # The record even carries the digest of this config's settings (computable by anyone who has the config), so
+    # train-base is skipped and the parts meet the planted file itself.
+    prov = step_provenance(config_from_dict(tiny_config_dict(str(root))), 0, "train-base", None)
+    (base / "_SUCCESS.json").write_text(json.dumps({"result": {"model": str(base / "model.pt")},
+                                                    "provenance": prov.record()}))
     proc = _sims_run(cfg, "--parts", "2")
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
