@@ -73,3 +73,57 @@ def test_a_copied_and_a_moved_run_folder_keep_their_artifacts(tmp_path):
     moved.parent.mkdir()
     shutil.move(str(first), moved)
     _check_self_contained(moved, expected)
+
+
+def test_sims_ui_serves_a_moved_folders_artifacts(tmp_path):
+    """`sims ui <folder>` re-roots a moved folder's store and serves it: the artifact is downloadable."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from sims_platform.launch.servers import free_port
+
+    first = tmp_path / "first"
+    uri, artifacts = local_store(RunLayout.of(str(first)))
+    client = open_client(uri)
+    exp = client.create_experiment("ui", artifact_location=artifacts)
+    run = client.create_run(exp)
+    client.log_text(run.info.run_id, "hello", "notes/readme.txt")
+    moved = tmp_path / "moved"
+    shutil.move(str(first), moved)
+
+    port = free_port()
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "OMP_NUM_THREADS": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.Popen([sys.executable, "-m", "sims_platform.cli", "ui", str(moved), "--port", str(port)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        base, body = f"http://127.0.0.1:{port}", None
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                q = f"run_id={run.info.run_id}&path=notes/readme.txt"
+                with urllib.request.urlopen(f"{base}/get-artifact?{q}", timeout=5) as r:
+                    body = r.read().decode()
+                break
+            except OSError:
+                time.sleep(0.5)
+        assert body == "hello", proc.stdout.read() if proc.poll() is not None else "no answer"
+        with urllib.request.urlopen(f"{base}/api/2.0/mlflow/runs/get?run_id={run.info.run_id}", timeout=5) as r:
+            info = json.load(r)["run"]["info"]
+        assert info["artifact_uri"].startswith(f"file://{moved}/mlartifacts/")
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(30)
+
+
+def test_sims_ui_without_a_store_is_one_line(tmp_path, capsys):
+    from sims_platform.cli import main
+
+    assert main(["ui", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no MLflow store here" in err
