@@ -105,13 +105,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_ui(args: argparse.Namespace) -> int:
     """The MLflow UI on a local run folder's store, wherever the folder now is (its artifacts re-rooted first)."""
     from sims_platform.storage.layout import RunLayout
-    from sims_platform.tracking.store import local_store, mlflow_ui_argv, open_client
+    from sims_platform.tracking.store import SQLITE, local_store, mlflow_ui_argv, open_client
 
     layout = RunLayout.of(args.folder)
     uri, _ = local_store(layout)
-    if not os.path.isfile(uri[len("sqlite:///"):]):
-        raise ConfigError(f"{args.folder}: no MLflow store here (expected {uri[len('sqlite:///'):]}); give the "
-                          "folder a `sims run --out` wrote")
+    db = uri[len(SQLITE):]
+    if not os.path.isfile(db):
+        raise ConfigError(f"{args.folder}: no MLflow store here (expected {db}); give the folder a `sims run --out` "
+                          "wrote")
     open_client(uri)  # re-roots the artifact locations of a moved or copied folder
     argv = mlflow_ui_argv(layout) + ["--host", args.host, "--port", str(args.port)]
     print(f"[ui] {' '.join(argv[1:])}", flush=True)
@@ -123,7 +124,7 @@ def _stage_loop(cfg: PipelineConfig, args: argparse.Namespace):
     """The loop `--loop` names (None: the shared pipeline), once (stage, iteration, loop) is known to be a step of
     the pipeline's plan."""
     from sims_platform.pipeline.plan import base_step_error, pipeline_plan, resolve_loop
-    from sims_platform.storage.layout import REDUCERS
+    from sims_platform.storage.layout import stage_of
 
     try:
         loop = resolve_loop(cfg, args.loop)
@@ -141,7 +142,7 @@ def _stage_loop(cfg: PipelineConfig, args: argparse.Namespace):
         raise ConfigError(wrong)
     if cfg.loop is None:
         return None
-    stage = next((s for s, r in REDUCERS.items() if r == args.name), args.name)
+    stage = stage_of(args.name)
     planned = {(st.iteration, st.stage, st.loop_name) for st in pipeline_plan(cfg)}
     if stage not in RUN_STAGES and (args.iteration, stage, args.loop) not in planned:
         loops = sorted({name for k, s, name in planned if s == stage and k == args.iteration and name})
@@ -149,6 +150,11 @@ def _stage_loop(cfg: PipelineConfig, args: argparse.Namespace):
         raise ConfigError(f"stage {args.name} --iteration {args.iteration}"
                           f"{' --loop ' + args.loop if args.loop else ''} is not a step of this pipeline's plan{where}")
     return loop
+
+
+def part_index(args: argparse.Namespace) -> int:
+    """This process's part of a job array: --index, else the Indexed Job's JOB_COMPLETION_INDEX, else 0."""
+    return args.index if args.index is not None else int(os.environ.get("JOB_COMPLETION_INDEX", 0))
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
@@ -161,7 +167,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
     # Before the run is opened: a missing GPU fails fast. import-base only copies weights: its pod has no GPU.
     device = resolve_device("cpu" if args.name == IMPORT_BASE else cfg.runtime.device)
 
-    index = args.index if args.index is not None else int(os.environ.get("JOB_COMPLETION_INDEX", 0))
+    index = part_index(args)
     layout, lineage, _ = open_run(cfg)
     ctx = StageContext(cfg, layout, args.iteration, lineage, device=device, part=index, parts=args.count, loop=loop)
     result = run_stage(ctx, args.name, force=args.force)
@@ -214,7 +220,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     from sims_platform.data.prepare import run_part
 
-    index = args.index if args.index is not None else int(os.environ.get("JOB_COMPLETION_INDEX", 0))
+    index = part_index(args)
     result = run_part(prepare_spec(args, workers=4), index, args.count,
                       log=lambda m: print(m, file=sys.stderr, flush=True))
     print(json.dumps(result), flush=True)
@@ -250,8 +256,9 @@ def cmd_local_cluster(args: argparse.Namespace) -> int:
     return 0
 
 
-def _subcommand(sub: argparse._SubParsersAction, name: str, help: str, **kwargs) -> argparse.ArgumentParser:
-    """A subcommand whose `--help` starts with the same sentence as its line in `sims --help`."""
+def subcommand(sub: argparse._SubParsersAction, name: str, help: str, **kwargs) -> argparse.ArgumentParser:
+    """A subcommand whose `--help` starts with the same sentence as its line in the parent's list (`sims --help`,
+    `sims k8s --help`)."""
     kwargs.setdefault("description", help[0].upper() + help[1:] + ".")
     return sub.add_parser(name, help=help, **kwargs)
 
@@ -262,14 +269,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     set_help = "override a config value, KEY=VALUE with a dotted key (repeatable)"
 
-    p = _subcommand(sub, "validate", help="check a pipeline YAML file (or a Helm values file's pipeline); errors "
-                       "name the field; local data paths are checked too")
+    p = subcommand(sub, "validate", help="check a pipeline YAML file (or a Helm values file's pipeline); errors "
+                   "name the field; local data paths are checked too")
     p.add_argument("file", help="pipeline YAML or Helm values file ('-' for standard input)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help=set_help)
     p.add_argument("--print", action="store_true", help="print the resolved config with every default")
     p.set_defaults(func=cmd_validate)
 
-    p = _subcommand(sub, "run", help="run every iteration and stage of a pipeline on this machine")
+    p = subcommand(sub, "run", help="run every iteration and stage of a pipeline on this machine")
     p.add_argument("--config", required=True, help="pipeline YAML")
     p.add_argument("--out", help="storage root (overrides storage.root), e.g. out/digits")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help=set_help)
@@ -286,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "otherwise stops and names the stage and the changed keys")
     p.set_defaults(func=cmd_run)
 
-    p = _subcommand(sub, "stage", help="run one stage of one iteration (resumes from its newest checkpoint)")
+    p = subcommand(sub, "stage", help="run one stage of one iteration (resumes from its newest checkpoint)")
     p.add_argument("name", choices=STAGES + RUN_STAGES)
     p.add_argument("--config", required=True, help="pipeline YAML")
     p.add_argument("--iteration", type=int, default=0, help="0-based iteration (default 0)")
@@ -303,8 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "else cpu), cpu, cuda or cuda:N; sets runtime.device")
     p.set_defaults(func=cmd_stage)
 
-    p = _subcommand(sub, "local-cluster", help="run a pipeline as the cluster does, on this machine: torchrun "
-                       "training, job-array parts, a reducer, a loopback S3 endpoint and MLflow server")
+    p = subcommand(sub, "local-cluster", help="run a pipeline as the cluster does, on this machine: torchrun "
+                   "training, job-array parts, a reducer, a loopback S3 endpoint and MLflow server")
     p.add_argument("--config", required=True, help="pipeline YAML")
     p.add_argument("--out", default="out/cluster-local", help="folder for server logs, MLflow database, summary")
     p.add_argument("--procs", type=int, default=2, help="training processes (torchrun --nproc_per_node)")
@@ -313,25 +320,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help=set_help)
     p.set_defaults(func=cmd_local_cluster)
 
-    p = _subcommand(sub, "import-edm2", help="convert an EDM2 network pickle (training snapshot or post-hoc-EMA "
-                       "export) into a model file, reading it without running any code it carries")
+    p = subcommand(sub, "import-edm2", help="convert an EDM2 network pickle (training snapshot or post-hoc-EMA "
+                   "export) into a model file, reading it without running any code it carries")
     p.add_argument("src", help="EDM2 pickle: path or URI (network-snapshot-*.pkl, edm2-img512-*.pkl)")
     p.add_argument("dst", help="model file to write: path or URI (usable as pretrained.base / pretrained.guide)")
     p.set_defaults(func=cmd_import_edm2)
 
-    p = _subcommand(sub, "ui", help="open the MLflow UI on a run folder (`sims run --out`), also after it was "
-                       "moved or copied")
+    p = subcommand(sub, "ui", help="open the MLflow UI on a run folder (`sims run --out`), also after it was "
+                   "moved or copied")
     p.add_argument("folder", help="the run's folder, e.g. out/digits")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=5000, help="port (default 5000)")
     p.set_defaults(func=cmd_ui)
 
-    p = _subcommand(sub, "prepare", help="turn an ImageNet-style folder (one sub-folder of images per class) into "
-                       "WebDataset shards of images cropped and resized as training reads them (PNG + cls)",
-                       description="Shard j holds images [j*S, (j+1)*S) of the sorted file list; part i of N "
-                       "writes the shards j with j % N == i, skipping shards already committed from the same "
-                       "inputs, and whichever part finds every shard committed writes manifest.json. Rerun it "
-                       "after a failure: it resumes.")
+    p = subcommand(sub, "prepare", help="turn an ImageNet-style folder (one sub-folder of images per class) into "
+                   "WebDataset shards of images cropped and resized as training reads them (PNG + cls)",
+                   description="Shard j holds images [j*S, (j+1)*S) of the sorted file list; part i of N "
+                   "writes the shards j with j % N == i, skipping shards already committed from the same "
+                   "inputs, and whichever part finds every shard committed writes manifest.json. Rerun it "
+                   "after a failure: it resumes.")
     add_prepare_arguments(p)
     p.add_argument("--index", type=int, help="this part (default: $JOB_COMPLETION_INDEX or 0)")
     p.add_argument("--count", type=int, default=1, help="how many parts write the shards (default 1)")

@@ -126,39 +126,34 @@ examples:
 """
 
 
-def _add(subparsers: Any, name: str, help: str, **kwargs: Any) -> argparse.ArgumentParser:
-    """A subcommand whose `--help` starts with the same sentence as its line in the parent's list."""
-    kwargs.setdefault("description", help[0].upper() + help[1:] + ".")
-    return subparsers.add_parser(name, help=help, **kwargs)
-
-
 def register(subparsers: Any) -> None:
     """Add `k8s` (render, drive, preflight) and `status` to the `sims` parser's subcommands."""
+    from sims_platform.cli import add_prepare_arguments, subcommand  # the `sims` CLI's conventions and options
+
     p = subparsers.add_parser("k8s", help="Kubernetes: render the workloads, check a namespace, or drive a run "
                               "(the driver pod runs this)", description=K8S_DESCRIPTION,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     k8s = p.add_subparsers(dest="k8s_command", required=True)
 
-    r = _add(k8s, "render", help="print every object the driver would create, from `helm template` output")
+    r = subcommand(k8s, "render",
+                   help="print every object the driver would create, from `helm template` output")
     r.add_argument("file", help="rendered chart manifests ('-' for standard input)")
     r.set_defaults(func=cmd_render)
 
-    d = _add(k8s, "drive", help="create each stage's workload in order and wait on it (what the chart's driver Job "
-             "runs; exit 10: a stage failed, 11: the namespace is not ready)")
+    d = subcommand(k8s, "drive", help="create each stage's workload in order and wait on it (what the chart's "
+                   "driver Job runs; exit 10: a stage failed, 11: the namespace is not ready)")
     d.add_argument("--config", required=True, help="pipeline YAML (the chart mounts /etc/sims/pipeline.yaml)")
     d.add_argument("--settings", required=True, help="driver settings YAML (/etc/sims/driver.yaml)")
     d.set_defaults(func=cmd_drive)
 
-    f = _add(k8s, "preflight", help="check the namespace has what the run needs (CRDs, Secret, LocalQueue; "
-             "exit 11 when not)")
+    f = subcommand(k8s, "preflight", help="check the namespace has what the run needs (CRDs, Secret, "
+                   "LocalQueue; exit 11 when not)")
     f.add_argument("--config", required=True, help="pipeline YAML (/etc/sims/pipeline.yaml)")
     f.add_argument("--settings", required=True, help="driver settings YAML (/etc/sims/driver.yaml)")
     f.set_defaults(func=cmd_preflight)
 
-    from sims_platform.cli import add_prepare_arguments  # the same options `sims prepare` takes
-
-    j = _add(k8s, "prepare-job", help="print the Indexed Job that runs `sims prepare` as N parts, with the "
-             "release's image, namespace, queue and S3 Secret (from `helm template` output)")
+    j = subcommand(k8s, "prepare-job", help="print the Indexed Job that runs `sims prepare` as N parts, with "
+                   "the release's image, namespace, queue and S3 Secret (from `helm template` output)")
     j.add_argument("file", help="rendered chart manifests ('-' for standard input)")
     add_prepare_arguments(j)
     j.add_argument("--parts", type=int, required=True, help="Indexed Job completions: each writes the shards j "
@@ -169,8 +164,8 @@ def register(subparsers: Any) -> None:
     j.add_argument("--name", help="Job name (default: <release>-prepare-<hash of --dst>)")
     j.set_defaults(func=cmd_prepare_job)
 
-    s = _add(subparsers, "status", help="show a Kubernetes run's iterations and stages as a table (needs a "
-             "kubeconfig, or a pod's ServiceAccount)")
+    s = subcommand(subparsers, "status", help="show a Kubernetes run's iterations and stages as a table (needs "
+                   "a kubeconfig, or a pod's ServiceAccount)")
     s.add_argument("run", help="the run name (pipeline.name; label sims.io/run)")
     s.add_argument("-n", "--namespace", help="namespace (default: the kubeconfig context's)")
     s.set_defaults(func=cmd_status)

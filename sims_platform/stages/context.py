@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -34,8 +35,6 @@ def sample_seeds(base_seed: int, k: int, stream: str, count: int, start: int = 0
 def missing_input(ctx: StageContext, stage: str, err: FileNotFoundError) -> FileNotFoundError | None:
     """A FileNotFoundError for an input another stage writes, restated to name that stage and the command that
     runs it (None when the missing file is not another stage's output: the original error says enough)."""
-    import re
-
     candidates = [str(err.filename)] if err.filename else []
     local = ctx.layout.root[len("file://"):] if ctx.layout.root.startswith("file://") else ctx.layout.root
     candidates += re.findall(rf"(?:file://)?{re.escape(local)}[^\s'\":]*", str(err))

@@ -187,7 +187,7 @@ def create_bytes(uri: str, data: bytes) -> None:
         fs.pipe_file(path, data, mode="create")
         return
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = f"{path}{_TMP}{uuid.uuid4().hex[:8]}"
     with open(tmp, "wb") as f:
         f.write(data)
     try:
@@ -203,7 +203,7 @@ def create_bytes(uri: str, data: bytes) -> None:
 
 def create_json(uri: str, obj: Any) -> None:
     """write_json, but only if uri does not exist yet (see create_bytes); FileExistsError otherwise."""
-    create_bytes(uri, json.dumps(obj, indent=2, sort_keys=True).encode())
+    create_bytes(uri, _json_bytes(obj))
 
 
 def read_bytes(uri: str) -> bytes:
@@ -211,8 +211,13 @@ def read_bytes(uri: str) -> bytes:
         return f.read()
 
 
+def _json_bytes(obj: Any) -> bytes:
+    """How every JSON record is written (write_json, create_json): sorted keys, indented."""
+    return json.dumps(obj, indent=2, sort_keys=True).encode()
+
+
 def write_json(uri: str, obj: Any) -> None:
-    write_bytes(uri, json.dumps(obj, indent=2, sort_keys=True).encode())
+    write_bytes(uri, _json_bytes(obj))
 
 
 def read_json(uri: str) -> Any:
