@@ -149,7 +149,7 @@ def driver_row(jobs: list[dict[str, Any]], pods: list[dict[str, Any]], release: 
 # ----------------------------------------------------------------------------
 # Kueue admission
 
-KUEUE_WORKLOADS = ("kueue.x-k8s.io", "v1beta1", "workloads")
+KUEUE_WORKLOADS = ("kueue.x-k8s.io", "v1beta2", "workloads")  # v1beta1 is deprecated in Kueue v0.19
 INTEGRATIONS = {"Job": "batch/job", "PyTorchJob": "kubeflow.org/pytorchjob",
                 "TrainJob": "trainer.kubeflow.org/trainjob"}  # Kueue's integrations.frameworks names
 

@@ -107,10 +107,16 @@ class SimCluster:
             self._remove_pod(pname)
 
     # -- helm ----------------------------------------------------------------------------------------------
-    KINDS = {"ConfigMap": "configmaps", "Job": "jobs", "TrainingRuntime": "trainingruntimes"}
+    KINDS = {"ConfigMap": "configmaps", "Job": "jobs", "TrainingRuntime": "trainingruntimes",
+             "LocalQueue": "localqueues"}
 
     def helm_apply(self, docs: list[dict], previous: list[dict] | None = None) -> None:
-        """install (previous None) or upgrade: create what is new, delete what the new manifest dropped."""
+        """install (previous None) or upgrade: create what is new, delete what the new manifest dropped. As helm,
+        it refuses a manifest whose kind the cluster does not serve, before creating anything."""
+        for d in docs:
+            if d["kind"] in self.KINDS and self.KINDS[d["kind"]] not in self.crds:
+                raise ApiException(status=404, reason=f'no matches for kind "{d["kind"]}" in version '
+                                   f'"{d["apiVersion"]}": ensure CRDs are installed first')
         keep = {(d["kind"], d["metadata"]["name"]) for d in docs}
         for d in previous or []:
             if (d["kind"], d["metadata"]["name"]) not in keep and d["kind"] in self.KINDS:
@@ -184,16 +190,45 @@ class SimCluster:
         wl["status"]["conditions"] = [dict(c, status=c.get("status", "True")) for c in conds]
         self._new_workloads.append((("workloads", name), wl))
 
+    def _queue_blocker(self, queue: str) -> str | None:
+        """Why Kueue holds every workload of a queue: kueue v0.19.2 pkg/controller/core/workload_controller.go:2081-2089
+        (getQueueBlocker: a missing LocalQueue, then a missing ClusterQueue). kueue["clusterQueues"] lists the
+        ClusterQueues that exist (absent: any name does)."""
+        lq = self.objects.get(("localqueues", queue))
+        if lq is None:
+            return f"LocalQueue {queue} doesn't exist"
+        cq = (lq.get("spec") or {}).get("clusterQueue")
+        known = self.kueue.get("clusterQueues")
+        if known is not None and cq not in known:
+            return f"ClusterQueue {cq} doesn't exist"
+        return None
+
+    def tick_localqueues(self) -> None:
+        """The LocalQueue controller's Active condition: kueue v0.19.2 pkg/controller/core/localqueue_controller.go:
+        199-207 (False with reason ClusterQueueDoesNotExist when its ClusterQueue is missing, else True/Ready)."""
+        known = self.kueue.get("clusterQueues")
+        for (resource, _), lq in self.objects.items():
+            if resource != "localqueues":
+                continue
+            cq = (lq.get("spec") or {}).get("clusterQueue")
+            if known is not None and cq not in known:
+                cond = dict(_cond("Active", "ClusterQueueDoesNotExist", "Can't submit new workloads to clusterQueue"),
+                            status="False")
+            else:
+                cond = _cond("Active", "Ready", "Can submit new workloads to localQueue")
+            lq.setdefault("status", {})["conditions"] = [cond]
+
     def tick_kueue(self) -> None:
+        self.tick_localqueues()
         self._new_workloads: list = []
         for (resource, name), obj in self.objects.items():
             queue = (obj["metadata"].get("labels") or {}).get("kueue.x-k8s.io/queue-name")
             if resource not in self.KUEUE_KINDS or not queue or not self._suspended(resource, obj):
                 continue
-            if ("localqueues", queue) not in self.objects:
-                obj["status"]["conditions"] = [_cond("Suspended", "Suspended", f"LocalQueue {queue} doesn't exist")]
-                self._workload(resource, obj, dict(_cond("QuotaReserved", "Inadmissible",
-                                                          f"LocalQueue {queue} doesn't exist"), status="False"))
+            blocker = self._queue_blocker(queue)
+            if blocker:
+                obj["status"]["conditions"] = [_cond("Suspended", "Suspended", blocker)]
+                self._workload(resource, obj, dict(_cond("QuotaReserved", "Inadmissible", blocker), status="False"))
                 continue
             requests: set[str] = set()
             for t in self.templates(resource, obj):

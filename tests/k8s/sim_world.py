@@ -21,19 +21,28 @@ CPU_NODE = Node("cpu-0", {"pool": "cpu"})
 GPU_TAINT = {"key": "nvidia.com/gpu", "effect": "NoSchedule", "value": "present"}
 
 
-def render(helm, root: str, *sets: str, release: str = RELEASE, backend: str = "pytorchjob") -> str:
-    args = ["template", release, "charts/sims", "-n", NS, "-f", "values-digits-dev.yaml",
-            "--set", f"pipeline.storage.root={root}", "--set", "pipeline.iterations.count=1",
-            "--set", "stages.train-base.nodes=2", "--set", f"training.backend={backend}", "--set", "driver.pollSeconds=1"]
-    for s in sets:
+DEV_VALUES = "values-digits-dev.yaml"
+# The digits dev values made small and quick: one iteration, a 2-node training gang, a 1 s poll.
+DEV_SETS = ("pipeline.iterations.count=1", "stages.train-base.nodes=2", "driver.pollSeconds=1")
+
+
+def render(helm, root: str, *sets: str, release: str = RELEASE, backend: str = "pytorchjob", namespace: str = NS,
+           values: str = DEV_VALUES) -> str:
+    """`helm template` as `helm install RELEASE charts/sims -f VALUES` renders it: no -n, the namespace is the
+    kubeconfig context's (HELM_NAMESPACE here)."""
+    args = ["template", release, "charts/sims", "-f", values, "--set", f"pipeline.storage.root={root}",
+            "--set", f"training.backend={backend}"]
+    for s in (DEV_SETS if values == DEV_VALUES else ()) + sets:
         args += ["--set", s]
-    return helm(*args).stdout
+    return helm(*args, namespace=namespace).stdout
 
 
 class World:
-    def __init__(self, helm, root: str, *sets: str, backend: str = "pytorchjob", oom: dict | None = None) -> None:
-        self.helm, self.root, self.backend = helm, root, backend
-        self.text = render(helm, root, *sets, backend=backend)
+    def __init__(self, helm, root: str, *sets: str, backend: str = "pytorchjob", oom: dict | None = None,
+                 namespace: str = NS, values: str = DEV_VALUES, setup: Any = None) -> None:
+        """setup(cluster), if given, prepares the cluster (nodes, queues, Secrets) before the install."""
+        self.helm, self.root, self.backend, self.ns, self.values = helm, root, backend, namespace, values
+        self.text = render(helm, root, *sets, backend=backend, namespace=namespace, values=values)
         self.docs = docs_of(self.text)
         self.spec = run_specs(self.text)[0]
         self.layout = RunLayout.of(self.spec.cfg.storage.root)
@@ -41,12 +50,14 @@ class World:
         self.resumed: list[tuple[str, int]] = []  # (pod, images it resumed from)
         self.logs: list[str] = []
         self._born: dict[str, int] = {}  # workload name -> tick it first appeared (since_created)
-        self.cluster = SimCluster(NS, self.program)
-        self.cluster.crds |= {"pytorchjobs", "trainjobs", "trainingruntimes"}
+        self.cluster = SimCluster(namespace, self.program)
+        self.cluster.crds |= {"pytorchjobs", "trainjobs", "trainingruntimes", "localqueues"}  # Kueue's CRDs too
         for i in range(2):
             self.cluster.nodes[f"node-{i}"] = Node(f"node-{i}")
-        self.cluster.helm_apply(self.docs)
         self.cluster.kueue = {"flavors": []}
+        if setup is not None:
+            setup(self.cluster)
+        self.cluster.helm_apply(self.docs)
 
     @property
     def apis(self) -> Apis:
@@ -68,7 +79,7 @@ class World:
         return self.cluster.run_driver(name, go)
 
     def upgrade(self, *sets: str) -> None:
-        text = render(self.helm, self.root, *sets, backend=self.backend)
+        text = render(self.helm, self.root, *sets, backend=self.backend, namespace=self.ns, values=self.values)
         docs = docs_of(text)
         self.cluster.helm_apply(docs, previous=self.docs)
         self.text, self.docs, self.spec = text, docs, run_specs(text)[0]

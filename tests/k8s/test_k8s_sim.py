@@ -162,15 +162,54 @@ def test_missing_secret_fails_fast_naming_it(helm, tmp_path):
 
 
 def test_preflight_names_missing_crd_and_local_queue(helm, tmp_path):
-    w = World(helm, str(tmp_path / "run"), "queue=sims-gpu")
-    w.cluster.crds -= {"pytorchjobs"}
+    w = World(helm, str(tmp_path / "run"), "queue=sims-gpu", "kueue.localQueue.create=false")
+    w.cluster.crds -= {"pytorchjobs", "localqueues"}
     assert w.drive() == EXIT_NOT_READY
     msg = next(m for m in w.logs if m.startswith("error:"))
     assert "PyTorchJob CRD" in msg and "k8s/operator" in msg and "Kueue is not installed" in msg
     w.cluster.crds |= {"pytorchjobs", "localqueues"}
     w.logs.clear()
     assert w.drive() == EXIT_NOT_READY
-    assert "LocalQueue sims-gpu not found in namespace sims" in next(m for m in w.logs if m.startswith("error:"))
+    msg = next(m for m in w.logs if m.startswith("error:"))
+    assert "LocalQueue sims-gpu not found in namespace sims" in msg and "kueue.localQueue.create" in msg
+    assert "kind: LocalQueue" in msg and "kubectl -n sims apply -f -" in msg
+
+
+def test_preflight_names_a_missing_cluster_queue(helm, tmp_path):
+    """The chart's LocalQueue points at a ClusterQueue nobody created: Kueue marks it inactive; preflight says so."""
+    w = World(helm, str(tmp_path / "run"), "queue=sims-gpu", "kueue.clusterQueue=team-gpus")
+    w.cluster.kueue["clusterQueues"] = {"sims-gpu"}
+    w.cluster.tick()  # Kueue's LocalQueue controller reconciles the new queue
+    assert w.drive() == EXIT_NOT_READY
+    msg = next(m for m in w.logs if m.startswith("error:"))
+    assert "LocalQueue sims-gpu in namespace sims is inactive (ClusterQueueDoesNotExist: ClusterQueue team-gpus)" in msg
+    assert "kubectl apply -k k8s/kueue" in msg and not w.cluster.creates
+
+
+def _prepared_as_documented(secret: str = "sims-s3"):
+    """k8s/README.md's steps on a GPU cluster: the operator (the World's CRDs), Kueue with k8s/kueue's flavors and
+    ClusterQueue, GPU nodes with the taint, and the S3 Secret created in the namespace the release lands in."""
+    def setup(c) -> None:
+        c.nodes = {f"gpu-{i}": Node(f"gpu-{i}", {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}, [GPU_TAINT])
+                   for i in range(4)}
+        c.nodes["cpu-0"] = CPU_NODE
+        c.kueue = {"flavors": _flavors(_queues()),
+                   "clusterQueues": {d["metadata"]["name"] for d in _queues() if d["kind"] == "ClusterQueue"}}
+        c.put("secrets", {"metadata": {"name": secret}, "type": "Opaque"})  # kubectl -n NS create secret ...
+    return setup
+
+
+def test_literal_install_without_namespace_runs_to_the_end(helm, tmp_path):
+    """`helm install sims-run charts/sims -f values-imagenet512.yaml` (no -n) lands in the context's namespace,
+    here team-a, prepared as k8s/README.md says; the run goes from its first stage to its last."""
+    w = World(helm, str(tmp_path / "run"), namespace="team-a", values="values-imagenet512.yaml",
+              setup=_prepared_as_documented())
+    assert w.spec.settings.namespace == "team-a" and ("localqueues", "sims-gpu") in w.cluster.objects
+    assert w.drive() == 0, w.logs[-5:]
+    assert "every stage succeeded" in w.logs[-1]
+    trained = [n for n in w.cluster.creates if n.endswith("-train-base")]
+    assert trained and all(w.cluster.objects.get(("pytorchjobs", n), {}).get("metadata", {}).get("annotations", {})
+                           .get("sims.test/flavor", "h100") == "h100" for n in trained)
 
 
 def test_workload_finished_and_ttl_deleted_between_polls_is_not_rerun(helm, tmp_path):
@@ -199,8 +238,6 @@ def _flavors(docs: list[dict]) -> list[dict]:
 def test_kueue_flavors_keep_cpu_pods_off_the_tainted_gpu_pool(helm, tmp_path):
     w = World(helm, str(tmp_path / "run"), "queue=sims-gpu")
     c = w.cluster
-    c.crds |= {"localqueues"}
-    c.put("localqueues", next(d for d in _queues() if d["kind"] == "LocalQueue"))
     c.nodes = {"gpu-0": Node("gpu-0", {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
                                                     [GPU_TAINT]), "cpu-0": CPU_NODE}
     c.kueue = {"flavors": _flavors(_queues())}
@@ -216,8 +253,6 @@ def test_kueue_flavors_keep_cpu_pods_off_the_tainted_gpu_pool(helm, tmp_path):
             d["spec"]["resourceGroups"][0]["flavors"] = [f for f in d["spec"]["resourceGroups"][0]["flavors"]
                                                         if f["name"] == "h100"]
     w2 = World(helm, str(tmp_path / "run2"), "queue=sims-gpu")
-    w2.cluster.crds |= {"localqueues"}
-    w2.cluster.put("localqueues", next(d for d in _queues() if d["kind"] == "LocalQueue"))
     w2.cluster.nodes = dict(c.nodes)
     w2.cluster.kueue = {"flavors": _flavors(old)}
     ticks = {"n": 0}
@@ -236,15 +271,11 @@ def test_kueue_flavors_keep_cpu_pods_off_the_tainted_gpu_pool(helm, tmp_path):
 def test_every_driver_call_is_allowed_by_the_chart_role(helm, tmp_path):
     w = World(helm, str(tmp_path / "run"), "s3.secretName=sims-s3", "queue=sims-gpu")
     c = w.cluster
-    c.crds |= {"localqueues"}
     c.put("secrets", {"metadata": {"name": "sims-s3"}})
-    c.put("localqueues", {"metadata": {"name": "sims-gpu"}, "spec": {"clusterQueue": "x"}})
     c.kueue = {"flavors": [{"name": "any", "resources": ["cpu", "memory"]}]}
     assert w.drive() == 0, w.logs
     w2 = World(helm, str(tmp_path / "run2"), "s3.secretName=sims-s3", "queue=sims-gpu", oom={("generate", 0): 9})
-    w2.cluster.crds |= {"localqueues"}
     w2.cluster.put("secrets", {"metadata": {"name": "sims-s3"}})
-    w2.cluster.put("localqueues", {"metadata": {"name": "sims-gpu"}, "spec": {"clusterQueue": "x"}})
     w2.cluster.kueue = c.kueue
     assert w2.drive() == EXIT_STAGE_FAILED
     calls = set(c.calls) | set(w2.cluster.calls)

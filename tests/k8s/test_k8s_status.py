@@ -68,8 +68,7 @@ def test_an_unschedulable_stage_shows_the_schedulers_message(helm, tmp_path):
 def test_a_workload_kueue_does_not_admit_says_so_and_why(helm, tmp_path):
     w = World(helm, str(tmp_path / "run"), "queue=sims-gpu").reference_done()
     c = w.cluster
-    c.crds |= {"localqueues", "workloads"}
-    c.put("localqueues", {"metadata": {"name": "sims-gpu"}, "spec": {"clusterQueue": "gpu"}})
+    c.crds |= {"workloads"}  # the chart rendered the LocalQueue sims-gpu
     c.kueue = {"flavors": [{"name": "gpu", "resources": ["nvidia.com/gpu"]}]}  # no CPU/memory quota at all
     drive_until(w, lambda: w.since_created(TRAIN_BASE) >= 1)
     text, by = status(w)
