@@ -20,6 +20,10 @@ from sims_platform.k8s.settings import DriverSettings
 
 CONTAINER = "sims"
 CONFIG_ERROR_EXIT = 2  # `sims` exits 2 on a bad config: retrying cannot help
+# Exit codes of a stage container that no retry can fix: every failure policy fails the stage on them at once
+# (Jobs' podFailurePolicy, the TrainingRuntime's, the driver for PyTorchJobs), and the training entrypoint
+# (k8s/torchrun.py) carries them out of torchrun.
+PERMANENT_EXITS = (CONFIG_ERROR_EXIT,)
 
 
 def _failure_policy(indexed: bool) -> V1PodFailurePolicy:
@@ -29,7 +33,7 @@ def _failure_policy(indexed: bool) -> V1PodFailurePolicy:
             V1PodFailurePolicyOnPodConditionsPattern(type="DisruptionTarget", status="True")]),
         V1PodFailurePolicyRule(action="FailIndex" if indexed else "FailJob", on_exit_codes=(
             V1PodFailurePolicyOnExitCodesRequirement(container_name=CONTAINER, operator="In",
-                                                     values=[CONFIG_ERROR_EXIT]))),
+                                                     values=list(PERMANENT_EXITS)))),
     ])
 
 

@@ -14,6 +14,7 @@ from kubeflow.training import (
 )
 from kubernetes.client import ApiClient, V1ObjectMeta, V1PodTemplateSpec
 
+from sims_platform.k8s import torchrun
 from sims_platform.k8s.settings import DriverSettings
 from sims_platform.k8s.state import Observed, Phase, settled, true_conditions
 
@@ -30,7 +31,7 @@ class PyTorchJobBackend:
     def launcher(self) -> list[str]:
         # torchrun takes --nnodes/--node-rank/--nproc-per-node/--master-* from the operator's PET_* env
         # (RANK is the pod index and LOCAL_RANK is not injected: torchrun sets LOCAL_RANK for each process).
-        return ["torchrun", "--no-python", "sims"]
+        return torchrun.command()
 
     def build(self, name: str, labels: dict[str, str], template: V1PodTemplateSpec, nodes: int, gpus: int,
               settings: DriverSettings) -> dict[str, Any]:

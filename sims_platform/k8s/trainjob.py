@@ -7,6 +7,7 @@ from typing import Any
 
 from kubernetes.client import ApiClient, V1PodTemplateSpec
 
+from sims_platform.k8s import torchrun
 from sims_platform.k8s.settings import DriverSettings
 from sims_platform.k8s.state import Observed, Phase, settled, true_conditions
 
@@ -22,7 +23,7 @@ class TrainJobBackend:
     def launcher(self) -> list[str]:
         # Trainer's torch plugin sets PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK and PET_MASTER_ADDR/PORT,
         # which torchrun reads, exactly as under the training operator.
-        return ["torchrun", "--no-python", "sims"]
+        return torchrun.command()
 
     def build(self, name: str, labels: dict[str, str], template: V1PodTemplateSpec, nodes: int, gpus: int,
               settings: DriverSettings) -> dict[str, Any]:

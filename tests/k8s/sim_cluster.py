@@ -271,7 +271,9 @@ class SimCluster:
 
     def _remove_pod(self, name: str) -> None:
         self.pods.pop(name, None)
-        self.runs.pop(name, None)
+        run = self.runs.pop(name, None)
+        if run is not None and run.state.get("stop"):  # a real process in the container: the kubelet kills it
+            run.state["stop"]()
 
     def owned_pods(self, owner: tuple[str, str]) -> list[dict]:
         return [p for p in self.pods.values() if p["owner"] == owner]
@@ -613,6 +615,12 @@ class SimCustom:
         obj = self.c.put(plural, body)
         self.c.creates.append(obj["metadata"]["name"])
         return copy.deepcopy(obj)
+
+    def delete_namespaced_custom_object(self, group, version, namespace, plural, name, **kwargs):
+        self.c.calls.append((group, plural, "delete"))
+        self.c.get(plural, name)  # 404 if absent
+        self.c.delete(plural, name)
+        return {"kind": "Status", "status": "Success"}
 
     def list_namespaced_custom_object(self, group, version, namespace, plural, **kwargs):
         self.c.calls.append((group, plural, "list"))

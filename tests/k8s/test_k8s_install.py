@@ -10,6 +10,8 @@ import pytest
 from crd_schema import validate_custom
 from k8s_support import BACKENDS, K8S_VERSIONS, RELEASE, VALUES_FILES, docs_of, validate_strictly
 
+from sims_platform.k8s import torchrun
+from sims_platform.k8s.jobs import PERMANENT_EXITS
 from sims_platform.k8s.render import render_objects, run_specs
 
 ALL_VALUES = (None, *VALUES_FILES)
@@ -81,7 +83,9 @@ def test_trainjob_backend_objects(helm):
     (node,) = js["replicatedJobs"]
     pod = node["template"]["spec"]["template"]["spec"]
     (c,) = pod["containers"]
-    assert node["name"] == c["name"] == "node" and c["command"] == ["torchrun", "--no-python", "sims"]
+    assert node["name"] == c["name"] == "node" and c["command"] == torchrun.command()
+    rule = node["template"]["spec"]["podFailurePolicy"]["rules"][0]
+    assert rule["action"] == "FailJob" and rule["onExitCodes"]["values"] == list(PERMANENT_EXITS)
     assert c["envFrom"][0]["secretRef"]["name"] == "sims-s3" and pod["securityContext"]["runAsNonRoot"]
     assert {v["name"]: v for v in pod["volumes"]}["dshm"]["emptyDir"]["medium"] == "Memory"
     assert {v["name"]: v for v in pod["volumes"]}["config"]["configMap"]["name"] == spec.settings.config_map

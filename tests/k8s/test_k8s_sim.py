@@ -278,7 +278,12 @@ def test_every_driver_call_is_allowed_by_the_chart_role(helm, tmp_path):
     w2.cluster.put("secrets", {"metadata": {"name": "sims-s3"}})
     w2.cluster.kueue = c.kueue
     assert w2.drive() == EXIT_STAGE_FAILED
-    calls = set(c.calls) | set(w2.cluster.calls)
+    w3 = World(helm, str(tmp_path / "run3"), "s3.secretName=sims-s3", "queue=sims-gpu")
+    w3.cluster.put("secrets", {"metadata": {"name": "sims-s3"}})
+    w3.cluster.kueue = c.kueue
+    w3.training = lambda run: 2  # a bad config in a training pod: the driver deletes the gang
+    assert w3.drive() == EXIT_STAGE_FAILED
+    calls = set(c.calls) | set(w2.cluster.calls) | set(w3.cluster.calls)
     role = next(d for d in w.docs if d["kind"] == "Role" and d["metadata"]["name"].endswith("-driver"))
     allowed = {(g, r, v) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]
                for v in rule["verbs"]}
@@ -302,3 +307,25 @@ def test_kueue_pytorchjob_integration_steps_enable_it():
     after = yaml.safe_load(out)["integrations"]["frameworks"]
     assert set(after) == set(before) | {"kubeflow.org/pytorchjob"}
     assert NS  # the namespace the docs install into
+
+
+def _bad_config_in_the_pods(w: World) -> None:
+    """The ConfigMap the stage pods mount holds a config `sims` refuses (exit 2), e.g. one edited by hand."""
+    cm = w.cluster.get("configmaps", w.spec.settings.config_map)
+    cfg = yaml.safe_load(cm["data"]["pipeline.yaml"])
+    cfg["train_base"]["batch_size"] = "many"
+    cm["data"]["pipeline.yaml"] = yaml.safe_dump(cfg)
+
+
+@pytest.mark.parametrize("backend", ["pytorchjob", "trainjob"])
+def test_bad_config_in_a_2_node_training_stage_fails_on_the_first_attempt(helm, tmp_path, backend):
+    """Real torchrun (k8s/torchrun.py) between the container and `sims`: its workers exit 2, the container exits 2,
+    and the stage fails at once instead of restarting the gang backoffLimit times."""
+    w = World(helm, str(tmp_path / "run"), backend=backend, real_training=True).reference_done()
+    _bad_config_in_the_pods(w)
+    assert w.drive() == EXIT_STAGE_FAILED, w.logs[-5:]
+    msg = next(m for m in w.logs if m.startswith("error:"))
+    assert "stage train-base" in msg and ("exited 2" in msg or "exit 2" in msg), msg
+    assert sorted(w.processes) == sorted(set(w.processes)) and len(w.processes) == 2, w.processes  # one attempt
+    assert w.cluster.creates.count(TRAIN_BASE) == 1
+    assert not [p for p in w.cluster.pods.values() if p["status"]["phase"] == "Running"]  # the gang is stopped
