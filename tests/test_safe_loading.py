@@ -76,3 +76,15 @@ def test_deepspeed_files_are_checked_before_deepspeed_reads_them(tmp_path):
     torch.save({"module": {"w": torch.ones(2)}, "ds_version": "0.19.8", "buffer_names": []}, ok)
     check_native_file(str(ok), "ok.pt")  # tensors and plain containers pass
     assert not marker.exists()
+
+
+def test_a_torch_with_a_known_weights_only_bypass_is_refused_at_start(monkeypatch, capsys):
+    from sims_platform.cli import main
+    from sims_platform.storage import safe_pickle
+
+    monkeypatch.setattr(safe_pickle.torch, "__version__", "2.5.1+cpu")
+    assert main(["validate", "pipelines/quick.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "torch 2.5.1 is installed" in err and ">= 2.6" in err
+    monkeypatch.setattr(safe_pickle.torch, "__version__", "2.6.0")
+    assert main(["validate", "pipelines/quick.yaml"]) == 0

@@ -9,6 +9,11 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from packaging.version import Version
+
+# torch.load(weights_only=True) could be made to run code before 2.6 (CVE-2025-32434); every file this platform
+# reads from storage goes through it, so an older torch is refused at start-up rather than trusted.
+SAFE_TORCH = Version("2.6")
 
 
 class UnsafePickleError(ValueError):
@@ -19,6 +24,14 @@ def _refused_name(err: BaseException) -> str:
     # torch's message buries the offending global in a paragraph of advice meant for trusted files.
     m = re.search(r"(?:unsupported GLOBAL|Unsupported global: GLOBAL) ([\w.]+)", str(err))
     return m.group(1) if m else str(err).strip().splitlines()[-1]
+
+
+def require_safe_torch(version: str | None = None) -> None:
+    """Refuse a torch whose weights_only loader has a known bypass (UnsafePickleError, one line)."""
+    found = Version((version or torch.__version__).split("+")[0])
+    if found < SAFE_TORCH:
+        raise UnsafePickleError(f"torch {found} is installed, but reading files from storage needs torch >= "
+                                f"{SAFE_TORCH} (older weights_only loaders can be made to run code): upgrade torch")
 
 
 def load_torch_bytes(data: bytes, where: str) -> Any:
