@@ -18,6 +18,7 @@ class TrainingBackend(Protocol):
     plural: str
     kind: str
     container: str  # the container name the operator expects
+    delete_failed: bool  # the driver deletes a failed workload once it has recorded why (else it could run again)
 
     def launcher(self) -> list[str]:
         """The container command; the sims argv follows as the container args."""

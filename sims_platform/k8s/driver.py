@@ -103,7 +103,11 @@ class Driver:
                 return
             elif obs.phase is Phase.FAILED:
                 self._check_ours(w, obj)
-                raise StageFailed(w, self._failure_detail(w, obs), self.ns, self.settings.release)
+                failed = StageFailed(w, self._failure_detail(w, obs), self.ns, self.settings.release)
+                if not w.is_job and self.backend.delete_failed:
+                    self.log(f"[{where(w)} {w.step}] {failed}")  # recorded before the object goes
+                    self.delete(w)
+                raise failed
             elif not w.is_job and (permanent := self._permanent_exit(w)):
                 # A training pod restarts in place (OnFailure) whatever its exit code: stop the gang ourselves.
                 self._check_ours(w, obj)

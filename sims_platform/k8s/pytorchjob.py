@@ -27,6 +27,7 @@ def gang_restarts(restarts: int, nodes: int) -> int:
 class PyTorchJobBackend:
     group, version, plural, kind = "kubeflow.org", "v1", "pytorchjobs", "PyTorchJob"
     container = "pytorch"
+    delete_failed = False  # a failed PyTorchJob stays failed; runPolicy.ttlSecondsAfterFinished deletes it
 
     def launcher(self) -> list[str]:
         # torchrun takes --nnodes/--node-rank/--nproc-per-node/--master-* from the operator's PET_* env

@@ -19,6 +19,11 @@ PATCH_MANAGER = "sims.io/driver"  # owner of our runtimePatches entry (Kueue add
 class TrainJobBackend:
     group, version, plural, kind = GROUP, VERSION, "trainjobs", "TrainJob"
     container = NODE
+    # A failed TrainJob runs again once its JobSet is gone (the runtime's ttlSecondsAfterFinished): Trainer v2.3
+    # drops the Failed condition on every reconcile and re-applies the JobSet of an unfinished TrainJob
+    # (pkg/controller/trainjob_controller.go:100-108), outside Kueue, whose Workload has finished. TrainJob has no
+    # TTL of its own in v2.3, so the driver deletes it after recording its failure.
+    delete_failed = True
 
     def launcher(self) -> list[str]:
         # Trainer's torch plugin sets PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK and PET_MASTER_ADDR/PORT,

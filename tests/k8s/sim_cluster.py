@@ -529,10 +529,25 @@ class SimCluster:
         key = ("trainjobs", tj["metadata"]["name"])
         spec, status = tj["spec"], tj["status"]
         conds = status.setdefault("conditions", [])
-        if spec.get("suspend") or any(c["type"] in ("Complete", "Failed") for c in conds):
-            return
         rt = self.get("trainingruntimes", spec["runtimeRef"]["name"])
         js = rt["spec"]["template"]["spec"]
+        jobset = ("jobsets", key[1])
+        if any(c["type"] == "Failed" for c in conds) and jobset not in self.objects:
+            # Trainer v2.3.0 pkg/controller/trainjob_controller.go:100 drops the Failed condition on every reconcile
+            # (kept only for DeadlineExceeded, :246-252), so :107-108 apply the runtime's objects again: a failed
+            # TrainJob whose JobSet is gone (its TTL) gets a new JobSet and its gang runs again.
+            conds[:] = [c for c in conds if c["type"] != "Failed" or c.get("reason") == "DeadlineExceeded"]
+            status.update(_restarts=0, _started=False)
+            for p in self.owned_pods(key):
+                self._remove_pod(p["metadata"]["name"])
+        if spec.get("suspend") or any(c["type"] in ("Complete", "Failed") for c in conds):
+            return
+        # The JobSet Trainer applies (owned by the TrainJob) with the runtime's ttlSecondsAfterFinished, which JobSet
+        # v0.12.0 honours (pkg/controllers/ttl_after_finished.go:47-91: deleted that long after it finished).
+        if jobset not in self.objects:
+            self.objects[jobset] = {"metadata": {"name": key[1], "uid": f"uid-{next(self.uids)}", "ownerReferences": [
+                {"kind": "TrainJob", "name": key[1], "uid": tj["metadata"]["uid"], "controller": True}]},
+                "spec": {"ttlSecondsAfterFinished": js.get("ttlSecondsAfterFinished")}, "status": {}}
         node_job = js["replicatedJobs"][0]["template"]["spec"]
         nodes = spec["trainer"]["numNodes"]
         restarts = status.setdefault("_restarts", 0)
@@ -553,6 +568,7 @@ class SimCluster:
             if action == "FailJobSet" or restarts >= js["failurePolicy"].get("maxRestarts", 0):
                 conds[:] = [_cond("Failed", "JobSetFailed" if action != "FailJobSet" else "FailedJobs",
                                   f"jobset failed: {reason} (restarts {restarts})")]
+                self.objects[jobset]["status"]["_finishedAt"] = self.now
                 return
             status["_restarts"] = restarts + 1
             status["_started"] = False
@@ -560,6 +576,7 @@ class SimCluster:
         if pods and all(p["status"]["phase"] == "Succeeded" for p in pods) and len(pods) == nodes:
             conds[:] = [_cond("Complete", "JobSetCompleted")]
             status["_finishedAt"] = self.now
+            self.objects[jobset]["status"]["_finishedAt"] = self.now
             return
         if not pods:
             template = self._trainjob_pod(tj)
@@ -575,7 +592,7 @@ class SimCluster:
         for (resource, name), obj in list(self.objects.items()):
             done_at = obj.get("status", {}).get("_finishedAt")
             spec = obj.get("spec") or {}
-            ttl = (spec.get("ttlSecondsAfterFinished") if resource == "jobs"
+            ttl = (spec.get("ttlSecondsAfterFinished") if resource in ("jobs", "jobsets")
                    else (spec.get("runPolicy") or {}).get("ttlSecondsAfterFinished"))
             if done_at is not None and ttl is not None and self.now - done_at >= ttl:
                 self.delete(resource, name)

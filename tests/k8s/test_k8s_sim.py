@@ -329,3 +329,18 @@ def test_bad_config_in_a_2_node_training_stage_fails_on_the_first_attempt(helm, 
     assert sorted(w.processes) == sorted(set(w.processes)) and len(w.processes) == 2, w.processes  # one attempt
     assert w.cluster.creates.count(TRAIN_BASE) == 1
     assert not [p for p in w.cluster.pods.values() if p["status"]["phase"] == "Running"]  # the gang is stopped
+
+
+def test_a_failed_trainjob_is_not_rerun_after_its_jobsets_ttl(helm, tmp_path):
+    """Trainer v2.3 rebuilds the JobSet of a failed TrainJob once the JobSet's TTL deleted it; the driver deletes
+    the failed TrainJob after recording why, so nothing runs again."""
+    w = World(helm, str(tmp_path / "run"), "ttlSecondsAfterFinished=3", backend="trainjob").reference_done()
+    real = w.training
+    w.training = lambda run: 1 if run.labels["sims.io/step"] == "train-base" else real(run)  # fails every attempt
+    assert w.drive() == EXIT_STAGE_FAILED
+    assert any("stage train-base" in m and "jobset failed" in m for m in w.logs)  # its failure was recorded
+    for _ in range(10):  # past the JobSet's TTL
+        w.cluster.tick()
+    gang = [p for p in w.cluster.pods.values() if p["metadata"]["labels"].get("sims.io/step") == "train-base"]
+    assert not gang, [p["metadata"]["name"] for p in gang]
+    assert ("trainjobs", TRAIN_BASE) not in w.cluster.objects
