@@ -146,6 +146,7 @@ class SimCluster:
             elif resource == "trainjobs":
                 self.tick_trainjob(obj)
         self.tick_ttl()
+        self.tick_podgc()
         self.tick_scheduler()
         self.tick_kubelet()
 
@@ -325,6 +326,8 @@ class SimCluster:
         for name, pod in list(self.pods.items()):
             if pod["node"] is None or pod["status"]["phase"] in ("Succeeded", "Failed"):
                 continue
+            if not self.nodes[pod["node"]].ready:  # a dead node's kubelet runs and reports nothing
+                continue
             cname = pod["spec"]["containers"][0]["name"]
             missing = self._secret_missing(pod)
             if missing:
@@ -353,8 +356,36 @@ class SimCluster:
             pod["status"]["phase"] = "Succeeded" if code == 0 else "Failed"
             pod["status"]["conditions"] = []
 
+    def node_dies(self, name: str) -> None:
+        """The node stops (power, kernel panic) and its Node object stays: it turns NotReady/unreachable, the taint
+        manager deletes its pods once they no longer tolerate the NoExecute taint (kubernetes v1.31
+        pkg/controller/tainteviction/taint_eviction.go: DisruptionTarget DeletionByTaintManager, then a graceful
+        delete), and with no kubelet to confirm the containers stopped they stay Terminating, still counted by
+        their controllers."""
+        self.nodes[name].ready = False
+        for pod in self.pods.values():
+            if pod["node"] == name:
+                pod["metadata"]["deletionTimestamp"] = T0
+                pod["status"]["conditions"] = [*pod["status"]["conditions"], _cond(
+                    "DisruptionTarget", "DeletionByTaintManager", "Taint manager: deleting due to NoExecute taint")]
+
+    def taint_out_of_service(self, name: str) -> None:
+        """kubectl taint nodes NAME node.kubernetes.io/out-of-service=nodeshutdown:NoExecute."""
+        self.nodes[name].taints.append({"key": "node.kubernetes.io/out-of-service", "value": "nodeshutdown",
+                                        "effect": "NoExecute"})
+
+    def tick_podgc(self) -> None:
+        """PodGC force-deletes Terminating pods on a NotReady node tainted out-of-service (kubernetes v1.31
+        pkg/controller/podgc/gc_controller.go, gcTerminating); then their controllers replace them."""
+        for pname, pod in list(self.pods.items()):
+            node = self.nodes.get(pod["node"] or "")
+            if (node is not None and not node.ready and pod["metadata"].get("deletionTimestamp")
+                    and any(t["key"] == "node.kubernetes.io/out-of-service" for t in node.taints)):
+                self._remove_pod(pname)
+
     def lose_node(self, name: str) -> None:
-        """The node dies: its pods are gone (PodGC deletes them once the node object is removed)."""
+        """The node dies and its Node object is deleted (e.g. by the cloud's node lifecycle): PodGC deletes its
+        pods as orphans (gc_controller.go, gcOrphaned), so their controllers replace them."""
         self.nodes[name].ready = False
         for pname in [p for p, pod in self.pods.items() if pod["node"] == name]:
             self._remove_pod(pname)
@@ -651,7 +682,9 @@ class SimCore:
     def list_namespaced_pod(self, namespace, **kwargs):
         self.c.calls.append(("", "pods", "list"))
         sel = kwargs.get("label_selector")
-        items = [{"metadata": {"name": p["metadata"]["name"], "labels": p["metadata"]["labels"]},
+        items = [{"metadata": {k: v for k, v in p["metadata"].items() if k in ("name", "labels", "deletionTimestamp")},
+                  "spec": {"nodeName": p["node"], "containers": [{"name": c["name"], "image": c.get("image", "")}
+                                                                 for c in p["spec"]["containers"]]},
                   "status": p["status"]} for p in self.c.pods.values() if _matches(p["metadata"]["labels"], sel)]
         return _model({"items": items}, "V1PodList")
 

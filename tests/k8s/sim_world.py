@@ -222,13 +222,13 @@ class World:
         if st.get("start") != run.starts:  # a new container start: rendezvous again, then resume
             st.clear()
             st["start"] = run.starts
-        gang = self._gang(run)
+        gang = [p for p in self._gang(run) if p["node"] is None or self.cluster.nodes[p["node"]].ready]
         if "peers" not in st:
             if sum(1 for p in gang if p["status"]["phase"] == "Running") < self._nodes(run):
-                return None
+                return None  # rendezvous: every node's agent must join (a dead node's never does)
             st["peers"] = {p["metadata"]["uid"] for p in gang}
         if st["peers"] != {p["metadata"]["uid"] for p in gang}:
-            return 1  # torchrun: a peer is gone (its node was lost); the agent exits 1
+            return 1  # torchrun: a peer is gone or stopped answering (its node was lost); the agent exits 1
         name = run.pod["metadata"]["name"]
         if not (name.endswith("-master-0") or "-node-0-0-" in name):
             return None

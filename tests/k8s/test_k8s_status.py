@@ -170,3 +170,28 @@ def test_every_status_call_is_allowed_by_the_status_role(helm, tmp_path, backend
                for v in rule["verbs"]}
     assert calls == allowed, (sorted(calls - allowed), sorted(allowed - calls))
     assert all(v == "list" for _, _, v in allowed)  # read-only
+
+
+def test_a_dead_node_shows_its_terminating_pod_and_the_remedy(helm, tmp_path):
+    """A node that stops (its Node object stays): its pod stays Terminating, the gang waits; `sims status` names the
+    node and the out-of-service taint; once tainted, the pod is replaced and the run finishes."""
+    w = World(helm, str(tmp_path / "run")).reference_done()
+    w.cluster.nodes["node-2"] = Node("node-2")  # room for the replacement
+    dead = {}
+
+    def kill_a_worker_node() -> None:
+        if not dead and len(committed(w.layout.checkpoints(0, "train-base"))) >= 1:
+            worker = next(p for p in w.cluster.pods.values() if p["metadata"]["name"].endswith("-worker-0"))
+            dead["node"] = worker["node"]
+            w.cluster.node_dies(worker["node"])
+    drive_until(w, lambda: False, most=40, before=kill_a_worker_node)
+    assert dead
+    text, by = status(w)
+    note = next(n for n in by[(0, "train-base")].notes if "Terminating" in n)
+    assert "digits-dev-i00-train-base-worker-0" in note and f"node {dead['node']}" in note
+    assert f"kubectl taint nodes {dead['node']} node.kubernetes.io/out-of-service=nodeshutdown:NoExecute" in note
+    assert "node.kubernetes.io/out-of-service" in text
+    assert ("pytorchjobs", TRAIN_BASE) in w.cluster.objects and not any(
+        c["type"] == "Succeeded" for c in w.cluster.objects[("pytorchjobs", TRAIN_BASE)]["status"]["conditions"])
+    w.cluster.taint_out_of_service(dead["node"])  # the remedy
+    assert w.drive() == 0, w.logs[-3:]
