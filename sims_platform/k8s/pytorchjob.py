@@ -49,7 +49,8 @@ class PyTorchJobBackend:
         scheduling = None
         if settings.gang.enabled:
             scheduling = KubeflowOrgV1SchedulingPolicy(
-                min_available=nodes, queue=settings.queue, priority_class=settings.priority_class,
+                # no queue: the Kueue LocalQueue is not a Volcano queue (the PodGroup takes Volcano's default)
+                min_available=nodes, priority_class=settings.priority_class,
                 schedule_timeout_seconds=settings.gang.schedule_timeout_seconds)
         # backoffLimit counts gang restarts: one lost peer makes every pod's torchrun exit and restart once.
         # cleanPodPolicy Running: a finished job's still-running pods (the survivors of a failure) are deleted,

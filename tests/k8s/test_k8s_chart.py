@@ -105,3 +105,18 @@ def test_no_secret_in_configmaps_or_command_lines(rendered):
         assert "kind: Secret" not in text
         for word in ("AWS_SECRET_ACCESS_KEY", "password"):
             assert word not in text
+
+
+def test_mlflow_servers_run_the_clients_major_version():
+    """The chart's in-release server and k8s/mlflow's shared one speak the client's protocol (same major)."""
+    import re
+
+    import yaml as _yaml
+    from k8s_support import REPO
+
+    client = re.search(r"^mlflow==(\d+)\.", (REPO / "constraints-dev.txt").read_text(), re.M).group(1)
+    chart = _yaml.safe_load((REPO / "charts/sims/values.yaml").read_text())["mlflow"]["server"]["image"]
+    shared = re.search(r"image: (ghcr.io/mlflow/mlflow:\S+)", (REPO / "k8s/mlflow/server.yaml").read_text()).group(1)
+    for image in (chart, shared):
+        assert re.fullmatch(rf"ghcr.io/mlflow/mlflow:v{client}\.\d+\.\d+", image), (image, client)
+    assert chart == shared

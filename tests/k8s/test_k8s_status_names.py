@@ -94,7 +94,7 @@ def test_cli_registration():
     assert (a.run, a.namespace, a.func.__name__) == ("digits-dev", "sims", "cmd_status")
 
 
-@pytest.mark.parametrize("base", ["k8s/base", "k8s/kueue"])
+@pytest.mark.parametrize("base", ["k8s/base", "k8s/kueue", "k8s/mlflow"])
 def test_cluster_setup_bases_build(kubectl, base):
     import subprocess
 
