@@ -25,8 +25,9 @@ class TrainingBackend(Protocol):
         ...
 
     def build(self, name: str, labels: dict[str, str], template: V1PodTemplateSpec, nodes: int, gpus: int,
-              settings: DriverSettings) -> dict[str, Any]:
-        """The serialised object (apiVersion, kind, metadata, spec) ready for create_namespaced_custom_object."""
+              settings: DriverSettings, deadline: int | None = None) -> dict[str, Any]:
+        """The serialised object (apiVersion, kind, metadata, spec) ready for create_namespaced_custom_object;
+        deadline: the stage's activeDeadlineSeconds (the whole workload fails past it)."""
         ...
 
     def observe(self, obj: dict[str, Any]) -> Observed:

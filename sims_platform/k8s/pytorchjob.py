@@ -35,7 +35,7 @@ class PyTorchJobBackend:
         return torchrun.command()
 
     def build(self, name: str, labels: dict[str, str], template: V1PodTemplateSpec, nodes: int, gpus: int,
-              settings: DriverSettings) -> dict[str, Any]:
+              settings: DriverSettings, deadline: int | None = None) -> dict[str, Any]:
         # OnFailure, not ExitCode: torchrun exits 1 when a peer is lost (a drained or failed node) or it is
         # signalled, which ExitCode treats as permanent, while ExitCode recreates an OOM-killed (137) pod with
         # no bound (the operator's backoffLimit sums container restartCounts, and a recreated pod starts at 0).
@@ -57,7 +57,8 @@ class PyTorchJobBackend:
         # so they stop holding GPUs; failed pods stay for their logs.
         run_policy = KubeflowOrgV1RunPolicy(
             clean_pod_policy="Running", backoff_limit=gang_restarts(settings.backoff_limit, nodes),
-            ttl_seconds_after_finished=settings.ttl_seconds_after_finished, scheduling_policy=scheduling)
+            ttl_seconds_after_finished=settings.ttl_seconds_after_finished, scheduling_policy=scheduling,
+            active_deadline_seconds=deadline)
         job = KubeflowOrgV1PyTorchJob(
             api_version=f"{self.group}/{self.version}", kind=self.kind,
             metadata=V1ObjectMeta(name=name, namespace=settings.namespace, labels=labels),

@@ -31,7 +31,7 @@ class TrainJobBackend:
         return torchrun.command()
 
     def build(self, name: str, labels: dict[str, str], template: V1PodTemplateSpec, nodes: int, gpus: int,
-              settings: DriverSettings) -> dict[str, Any]:
+              settings: DriverSettings, deadline: int | None = None) -> dict[str, Any]:
         """The TrainJob: trainer (command, args, env, resources) plus the pod's per-stage placement as a patch.
 
         The runtime (the chart's TrainingRuntime) holds what every training pod shares: image pull secrets,
@@ -58,6 +58,7 @@ class TrainJobBackend:
         }
         if main.get("resources"):
             trainer["resourcesPerNode"] = main["resources"]
+        extra = {"activeDeadlineSeconds": deadline} if deadline else {}  # Trainer v2.3 fails the TrainJob past it
         return {
             "apiVersion": f"{GROUP}/{VERSION}",
             "kind": self.kind,
@@ -69,6 +70,7 @@ class TrainJobBackend:
                     "replicatedJobs": [{"name": NODE, "template": {"spec": {"template": {
                         "metadata": {"labels": pod["metadata"]["labels"]},
                         "spec": pod_patch}}}}]}}}}],
+                **extra,
             },
         }
 

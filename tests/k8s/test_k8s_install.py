@@ -115,3 +115,14 @@ def test_stage_pods_service_account(helm):
         for t in templates:
             assert t["spec"]["serviceAccountName"] == "s3-reader"
             assert t["spec"]["automountServiceAccountToken"] is False  # an identity for S3, no API token
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_training_stages_keep_their_active_deadline(helm, backend):
+    text = _template(helm, K8S_VERSIONS[1], backend, "values-imagenet512.yaml", "--set",
+                     "stages.train-base.activeDeadlineSeconds=86400")
+    for o in render_objects(text):
+        if o["kind"] in ("PyTorchJob", "TrainJob") and o["metadata"]["labels"]["sims.io/step"] == "train-base":
+            deadline = (o["spec"]["runPolicy"] if backend == "pytorchjob" else o["spec"]).get("activeDeadlineSeconds")
+            assert deadline == 86400, o["metadata"]["name"]
+            validate_strictly(o, K8S_VERSIONS[1])
