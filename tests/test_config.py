@@ -276,3 +276,11 @@ def test_configs_that_would_fail_late_fail_validate(capsys):
     assert f"seed: Input should be less than or equal to {MAX_SEED}" in capsys.readouterr().err
     assert main(["validate", "pipelines/quick.yaml", "--set", "train_base.snapshots=[1024, 5000]"]) == 2
     assert "train_base.snapshots: [5000] lie outside 1..images (4096)" in capsys.readouterr().err
+
+
+def test_a_config_file_that_is_not_text_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "pipeline.yaml"
+    bad.write_bytes(b"name: x\nseed: \xa1\xff\n")
+    assert main(["validate", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a UTF-8 text file (byte 14)" in err

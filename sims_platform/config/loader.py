@@ -180,7 +180,11 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Pipelin
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"{path}: pipeline file not found")
-        text, source = p.read_text(), str(path)
+        source = str(path)
+        try:
+            text = p.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{source}: not a UTF-8 text file (byte {err.start}); expected pipeline YAML") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
