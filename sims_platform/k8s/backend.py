@@ -33,6 +33,10 @@ class TrainingBackend(Protocol):
     def observe(self, obj: dict[str, Any]) -> Observed:
         ...
 
+    def conflict(self, obj: dict[str, Any]) -> str | None:
+        """Why the workload as admitted cannot run as the stage asked (its placement overwritten), or None."""
+        ...
+
 
 def default_backend() -> TrainingBackend:
     from sims_platform.k8s.pytorchjob import PyTorchJobBackend

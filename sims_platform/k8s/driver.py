@@ -108,8 +108,9 @@ class Driver:
                     self.log(f"[{where(w)} {w.step}] {failed}")  # recorded before the object goes
                     self.delete(w)
                 raise failed
-            elif not w.is_job and (permanent := self._permanent_exit(w)):
-                # A training pod restarts in place (OnFailure) whatever its exit code: stop the gang ourselves.
+            elif not w.is_job and (permanent := self.backend.conflict(obj or {}) or self._permanent_exit(w)):
+                # Admitted with a placement the stage cannot run with, or a pod exited with a permanent code (an
+                # OnFailure pod restarts in place whatever its code): stop the gang ourselves.
                 self._check_ours(w, obj)
                 self.delete(w)
                 raise StageFailed(w, permanent, self.ns, self.settings.release)

@@ -77,3 +77,6 @@ class PyTorchJobBackend:
         if "Restarting" in conds:
             return Observed(Phase.RUNNING, "Restarting", conds["Restarting"].get("message") or "")
         return Observed(Phase.WAITING, "Created" if "Created" in conds else "Pending")
+
+    def conflict(self, obj: dict[str, Any]) -> str | None:
+        return None  # Kueue adds its flavor's tolerations to the pod templates' own

@@ -13,7 +13,8 @@ from sims_platform.k8s.state import Observed, Phase, settled, true_conditions
 
 GROUP, VERSION = "trainer.kubeflow.org", "v1alpha1"
 NODE = "node"             # the torch runtime's replicated job and container, where Trainer injects PET_*
-PATCH_MANAGER = "sims.io/driver"  # owner of our runtimePatches entry (Kueue adds its own, kueue.x-k8s.io/manager)
+PATCH_MANAGER = "sims.io/driver"  # owner of our runtimePatches entry
+KUEUE_MANAGER = "kueue.x-k8s.io/manager"  # owner of Kueue's (its flavor's node labels and tolerations)
 
 
 class TrainJobBackend:
@@ -83,3 +84,35 @@ class TrainJobBackend:
         if any((j.get("active") or 0) > 0 for j in jobs):
             return Observed(Phase.RUNNING)
         return Observed(Phase.WAITING, "Pending")
+
+    def conflict(self, obj: dict[str, Any]) -> str | None:
+        """The stage's tolerations that Kueue's runtime patch drops. Trainer v2.3 applies runtimePatches in order as
+        strategic merge patches of the JobSet spec (pkg/runtime/core/trainingruntime.go:251-280), where a pod's
+        toleration list has no merge key and is replaced whole; Kueue's patch (kueue v0.19
+        pkg/controller/jobs/trainjob/trainjob_controller.go:243-283) comes last and carries only its flavor's
+        tolerations. So a toleration of the stage that the flavor lacks never reaches the pods."""
+        patches = (obj.get("spec") or {}).get("runtimePatches") or []
+        ours = _tolerations(next((p for p in patches if p.get("manager") == PATCH_MANAGER), None))
+        theirs = _tolerations(next((p for p in patches if p.get("manager") == KUEUE_MANAGER), None))
+        if ours is None or not theirs:  # not admitted yet, or a flavor without tolerations: ours stand
+            return None
+        dropped = [t for t in ours if t not in theirs]
+        if not dropped:
+            return None
+        return (f"Kueue's admission replaces the stage's tolerations with its flavor's {theirs}, dropping {dropped} "
+                "(Trainer replaces toleration lists when it merges runtime patches): add them to the "
+                "ResourceFlavor's tolerations (k8s/kueue/queues.yaml) or remove them from the stage's "
+                "placement.tolerations")
+
+
+
+def _tolerations(patch: dict[str, Any] | None) -> list[dict[str, Any]] | None:
+    """The node pods' tolerations a runtime patch sets (None: no patch)."""
+    if patch is None:
+        return None
+    for rj in (((patch.get("trainingRuntimeSpec") or {}).get("template") or {}).get("spec") or {}).get(
+            "replicatedJobs") or []:
+        if rj.get("name") == NODE:
+            pod = ((((rj.get("template") or {}).get("spec") or {}).get("template") or {}).get("spec") or {})
+            return list(pod.get("tolerations") or [])
+    return []

@@ -531,7 +531,9 @@ class SimCluster:
 
     # Trainer v2 + JobSet -----------------------------------------------------------------------------------
     def _trainjob_pod(self, tj: dict) -> dict:
-        """The node pod template: the runtime's, with the trainer fields and every runtime patch applied."""
+        """The node pod template: the runtime's, with the trainer fields and every runtime patch applied in order as
+        Trainer v2.3.0 does (pkg/runtime/core/trainingruntime.go:251-280, strategic merge patches of the JobSet spec:
+        nodeSelector maps merge, volumes merge by name, tolerations are replaced)."""
         rt = self.get("trainingruntimes", tj["spec"]["runtimeRef"]["name"])
         node = rt["spec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]
         pod = copy.deepcopy(node)
@@ -548,8 +550,8 @@ class SimCluster:
             for k in ("nodeSelector",):
                 if k in ps:
                     pod["spec"][k] = {**(pod["spec"].get(k) or {}), **ps[k]}
-            if "tolerations" in ps:
-                pod["spec"]["tolerations"] = (pod["spec"].get("tolerations") or []) + ps["tolerations"]
+            if ps.get("tolerations"):  # no merge key: a strategic merge patch replaces the list whole
+                pod["spec"]["tolerations"] = list(ps["tolerations"])
             if "volumes" in ps:  # listType=map keyed by name: merge
                 by = {v["name"]: v for v in pod["spec"]["volumes"]}
                 by.update({v["name"]: {**by.get(v["name"], {}), **v} for v in ps["volumes"]})

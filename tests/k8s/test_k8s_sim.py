@@ -344,3 +344,26 @@ def test_a_failed_trainjob_is_not_rerun_after_its_jobsets_ttl(helm, tmp_path):
     gang = [p for p in w.cluster.pods.values() if p["metadata"]["labels"].get("sims.io/step") == "train-base"]
     assert not gang, [p["metadata"]["name"] for p in gang]
     assert ("trainjobs", TRAIN_BASE) not in w.cluster.objects
+
+
+def test_a_toleration_kueue_would_drop_from_a_trainjob_is_refused_with_a_message(helm, tmp_path):
+    """Kueue's TrainJob patch carries its flavor's tolerations only, and Trainer replaces toleration lists when it
+    merges patches: the stage's extra toleration would vanish and its pods wait for ever on the tainted pool."""
+    extra = [f"stages.train-base.placement.tolerations[0].{k}={v}"
+             for k, v in (("key", "dedicated"), ("operator", "Equal"), ("value", "ml"), ("effect", "NoSchedule"))]
+    w = World(helm, str(tmp_path / "run"), "queue=sims-gpu", "stages.train-base.gpus=1", *extra, backend="trainjob",
+              setup=_prepared_as_documented()).reference_done()
+    for node in w.cluster.nodes.values():
+        if node.name.startswith("gpu-"):
+            node.taints.append({"key": "dedicated", "value": "ml", "effect": "NoSchedule"})
+    ticks = {"n": 0}
+
+    def bounded(_s):
+        w.cluster.tick()
+        ticks["n"] += 1
+        if ticks["n"] > 60:
+            raise Killed
+    assert w.drive(sleep=bounded) == EXIT_STAGE_FAILED
+    msg = next(m for m in w.logs if m.startswith("error:"))
+    assert "dropping [" in msg and "'key': 'dedicated'" in msg and "ResourceFlavor" in msg, msg
+    assert ("trainjobs", TRAIN_BASE) not in w.cluster.objects
