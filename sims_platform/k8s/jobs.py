@@ -24,6 +24,7 @@ CONFIG_ERROR_EXIT = 2  # `sims` exits 2 on a bad config: retrying cannot help
 # (Jobs' podFailurePolicy, the TrainingRuntime's, the driver for PyTorchJobs), and the training entrypoint
 # (k8s/torchrun.py) carries them out of torchrun.
 PERMANENT_EXITS = (CONFIG_ERROR_EXIT,)
+MIN_PARALLELISM = "kueue.x-k8s.io/job-min-parallelism"  # Kueue's partial admission (Beta, on by default in v0.19)
 
 
 def _failure_policy(indexed: bool) -> V1PodFailurePolicy:
@@ -52,6 +53,9 @@ def batch_job(name: str, labels: dict[str, str], template: V1PodTemplateSpec, se
         spec.backoff_limit_per_index = settings.backoff_limit_per_index
     else:
         spec.backoff_limit = settings.backoff_limit
-    job = V1Job(api_version="batch/v1", kind="Job",
-                metadata=V1ObjectMeta(name=name, namespace=settings.namespace, labels=labels), spec=spec)
+    # Queued job arrays accept partial admission: Kueue may admit fewer pods at once than the shards (lowering
+    # parallelism to what the quota holds) instead of waiting for quota for all of them; every index still runs.
+    annotations = {MIN_PARALLELISM: "1"} if indexed and settings.queue else None
+    job = V1Job(api_version="batch/v1", kind="Job", metadata=V1ObjectMeta(
+        name=name, namespace=settings.namespace, labels=labels, annotations=annotations), spec=spec)
     return ApiClient().sanitize_for_serialization(job)

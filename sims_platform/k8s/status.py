@@ -174,7 +174,7 @@ def admission_note(kind: str, obj: dict[str, Any], workloads: dict[str, dict[str
     """Why Kueue holds a suspended workload: its Workload's QuotaReserved/Admitted condition message."""
     if workloads is None:
         return ("cannot list workloads.kueue.x-k8s.io to say why: bind your user to the chart's "
-                "<fullname>-status Role, e.g. sims-run-status (docs/kubernetes.md, 'sims status RUN')")
+                "status Role, e.g. sims-run-status for release sims-run (docs/kubernetes.md, 'sims status RUN')")
     wl = workloads.get(obj["metadata"].get("uid", ""))
     if wl is None:
         return (f"no Kueue Workload for it yet: is Kueue running, with its {INTEGRATIONS.get(kind, kind)} "

@@ -219,6 +219,70 @@ class SimCluster:
                 cond = _cond("Active", "Ready", "Can submit new workloads to localQueue")
             lq.setdefault("status", {})["conditions"] = [cond]
 
+    def _pod_count(self, resource: str, obj: dict) -> int:
+        spec = obj["spec"]
+        if resource == "pytorchjobs":
+            return sum(r["replicas"] for r in spec["pytorchReplicaSpecs"].values())
+        if resource == "trainjobs":
+            return spec["trainer"]["numNodes"]
+        return min(spec.get("parallelism") or 1, spec.get("completions") or spec.get("parallelism") or 1)
+
+    def _per_pod(self, resource: str, obj: dict) -> dict[str, Any]:
+        """Requests of one pod (the largest template's), as quantities."""
+        from kubernetes.utils import parse_quantity
+
+        out: dict[str, Any] = {}
+        reqs = [c.get("resources") or {} for t in self.templates(resource, obj) for c in t["spec"]["containers"]]
+        if resource == "trainjobs":
+            reqs.append(obj["spec"]["trainer"].get("resourcesPerNode") or {})
+        for r in reqs:
+            for k, v in (r.get("requests") or {}).items():
+                out[k] = max(out.get(k, 0), parse_quantity(v))
+        return out
+
+    def _in_use(self, flavor: str) -> dict[str, Any]:
+        """Quota held by the admitted workloads of a flavor that have not finished."""
+        used: dict[str, Any] = {}
+        for (resource, _), o in self.objects.items():
+            ann = o["metadata"].get("annotations") or {}
+            done = any(c["type"] in ("Complete", "Succeeded", "Failed") for c in o["status"].get("conditions") or [])
+            if resource in self.KUEUE_KINDS and ann.get("sims.test/flavor") == flavor and not done:
+                for k, v in o["_usage"].items():
+                    used[k] = used.get(k, 0) + v
+        return used
+
+    def _assign_flavor(self, resource: str, obj: dict) -> tuple[dict | None, str]:
+        """The first flavor whose resources cover the pods' requests and whose quota (nominalQuota, when the flavor
+        lists amounts) has room for all of them, as kueue v0.19.2 pkg/scheduler/flavorassigner/flavorassigner.go:
+        1330-1360 (fitsResourceQuota) decides. A Job with kueue.x-k8s.io/job-min-parallelism may be admitted with
+        fewer pods (partial admission, Beta and on by default): Kueue lowers its parallelism
+        (pkg/controller/jobs/job/job_controller.go:384-390). (None, why) when nothing fits."""
+        per_pod, count = self._per_pod(resource, obj), self._pod_count(resource, obj)
+        min_count = (obj["metadata"].get("annotations") or {}).get("kueue.x-k8s.io/job-min-parallelism")
+        why = f"resource {sorted(per_pod)[0] if per_pod else 'cpu'} unavailable in ClusterQueue"
+        for f in self.kueue["flavors"]:
+            if not set(per_pod) <= set(f["resources"]):
+                missing = sorted(set(per_pod) - set(f["resources"]))
+                why = f"resource {missing[0]} unavailable in ClusterQueue"
+                continue
+            quota, used = f.get("quota"), self._in_use(f["name"])
+            lowest = int(min_count) if min_count and resource == "jobs" else count
+            for n in range(count, lowest - 1, -1):
+                over = [k for k, v in per_pod.items() if quota and k in quota
+                        and used.get(k, 0) + v * n > quota[k]]
+                if not over:
+                    if n < count:
+                        obj["spec"]["parallelism"] = n
+                    obj["_usage"] = {k: v * n for k, v in per_pod.items()}
+                    return f, ""
+            k = over[0]
+            need = per_pod[k] * lowest
+            why = (f"insufficient quota for {k} in flavor {f['name']}, previously considered podsets requests (0) + "
+                   f"current podset request ({need}) > maximum capacity ({quota[k]})" if need > quota[k] else
+                   f"insufficient unused quota for {k} in flavor {f['name']}, {used.get(k, 0) + need - quota[k]} "
+                   "more needed")
+        return None, why
+
     def tick_kueue(self) -> None:
         self.tick_localqueues()
         self._new_workloads: list = []
@@ -231,18 +295,10 @@ class SimCluster:
                 obj["status"]["conditions"] = [_cond("Suspended", "Suspended", blocker)]
                 self._workload(resource, obj, dict(_cond("QuotaReserved", "Inadmissible", blocker), status="False"))
                 continue
-            requests: set[str] = set()
-            for t in self.templates(resource, obj):
-                for c in t["spec"]["containers"]:
-                    requests |= set((c.get("resources") or {}).get("requests") or {})
-            if resource == "trainjobs":
-                requests |= set((obj["spec"]["trainer"].get("resourcesPerNode") or {}).get("requests") or {})
-            flavor = next((f for f in self.kueue["flavors"] if requests <= set(f["resources"])), None)
+            flavor, why = self._assign_flavor(resource, obj)
             if flavor is None:  # nothing fits: stays suspended (pending admission), as Kueue's scheduler says
-                missing = sorted(requests - set().union(*(set(f["resources"]) for f in self.kueue["flavors"])))
                 self._workload(resource, obj, dict(_cond(
-                    "QuotaReserved", "Pending", f"couldn't assign flavors to pod set main: resource "
-                    f"{(missing or sorted(requests))[0]} unavailable in ClusterQueue"), status="False"))
+                    "QuotaReserved", "Pending", f"couldn't assign flavors to pod set main: {why}"), status="False"))
                 continue
             self._workload(resource, obj, _cond("QuotaReserved", "QuotaReserved"), _cond("Admitted", "Admitted"))
             if resource == "trainjobs":  # Kueue patches TrainJobs through runtimePatches, under its own manager

@@ -224,14 +224,17 @@ def _queues() -> list[dict]:
 
 
 def _flavors(docs: list[dict]) -> list[dict]:
-    """The ClusterQueue's flavors in order, each with its ResourceFlavor's nodeLabels and tolerations."""
+    """The ClusterQueue's flavors in order, each with its ResourceFlavor's nodeLabels and tolerations, the resources
+    it has quota for and the nominal quotas."""
     rf = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "ResourceFlavor"}
     cq = next(d for d in docs if d["kind"] == "ClusterQueue")
     out = []
     for group in cq["spec"]["resourceGroups"]:
         for f in group["flavors"]:
+            from kubernetes.utils import parse_quantity
             fits = [r["name"] for r in f["resources"] if str(r["nominalQuota"]) not in ("0", "0Gi")]
-            out.append({"name": f["name"], "resources": fits, **rf[f["name"]]})
+            quota = {r["name"]: parse_quantity(str(r["nominalQuota"])) for r in f["resources"]}
+            out.append({"name": f["name"], "resources": fits, "quota": quota, **rf[f["name"]]})
     return out
 
 
@@ -367,3 +370,32 @@ def test_a_toleration_kueue_would_drop_from_a_trainjob_is_refused_with_a_message
     msg = next(m for m in w.logs if m.startswith("error:"))
     assert "dropping [" in msg and "'key': 'dedicated'" in msg and "ResourceFlavor" in msg, msg
     assert ("trainjobs", TRAIN_BASE) not in w.cluster.objects
+
+
+def _gpu_quota(gpus: int):
+    """k8s/README.md's cluster, with the h100 flavor's GPU quota cut to `gpus`."""
+    base = _prepared_as_documented()
+
+    def setup(c) -> None:
+        base(c)
+        for f in c.kueue["flavors"]:
+            if f["name"] == "h100":
+                f["quota"]["nvidia.com/gpu"] = gpus
+    return setup
+
+
+def test_a_32_shard_array_on_8_gpus_of_quota_is_admitted_in_parts(helm, tmp_path):
+    """Kueue admits the 32-pod Indexed Job 8 pods at a time (partial admission) and every shard runs."""
+    w = World(helm, str(tmp_path / "run"), "queue=sims-gpu", "stages.generate.shards=32", "stages.generate.gpus=1",
+              setup=_gpu_quota(8))
+    ticks = {"n": 0}
+
+    def bounded(_s):  # without partial admission the Job would wait for 32 GPUs of quota for ever
+        w.cluster.tick()
+        ticks["n"] += 1
+        if ticks["n"] > 200:
+            raise Killed
+    assert w.drive(sleep=bounded) == 0, w.logs[-3:]
+    gen = w.cluster.objects.get(("jobs", "digits-dev-i00-generate"))
+    assert gen["spec"]["parallelism"] == 8 and gen["spec"]["completions"] == 32
+    assert any("generate" in m and "succeeded" in m for m in w.logs)

@@ -94,7 +94,7 @@ def test_a_workload_kueue_does_not_admit_says_so_and_why(helm, tmp_path):
     c.custom.list_namespaced_custom_object = forbidden
     _, by = status(w)
     assert by[(0, "train-base")].state == "Waiting for Kueue admission"
-    assert "sims-status Role" in by[(0, "train-base")].notes[0]
+    assert "status Role, e.g. sims-run-status" in by[(0, "train-base")].notes[0]  # the name the chart renders
 
 
 def test_an_oom_killed_trainer_and_half_done_training_show_restarts_and_checkpoint_progress(helm, tmp_path):
