@@ -571,7 +571,9 @@ class SimCluster:
             conds[:] = [_cond("Created"), _cond("Succeeded", "PyTorchJobSucceeded")]
             status["_finishedAt"] = self.now
             self._clean(job, key)
-        elif running:
+        elif master is not None and master["status"]["phase"] == "Running" and master["node"] is not None:
+            # Running means the Master runs (training operator v1.9.4 pkg/controller.v1/pytorch/
+            # pytorchjob_controller.go:384-387), whatever the Workers do
             conds[:] = [_cond("Created"), _cond("Running", "PyTorchJobRunning")]
 
     def _finish_pytorchjob(self, job: dict, reason: str, message: str) -> None:
