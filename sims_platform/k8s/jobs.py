@@ -46,6 +46,11 @@ def batch_job(name: str, labels: dict[str, str], template: V1PodTemplateSpec, se
     spec = V1JobSpec(
         template=template, ttl_seconds_after_finished=settings.ttl_seconds_after_finished,
         active_deadline_seconds=active_deadline_seconds, pod_failure_policy=_failure_policy(indexed))
+    if settings.queue:
+        # Queued workloads are created suspended, so only Kueue starts them: a Kueue whose integration for the kind
+        # is off (kubeflow.org/pytorchjob is off by default in v0.19) leaves them waiting, and `sims status` says
+        # why, instead of running them outside quota. Kueue's webhook suspends them too where it is on.
+        spec.suspend = True
     if indexed:
         spec.completion_mode = "Indexed"
         spec.completions = completions

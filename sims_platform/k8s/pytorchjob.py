@@ -57,6 +57,7 @@ class PyTorchJobBackend:
         # so they stop holding GPUs; failed pods stay for their logs.
         run_policy = KubeflowOrgV1RunPolicy(
             clean_pod_policy="Running", backoff_limit=gang_restarts(settings.backoff_limit, nodes),
+            suspend=True if settings.queue else None,  # created suspended: see jobs.batch_job
             ttl_seconds_after_finished=settings.ttl_seconds_after_finished, scheduling_policy=scheduling,
             active_deadline_seconds=deadline)
         job = KubeflowOrgV1PyTorchJob(

@@ -72,6 +72,7 @@ class TrainJobBackend:
                         "metadata": {"labels": pod["metadata"]["labels"]},
                         "spec": pod_patch}}}}]}}}}],
                 **extra,
+                **({"suspend": True} if settings.queue else {}),  # created suspended: see jobs.batch_job
             },
         }
 

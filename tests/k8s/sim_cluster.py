@@ -83,7 +83,7 @@ class SimCluster:
             raise ApiException(status=409, reason=f"{resource} {name} already exists")
         obj["metadata"].update(creationTimestamp=T0, uid=f"uid-{next(self.uids)}", namespace=self.ns)
         obj.setdefault("status", {})
-        if (obj["metadata"].get("labels") or {}).get("kueue.x-k8s.io/queue-name") and resource != "configmaps":
+        if (obj["metadata"].get("labels") or {}).get("kueue.x-k8s.io/queue-name") and self._integrated(resource):
             self._suspend(resource, obj, True)  # Kueue's webhook: queued workloads start suspended
         self.objects[(resource, name)] = obj
         return obj
@@ -283,12 +283,17 @@ class SimCluster:
                    "more needed")
         return None, why
 
+    def _integrated(self, resource: str) -> bool:
+        """Kueue manages this kind: kueue["integrations"] lists the enabled ones (absent: all of them)."""
+        enabled = self.kueue.get("integrations")
+        return resource in self.KUEUE_KINDS and (enabled is None or resource in enabled)
+
     def tick_kueue(self) -> None:
         self.tick_localqueues()
         self._new_workloads: list = []
         for (resource, name), obj in self.objects.items():
             queue = (obj["metadata"].get("labels") or {}).get("kueue.x-k8s.io/queue-name")
-            if resource not in self.KUEUE_KINDS or not queue or not self._suspended(resource, obj):
+            if not self._integrated(resource) or not queue or not self._suspended(resource, obj):
                 continue
             blocker = self._queue_blocker(queue)
             if blocker:

@@ -195,3 +195,17 @@ def test_a_dead_node_shows_its_terminating_pod_and_the_remedy(helm, tmp_path):
         c["type"] == "Succeeded" for c in w.cluster.objects[("pytorchjobs", TRAIN_BASE)]["status"]["conditions"])
     w.cluster.taint_out_of_service(dead["node"])  # the remedy
     assert w.drive() == 0, w.logs[-3:]
+
+
+def test_a_kueue_without_the_pytorchjob_integration_never_runs_it_outside_quota(helm, tmp_path):
+    """Kueue v0.19 ships with kubeflow.org/pytorchjob off: the PyTorchJob is created suspended, so it waits (and
+    `sims status` says to enable the integration) instead of running its gang outside quota."""
+    w = World(helm, str(tmp_path / "run"), "queue=sims-gpu").reference_done()
+    w.cluster.kueue = {"flavors": [{"name": "any", "resources": ["cpu", "memory"]}], "integrations": {"jobs"}}
+    w.cluster.crds |= {"workloads"}
+    drive_until(w, lambda: w.since_created(TRAIN_BASE) >= 3)
+    assert not [p for p in w.cluster.pods.values() if p["metadata"]["labels"].get("sims.io/step") == "train-base"]
+    _, by = status(w)
+    row = by[(0, "train-base")]
+    assert row.state == "Waiting for Kueue admission"
+    assert "kubeflow.org/pytorchjob integration enabled?" in row.notes[0]
