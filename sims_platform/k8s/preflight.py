@@ -1,7 +1,8 @@
 """Preflight (driver start and `helm test`): what a run needs in its namespace, named with how to create it.
 
 Checks the training backend's CRD, the TrainingRuntime (TrainJob backend), the S3 Secret, the Kueue
-LocalQueue, the run's ConfigMap, and that no other release runs the same pipeline.name in the namespace.
+LocalQueue (and that Kueue has not marked it inactive: a missing ClusterQueue), the run's ConfigMap, and that no
+other release runs the same pipeline.name in the namespace.
 Every problem is collected, so one run of the preflight lists all of them.
 """
 

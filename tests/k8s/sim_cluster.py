@@ -1,12 +1,16 @@
 """A simulated cluster: the API calls the k8s layer makes, plus the controllers that act on what it creates.
 
-Each tick (the driver's sleep) runs, in order: garbage collection (ownerReferences), Kueue admission (suspend
-until a LocalQueue admits; the first ResourceFlavor that fits; its nodeLabels and tolerations injected into
-the pod templates), the Job controller (Indexed Jobs, backoffLimit(PerIndex), podFailurePolicy), the training
-operator v1.9 (per-replica restartPolicy OnFailure/ExitCode as pod.go and PastBackoffLimit read them,
-cleanPodPolicy), Trainer v2 + JobSet (backoffLimit 0 node Jobs, failurePolicy rules and maxRestarts), TTL
-deletion, the scheduler (nodeSelector and NoSchedule taints) and the kubelet (Secrets for envFrom, running each
-pod's program one step). Programs are Python callables standing in for containers; node loss kills a node's pods.
+Each tick (the driver's sleep) runs, in order: garbage collection (ownerReferences), Kueue (LocalQueue Active
+condition, queue blockers, the first ResourceFlavor whose quota holds the workload, partial admission of Jobs, its
+nodeLabels and tolerations injected, for TrainJobs as a runtime patch), the Job controller (Indexed Jobs,
+backoffLimit(PerIndex), podFailurePolicy), the training operator v1.9 (per-replica restartPolicy
+OnFailure/ExitCode as pod.go and PastBackoffLimit read them, Running while the Master runs, cleanPodPolicy),
+Trainer v2 + JobSet (runtime patches merged as strategic merge patches, backoffLimit 0 node Jobs, failurePolicy
+rules and maxRestarts, the JobSet's TTL and Trainer's rebuild of a failed TrainJob's missing JobSet), TTL deletion,
+PodGC (Terminating pods on out-of-service nodes), the scheduler (nodeSelector and NoSchedule taints) and the kubelet
+(Secrets for envFrom, running each pod's program one step; a dead node's kubelet does nothing). Programs are
+Python callables standing in for containers, or the container's real command (sim_world.World.container). A
+node lost with its Node object deleted takes its pods with it; a node that dies and stays leaves them Terminating.
 """
 
 from __future__ import annotations
