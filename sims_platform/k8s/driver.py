@@ -64,6 +64,7 @@ class Driver:
         self.log = log or (lambda msg: print(msg, flush=True))
         self.max_retries = max_retries
         self.ns = settings.namespace
+        self._seen_exits: dict[str, list[str]] = {}  # workload -> its pods' last failures seen while it ran
 
     # ------------------------------------------------------------------------
     # The loop
@@ -213,7 +214,10 @@ class Driver:
     def _permanent_exit(self, w: Workload) -> str | None:
         """A pod of the step exited with a code no retry can fix (jobs.PERMANENT_EXITS, carried out of torchrun by
         k8s/torchrun.py): the failure, naming the pod; None while every failure is worth retrying."""
-        for pod in self._pods(w):
+        pods = self._pods(w)
+        if seen := self._exit_lines(pods):  # kept: cleanPodPolicy Running deletes them once the job fails
+            self._seen_exits[w.name] = seen
+        for pod in pods:
             for term in self._exits(pod):
                 if term["exitCode"] in PERMANENT_EXITS:
                     return (f"pod {pod['metadata']['name']} exited {term['exitCode']} (bad config or input: "
@@ -225,12 +229,15 @@ class Driver:
         """The workload's failure reason plus what its pods' containers said (OOMKilled, exit codes)."""
         detail = ": ".join(p for p in (obs.reason, obs.message) if p) or "Failed"
         try:
-            pods = self._pods(w)
+            seen = self._exit_lines(self._pods(w))
         except Exception:  # the reason above is enough; pods may be gone already
-            return detail
-        seen = [f"{pod['metadata']['name']}: {term.get('reason') or 'Error'} (exit {term['exitCode']})"
-                for pod in pods for term in self._exits(pod)[:1]]
-        return detail + (f"; pods: {'; '.join(sorted(set(seen))[:5])}" if seen else "")
+            seen = []
+        seen = seen or self._seen_exits.get(w.name, [])  # what its pods said while it ran, if they are gone now
+        return detail + (f"; pods: {'; '.join(seen[:5])}" if seen else "")
+
+    def _exit_lines(self, pods: list[dict[str, Any]]) -> list[str]:
+        return sorted({f"{pod['metadata']['name']}: {term.get('reason') or 'Error'} (exit {term['exitCode']})"
+                       for pod in pods for term in self._exits(pod)[:1]})
 
     def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Call the API (or storage), retrying temporary errors with exponential backoff."""

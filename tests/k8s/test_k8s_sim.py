@@ -92,6 +92,8 @@ def test_oom_in_training_is_bounded_by_backoff_limit(helm, tmp_path):
     assert w.drive() == EXIT_STAGE_FAILED
     assert any("backoff limit" in m for m in w.logs)
     assert not [p for p in w.cluster.pods.values() if p["status"]["phase"] == "Running"]  # cleanPodPolicy Running
+    # the pods are gone with the failure, but the message still says how they ended (seen while it ran)
+    assert any("backoff limit" in m and "OOMKilled (exit 137)" in m for m in w.logs if m.startswith("error:"))
 
 
 def test_helm_upgrade_mid_run_never_mixes_two_configs(helm, tmp_path):
