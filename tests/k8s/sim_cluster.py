@@ -106,9 +106,8 @@ class SimCluster:
                 and _matches(o["metadata"].get("labels") or {}, selector)]
 
     def delete(self, resource: str, name: str) -> None:
+        """The object goes at once; what it owns is left to the garbage collector (background propagation)."""
         self.objects.pop((resource, name), None)
-        for pname in [p for p, pod in self.pods.items() if pod["owner"] == (resource, name)]:
-            self._remove_pod(pname)
 
     # -- helm ----------------------------------------------------------------------------------------------
     KINDS = {"ConfigMap": "configmaps", "Job": "jobs", "TrainingRuntime": "trainingruntimes",
@@ -159,7 +158,12 @@ class SimCluster:
         return obj["metadata"]["labels"].get("app.kubernetes.io/component") == "driver"
 
     def tick_gc(self) -> None:
+        """The garbage collector, in the background: each pass deletes the dependents whose owners are gone (the
+        objects one level down, and the pods of workloads deleted before), so a chain of owners takes a pass per
+        level, as kube-controller-manager's garbagecollector works through its graph."""
         uids = {o["metadata"]["uid"] for o in self.objects.values()}
+        for pname in [p for p, pod in self.pods.items() if pod["owner"] not in self.objects]:
+            self._remove_pod(pname)
         for key, obj in list(self.objects.items()):
             refs = obj["metadata"].get("ownerReferences") or []
             if refs and not any(r["uid"] in uids for r in refs):
