@@ -64,3 +64,52 @@ def test_two_concurrent_claims_make_exactly_one_owner(root, monkeypatch):
     assert f"belongs to release '{owner}'" in str(results[loser]) and f"this is release '{loser}'" in str(results[loser])
     assert fsio.read_json(owner_uri(layout)) == {"namespace": "ns", "release": owner, "run": "run"}
     assert claim(layout, "ns", owner, "run")["release"] == owner  # the owner's restart keeps it
+
+
+def _writer(root: str, meta: dict):
+    from sims_platform.data import ShardWriter
+
+    return ShardWriter(fsio.join(root, "set"), shard_size=2, total=4, meta=meta)
+
+
+def _fill(writer, offset: float = 0.0) -> None:
+    import torch
+
+    for j in range(writer.num_shards):
+        x = torch.full((2, 3), float(j) + offset)
+        writer.write_shard(j, x, torch.zeros(2, dtype=torch.int64), torch.arange(2 * j, 2 * j + 2))
+
+
+def test_concurrent_finalizes_of_one_set_make_one_manifest(root):
+    writer = _writer(root, {"w": 1})
+    _fill(writer)
+    start, results = threading.Barrier(2), []
+
+    def finalize() -> None:
+        start.wait()
+        results.append(_writer(root, {"w": 1}).finalize())
+
+    threads = [threading.Thread(target=finalize) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(results) == 2 and results[0] == results[1]  # the same content from either: both succeed
+    assert fsio.read_json(fsio.join(root, "set", "manifest.json")) == results[0]
+    assert not [n for n in fsio.listdir(fsio.join(root, "set")) if ".tmp-" in n]
+
+
+def test_a_second_writer_with_other_content_is_refused(root):
+    from sims_platform.data import read_manifest
+
+    first = _writer(root, {"w": 1})
+    _fill(first)
+    manifest = first.finalize()
+    other = _writer(root, {"w": 2})  # the same set made under other settings
+    with pytest.raises(fsio.ConflictingWriteError, match=r"set/manifest\.json: another writer"):
+        other.finalize()
+    assert read_manifest(fsio.join(root, "set")) == manifest  # the first writer's manifest stands
+    record = first.read_record(0)
+    with pytest.raises(fsio.ConflictingWriteError, match=r"set/shard-000000\.json: another writer"):
+        _fill(other, offset=0.5)  # other samples for shard 0: its committed record is not replaced
+    assert first.read_record(0) == record

@@ -32,7 +32,7 @@ from sims_platform.data.errors import DataError
 from sims_platform.data.image_shards import ImageShardWriter, PreparedImage, labels_rle, sample_key
 from sims_platform.data.shards import MANIFEST, read_manifest, record_name, shard_name
 from sims_platform.data.sources import class_folder, decode_pixels, pixels_to_float
-from sims_platform.storage.fsio import exists, filesystem, join, normalize_uri, remove_leftovers
+from sims_platform.storage.fsio import exists, filesystem, join, normalize_uri, remove, remove_leftovers
 from sims_platform.utils.progress import Progress
 
 FORMAT = 1  # changes whenever the same inputs would give other shard contents: old records are then stale
@@ -203,6 +203,8 @@ def _write(spec: PrepareSpec, files: SourceFiles, writer: ImageShardWriter, owne
         for j in todo:
             for name in (shard_name(j), record_name(j)):  # a killed writer's partial temporary files
                 remove_leftovers(join(writer.uri, name))
+            if j in writer.stale:  # its record is not kept (records are created once, never overwritten)
+                remove(join(writer.uri, record_name(j)))
             writer.write_images(j, _prepared(spec, files, writer.shard_range(j), pool, advance))
     progress.close()
 

@@ -17,7 +17,7 @@ from webdataset.autodecode import npy_loads
 from webdataset.tariterators import group_by_keys
 
 from sims_platform.data.errors import DataError
-from sims_platform.storage.fsio import atomic_open, exists, join, listdir, read_json, write_json
+from sims_platform.storage.fsio import atomic_open, commit_json, exists, join, listdir, read_json
 
 MANIFEST = "manifest.json"
 DTYPE = "float16"
@@ -200,7 +200,7 @@ class ShardWriter:
                     raise ValueError(f"{self.uri}: shard {j} got {count} samples, expected "
                                      f"{len(self.shard_range(j))}")
         record = {**info, "name": shard_name(j), "count": count, "sha256": out.sha.hexdigest(), "bytes": out.size}
-        write_json(join(self.uri, record_name(j)), record)
+        commit_json(join(self.uri, record_name(j)), record)
         return record
 
     def read_record(self, j: int) -> dict[str, Any]:
@@ -222,7 +222,7 @@ class ShardWriter:
         manifest = {"shards": [{k: r[k] for k in self.ENTRY_KEYS} for r in records],
                     "total": self.total, "shard_size": self.shard_size, "dtype": self.DTYPE,
                     "shape": list(shapes.pop()), **self.meta}
-        write_json(join(self.uri, MANIFEST), manifest)
+        commit_json(join(self.uri, MANIFEST), manifest)
         return manifest
 
 

@@ -206,6 +206,24 @@ def create_json(uri: str, obj: Any) -> None:
     create_bytes(uri, _json_bytes(obj))
 
 
+class ConflictingWriteError(RuntimeError):
+    """Another writer already committed a different record under this name."""
+
+
+def commit_json(uri: str, obj: Any) -> None:
+    """Create the JSON record uri once (see create_bytes). A record already there with the same content is
+    kept (a deterministic writer's rerun, or two parts finalizing one set); a different one is never
+    overwritten: ConflictingWriteError names the file, so a second writer cannot replace what readers trust."""
+    data = _json_bytes(obj)
+    try:
+        create_bytes(uri, data)
+    except FileExistsError:
+        if read_bytes(uri) != data:
+            raise ConflictingWriteError(
+                f"{uri}: another writer already committed a different record here; not overwriting it "
+                "(two writers on one output, or an output made under other settings: remove it to redo)") from None
+
+
 def read_bytes(uri: str) -> bytes:
     with fsspec.open(uri, "rb") as f:
         return f.read()
