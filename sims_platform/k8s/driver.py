@@ -16,6 +16,7 @@ from sims_platform.k8s import labels as L
 from sims_platform.k8s.backend import TrainingBackend, backend_for
 from sims_platform.k8s.jobs import PERMANENT_EXITS
 from sims_platform.k8s.kube import Apis, is_conflict, is_not_found, is_temporary, to_dict
+from sims_platform.k8s.podstatus import waiting_reasons
 from sims_platform.k8s.settings import DriverSettings
 from sims_platform.k8s.state import Observed, Phase, job_observed
 from sims_platform.k8s.workloads import Workload, plan
@@ -55,16 +56,17 @@ class Driver:
                  backend: TrainingBackend | None = None, owner: dict[str, Any] | None = None,
                  done: Callable[[str], bool] = fsio.exists,
                  sleep: Callable[[float], None] = time.sleep, log: Callable[[str], None] | None = None,
-                 max_retries: int = 8) -> None:
+                 max_retries: int = 8, clock: Callable[[], float] = time.monotonic) -> None:
         self.cfg, self.settings, self.apis = cfg, settings, apis
         self.backend = backend or backend_for(settings)
         self.owner = owner  # the run's ConfigMap: every workload's ownerReference
         self.layout = RunLayout.of(cfg.storage.root)
-        self.done, self.sleep = done, sleep
+        self.done, self.sleep, self.clock = done, sleep, clock
         self.log = log or (lambda msg: print(msg, flush=True))
         self.max_retries = max_retries
         self.ns = settings.namespace
         self._seen_exits: dict[str, list[str]] = {}  # workload -> its pods' last failures seen while it ran
+        self._pending_since: dict[str, float] = {}  # pod uid (or name) -> clock when first seen Pending
 
     # ------------------------------------------------------------------------
     # The loop
@@ -115,6 +117,11 @@ class Driver:
                 self._check_ours(w, obj)
                 self.delete(w)
                 raise StageFailed(w, permanent, self.ns, self.settings.release)
+            elif stuck := self._pending_too_long(w):
+                self._check_ours(w, obj)
+                if not w.is_job:  # a gang holds its quota and nodes while it waits: release them
+                    self.delete(w)
+                raise StageFailed(w, stuck, self.ns, self.settings.release)
             elif last is None and not created:
                 self._check_ours(w, obj)
                 self.log(f"[{where(w)} {w.step}] adopting existing {w.kind} {w.name} ({obs.describe()})")
@@ -200,6 +207,31 @@ class Driver:
         # the same iteration and step of another loop (or of the shared pipeline) is not this step's
         return [p for p in pods.get("items") or [] if ((p.get("metadata") or {}).get("labels") or {}).get(L.LOOP)
                 == w.loop]
+
+    def _pending_too_long(self, w: Workload) -> str | None:
+        """A pod of the step Pending for longer than pendingTimeoutSeconds: why, naming the pod; else None.
+
+        Timed from when this driver first saw it Pending (no clock skew with the API server). A workload Kueue holds
+        for quota has no pods, so waiting for quota never counts."""
+        limit = self.settings.pending_timeout_seconds
+        if not limit:
+            return None
+        now, pending = self.clock(), set()
+        for pod in self._pods(w):
+            if (pod.get("status") or {}).get("phase") != "Pending" or (pod.get("metadata") or {}).get(
+                    "deletionTimestamp"):
+                continue
+            meta = pod["metadata"]
+            key = meta.get("uid") or meta["name"]
+            pending.add(key)
+            since = self._pending_since.setdefault(key, now)
+            if now - since >= limit:
+                why = "; ".join(waiting_reasons(pod)) or "not started"
+                return (f"pod {meta['name']} stayed Pending for {int(now - since)} s (driver.pendingTimeoutSeconds "
+                        f"{limit}): {why}")
+        for key in [k for k in self._pending_since if k not in pending]:  # running or gone: a later Pending restarts
+            del self._pending_since[key]
+        return None
 
     @staticmethod
     def _exits(pod: dict[str, Any]) -> list[dict[str, Any]]:

@@ -85,6 +85,8 @@ class DriverSettings(Section):
     data_mount_path: str = "/data"
     env: dict[str, str] = Field(default_factory=dict, description="extra non-secret env for every pod")
     poll_seconds: float = Field(15.0, gt=0)
+    pending_timeout_seconds: int = Field(1800, ge=0, description="fail a stage whose pod stays Pending this long "
+                                         "(unschedulable, image pull errors...), naming why; 0 = wait for ever")
     stages: dict[str, StageSettings] = Field(default_factory=dict)
 
     @model_validator(mode="after")

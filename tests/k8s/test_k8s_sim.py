@@ -403,3 +403,43 @@ def test_a_32_shard_array_on_8_gpus_of_quota_is_admitted_in_parts(helm, tmp_path
     gen = w.cluster.objects.get(("jobs", "digits-dev-i00-generate"))
     assert gen["spec"]["parallelism"] == 8 and gen["spec"]["completions"] == 32
     assert any("generate" in m and "succeeded" in m for m in w.logs)
+
+
+class _Clock:
+    """The driver's clock on the simulated cluster: each poll (a tick) takes pollSeconds."""
+
+    def __init__(self, w: World, limit: int = 400) -> None:
+        self.w, self.t, self.ticks, self.limit = w, 0.0, 0, limit
+
+    def sleep(self, _s: float) -> None:
+        self.w.cluster.tick()
+        self.t += self.w.spec.settings.poll_seconds
+        self.ticks += 1
+        if self.ticks > self.limit:
+            raise Killed
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_a_pod_pending_past_the_deadline_fails_its_stage_naming_why(helm, tmp_path):
+    w = World(helm, str(tmp_path / "run"), "driver.pendingTimeoutSeconds=120")
+    w.cluster.nodes = {"gpu-0": Node("gpu-0", {}, [GPU_TAINT])}  # no node the CPU pods tolerate
+    clock = _Clock(w)
+    assert w.drive(sleep=clock.sleep, clock=clock) == EXIT_STAGE_FAILED, w.logs[-3:]
+    msg = next(m for m in w.logs if m.startswith("error:"))
+    assert "stayed Pending for" in msg and "driver.pendingTimeoutSeconds 120" in msg
+    assert "Unschedulable: 0/1 nodes are available" in msg
+    assert 120 <= clock.t <= 120 + 4 * w.spec.settings.poll_seconds  # at the deadline, not long after
+
+
+def test_a_workload_kueue_holds_for_quota_is_not_a_pending_pod(helm, tmp_path):
+    w = World(helm, str(tmp_path / "run"), "queue=sims-gpu", "stages.generate.gpus=1",
+              "driver.pendingTimeoutSeconds=60", setup=_gpu_quota(0))
+    clock = _Clock(w, limit=100)
+    with pytest.raises(Killed):  # waits for quota (1500 s of polls), never failed by the pending deadline
+        w.drive(sleep=clock.sleep, clock=clock)
+    assert not any(m.startswith("error:") for m in w.logs)
+    gen = w.cluster.objects.get(("jobs", "digits-dev-i00-generate"))
+    assert gen is not None and gen["spec"]["suspend"] is True
+    assert not [p for p in w.cluster.pods.values() if p["metadata"]["labels"].get("sims.io/step") == "generate"]

@@ -137,6 +137,7 @@ dataMountPath: {{ $.Values.storage.mountPath | quote }}
 {{- end }}
 env: {{ .Values.env | toJson }}
 pollSeconds: {{ .Values.driver.pollSeconds }}
+pendingTimeoutSeconds: {{ .Values.driver.pendingTimeoutSeconds }}
 stages:
   {{- toYaml .Values.stages | nindent 2 }}
 {{- end }}
