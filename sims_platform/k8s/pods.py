@@ -83,7 +83,8 @@ def pod_template(settings: DriverSettings, st: StageSettings, *, container: str,
         mounts.append(V1VolumeMount(name="data", mount_path=settings.data_mount_path))
         volumes.append(V1Volume(name="data", persistent_volume_claim=V1PersistentVolumeClaimVolumeSource(
             claim_name=settings.data_claim)))
-    env_from = [V1EnvFromSource(secret_ref=V1SecretEnvSource(name=settings.s3_secret))] if settings.s3_secret else None
+    env_from = [V1EnvFromSource(secret_ref=V1SecretEnvSource(name=name))
+                for name in (settings.s3_secret, settings.mlflow_auth_secret) if name] or None
     main = V1Container(
         name=container, image=settings.image, image_pull_policy=settings.image_pull_policy,
         command=command, args=args, env=_env(settings, labels), env_from=env_from,

@@ -81,6 +81,8 @@ class DriverSettings(Section):
     gang: Gang = Gang()
     s3_secret: str | None = Field(None, description="Secret with AWS_* keys, loaded with envFrom")
     mlflow_uri: str | None = Field(None, description="MLFLOW_TRACKING_URI of every pod")
+    mlflow_auth_secret: str | None = Field(None, description="Secret with MLflow client credentials "
+                                           "(MLFLOW_TRACKING_USERNAME / _PASSWORD), loaded with envFrom")
     data_claim: str | None = Field(None, description="PVC mounted at data_mount_path (file:// storage)")
     data_mount_path: str = "/data"
     env: dict[str, str] = Field(default_factory=dict, description="extra non-secret env for every pod")

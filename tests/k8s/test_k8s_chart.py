@@ -96,7 +96,7 @@ def test_driver_job_and_security(rendered):
     assert pod["serviceAccountName"] == next(d for d in docs if d["kind"] == "ServiceAccount")["metadata"]["name"]
     assert "kueue.x-k8s.io/queue-name" not in job["metadata"]["labels"]  # the driver itself is not queued
     mlflow = [d for d in docs if d["metadata"]["name"].endswith("-mlflow")]
-    assert {d["kind"] for d in mlflow} == {"Deployment", "Service", "PersistentVolumeClaim"}
+    assert {d["kind"] for d in mlflow} == {"Deployment", "Service", "PersistentVolumeClaim", "NetworkPolicy"}
 
 
 def test_no_secret_in_configmaps_or_command_lines(rendered):

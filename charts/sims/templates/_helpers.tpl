@@ -128,6 +128,9 @@ gang:
 {{- with .Values.s3.secretName }}
 s3Secret: {{ . | quote }}
 {{- end }}
+{{- with .Values.mlflow.auth.secretName }}
+mlflowAuthSecret: {{ . | quote }}
+{{- end }}
 {{- with (include "sims.mlflowUri" .) }}
 mlflowUri: {{ . | quote }}
 {{- end }}
