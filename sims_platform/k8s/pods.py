@@ -72,10 +72,14 @@ def pod_template(settings: DriverSettings, st: StageSettings, *, container: str,
                  mount_config: bool = True) -> V1PodTemplateSpec:
     """mount_config: False for pods that read no pipeline config (`sims prepare`), so they can run before the
     release's ConfigMap exists."""
+    # The root filesystem is read-only: HOME (torch, huggingface and matplotlib caches) and /tmp (temporary files,
+    # torch compile and elastic error files) are the only places a stage writes outside its storage.
     mounts = [V1VolumeMount(name="dshm", mount_path="/dev/shm"),
-              V1VolumeMount(name="home", mount_path="/home/sims")]
+              V1VolumeMount(name="home", mount_path="/home/sims"),
+              V1VolumeMount(name="tmp", mount_path="/tmp")]
     volumes = [V1Volume(name="dshm", empty_dir=V1EmptyDirVolumeSource(medium="Memory", size_limit=st.shm_size)),
-               V1Volume(name="home", empty_dir=V1EmptyDirVolumeSource())]
+               V1Volume(name="home", empty_dir=V1EmptyDirVolumeSource()),
+               V1Volume(name="tmp", empty_dir=V1EmptyDirVolumeSource())]
     if mount_config:
         mounts.insert(0, V1VolumeMount(name="config", mount_path=CONFIG_DIR, read_only=True))
         volumes.insert(0, V1Volume(name="config", config_map=V1ConfigMapVolumeSource(name=settings.config_map)))
@@ -90,7 +94,7 @@ def pod_template(settings: DriverSettings, st: StageSettings, *, container: str,
         command=command, args=args, env=_env(settings, labels), env_from=env_from,
         resources=_resources(st), volume_mounts=mounts,
         security_context=V1SecurityContext(allow_privilege_escalation=False, run_as_non_root=True,
-                                           capabilities=V1Capabilities(drop=["ALL"])))
+                                           read_only_root_filesystem=True, capabilities=V1Capabilities(drop=["ALL"])))
     place = st.placement
     spec = V1PodSpec(
         containers=[main], volumes=volumes, restart_policy=restart_policy,

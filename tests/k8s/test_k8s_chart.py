@@ -144,3 +144,35 @@ def test_docs_name_what_the_chart_renders(helm):
         assert f"`{','.join(rule['verbs'])}`" in doc, rule
     assert "restartPolicy: ExitCode" not in doc and "needs no action" not in doc
     assert "node.kubernetes.io/out-of-service" in doc and "| A config error (exit 2) |" in doc
+
+
+def _pod_specs(obj: dict) -> list[dict]:
+    """Every pod spec an object holds: a Pod, a Job or Deployment template, PyTorchJob replicas, a TrainingRuntime's
+    replicated jobs."""
+    spec = obj.get("spec") or {}
+    if obj["kind"] == "Pod":
+        return [spec]
+    if obj["kind"] == "TrainingRuntime":
+        return [j["template"]["spec"]["template"]["spec"] for j in spec["template"]["spec"]["replicatedJobs"]]
+    templates = [r["template"] for r in (spec.get("pytorchReplicaSpecs") or {}).values()]
+    return [t["spec"] for t in templates + ([spec["template"]] if "template" in spec else [])]
+
+
+@pytest.mark.parametrize("backend", ["pytorchjob", "trainjob"])
+def test_every_container_has_a_read_only_root_and_writable_tmp(helm, backend):
+    from sims_platform.k8s.render import render_objects
+
+    text = helm("template", RELEASE, "charts/sims", "-f", "values-digits-dev.yaml", "--set", "mlflow.server.enabled=true",
+                "--set", f"training.backend={backend}").stdout
+    objs = docs_of(text) + render_objects(text)
+    pods = [(o["metadata"]["name"], p) for o in objs for p in _pod_specs(o)]
+    assert {o["kind"] for o in objs if _pod_specs(o)} >= {"Job", "Deployment", "Pod"}
+    for name, pod in pods:
+        volumes = {v["name"]: v for v in pod.get("volumes") or []}
+        for c in pod["containers"] + (pod.get("initContainers") or []):
+            assert c["securityContext"]["readOnlyRootFilesystem"] is True, (name, c["name"])
+            mounts = {m["mountPath"]: m["name"] for m in c.get("volumeMounts") or []}
+            assert "emptyDir" in volumes[mounts["/tmp"]], (name, c["name"])  # temporary files still have a place
+            env = c.get("env") or [e for o in objs if o["kind"] == "TrainJob" for e in o["spec"]["trainer"]["env"]]
+            home = next((e["value"] for e in env if e["name"] == "HOME"), None)  # a runtime's: its TrainJobs'
+            assert home in mounts, (name, c["name"], home)  # caches under HOME (torch, huggingface, matplotlib)

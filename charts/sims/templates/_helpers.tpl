@@ -87,6 +87,7 @@ seccompProfile:
 {{- define "sims.containerSecurityContext" -}}
 allowPrivilegeEscalation: false
 runAsNonRoot: true
+readOnlyRootFilesystem: true
 capabilities:
   drop: ["ALL"]
 {{- end }}
