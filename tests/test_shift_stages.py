@@ -85,7 +85,7 @@ def ctx(tmp_path_factory) -> Iterator[StageContext]:
         d["data"]["max_images"] = None
         cfg = config_from_dict(d)
         layout, lineage, _ = open_run(cfg)
-        ctx = StageContext(cfg, layout, 0, lineage, device=torch.device("cpu"))
+        ctx = StageContext(cfg, layout, 0, lineage, requested_device=torch.device("cpu"))
         write_stand_in_synthetic_set(ctx)
         yield ctx
 

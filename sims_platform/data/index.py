@@ -65,6 +65,7 @@ class SourceIndex:
             return LabeledImages(self._memory.images[idx], self._memory.labels[idx])
         cfg, entries = self.cfg, [self._entries[i] for i in indices]
         if cfg.source == "folder":
+            assert cfg.path is not None  # DataConfig requires it for a folder source
             fs, _ = filesystem(cfg.path)
             images = [decode_image(fs.cat_file(e.where), e.where, cfg.channels, cfg.resolution,
                                    cfg.crop) for e in entries]

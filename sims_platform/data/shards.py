@@ -6,8 +6,8 @@ import hashlib
 import math
 import re
 import tarfile
-from collections.abc import Iterable, Iterator
-from typing import IO, Any
+from collections.abc import Generator, Iterable, Iterator
+from typing import IO, TYPE_CHECKING, Any
 
 import fsspec
 import numpy as np
@@ -18,6 +18,9 @@ from webdataset.tariterators import group_by_keys
 
 from sims_platform.data.errors import DataError
 from sims_platform.storage.fsio import atomic_open, exists, join, listdir, read_json, write_json
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 MANIFEST = "manifest.json"
 DTYPE = "float16"
@@ -70,10 +73,11 @@ class _EndAwareInfo(tarfile.TarInfo):
     """
 
     @classmethod
-    def fromtarfile(cls, tar: tarfile.TarFile) -> tarfile.TarInfo:
+    def fromtarfile(cls, tar: tarfile.TarFile) -> Self:
         try:
             return super().fromtarfile(tar)
-        except tarfile.EOFHeaderError:
+        # typeshed leaves out this (undocumented) error, which tarfile raises at the end-of-archive marker
+        except tarfile.EOFHeaderError:  # type: ignore[attr-defined]
             tar.end_marker_seen = True  # type: ignore[attr-defined]
             raise
 
@@ -86,7 +90,8 @@ def _tar_files(stream: IO[bytes] | _Hashing, url: str) -> Iterator[dict[str, Any
     """The regular files of one tar stream as webdataset's iteration yields them ({fname, data, __url__}),
     read to the end-of-archive marker: a tar cut short raises DataError naming url, never loses samples."""
     try:
-        tar = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_EndAwareInfo)  # type: ignore[arg-type]
+        # Stream mode only reads; typeshed asks every file object for seek and tell as well.
+        tar = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_EndAwareInfo)  # type: ignore[call-overload]
         members = 0
         for info in tar:
             members += 1
@@ -110,7 +115,7 @@ def tar_samples(stream: IO[bytes] | _Hashing, url: str) -> Iterator[dict[str, An
     return group_by_keys(_tar_files(stream, url))
 
 
-def iter_tar(uri: str) -> Iterator[dict[str, Any]]:
+def iter_tar(uri: str) -> Generator[dict[str, Any], None, None]:
     """Samples of the tar at uri, opened through fsspec (webdataset has no s3:// opener) and always closed."""
     try:
         f = fsspec.open(uri, "rb").open()

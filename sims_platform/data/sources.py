@@ -120,6 +120,7 @@ def class_folder(path: str, field: str) -> tuple[list[str], list[tuple[str, int]
 
 
 def _folder(cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    assert cfg.path is not None  # DataConfig requires it for a folder source
     fs, _ = filesystem(cfg.path)
     files = folder_files(cfg)
     images = [decode_image(fs.cat_file(path), path, cfg.channels, cfg.resolution, cfg.crop)
@@ -128,7 +129,8 @@ def _folder(cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _webdataset(cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    images, labels = [], []
+    images: list[torch.Tensor] = []
+    labels: list[int] = []
     for url in expand_urls(cfg.path):  # webdataset's own shard-list syntax: braces and '::'
         with contextlib.closing(iter_tar(url)) as samples:  # closes the shard even when we stop early
             for sample in _capped(samples, cfg.max_images, len(images)):

@@ -37,11 +37,10 @@ def batch_job(name: str, labels: dict[str, str], template: V1PodTemplateSpec, se
               completions: int | None = None, parallelism: int | None = None,
               active_deadline_seconds: int | None = None) -> dict[str, Any]:
     """A Job; with completions it is an Indexed Job (JOB_COMPLETION_INDEX, retries per index)."""
-    indexed = completions is not None
     spec = V1JobSpec(
         template=template, ttl_seconds_after_finished=settings.ttl_seconds_after_finished,
-        active_deadline_seconds=active_deadline_seconds, pod_failure_policy=_failure_policy(indexed))
-    if indexed:
+        active_deadline_seconds=active_deadline_seconds, pod_failure_policy=_failure_policy(completions is not None))
+    if completions is not None:
         spec.completion_mode = "Indexed"
         spec.completions = completions
         spec.parallelism = min(parallelism or completions, completions)

@@ -28,8 +28,11 @@ log = logging.getLogger(__name__)
 
 
 class LabeledImagesLike(Protocol):
-    images: Tensor  # float in [-1, 1], [N, C, R, R]
-    labels: Tensor | None  # int64 [N]; None for unlabelled data
+    @property
+    def images(self) -> Tensor: ...  # float in [-1, 1], [N, C, R, R]
+
+    @property
+    def labels(self) -> Tensor | None: ...  # int64 [N]; None for unlabelled data
 
 
 @runtime_checkable

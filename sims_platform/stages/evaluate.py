@@ -10,6 +10,7 @@ computed exactly once, and writes fid.json / results.json. With one part, `evalu
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import torch
 
@@ -154,7 +155,8 @@ def write_results(ctx: StageContext, run_id: str, merged: dict[str, P.ArmData]) 
     ref_stats, ref_features = reference(ctx, extractor)
     metrics = {key: arm_metrics(data, ref_stats, ref_features, ev.precision_recall.k, ev.num_samples)
                for key, data in merged.items()}
-    methods = {m.name: method_result(ev, m.name, metrics, ev.sampler.steps) for m in ev.methods}
+    methods: dict[str, dict[str, Any]] = {m.name: method_result(ev, m.name, metrics, ev.sampler.steps)
+                                          for m in ev.methods}
     row = iteration_row(k, ev, methods)
 
     for arm in arms(ev):
@@ -175,8 +177,8 @@ def write_results(ctx: StageContext, run_id: str, merged: dict[str, P.ArmData]) 
                                  f"{name}.gain": res["gain"], f"{name}.gain_sd": res["gain_sd"]}, step=0)
     lin.log_metrics(run_id, {"fid_base": row["fid_base"], "fid_best": row["fid_best"], "best_w": row["best_w"]},
                     step=0)
-    curves = {name: {float(w): (res["fid"][w], res["fid_sd"][w]) for w in res["fid"]}
-              for name, res in methods.items()}
+    curves: dict[str, dict[float, tuple[float, float]]] = {
+        name: {float(w): (res["fid"][w], res["fid_sd"][w]) for w in res["fid"]} for name, res in methods.items()}
     lin.log_artifact_bytes(run_id, "fid_vs_w.png", fid_curves_png(
         curves, f"iteration {k}: FID vs w (mean ± sd, {ev.repeats} seed sets)",
         best={name: res["best_w"] for name, res in methods.items()}))
