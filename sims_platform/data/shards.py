@@ -45,7 +45,7 @@ def record_name(j: int) -> str:
 # Tar streams (shared with the webdataset image source)
 
 
-class _Hashing:
+class HashingFile:
     """Wraps a file object and hashes the bytes passing through it, so checksums never need a second pass."""
 
     def __init__(self, f: IO[bytes]) -> None:
@@ -86,7 +86,7 @@ class _EndAwareInfo(tarfile.TarInfo):
 _META = re.compile(r"__[^/]*__($|/)")
 
 
-def _tar_files(stream: IO[bytes] | _Hashing, url: str) -> Iterator[dict[str, Any]]:
+def _tar_files(stream: IO[bytes] | HashingFile, url: str) -> Iterator[dict[str, Any]]:
     """The regular files of one tar stream as webdataset's iteration yields them ({fname, data, __url__}),
     read to the end-of-archive marker: a tar cut short raises DataError naming url, never loses samples."""
     try:
@@ -109,7 +109,7 @@ def _tar_files(stream: IO[bytes] | _Hashing, url: str) -> Iterator[dict[str, Any
                         "marker; expected a complete tar archive (was the copy or upload cut short?)")
 
 
-def tar_samples(stream: IO[bytes] | _Hashing, url: str) -> Iterator[dict[str, Any]]:
+def tar_samples(stream: IO[bytes] | HashingFile, url: str) -> Iterator[dict[str, Any]]:
     """Samples of one open tar stream (raw bytes by extension, plus __key__), grouped as webdataset does;
     a truncated tar raises DataError naming url (webdataset's own iteration would drop the lost samples)."""
     return group_by_keys(_tar_files(stream, url))
@@ -196,7 +196,7 @@ class ShardWriter:
         """
         count = 0
         with atomic_open(join(self.uri, shard_name(j)), "wb") as f:
-            out = _Hashing(f)
+            out = HashingFile(f)
             with TarWriter(out, mtime=_MTIME) as tar:
                 for sample in samples:
                     tar.write(sample)
@@ -258,7 +258,7 @@ def read_shard(uri: str, entry: dict[str, Any],
     xs, labels, seeds = [], [], []
     try:
         with fsspec.open(path, "rb") as f:
-            stream = _Hashing(f)
+            stream = HashingFile(f)
             for sample in tar_samples(stream, path):
                 xs.append(npy_loads(sample["x.npy"]))
                 labels.append(int(sample["cls"]))

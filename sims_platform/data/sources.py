@@ -141,7 +141,7 @@ def _webdataset(cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
                                     f"{sorted(k for k in sample if not k.startswith('__'))}")
                 images.append(decode_image(sample[key], f"{name}.{key}", cfg.channels, cfg.resolution,
                                            cfg.crop))
-                labels.append(_class_of(sample, name, cfg.num_classes))
+                labels.append(sample_class(sample, name, cfg.num_classes))
         if cfg.max_images is not None and len(images) == cfg.max_images:
             break
     return _stack(images, cfg), torch.tensor(labels, dtype=torch.int64)
@@ -151,7 +151,8 @@ def _webdataset(cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
 # Helpers
 
 
-def _class_of(sample: dict, name: str, num_classes: int) -> int:
+def sample_class(sample: dict, name: str, num_classes: int) -> int:
+    """The class of a webdataset sample (its 'cls' entry; 0 for an unconditional set), checked against num_classes."""
     if "cls" not in sample:
         if num_classes == 0:
             return 0
