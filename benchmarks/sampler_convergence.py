@@ -22,7 +22,8 @@ from pathlib import Path
 from sims_platform.config import load_config
 from sims_platform.config.schema import SamplerConfig
 from sims_platform.evaluation.features import feature_extractor
-from sims_platform.metrics import feature_stats, fid_from_stats, reference_stats
+from sims_platform.evaluation.reference import in_memory_reference
+from sims_platform.metrics import feature_stats, fid_from_stats
 from sims_platform.pipeline.runner import open_run
 from sims_platform.stages import StageContext, run_stage
 from sims_platform.stages.context import sample_seeds
@@ -33,7 +34,7 @@ from sims_platform.tracking.figures import figure_png, new_figure
 def curve(ctx: StageContext, steps: list[int], repeats: int, n: int) -> dict[int, list[float]]:
     ev = ctx.cfg.evaluate
     extractor = feature_extractor(ctx)
-    ref = reference_stats(extractor, ctx.reference.images, ctx.layout.features, ev.batch_size)
+    ref, _ = in_memory_reference(extractor, ctx.reference.images, ev.batch_size, max_samples=0)
     base = ctx.load_model(ctx.layout.model(0, "train-base"))
     from sims_platform.sampling.guidance import NetDenoiser
 

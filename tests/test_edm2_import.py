@@ -15,7 +15,7 @@ from edm2_support import edm2_pickle
 from sims_platform.cli import main
 from sims_platform.config import ConfigError
 from sims_platform.models import edm2
-from sims_platform.models.edm2 import load_edm2, read_edm2
+from sims_platform.models.edm2_pickle import load_edm2, read_edm2
 from sims_platform.models.precond import Precond
 from sims_platform.stages import StageContext, run_stage
 from sims_platform.storage import fsio

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from sims_platform.config.schema import EncoderConfig
-from sims_platform.models.edm2 import EDM2_DEFAULTS, Edm2Network, read_edm2
+from sims_platform.models.edm2_pickle import EDM2_DEFAULTS, Edm2Network, read_edm2
 from sims_platform.storage import fsio
 from sims_platform.storage.safe_pickle import load_torch_bytes
 

@@ -18,7 +18,7 @@ from sims_platform.evaluation import parts as P
 from sims_platform.evaluation.features import feature_extractor
 from sims_platform.evaluation.methods import Networks, model_inputs
 from sims_platform.evaluation.plan import arms, part_block, set_offset, w_key, work_units
-from sims_platform.evaluation.reference import ReferenceFiles, read_result
+from sims_platform.evaluation.reference import ReferenceFiles, in_memory_reference, read_result
 from sims_platform.evaluation.report import arm_metrics, iteration_row, method_result
 from sims_platform.data import read_manifest
 from sims_platform.metrics import FeatureExtractor, FeatureStats, fid_from_stats
@@ -101,22 +101,14 @@ def reference(ctx: StageContext, extractor: FeatureExtractor) -> tuple[FeatureSt
 
     The reference stage's streamed result is used when it exists for this feature network and reference; without
     it (a stage run alone on small data) they are computed here from the same images (ctx.reference), all in
-    memory, in one pass: each batch's features are summed and, below max_samples, kept (as the stage does)."""
+    memory, as the stage's single part would (evaluation/reference.py in_memory_reference)."""
     ev = ctx.cfg.evaluate
     if ev.reference:
         return edm2_reference(ev.reference, ev.features), None
     streamed = read_result(ReferenceFiles.of(ctx.layout, ctx.cfg, extractor))
     if streamed is not None:
         return streamed
-    images = ctx.reference.images
-    n = min(ev.precision_recall.max_samples, len(images))
-    stats, kept = FeatureStats(extractor.dim), [torch.zeros(0, extractor.dim)]
-    with torch.no_grad():
-        for i in range(0, len(images), ev.batch_size):
-            features = extractor(images[i:i + ev.batch_size])
-            stats.update(features)
-            kept.append(features[:max(n - i, 0)].detach().cpu().float())
-    return stats, torch.cat(kept)
+    return in_memory_reference(extractor, ctx.reference.images, ev.batch_size, ev.precision_recall.max_samples)
 
 
 def shift_section(ctx: StageContext, run_id: str, extractor: FeatureExtractor,
