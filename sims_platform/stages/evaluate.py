@@ -104,7 +104,7 @@ def reference(ctx: StageContext, extractor: FeatureExtractor) -> tuple[FeatureSt
     memory, as the stage's single part would (evaluation/reference.py in_memory_reference)."""
     ev = ctx.cfg.evaluate
     if ev.reference:
-        return edm2_reference(ev.reference, ev.features), None
+        return edm2_reference(ev.reference, ev.features, extractor.dim), None
     streamed = read_result(ReferenceFiles.of(ctx.layout, ctx.cfg, extractor))
     if streamed is not None:
         return streamed
