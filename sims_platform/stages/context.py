@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from functools import cached_property
 
 import torch
@@ -62,22 +62,23 @@ class StageContext:
     iteration: int
     lineage: Lineage
     # None: from runtime.device (cuda:LOCAL_RANK when a GPU is visible, else the CPU); see utils/accel.py
-    device: torch.device | None = None
+    requested_device: InitVar[torch.device | str | None] = None
     part: int = 0   # this worker's index in a job-array stage (JOB_COMPLETION_INDEX in an Indexed Job)
     parts: int = 1  # how many workers share the stage
     # A self-consuming loop's stage (config `loop`): layout and config become the loop's view (RunLayout.in_loop,
     # PipelineConfig.for_loop); None: the shared pipeline.
     loop: Loop | None = None
     pipeline_cfg: PipelineConfig = field(init=False)  # the whole pipeline's config (cfg is a loop's view of it)
+    device: torch.device = field(init=False)  # where this stage's networks and tensors live
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, requested_device: torch.device | str | None) -> None:
         if not 0 <= self.part < self.parts:
             raise ValueError(f"--index {self.part} is outside 0..{self.parts - 1} (--count {self.parts})")
         self.pipeline_cfg = self.cfg
         if self.loop is not None:
             self.layout = self.layout.in_loop(self.loop.name)
             self.cfg = self.cfg.for_loop(self.loop)
-        self.device = torch.device(self.device) if self.device is not None else \
+        self.device = torch.device(requested_device) if requested_device is not None else \
             resolve_device(self.cfg.runtime.device)
         apply_tf32(self.cfg.runtime.tf32)
 
@@ -202,7 +203,10 @@ class StageContext:
     def sampling_model(self, uri: str) -> Precond:
         """load_model for sampling: in the runtime's memory layout (runtime.channels_last)."""
         net = self.load_model(uri)
-        return net.to(memory_format=torch.channels_last) if self.cfg.runtime.channels_last else net
+        if not self.cfg.runtime.channels_last:
+            return net
+        # Module.to takes memory_format (its documented signature), which torch's overloads leave out.
+        return net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
 
     def network_kwargs(self) -> dict:
         """Our Precond's arguments for this config (what a pretrained base must match)."""
