@@ -24,7 +24,8 @@ from sims_platform.config.schema import SamplerConfig
 from sims_platform.evaluation.features import feature_extractor
 from sims_platform.metrics import feature_stats, fid_from_stats, reference_stats
 from sims_platform.pipeline.runner import open_run
-from sims_platform.stages import StageContext, run_stage
+from sims_platform.pipeline.execute import run_stage
+from sims_platform.stages.context import StageContext
 from sims_platform.stages.context import sample_seeds
 from sims_platform.stages.sampling import sample_batch
 from sims_platform.tracking.results import _figure, _png

@@ -14,7 +14,8 @@ from sims_platform.config import ConfigError, config_from_dict
 from sims_platform.pipeline.runner import open_run
 from sims_platform.sampling.guidance import Guided, NetDenoiser, Unconditional
 from sims_platform.sampling.heun import seeded_noise
-from sims_platform.stages import StageContext, run_stage
+from sims_platform.pipeline.execute import run_stage
+from sims_platform.stages.context import StageContext
 from sims_platform.storage.layout import RunLayout
 from sims_platform.utils.accel import resolve_device, tf32_policy
 

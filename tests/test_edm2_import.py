@@ -17,7 +17,8 @@ from sims_platform.config import ConfigError
 from sims_platform.models import edm2
 from sims_platform.models.edm2 import load_edm2, read_edm2
 from sims_platform.models.precond import Precond
-from sims_platform.stages import StageContext, run_stage
+from sims_platform.pipeline.execute import run_stage
+from sims_platform.stages.context import StageContext
 from sims_platform.storage import fsio
 from sims_platform.pipeline.runner import open_run
 from sims_platform.storage.safe_pickle import UnsafePickleError

@@ -11,7 +11,8 @@ from sklearn.datasets import load_digits
 from sims_platform.config import config_from_dict
 from sims_platform.data import SourceIndex, holdout_split, load_images, read_manifest, read_shards
 from sims_platform.pipeline.runner import open_run, stages_for
-from sims_platform.stages import STAGE_FUNCS, StageContext, is_done, run_stage
+from sims_platform.pipeline.execute import is_done, run_stage
+from sims_platform.stages.context import StageContext
 from sims_platform.storage import fsio
 
 from pipeline_support import tiny_config_dict
@@ -103,7 +104,7 @@ def test_a_stage_record_written_meanwhile_is_kept(digit_folder, tmp_path, monkey
         fsio.write_json(marker, theirs)
         return {"complete": True}
 
-    monkeypatch.setitem(STAGE_FUNCS, "encode", racing)
+    monkeypatch.setattr("sims_platform.stages.encode.encode", racing)
     assert run_stage(StageContext(cfg, layout, 0, lineage, part=0, parts=2), "encode") == {"complete": True}
     assert fsio.read_json(marker) == theirs
     assert "completed meanwhile by another process" in capsys.readouterr().out

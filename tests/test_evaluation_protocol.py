@@ -40,7 +40,7 @@ def test_holdout_split_is_per_class_disjoint_and_deterministic():
 
 def test_stage_context_never_trains_on_the_reference(tmp_path):
     from sims_platform.pipeline.runner import open_run
-    from sims_platform.stages import StageContext
+    from sims_platform.stages.context import StageContext
 
     cfg = config_from_dict(tiny_config_dict(str(tmp_path / "run")))
     layout, lineage, _ = open_run(cfg)

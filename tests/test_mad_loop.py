@@ -13,9 +13,11 @@ from mlflow.tracking import MlflowClient
 from sims_platform.cli import main
 from sims_platform.config import ConfigError, config_from_dict
 from sims_platform.data import read_shards
-from sims_platform.pipeline.plan import Step, pipeline_plan, stages_for
+from sims_platform.pipeline.plan import pipeline_plan, stages_for
+from sims_platform.steps import Step
 from sims_platform.pipeline.runner import open_run, run_pipeline
-from sims_platform.stages import StageContext, run_stage
+from sims_platform.pipeline.execute import run_stage
+from sims_platform.stages.context import StageContext
 from sims_platform.stages.sampling import feed_source
 from sims_platform.storage import fsio
 from sims_platform.storage.layout import RunLayout
@@ -90,7 +92,7 @@ def test_plan_shares_generation_0_and_gives_each_loop_its_own_later_generations(
     names = [lp.name for lp in cfg.loop.loops()]
     assert names == ["standard-dp50", "standard-dp200", "sims-dp50", "sims-dp200"]
     for loop in cfg.loop.loops():
-        own = [(s.iteration, s.stage) for s in steps if s.loop == loop]
+        own = [(s.iteration, s.stage) for s in steps if s.loop == loop.name]
         model = [] if loop.arm == "standard" else ["generate", "finetune-aux"]
         assert own == [(0, "feed"), *[(1, s) for s in ["train-base", *model, "evaluate", "feed"]],
                        *[(2, s) for s in ["train-base", *model, "evaluate"]]]

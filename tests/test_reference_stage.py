@@ -21,7 +21,8 @@ from sims_platform.evaluation.features import feature_extractor
 from sims_platform.evaluation.reference import ReferenceFiles, read_result
 from sims_platform.metrics import FeatureStats, feature_stats
 from sims_platform.pipeline.runner import open_run, stages_for
-from sims_platform.stages import StageContext, run_stage
+from sims_platform.pipeline.execute import run_stage
+from sims_platform.stages.context import StageContext
 from sims_platform.stages.evaluate import reference as evaluate_reference
 from sims_platform.stages.reference import ReferencePartsError
 

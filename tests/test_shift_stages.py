@@ -15,7 +15,8 @@ from sims_platform.data import ShardWriter, class_subset, read_manifest, read_sh
 from sims_platform.pipeline.runner import open_run, stages_for
 from sims_platform.shift.classifiers import classify, halves, shift_classifier
 from sims_platform.shift.selection import class_histogram, stratified_counts
-from sims_platform.stages import StageContext, run_stage
+from sims_platform.pipeline.execute import run_stage
+from sims_platform.stages.context import StageContext
 from sims_platform.stages.context import sample_seeds
 from sims_platform.storage import fsio
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -15,8 +14,7 @@ from sims_platform.models.precond import Precond
 from sims_platform.models.presets import architecture, build_network
 from sims_platform.models.pretrained import check_encoder, read_network
 from sims_platform.storage import fsio
-from sims_platform.pipeline.plan import base_step
-from sims_platform.storage.layout import RunLayout, stage_of
+from sims_platform.storage.layout import RunLayout
 from sims_platform.tracking import Lineage
 from sims_platform.utils.accel import apply_tf32, resolve_device
 
@@ -30,29 +28,6 @@ def sample_seeds(base_seed: int, k: int, stream: str, count: int, start: int = 0
     it = 0 if stream in ("evaluate", "tuning") else k
     first = ((base_seed * 1000 + it) * 10 + SEED_STREAMS[stream]) * 10**9
     return torch.arange(first + start, first + start + count, dtype=torch.int64)
-
-
-def missing_input(ctx: StageContext, stage: str, err: FileNotFoundError) -> FileNotFoundError | None:
-    """A FileNotFoundError for an input another stage writes, restated to name that stage and the command that
-    runs it (None when the missing file is not another stage's output: the original error says enough)."""
-    candidates = [str(err.filename)] if err.filename else []
-    local = ctx.layout.root[len("file://"):] if ctx.layout.root.startswith("file://") else ctx.layout.root
-    candidates += re.findall(rf"(?:file://)?{re.escape(local)}[^\s'\":]*", str(err))
-    for uri in candidates:
-        found = ctx.layout.producer(uri)
-        if found is None:
-            continue
-        writer, k, loop = found
-        if writer == "train-base":
-            writer = base_step(ctx.pipeline_cfg, k)  # iteration 0's base may be imported instead
-        if (stage_of(writer), k, loop) == (stage_of(stage), ctx.iteration, ctx.loop_name):
-            return None  # the stage's own file (e.g. a checkpoint): not an input
-        where = f" --loop {loop}" if loop else ""
-        name = "model" if uri.endswith("/model.pt") else "input"
-        return FileNotFoundError(f"{stage}: {name} not found at {uri}: it is written by stage {writer} of iteration "
-                                 f"{k}{' in loop ' + loop if loop else ''}; run `sims stage {writer} --iteration "
-                                 f"{k}{where}` first (`sims run` runs every stage in order)")
-    return None
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 One process reads the network (an EDM2 pickle, read without running its code, or a model file), checks that it is
 the network the config describes, and writes it where train-base writes its model; train-base's completion record
-and MLflow run are this step's too (storage.layout.STAGE_OF), so the stages after it cannot tell the difference.
+and MLflow run are this step's too (its row in the stage table completes train-base), so the stages after it cannot tell the difference.
 Nothing is trained, so every launcher runs it as one plain process, never under torchrun (on a cluster: a single-pod
 Job without GPUs).
 """

@@ -12,7 +12,8 @@ from sims_platform.k8s.cli import drive
 from sims_platform.k8s.kube import Apis
 from sims_platform.k8s.render import run_specs
 from sims_platform.storage import fsio
-from sims_platform.storage.layout import REDUCERS, TRAINING_STAGES, RunLayout
+from sims_platform.steps import row
+from sims_platform.storage.layout import RunLayout
 from sims_platform.training.checkpoints import latest, save_checkpoint
 
 NS = "sims"
@@ -92,7 +93,7 @@ class World:
 
     def program(self, pod: dict):
         step = pod["metadata"]["labels"]["sims.io/step"]
-        return self.training if step in TRAINING_STAGES else self.job_step
+        return self.training if row(step).kind == "training" else self.job_step
 
     def _marker(self, labels: dict) -> str:
         return self.layout.done_marker(int(labels["sims.io/iteration"]), labels["sims.io/stage"])
@@ -104,7 +105,7 @@ class World:
         if self.oom.get((step, index), 0) > 0:
             self.oom[(step, index)] -= 1
             return 137
-        if stage not in REDUCERS or step == REDUCERS[stage]:  # slices do not complete the stage
+        if row(stage).reducer in (None, step):  # slices do not complete the stage
             fsio.write_json(self._marker(labels), {"result": {}})
         else:  # an evaluate or reference slice records its part
             count = self.spec.settings.stage(step).shards
