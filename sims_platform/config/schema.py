@@ -8,6 +8,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
+from sims_platform.config.secrets import refuse_credentials
+
 
 class Strict(BaseModel):
     """Base for every config section: unknown keys are errors, values are validated on assignment."""
@@ -644,6 +646,7 @@ class PipelineConfig(Strict):
 
     @model_validator(mode="after")
     def _cross(self) -> PipelineConfig:
+        refuse_credentials(self)
         names = [m.name for m in self.evaluate.methods]
         if "cfg" in names and self.train_base.label_dropout == 0:
             raise ValueError("evaluate.methods 'cfg' needs train_base.label_dropout > 0 "

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pydantic.alias_generators import to_camel
 
 from sims_platform.config.loader import ConfigError
+from sims_platform.config.secrets import refuse_credentials
 from sims_platform.steps import STAGE_NAMES
 from sims_platform.steps.table import TABLE
 
@@ -85,6 +86,7 @@ class DriverSettings(Section):
 
     @model_validator(mode="after")
     def _known_stages(self) -> DriverSettings:
+        refuse_credentials(self)
         bad = sorted(set(self.stages) - set(STAGE_NAMES))
         if bad:
             raise ValueError(f"stages: unknown stage(s) {bad}, expected some of {list(STAGE_NAMES)}")
