@@ -15,11 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from sims_platform.config.schema import PipelineConfig
-<<<<<<< HEAD
-from sims_platform.steps.table import TABLE
-=======
 from sims_platform.config.secrets import CREDENTIALS
->>>>>>> main
+from sims_platform.steps.table import TABLE
 
 ROOT_DEF = "PipelineConfig"
 
