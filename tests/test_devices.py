@@ -158,8 +158,8 @@ def test_latent_encoder_runs_its_vae_on_the_context_device(tmp_path):
                                                      "down_block_types": ["DownEncoderBlock2D"] * 2,
                                                      "up_block_types": ["UpDecoderBlock2D"] * 2}}
     ctx = bare_context(d, device=torch.device("meta"))
-    assert {p.device for p in ctx.encoder.vae.parameters()} == {torch.device("meta")}
-    assert ctx.encoder.mean.device == torch.device("meta")
+    assert {p.device for p in ctx.data.encoder.vae.parameters()} == {torch.device("meta")}
+    assert ctx.data.encoder.mean.device == torch.device("meta")
 
 
 @pytest.mark.parametrize("channels_last", [True, False])
@@ -168,8 +168,8 @@ def test_sampling_networks_use_the_configured_memory_layout_and_agree_with_the_d
     d["runtime"] = {"channels_last": channels_last}
     ctx = context(d, device=torch.device("cpu"))
     uri = ctx.layout.model(0, "train-base")
-    ctx.save_model(uri, ctx.build_net(), 0)
-    sampler, plain = ctx.sampling_model(uri), ctx.load_model(uri)  # load_model: what training starts from
+    ctx.models.save(uri, ctx.models.build(), 0)
+    sampler, plain = ctx.models.sampling(uri), ctx.models.load(uri)  # load_model: what training starts from
     convs = [p for p in sampler.parameters() if p.ndim == 4 and p.shape[1] > 1 and p.shape[-1] > 1]  # layouts differ
     assert convs and all(p.is_contiguous(memory_format=torch.channels_last) == channels_last for p in convs)
     assert all(p.is_contiguous() for p in plain.parameters())

@@ -90,7 +90,7 @@ def test_pretrained_base_replaces_training(tmp_path, tiny_cfg):
     result = run_stage(ctx, "import-base")  # the plan's step for iteration 0's base (tests/test_import_base.py)
     assert result["pretrained"] == str(pkl) and result["images"] == 2147483000
     assert not fsio.exists(layout.checkpoints(0, "train-base")) or not fsio.listdir(layout.checkpoints(0, "train-base"))
-    base = ctx.load_model(layout.model(0, "train-base"))  # the config's network with the imported weights
+    base = ctx.models.load(layout.model(0, "train-base"))  # the config's network with the imported weights
     x, sigma, y = _inputs()
     with torch.no_grad():
         assert torch.equal(base(x, sigma, y), copy.deepcopy(src).half().float()(x, sigma, y))

@@ -101,7 +101,7 @@ def test_import_base_runs_as_one_plain_process_and_completes_train_base(tmp_path
     # The base the next stages load: the config's network with the imported weights, no training checkpoints.
     _, lineage, _ = open_run(cfg)
     ctx = StageContext(cfg, layout, 0, lineage)
-    base = ctx.load_model(layout.model(0, "train-base"))
+    base = ctx.models.load(layout.model(0, "train-base"))
     g = torch.Generator().manual_seed(0)
     x, sigma, y = torch.randn(2, 1, 8, 8, generator=g), torch.tensor([0.5, 5.0]), torch.tensor([3, 7])
     with torch.no_grad():

@@ -156,7 +156,7 @@ def test_feed_samples_with_the_configured_method(tmp_path):
     """feed guides with iterations.feed_method at its w, not always the SIMS aux (here: neon)."""
     from sims_platform.evaluation.methods import Networks
     from sims_platform.evaluation.plan import Arm
-    from sims_platform.stages.context import sample_seeds
+    from sims_platform.stages.seeds import sample_seeds
     from sims_platform.stages.sampling import sample_batch
 
     d = tiny_config_dict(str(tmp_path / "run"))

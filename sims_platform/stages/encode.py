@@ -35,12 +35,12 @@ def encode(ctx: StageContext, run_id: str) -> dict:
     writer = ShardWriter(out, shard_size=cfg.encoder.shard_size, total=len(train), meta=meta)
     ctx.lineage.log_params(run_id, {"images": len(train), "held_out": len(index) - len(train),
                                     "shard_size": cfg.encoder.shard_size, "vae": meta["vae"]})
-    ctx.lineage.link(run_id, inputs={"real": ctx.real_uri()}, outputs={"encoded": out})
+    ctx.lineage.link(run_id, inputs={"real": ctx.data.real_uri()}, outputs={"encoded": out})
 
     def make(j: int, rng: range, advance) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         source = train[rng.start:rng.stop]
         real = index.load(source.tolist())
-        latents = ctx.encoder.encode_posterior(real.images) if meta["posterior"] else ctx.encoder.encode(real.images)
+        latents = ctx.data.encoder.encode_posterior(real.images) if meta["posterior"] else ctx.data.encoder.encode(real.images)
         advance(len(rng))
         return latents, real.labels, source  # keys: index in the source order
 

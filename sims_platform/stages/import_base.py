@@ -26,11 +26,11 @@ def import_base(ctx: StageContext, run_id: str) -> dict:
     except ValueError as err:
         raise ConfigError(str(err)) from None
     if rec.kwargs is not None:  # a file that names its architecture must name ours
-        diff = mismatches(rec.kwargs, ctx.network_kwargs())
+        diff = mismatches(rec.kwargs, ctx.models.network_kwargs())
         if diff:
             raise ConfigError(f"pretrained.base: {uri} is not the network this config describes (network, "
                               f"data): {'; '.join(diff)}")
-    net = ctx.build_net()
+    net = ctx.models.build()
     try:
         net.load_state_dict(rec.state_dict)
     except RuntimeError as err:
@@ -40,5 +40,5 @@ def import_base(ctx: StageContext, run_id: str) -> dict:
     images = rec.images or 0
     ctx.lineage.log_params(run_id, {"pretrained": uri, "images": images})
     ctx.lineage.link(run_id, inputs={"pretrained": uri}, outputs={"model": out_uri})
-    ctx.save_model(out_uri, net, images, stage="train-base", iteration=0, source=uri)
+    ctx.models.save(out_uri, net, images, stage="train-base", iteration=0, source=uri)
     return {"model": out_uri, "images": images, "pretrained": uri}

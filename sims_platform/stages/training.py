@@ -33,7 +33,7 @@ def _run_training(ctx: StageContext, stage: str, run_id: str, net, x, y, tcfg, i
                    desc=f"iter {k} {stage}", where="train_base" if stage == "train-base" else "finetune_aux",
                    **train_kwargs)
     if result.ema is not None:
-        ctx.save_model(out_uri, result.ema, result.images, stage=stage, iteration=k)
+        ctx.models.save(out_uri, result.ema, result.images, stage=stage, iteration=k)
     distributed.barrier()  # no rank reports the stage done before model.pt exists
     return {"model": out_uri, "images": result.images, "resumed_from": result.resumed_from}
 
@@ -52,9 +52,9 @@ def train_base(ctx: StageContext, run_id: str, **train_kwargs) -> dict:
             else ctx.layout.shards(k - 1, "feed")
         x, y, sources = _stream(ctx, uri, tcfg, 7919 * k), None, {"data": uri}
     else:
-        x, y, sources = ctx.base_training_data()
+        x, y, sources = ctx.data.base_training_data()
     snap = lambda images: ctx.layout.snapshot(k, "train-base", images)  # noqa: E731
-    return _run_training(ctx, "train-base", run_id, ctx.build_net(), x, y, ctx.cfg.train_base, sources,
+    return _run_training(ctx, "train-base", run_id, ctx.models.build(), x, y, ctx.cfg.train_base, sources,
                          snapshot_uri=snap, **train_kwargs)
 
 
@@ -67,7 +67,7 @@ def _finetune(ctx: StageContext, stage: str, run_id: str, data_uri: str | None, 
     k, layout, tcfg = ctx.iteration, ctx.layout, ctx.cfg.finetune_aux
     init = tcfg.init
     base_uri = layout.model(k, "train-base")
-    net = ctx.load_model(base_uri).train().requires_grad_(True)  # the base's EMA weights
+    net = ctx.models.load(base_uri).train().requires_grad_(True)  # the base's EMA weights
     inputs = {"base_model": base_uri}
     init_optimizer, offset = None, 0
     if init.weights == "raw" or init.optimizer == "continued" or init.schedule == "continue":
@@ -92,7 +92,7 @@ def _finetune(ctx: StageContext, stage: str, run_id: str, data_uri: str | None, 
         x, y = _stream(ctx, ctx.layout.encoded, tcfg, 7919 * k + 2), None
         inputs["real"] = ctx.layout.encoded
     else:
-        x, y, sources = ctx.real_training_data()
+        x, y, sources = ctx.data.real_training_data()
         inputs |= sources
     ctx.lineage.log_params(run_id, {"init.weights": init.weights, "init.optimizer": init.optimizer,
                                     "init.schedule": init.schedule, "schedule_offset": offset})
