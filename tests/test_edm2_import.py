@@ -72,7 +72,7 @@ def test_import_edm2_cli_writes_a_model_any_stage_loads(tmp_path, tiny_cfg):
     assert rec["precond"]["model_channels"] == 16 and rec["source"].endswith(pkl.name)
     # A self-describing file loads as its own architecture where the config names another (e.g. a guide).
     layout, lineage, _ = open_run(tiny_cfg)
-    net = StageContext(tiny_cfg, layout, 0, lineage).load_model(fsio.normalize_uri(str(dst)))
+    net = StageContext(tiny_cfg, layout, 0, lineage).models.load(fsio.normalize_uri(str(dst)))
     x, sigma, y = _inputs()
     with torch.no_grad():
         assert torch.equal(net(x, sigma, y), copy.deepcopy(src).half().float()(x, sigma, y))

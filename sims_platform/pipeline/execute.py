@@ -38,7 +38,7 @@ def run_stage(ctx: StageContext, stage: str, force: bool = False) -> dict:
     stage_marker = ctx.layout.done_marker(ctx.iteration, stage)
     marker = stage_marker if ctx.parts == 1 else \
         ctx.layout.part_marker(ctx.iteration, stage, ctx.part, ctx.parts)
-    prov = step_provenance(ctx.pipeline_cfg, Step(ctx.iteration, stage, ctx.loop_name))
+    prov = step_provenance(ctx.pipeline_cfg, ctx.step(stage))
     for done in dict.fromkeys((stage_marker, marker)):
         if not force and fsio.exists(done):
             _check(ctx, stage, fsio.read_json(done), prov)
@@ -47,7 +47,7 @@ def run_stage(ctx: StageContext, stage: str, force: bool = False) -> dict:
             where = f"{ctx.loop_name} " if ctx.loop else ""
             print(f"[{where}iter {ctx.iteration} {stage}] already complete ({done}); skipping", flush=True)
             return fsio.read_json(done)["result"]
-    run_id = ctx.lineage.stage_run(Step(ctx.iteration, stage, ctx.loop_name))
+    run_id = ctx.lineage.stage_run(ctx.step(stage))
     if prov is not None:  # a tag, not a param: a redo under new settings logs into the same run
         ctx.lineage.set_tags(run_id, {"sims.provenance": prov.digest})
     t0, peak = time.time(), PeakMemory(ctx.device)

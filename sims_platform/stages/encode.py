@@ -44,5 +44,5 @@ def encode(ctx: StageContext, run_id: str) -> dict:
         advance(len(rng))
         return latents, real.labels, source  # keys: index in the source order
 
-    complete = write_owned_shards(ctx, writer, "encode", make) is not None
+    complete = write_owned_shards(ctx.job_part, writer, "encode", make) is not None
     return {"encoded": out, "complete": complete, "images": len(train)}

@@ -41,7 +41,7 @@ def write_samples(ctx: StageContext, denoise: Denoiser, uri: str, stream: str, t
         return torch.cat(xs), torch.cat(ys), seeds
 
     writer = ShardWriter(uri, shard_size=shard_size, total=total, meta=meta)
-    return write_owned_shards(ctx, writer, desc, make)
+    return write_owned_shards(ctx.job_part, writer, desc, make)
 
 
 def generate(ctx: StageContext, run_id: str) -> dict:
