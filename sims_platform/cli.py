@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING
 from sims_platform.config import ConfigError, PipelineConfig, dump_config, load_config
 from sims_platform.config.loader import is_values_file
 from sims_platform.data.errors import DataError
-from sims_platform.steps import STAGE_NAMES, Step, row
-from sims_platform.storage.safe_pickle import UnsafePickleError
-from sims_platform.utils import interrupt
 from sims_platform.data.arguments import add_prepare_arguments, prepare_spec
+from sims_platform.steps import STAGE_NAMES, Step, row
+from sims_platform.storage.safe_pickle import UnsafePickleError, require_safe_torch
+from sims_platform.utils import interrupt
 from sims_platform.utils.arguments import subcommand
 
 if TYPE_CHECKING:
@@ -332,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
             args = build_parser().parse_args(argv)
             command = args.command
             try:
+                require_safe_torch()
                 return args.func(args)
             except (ConfigError, FileNotFoundError, UnsafePickleError, DataError) as err:
                 # Bad input: the message names the field or file and what was expected (a refused pickle ran

@@ -69,8 +69,8 @@ def _format(err: ValidationError, source: str, blame: dict[tuple[str, ...], str]
         loc = tuple(str(p) for p in e["loc"])
         message = _message(e)
         # A cross-field rule names the field it is about first ("tracking.uri: ..."): show it as that field's.
-        if not loc and (named := re.match(r"Value error, ([\w.]+): (.*)", message, re.S)):
-            loc, message = tuple(named.group(1).split(".")), named.group(2)
+        if named := re.match(r"Value error, ([\w.]+): (.*)", message, re.S):
+            loc, message = loc + tuple(named.group(1).split(".")), named.group(2)
         path = ".".join(loc) or "(top level)"
         got = e.get("input")
         got_text = "" if e["type"] in ("missing", "extra_forbidden") or isinstance(got, dict) \
@@ -180,7 +180,11 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Pipelin
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"{path}: pipeline file not found")
-        text, source = p.read_text(), str(path)
+        source = str(path)
+        try:
+            text = p.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{source}: not a UTF-8 text file (byte {err.start}); expected pipeline YAML") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
