@@ -14,7 +14,7 @@ from sims_platform.training.checkpoints import latest
 
 
 def training_progress(cfg: PipelineConfig, layout: RunLayout, k: int, stage: str) -> str:
-    budget = cfg.training(stage).images
+    budget = getattr(cfg, row(stage).training_section()).images
     ck = latest(layout.checkpoints(k, stage))
     images = ck.images if ck else 0
     return f"{images}/{budget} img ({100 * images // max(budget, 1)}%)"

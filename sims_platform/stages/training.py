@@ -6,6 +6,7 @@ import torch
 
 from sims_platform.data import ShardStream
 from sims_platform.stages.context import StageContext
+from sims_platform.steps import row
 from sims_platform.training import distributed
 from sims_platform.training.loop import train
 
@@ -22,7 +23,7 @@ def _run_training(ctx: StageContext, stage: str, run_id: str, net, x, y, tcfg, i
                                 "train_set_size": len(x) if y is not None else x.num_samples,
                                 "distributed": tcfg.distributed.model_dump_json()})
         lin.link(run_id, inputs=inputs, outputs={"model": out_uri})
-    salt = {"train-base": 0, "finetune-aux": 104729, "finetune-real-aux": 209459}[stage]
+    salt = row(stage).seed_salt
     if ctx.cfg.runtime.channels_last and not tcfg.distributed.uses_deepspeed():
         # oneDNN/cuDNN convolutions run faster on channels-last weights (the demo's train-base: 285 -> 305 img/s
         # on this project's CPU); DeepSpeed flattens parameters into its own buffers, so it keeps the default layout.
@@ -30,7 +31,7 @@ def _run_training(ctx: StageContext, stage: str, run_id: str, net, x, y, tcfg, i
     result = train(net, x, y, tcfg, seed=ctx.cfg.seed + 7919 * k + salt,
                    checkpoints=layout.checkpoints(k, stage),
                    on_log=lambda images, m: lin.log_metrics(run_id, m, step=images),
-                   desc=f"iter {k} {stage}", where="train_base" if stage == "train-base" else "finetune_aux",
+                   desc=f"iter {k} {stage}", where=row(stage).training_section(),
                    **train_kwargs)
     if result.ema is not None:
         ctx.models.save(out_uri, result.ema, result.images, stage=stage, iteration=k)

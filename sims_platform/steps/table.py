@@ -48,9 +48,16 @@ class StageRow:
     local_parts: bool = False  # `sims run` splits it into runtime.local_parts processes (its work dwarfs a start)
     writes_shards: bool = False  # a job array whose parts own shards (the local cluster's shard writers)
     section: str | None = None  # a training stage's config section (PipelineConfig.<section>: TrainConfig)
+    seed_salt: int = 0  # a training stage's offset of its training seed, so no two stages draw the same batches
     pods: Mapping[str, Any] = field(default_factory=dict)  # its pods on a cluster when the chart does not say
     cpu_only: bool = False  # never needs an accelerator (its process ignores runtime.device)
     folder: str | None = None  # a run-level stage's folder under the run's root, when not its name
+
+    def training_section(self) -> str:
+        """The config section of a training stage's settings; a ValueError for any other step."""
+        if self.section is None:
+            raise ValueError(f"'{self.name}' is not a training stage")
+        return self.section
 
     @property
     def stage(self) -> str:
@@ -108,10 +115,11 @@ TABLE: tuple[StageRow, ...] = (
              when=lambda cfg, k, loop: loop is None and cfg.shift is not None),
     StageRow("finetune-aux", "fine-tunes the base on the synthetic set into the aux", "iteration", "training",
              "sims_platform.stages.training:finetune_aux", reads=("encode", "train-base", "generate", "select-aux"),
-             settings=MODEL + ("finetune_aux", "shift"), section="finetune_aux", when=_sims_model),
+             settings=MODEL + ("finetune_aux", "shift"), section="finetune_aux", seed_salt=104729,
+             when=_sims_model),
     StageRow("finetune-real-aux", "the control: fine-tunes the base on the real training split", "iteration",
              "training", "sims_platform.stages.training:finetune_real_aux", reads=("encode", "train-base"),
-             settings=MODEL + ("finetune_aux",), section="finetune_aux",
+             settings=MODEL + ("finetune_aux",), section="finetune_aux", seed_salt=209459,
              when=lambda cfg, k, loop: loop is None and any(m.name == "sims-real-aux" for m in cfg.evaluate.methods)),
     StageRow("evaluate", "every method's samples' feature statistics, as parts", "iteration", "array",
              "sims_platform.stages.evaluate:evaluate", reducer="evaluate-reduce",
