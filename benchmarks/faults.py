@@ -61,6 +61,7 @@ class Tally:
     hung: int = 0
     executed: int = 0
     slowest_s: float = 0.0
+    slowest_example: str = ""
     crash_kinds: Counter = field(default_factory=Counter)
     crash_examples: dict[str, str] = field(default_factory=dict)
 
@@ -71,11 +72,12 @@ class Tally:
     def row(self) -> dict[str, Any]:
         return {"target": self.name, "inputs": self.total, "accepted": self.accepted, "refused clearly": self.refused,
                 "crashed": self.crashed, "hung": self.hung, "code executed": self.executed,
-                "slowest input s": round(self.slowest_s, 3), "crash kinds": dict(self.crash_kinds),
+                "slowest input s": round(self.slowest_s, 3), "slowest input": self.slowest_example, "crash kinds": dict(self.crash_kinds),
                 "crash examples": self.crash_examples}
 
 
-def observe(tally: Tally, call: Callable[[], Any], hang_s: float, canary: Path | None = None) -> None:
+def observe(tally: Tally, call: Callable[[], Any], hang_s: float, canary: Path | None = None,
+            example: Any = None) -> None:
     """Run one input through its reader and count how it ended."""
     t0 = time.perf_counter()
     try:
@@ -89,7 +91,8 @@ def observe(tally: Tally, call: Callable[[], Any], hang_s: float, canary: Path |
         tally.crash_kinds[kind] += 1
         tally.crash_examples.setdefault(kind, f"{type(err).__name__}: {str(err)[:200]}")
     elapsed = time.perf_counter() - t0
-    tally.slowest_s = max(tally.slowest_s, elapsed)
+    if elapsed > tally.slowest_s:
+        tally.slowest_s, tally.slowest_example = elapsed, repr(example)[:300]
     if elapsed > hang_s:
         outcome = "hung"
     setattr(tally, outcome, getattr(tally, outcome) + 1)
@@ -216,7 +219,7 @@ def fuzz(name: str, strategy: st.SearchStrategy, check: Callable[[Any], Callable
               suppress_health_check=list(HealthCheck))
     @given(strategy)
     def one(value: Any) -> None:
-        observe(tally, check(value), hang_s, canary)
+        observe(tally, check(value), hang_s, canary, value)
 
     t0 = time.time()
     one()

@@ -1,6 +1,6 @@
 """What shaped each stage's results: a digest of the config settings it reads and of its inputs' digests.
 
-Every completion record carries its stage's digest (stages.run_stage), so a resumed run knows whether a completed
+Every completion record carries its stage's digest (pipeline.execute.run_stage), so a resumed run knows whether a completed
 stage was made under the settings it would run with now. A stage's digest folds in the digests of the stages it
 reads, so a change upstream reaches everything downstream. Digests are computed from the config and the plan
 alone (canonical JSON of the pydantic dumps, no file is read or hashed): a plan's digests are known before any
