@@ -25,6 +25,7 @@ from sims_platform.pipeline.execute import run_stage
 from sims_platform.stages.context import StageContext
 from sims_platform.stages.evaluate import reference as evaluate_reference
 from sims_platform.stages.reference import ReferencePartsError
+from sims_platform.stages.run_data import RunData
 
 from pipeline_support import tiny_config_dict
 from s3_support import s3_bucket, s3_endpoint  # noqa: F401 (fixtures)
@@ -115,7 +116,7 @@ def test_evaluate_uses_the_streamed_statistics(run, tmp_path, monkeypatch):
 
     def no_images(self):
         raise AssertionError("evaluate loaded the held-out images although the reference stage ran")
-    monkeypatch.setattr(StageContext, "reference", property(no_images))
+    monkeypatch.setattr(RunData, "reference", property(no_images))
     stats, features = evaluate_reference(ctx(), extractor)
     assert_stats_close(stats, stored[0], rtol=0)
     assert torch.equal(features, stored[1])
