@@ -43,8 +43,7 @@ from sims_platform.data import read_shards
 from sims_platform.evaluation.features import feature_extractor
 from sims_platform.evaluation.intervals import confidence_interval
 from sims_platform.evaluation.plan import w_key
-from sims_platform.metrics import fid_from_stats
-from sims_platform.metrics.stats import FeatureStats
+from sims_platform.metrics import feature_stats, fid_from_stats
 from sims_platform.pipeline.runner import run_pipeline
 from sims_platform.shift.classifiers import classify, shift_classifier
 from sims_platform.shift.reference import per_class_stats, reweighted_stats
@@ -95,10 +94,7 @@ def rejection_baseline(cfg: PipelineConfig) -> dict:
     extractor = feature_extractor(ctx.cfg, ctx.layout.features, ctx.data, ctx.device)
     held = ctx.data.reference
     ref = reweighted_stats(per_class_stats(extractor, held.images, held.labels, k, ev.batch_size), target)
-    stats = FeatureStats(extractor.dim)
-    for i in range(0, len(kept), ev.batch_size):
-        with torch.no_grad():
-            stats.update(extractor(kept[i:i + ev.batch_size]))
+    stats = feature_stats(extractor, kept, ev.batch_size)
     return out | {"histogram": judged.tolist(), "tv": total_variation(judged, target),
                   "fid_target": fid_from_stats(stats, ref)}
 

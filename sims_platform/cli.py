@@ -171,7 +171,8 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
     index = part_index(args)
     layout, lineage, _ = open_run(cfg)
-    ctx = StageContext(cfg, layout, args.iteration, lineage, device=device, part=index, parts=args.count, loop=loop)
+    ctx = StageContext(cfg, layout, args.iteration, lineage, requested_device=device, part=index, parts=args.count,
+                       loop=loop)
     result = run_stage(ctx, args.name, force=args.force)
     close_complete_runs(ctx)
     if not interrupt.launched():  # a launcher prints its own line per step; a pod's log gets this one

@@ -14,8 +14,7 @@ from edm2_support import edm2_pickle
 
 from sims_platform.cli import main
 from sims_platform.config import ConfigError
-from sims_platform.models import edm2
-from sims_platform.models.edm2 import load_edm2, read_edm2
+from sims_platform.models.edm2_pickle import load_edm2, read_edm2, read_pickle
 from sims_platform.models.precond import Precond
 from sims_platform.pipeline.execute import run_stage
 from sims_platform.stages.context import StageContext
@@ -128,7 +127,7 @@ def test_malicious_pickles_are_refused(tmp_path):
     nested = tmp_path / "nested.pkl"
     nested.write_bytes(pickle.dumps(_StorageBytes(buf.getvalue()), protocol=4))
     with pytest.raises(UnsafePickleError, match=r"nested\.pkl"):
-        edm2.read_pickle(nested.read_bytes(), str(nested))
+        read_pickle(nested.read_bytes(), str(nested))
     assert not marker.exists()
 
 

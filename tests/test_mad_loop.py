@@ -119,7 +119,7 @@ def test_feed_sources_previous_or_accumulated_and_each_arms_feed_sampler(tmp_pat
         d["loop"].update(accumulate=accumulate, train_data=mode)
         cfg = config_from_dict(d)
         for loop in cfg.loop.loops():
-            ctx = StageContext(cfg, RunLayout.of(cfg.storage.root), 3, None, device="cpu", loop=loop)
+            ctx = StageContext(cfg, RunLayout.of(cfg.storage.root), 3, None, requested_device="cpu", loop=loop)
             first = 0 if accumulate else 2
             assert ctx.data.feed_sources() == {f"feed_iter_{j}": ctx.layout.shards(j, "feed") for j in range(first, 3)}
             assert ctx.data.train_data_mode() == mode
@@ -128,7 +128,7 @@ def test_feed_sources_previous_or_accumulated_and_each_arms_feed_sampler(tmp_pat
             methods = [(m.name, m.weights) for m in ctx.cfg.evaluate.methods]
             assert methods == ([("sims", [0.0])] if loop.arm == "standard" else [("sims", [1.0])])
             assert ctx.pipeline_cfg is cfg
-    ctx0 = StageContext(cfg, RunLayout.of(cfg.storage.root), 0, None, device="cpu")
+    ctx0 = StageContext(cfg, RunLayout.of(cfg.storage.root), 0, None, requested_device="cpu")
     assert ctx0.data.feed_sources() == {} and ctx0.layout.loop is None
 
 

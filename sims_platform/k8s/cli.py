@@ -15,6 +15,8 @@ import argparse
 import sys
 from typing import Any
 
+from sims_platform.k8s.exit_codes import EXIT_NOT_READY, EXIT_STAGE_FAILED
+
 
 def cmd_render(args: argparse.Namespace) -> int:
     from sims_platform.k8s.render import render
@@ -26,12 +28,6 @@ def cmd_render(args: argparse.Namespace) -> int:
             text = f.read()
     sys.stdout.write(render(text))
     return 0
-
-
-# Exit codes the driver Job's podFailurePolicy fails the Job on at once (retrying the driver cannot help);
-# any other failure (an unexpected exception exits 1) is retried up to driver.backoffLimit.
-EXIT_STAGE_FAILED = 10
-EXIT_NOT_READY = 11  # preflight, or the run belongs to someone else, or its pipeline changed
 
 
 def drive(cfg: Any, settings: Any, apis: Any, **driver_kwargs: Any) -> int:

@@ -121,8 +121,8 @@ def step_provenance(cfg: PipelineConfig, step: Step) -> Provenance | None:
     return None
 
 
-def _changed(recorded: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:
-    """The dotted keys whose values differ."""
+def _changed(recorded: Any, now: Any, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ (dicts compared key by key)."""
     if isinstance(recorded, dict) and isinstance(now, dict):
         return [p for k in sorted(set(recorded) | set(now), key=str)
                 for p in _changed(recorded.get(k), now.get(k), f"{prefix}.{k}" if prefix else str(k))]

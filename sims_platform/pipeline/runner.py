@@ -102,7 +102,7 @@ def end_interrupted_runs(cfg: PipelineConfig, layout: RunLayout, lineage: Lineag
 
 
 def _run_steps(cfg: PipelineConfig, layout: RunLayout, lineage: Lineage,
-               launch: Callable[[StageContext, Step], None]) -> None:
+               launch: Callable[[StageContext, Step], object]) -> None:
     contexts: dict[tuple[str | None, int], StageContext] = {}
     for step in pipeline_plan(cfg):
         key = (step.loop, step.iteration)

@@ -1,7 +1,7 @@
 """The two classifiers of distribution shifting: one selects the aux set, the other (never the same network)
 measures the histograms evaluate reports.
 
-Both are the digits CNN (metrics/features.py), trained on disjoint stratified halves of the labelled training
+Both are the digits CNN (metrics/digits_classifier.py), trained on disjoint stratified halves of the labelled training
 split with different seeds: the histogram a run is judged by does not come from the network whose decisions
 built its aux set, so guidance cannot score by moving samples across that one network's boundaries alone.
 Neither sees a held-out image. Each is cached under ROOT/features/shift-<role>/.

@@ -3,7 +3,7 @@ sees them, lineage, the device, and two focused helpers: its data (RunData) and 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 
 import torch
 
@@ -23,7 +23,7 @@ class Part:
     index: int = 0
     count: int = 1
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, requested_device: torch.device | str | None) -> None:
         if not 0 <= self.index < self.count:
             raise ValueError(f"--index {self.index} is outside 0..{self.count - 1} (--count {self.count})")
 
@@ -41,23 +41,24 @@ class StageContext:
     iteration: int
     lineage: Lineage
     # None: from runtime.device (cuda:LOCAL_RANK when a GPU is visible, else the CPU); see utils/accel.py
-    device: torch.device | None = None
+    requested_device: InitVar[torch.device | str | None] = None
     part: int = 0   # this worker's index in a job-array stage (JOB_COMPLETION_INDEX in an Indexed Job)
     parts: int = 1  # how many workers share the stage
     # A self-consuming loop's stage (config `loop`): layout and config become the loop's view (RunLayout.in_loop,
     # PipelineConfig.for_loop); None: the shared pipeline.
     loop: Loop | None = None
     pipeline_cfg: PipelineConfig = field(init=False)  # the whole pipeline's config (cfg is a loop's view of it)
+    device: torch.device = field(init=False)  # where this stage's networks and tensors live
     data: RunData = field(init=False)
     models: ModelIO = field(init=False)
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, requested_device: torch.device | str | None) -> None:
         Part(self.part, self.parts)  # a bad --index/--count fails here, before anything runs
         self.pipeline_cfg = self.cfg
         if self.loop is not None:
             self.layout = self.layout.in_loop(self.loop.name)
             self.cfg = self.cfg.for_loop(self.loop)
-        self.device = torch.device(self.device) if self.device is not None else \
+        self.device = torch.device(requested_device) if requested_device is not None else \
             resolve_device(self.cfg.runtime.device)
         apply_tf32(self.cfg.runtime.tf32)
         self.data = RunData(self.cfg, self.layout, self.iteration, self.device, self.loop)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from sims_platform.data import ShardWriter, SourceIndex, class_subset, training_indices
+from sims_platform.encoders.latent import LatentEncoder
 from sims_platform.stages.context import StageContext
 from sims_platform.stages.shard_parts import write_owned_shards
 
@@ -40,7 +41,8 @@ def encode(ctx: StageContext, run_id: str) -> dict:
     def make(j: int, rng: range, advance) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         source = train[rng.start:rng.stop]
         real = index.load(source.tolist())
-        latents = ctx.data.encoder.encode_posterior(real.images) if meta["posterior"] else ctx.data.encoder.encode(real.images)
+        enc = ctx.data.encoder  # a latent encoder (meta["posterior"]) stores posteriors, a pixel one the images
+        latents = enc.encode_posterior(real.images) if isinstance(enc, LatentEncoder) else enc.encode(real.images)
         advance(len(rng))
         return latents, real.labels, source  # keys: index in the source order
 

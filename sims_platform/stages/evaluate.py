@@ -10,6 +10,7 @@ computed exactly once, and writes fid.json / results.json. With one part, `evalu
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import torch
 
@@ -17,7 +18,7 @@ from sims_platform.evaluation import parts as P
 from sims_platform.evaluation.features import feature_extractor
 from sims_platform.evaluation.methods import Networks, model_inputs
 from sims_platform.evaluation.plan import arms, part_block, set_offset, w_key, work_units
-from sims_platform.evaluation.reference import ReferenceFiles, read_result
+from sims_platform.evaluation.reference import ReferenceFiles, in_memory_reference, read_result
 from sims_platform.evaluation.report import arm_metrics, iteration_row, method_result
 from sims_platform.data import read_manifest
 from sims_platform.metrics import FeatureExtractor, FeatureStats, fid_from_stats
@@ -101,22 +102,14 @@ def reference(ctx: StageContext, extractor: FeatureExtractor) -> tuple[FeatureSt
 
     The reference stage's streamed result is used when it exists for this feature network and reference; without
     it (a stage run alone on small data) they are computed here from the same images (ctx.data.reference), all in
-    memory, in one pass: each batch's features are summed and, below max_samples, kept (as the stage does)."""
+    memory, as the stage's single part would (evaluation/reference.py in_memory_reference)."""
     ev = ctx.cfg.evaluate
     if ev.reference:
         return edm2_reference(ev.reference, ev.features, extractor.dim), None
     streamed = read_result(ReferenceFiles.of(ctx.layout, ctx.cfg, extractor))
     if streamed is not None:
         return streamed
-    images = ctx.data.reference.images
-    n = min(ev.precision_recall.max_samples, len(images))
-    stats, kept = FeatureStats(extractor.dim), [torch.zeros(0, extractor.dim)]
-    with torch.no_grad():
-        for i in range(0, len(images), ev.batch_size):
-            features = extractor(images[i:i + ev.batch_size])
-            stats.update(features)
-            kept.append(features[:max(n - i, 0)].detach().cpu().float())
-    return stats, torch.cat(kept)
+    return in_memory_reference(extractor, ctx.data.reference.images, ev.batch_size, ev.precision_recall.max_samples)
 
 
 def shift_section(ctx: StageContext, run_id: str, extractor: FeatureExtractor,
@@ -155,7 +148,8 @@ def write_results(ctx: StageContext, run_id: str, merged: dict[str, P.ArmData]) 
     ref_stats, ref_features = reference(ctx, extractor)
     metrics = {key: arm_metrics(data, ref_stats, ref_features, ev.precision_recall.k, ev.num_samples)
                for key, data in merged.items()}
-    methods = {m.name: method_result(ev, m.name, metrics, ev.sampler.steps) for m in ev.methods}
+    methods: dict[str, dict[str, Any]] = {m.name: method_result(ev, m.name, metrics, ev.sampler.steps)
+                                          for m in ev.methods}
     row = iteration_row(k, ev, methods)
 
     for arm in arms(ev):
@@ -176,8 +170,8 @@ def write_results(ctx: StageContext, run_id: str, merged: dict[str, P.ArmData]) 
                                  f"{name}.gain": res["gain"], f"{name}.gain_sd": res["gain_sd"]}, step=0)
     lin.log_metrics(run_id, {"fid_base": row["fid_base"], "fid_best": row["fid_best"], "best_w": row["best_w"]},
                     step=0)
-    curves = {name: {float(w): (res["fid"][w], res["fid_sd"][w]) for w in res["fid"]}
-              for name, res in methods.items()}
+    curves: dict[str, dict[float, tuple[float, float]]] = {
+        name: {float(w): (res["fid"][w], res["fid_sd"][w]) for w in res["fid"]} for name, res in methods.items()}
     lin.log_artifact_bytes(run_id, "fid_vs_w.png", fid_curves_png(
         curves, f"iteration {k}: FID vs w (mean ± sd, {ev.repeats} seed sets)",
         best={name: res["best_w"] for name, res in methods.items()}))

@@ -44,7 +44,10 @@ class ModelIO:
     def sampling(self, uri: str) -> Precond:
         """load for sampling: in the runtime's memory layout (runtime.channels_last)."""
         net = self.load(uri)
-        return net.to(memory_format=torch.channels_last) if self.cfg.runtime.channels_last else net
+        if not self.cfg.runtime.channels_last:
+            return net
+        # Module.to takes memory_format (its documented signature), which torch's overloads leave out.
+        return net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
 
     def network_kwargs(self) -> dict:
         """Our Precond's arguments for this config (what a pretrained base must match)."""
