@@ -23,7 +23,7 @@ class Part:
     index: int = 0
     count: int = 1
 
-    def __post_init__(self, requested_device: torch.device | str | None) -> None:
+    def __post_init__(self) -> None:
         if not 0 <= self.index < self.count:
             raise ValueError(f"--index {self.index} is outside 0..{self.count - 1} (--count {self.count})")
 
