@@ -105,7 +105,7 @@ def test_every_sampling_stage_moves_networks_noise_and_labels_to_the_context_dev
     d["iterations"] = {"count": 2, "train_data": "real+synthetic", "feed_samples": 40, "feed_weight": 1.0}
     cpu = context(d, requested_device=torch.device("cpu"))
     for stage in ("train-base", "finetune-aux"):  # untrained stand-ins: only the devices matter here
-        cpu.save_model(cpu.layout.model(0, stage), cpu.build_net(), 0)
+        cpu.models.save(cpu.layout.model(0, stage), cpu.models.build(), 0)
 
     meta = torch.device("meta")
     seen: list[tuple[str, set]] = []
@@ -169,7 +169,7 @@ def test_sampling_networks_use_the_configured_memory_layout_and_agree_with_the_d
     ctx = context(d, requested_device=torch.device("cpu"))
     uri = ctx.layout.model(0, "train-base")
     ctx.models.save(uri, ctx.models.build(), 0)
-    sampler, plain = ctx.models.sampling(uri), ctx.models.load(uri)  # load_model: what training starts from
+    sampler, plain = ctx.models.sampling(uri), ctx.models.load(uri)  # load: what training starts from
     convs = [p for p in sampler.parameters() if p.ndim == 4 and p.shape[1] > 1 and p.shape[-1] > 1]  # layouts differ
     assert convs and all(p.is_contiguous(memory_format=torch.channels_last) == channels_last for p in convs)
     assert all(p.is_contiguous() for p in plain.parameters())

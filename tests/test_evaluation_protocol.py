@@ -57,7 +57,7 @@ def test_stage_context_never_trains_on_the_reference(tmp_path):
     # The split does not move with the run's seed: every training seed is measured on the same reference.
     cfg2 = config_from_dict({**tiny_config_dict(str(tmp_path / "run2")), "seed": 5})
     ctx2 = StageContext(cfg2, layout, 0, lineage)
-    assert torch.equal(ctx2.reference.images, ref)
+    assert torch.equal(ctx2.data.reference.images, ref)
 
 
 # ----------------------------------------------------------------------------
