@@ -14,7 +14,8 @@ from sims_platform.config import ConfigError, config_from_dict
 from sims_platform.pipeline.runner import open_run
 from sims_platform.sampling.guidance import Guided, NetDenoiser, Unconditional
 from sims_platform.sampling.heun import seeded_noise
-from sims_platform.stages import StageContext, run_stage
+from sims_platform.pipeline.execute import run_stage
+from sims_platform.stages.context import StageContext
 from sims_platform.storage.layout import RunLayout
 from sims_platform.utils.accel import resolve_device, tf32_policy
 
@@ -104,7 +105,7 @@ def test_every_sampling_stage_moves_networks_noise_and_labels_to_the_context_dev
     d["iterations"] = {"count": 2, "train_data": "real+synthetic", "feed_samples": 40, "feed_weight": 1.0}
     cpu = context(d, requested_device=torch.device("cpu"))
     for stage in ("train-base", "finetune-aux"):  # untrained stand-ins: only the devices matter here
-        cpu.save_model(cpu.layout.model(0, stage), cpu.build_net(), 0)
+        cpu.models.save(cpu.layout.model(0, stage), cpu.models.build(), 0)
 
     meta = torch.device("meta")
     seen: list[tuple[str, set]] = []
@@ -157,8 +158,8 @@ def test_latent_encoder_runs_its_vae_on_the_context_device(tmp_path):
                                                      "down_block_types": ["DownEncoderBlock2D"] * 2,
                                                      "up_block_types": ["UpDecoderBlock2D"] * 2}}
     ctx = bare_context(d, requested_device=torch.device("meta"))
-    assert {p.device for p in ctx.encoder.vae.parameters()} == {torch.device("meta")}
-    assert ctx.encoder.mean.device == torch.device("meta")
+    assert {p.device for p in ctx.data.encoder.vae.parameters()} == {torch.device("meta")}
+    assert ctx.data.encoder.mean.device == torch.device("meta")
 
 
 @pytest.mark.parametrize("channels_last", [True, False])
@@ -167,8 +168,8 @@ def test_sampling_networks_use_the_configured_memory_layout_and_agree_with_the_d
     d["runtime"] = {"channels_last": channels_last}
     ctx = context(d, requested_device=torch.device("cpu"))
     uri = ctx.layout.model(0, "train-base")
-    ctx.save_model(uri, ctx.build_net(), 0)
-    sampler, plain = ctx.sampling_model(uri), ctx.load_model(uri)  # load_model: what training starts from
+    ctx.models.save(uri, ctx.models.build(), 0)
+    sampler, plain = ctx.models.sampling(uri), ctx.models.load(uri)  # load: what training starts from
     convs = [p for p in sampler.parameters() if p.ndim == 4 and p.shape[1] > 1 and p.shape[-1] > 1]  # layouts differ
     assert convs and all(p.is_contiguous(memory_format=torch.channels_last) == channels_last for p in convs)
     assert all(p.is_contiguous() for p in plain.parameters())

@@ -2,17 +2,28 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from functools import cached_property
+from typing import Protocol
 
 from torch import nn
 
+from sims_platform.config.schema import PipelineConfig
 from sims_platform.evaluation.plan import Arm
 from sims_platform.sampling.guidance import Denoiser, Guided, NetDenoiser, Unconditional, neon
+from sims_platform.storage.layout import RunLayout
 
-if TYPE_CHECKING:  # the stages package imports this module
-    from sims_platform.stages.context import StageContext
+
+class _Loader(Protocol):
+    def sampling(self, uri: str) -> nn.Module: ...
+
+
+class StageContext(Protocol):
+    """What the methods read of a step: its config, run folders, iteration and a loader of sampling networks."""
+
+    cfg: PipelineConfig
+    layout: RunLayout
+    iteration: int
+    models: _Loader
 
 # The training stage whose model.pt is each method's guide (cfg guides with the base itself).
 GUIDE_STAGE = {"sims": "finetune-aux", "neon": "finetune-aux", "sims-real-aux": "finetune-real-aux"}
@@ -57,14 +68,14 @@ class Networks:
 
     @cached_property
     def base(self) -> nn.Module:
-        return self.ctx.sampling_model(self.ctx.layout.model(self.ctx.iteration, "train-base"))
+        return self.ctx.models.sampling(self.ctx.layout.model(self.ctx.iteration, "train-base"))
 
     def guide(self, method: str) -> nn.Module:
         uri = guide_uri(self.ctx, method)
         if uri is None:
             return self.base
         if uri not in self._guides:
-            self._guides[uri] = self.ctx.sampling_model(uri)
+            self._guides[uri] = self.ctx.models.sampling(uri)
         return self._guides[uri]
 
     def denoiser(self, arm: Arm) -> Denoiser:

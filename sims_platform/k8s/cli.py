@@ -84,7 +84,7 @@ def cmd_preflight(args: argparse.Namespace) -> int:
 def cmd_prepare_job(args: argparse.Namespace) -> int:
     import yaml
 
-    from sims_platform.cli import prepare_spec
+    from sims_platform.data.arguments import prepare_spec
     from sims_platform.k8s.prepare_job import prepare_job
     from sims_platform.k8s.render import run_specs
 
@@ -124,7 +124,8 @@ examples:
 
 def register(subparsers: Any) -> None:
     """Add `k8s` (render, drive, preflight) and `status` to the `sims` parser's subcommands."""
-    from sims_platform.cli import add_prepare_arguments, subcommand  # the `sims` CLI's conventions and options
+    from sims_platform.data.arguments import add_prepare_arguments
+    from sims_platform.utils.arguments import subcommand  # the `sims` CLI's conventions
 
     p = subparsers.add_parser("k8s", help="Kubernetes: render the workloads, check a namespace, or drive a run "
                               "(the driver pod runs this)", description=K8S_DESCRIPTION,

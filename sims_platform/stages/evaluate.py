@@ -26,7 +26,8 @@ from sims_platform.metrics.edm2_refs import edm2_reference
 from sims_platform.shift.classifiers import classify, shift_classifier
 from sims_platform.shift.reference import per_class_stats, reweighted_stats
 from sims_platform.shift.report import shift_results
-from sims_platform.stages.context import StageContext, sample_seeds
+from sims_platform.stages.context import StageContext
+from sims_platform.stages.seeds import sample_seeds
 from sims_platform.stages.sampling import sample_batch
 from sims_platform.storage import fsio
 from sims_platform.tracking import fid_curves_png, image_grid_png, update_summary
@@ -68,8 +69,8 @@ def compute_part(ctx: StageContext) -> int:
     if not todo:
         return 0
 
-    extractor = feature_extractor(ctx)
-    judge = shift_classifier(ctx, "judge") if ctx.cfg.shift is not None else None
+    extractor = feature_extractor(ctx.cfg, ctx.layout.features, ctx.data, ctx.device)
+    judge = shift_classifier(ctx.cfg, ctx.layout.features, ctx.data.labelled, ctx.device, "judge") if ctx.cfg.shift is not None else None
     nets = Networks(ctx)
     total = sum(u.count for u in mine)
     done = total - sum(u.count for u in todo)
@@ -77,7 +78,7 @@ def compute_part(ctx: StageContext) -> int:
     for u in todo:
         seeds = sample_seeds(ctx.cfg.seed, k, "evaluate", u.count, set_offset(ev, u.seed_set) + u.start)
         x, _ = sample_batch(ctx, nets.denoiser(u.arm), seeds, ev.sampler)
-        images = ctx.encoder.decode(x)
+        images = ctx.data.encoder.decode(x)
         with torch.no_grad():
             features = extractor(images)
         classes = classify(judge, images, ev.batch_size) if judge is not None else None
@@ -100,7 +101,7 @@ def reference(ctx: StageContext, extractor: FeatureExtractor) -> tuple[FeatureSt
     precision/recall are then left out.
 
     The reference stage's streamed result is used when it exists for this feature network and reference; without
-    it (a stage run alone on small data) they are computed here from the same images (ctx.reference), all in
+    it (a stage run alone on small data) they are computed here from the same images (ctx.data.reference), all in
     memory, as the stage's single part would (evaluation/reference.py in_memory_reference)."""
     ev = ctx.cfg.evaluate
     if ev.reference:
@@ -108,7 +109,7 @@ def reference(ctx: StageContext, extractor: FeatureExtractor) -> tuple[FeatureSt
     streamed = read_result(ReferenceFiles.of(ctx.layout, ctx.cfg, extractor))
     if streamed is not None:
         return streamed
-    return in_memory_reference(extractor, ctx.reference.images, ev.batch_size, ev.precision_recall.max_samples)
+    return in_memory_reference(extractor, ctx.data.reference.images, ev.batch_size, ev.precision_recall.max_samples)
 
 
 def shift_section(ctx: StageContext, run_id: str, extractor: FeatureExtractor,
@@ -121,7 +122,7 @@ def shift_section(ctx: StageContext, run_id: str, extractor: FeatureExtractor,
     ev, d, sh = ctx.cfg.evaluate, ctx.cfg.data, ctx.cfg.shift
     assert sh is not None
     target = sh.target_probs(d.num_classes)
-    held = ctx.reference
+    held = ctx.data.reference
     ref = reweighted_stats(per_class_stats(extractor, held.images, held.labels, d.num_classes, ev.batch_size),
                            target)
     fid_target = {key: {s: fid_from_stats(st, ref) for s, st in data.stats.items()} for key, data in merged.items()}
@@ -143,7 +144,7 @@ def write_results(ctx: StageContext, run_id: str, merged: dict[str, P.ArmData]) 
     """Metrics per arm and seed set against the reference; each method's selection and gain."""
     k, layout, ev, lin = ctx.iteration, ctx.layout, ctx.cfg.evaluate, ctx.lineage
     out = layout.stage(k, "evaluate")
-    extractor = feature_extractor(ctx)
+    extractor = feature_extractor(ctx.cfg, ctx.layout.features, ctx.data, ctx.device)
     ref_stats, ref_features = reference(ctx, extractor)
     metrics = {key: arm_metrics(data, ref_stats, ref_features, ev.precision_recall.k, ev.num_samples)
                for key, data in merged.items()}
