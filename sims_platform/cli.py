@@ -83,7 +83,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load(args)
     if args.dry_run:
+        from sims_platform.pipeline.provenance import plan_states, step_name
+        from sims_platform.storage.layout import RunLayout
+
         print(dump_config(cfg), end="")
+        layout = RunLayout.of(cfg.storage.root)
+        print(f"\nplan in {layout.root} (nothing was run):")
+        for step, state in plan_states(cfg, layout, args.redo_from):
+            print(f"  {step_name(step):<28} {state}")
         return 0
     from sims_platform.pipeline.processes import StepFailed
     from sims_platform.pipeline.runner import run_pipeline
@@ -247,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="pipeline YAML")
     p.add_argument("--out", help="storage root (overrides storage.root), e.g. out/digits")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help=set_help)
-    p.add_argument("--dry-run", action="store_true", help="print the resolved config and stop")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and what each stage of the "
+                   "plan would do in the run folder (done, to run, to resume, to redo), and stop")
     p.add_argument("--device", help="where to compute: auto (default: cuda:LOCAL_RANK when a GPU is visible, "
                    "else cpu), cpu, cuda or cuda:N; sets runtime.device")
     p.add_argument("--parts", type=int, metavar="N", help="run generate and evaluate as N job-array parts, "

@@ -196,3 +196,31 @@ def test_digests_follow_what_each_step_reads(tmp_path):
     assert "sims-dp50/iter-01/finetune-aux" in changed and "iter-00/generate" not in changed
     longer = _digests({**loop, "loop": {**loop["loop"], "generations": 4}})
     assert all(longer[k] == d for k, d in _digests(loop).items())  # more generations extend the run
+
+
+def test_dry_run_shows_what_each_stage_would_do_and_changes_nothing(finished, tmp_path, capsys):
+    run, cfg = _copy(finished, tmp_path)
+    before = _files(run)
+
+    def plan(*extra: str) -> dict[str, str]:
+        capsys.readouterr()
+        assert main(["run", "--config", str(cfg), "--dry-run", *extra]) == 0
+        out = capsys.readouterr().out
+        lines = out[out.index("(nothing was run):"):].splitlines()[1:]
+        return {line.split()[0]: " ".join(line.split()[1:]) for line in lines}
+
+    assert set(plan().values()) == {"done"}
+    changed = plan("--set", "generate.sampler.steps=3")
+    assert changed["iter-00/train-base"] == "done"
+    assert changed["iter-00/generate"] == "to redo (made with different settings (generate.sampler.steps))"
+    assert changed["iter-00/finetune-aux"].startswith("to redo (made from inputs that changed since")
+    assert plan("--redo-from", "finetune-aux")["iter-00/finetune-aux"] == "to redo"
+    shutil.rmtree(run / "iter-00" / "evaluate")
+    assert plan()["iter-00/evaluate"] == "to run"
+    fresh = tmp_path / "fresh.yaml"
+    fresh.write_text(yaml.safe_dump(tiny_config_dict(str(tmp_path / "new"))))
+    capsys.readouterr()
+    assert main(["run", "--config", str(fresh), "--dry-run"]) == 0
+    assert "done" not in capsys.readouterr().out.split("(nothing was run):")[1]
+    assert _files(run) == {k: v for k, v in before.items() if not k.startswith("iter-00/evaluate")}
+    assert not (tmp_path / "new").exists()

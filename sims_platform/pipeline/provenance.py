@@ -218,3 +218,26 @@ def stale_message(cfg: PipelineConfig, stale: list[tuple[Step, str]]) -> str:
         fix[step] = next(t for t in targets if step in redo_steps(cfg, [t]))
     return "\n".join(f"stage {step_name(step)} was {why}: rerun with `sims run ... --redo-from {fix[step]}` "
                      "(redoes it and every stage that reads it), or delete the run folder" for step, why in stale)
+
+
+def plan_states(cfg: PipelineConfig, layout: RunLayout, redo_from: list[str] | None = None) -> list[tuple[Step, str]]:
+    """What `sims run` would do with each step of the plan in this run folder: 'done' (its record matches this
+    config: skipped), 'to redo' (a record made under other settings, or named by --redo-from, or reading a step
+    that is redone), 'to resume' (some of its parts are recorded) or 'to run'."""
+    redo = set(redo_steps(cfg, redo_from)) if redo_from else set()
+    redone: set[str] = set()
+    states = []
+    for step, prov in plan_provenance(cfg).items():
+        records = _records(layout, step)
+        stale = next((why for uri in records if (why := explain(fsio.read_json(uri), prov))), None)
+        if step in redo or stale or any(i in redone for i in prov.inputs):
+            state = f"to redo ({stale})" if stale else "to redo"
+            redone.add(step_name(step))
+        elif records and records[0] == layout.of_step(step).done_marker(step.iteration, step.stage):
+            state = "done"
+        elif records:
+            state = f"to resume ({len(records)} part(s) recorded)"
+        else:
+            state = "to run"
+        states.append((step, state))
+    return states
