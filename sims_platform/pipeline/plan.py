@@ -53,7 +53,7 @@ def stages_for(cfg: PipelineConfig, k: int) -> list[str]:
     if k == 0 and not cfg.evaluate.reference:
         stages.append("reference")
     stages += [base_step(cfg, k), "generate"] + (["select-aux"] if cfg.shift is not None else []) + ["finetune-aux"]
-    if any(m.name == "sims-real-aux" for m in cfg.evaluate.methods):
+    if any("finetune-real-aux" in m.row.stages for m in cfg.evaluate.methods):  # a method guides with its model
         stages.append("finetune-real-aux")
     stages.append("evaluate")
     it = cfg.iterations
