@@ -206,6 +206,8 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("autoguidance", "an early base snapshot (or pretrained.guide) as guide", (EARLY_BASE,), extrapolate,
            networks=2),
     Method("cfg", "the unconditional base as guide", (UNCONDITIONAL,), extrapolate, networks=2),
+    Method("sims+autoguidance", "D_base + w_s (D_base - D_aux) + w_a (D_base - D_guide): sims and autoguidance "
+           "at once, weights {sims: [...], autoguidance: [...]}", (AUX, EARLY_BASE), extrapolate, networks=3),
 ]}
 
 NAMES: tuple[str, ...] = tuple(METHODS)
