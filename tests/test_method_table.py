@@ -62,6 +62,7 @@ def test_sims_plus_autoguidance_with_one_weight_zero_is_the_other_method_bit_for
 def test_cost_counts_every_network():
     assert method("sims+autoguidance").nfe_per_sample(16) == 3 * 31
     assert method("sims").nfe_per_sample(16) == 2 * 31 and method("neon").nfe_per_sample(16) == 31
+    assert method("sims+autoguidance").nfe_per_sample(16, (0.5, 0.0)) == 2 * 31  # a zero weight skips its guide
 
 
 def test_the_guidance_pipeline_validates():

@@ -36,7 +36,7 @@ class Arm:
 
     def nfe_per_sample(self, steps: int) -> int:
         """Network evaluations per sample with a Heun sampler of `steps` steps (2 steps - 1 per network)."""
-        return 2 * steps - 1 if self.method == BASE.method else method(self.method).nfe_per_sample(steps)
+        return 2 * steps - 1 if self.method == BASE.method else method(self.method).nfe_per_sample(steps, self.w)
 
 
 BASE = Arm("base", 0.0)

@@ -147,7 +147,7 @@ class Method:
     description: str
     guides: tuple[Guide, ...]
     build: Build
-    networks: int  # network evaluations per denoiser call (guidance on)
+    networks: int  # network evaluations per denoiser call with every weight on
     shift_calibrated: bool = False  # shift's aux set is designed for exactly this method's formula
 
     @property
@@ -192,9 +192,15 @@ class Method:
         """Each guide's network URI at iteration k (None: the base without labels)."""
         return [g.source.uri(cfg, method, layout, k) for g in self.guides]
 
-    def nfe_per_sample(self, steps: int) -> int:
+    def networks_at(self, w: Weights | None = None) -> int:
+        """Network evaluations per denoiser call at these weights: a guide whose weight is 0 is not evaluated."""
+        if w is None:
+            return self.networks
+        return min(self.networks, 1 + sum(x != 0 for x in _as_vector(w)))
+
+    def nfe_per_sample(self, steps: int, w: Weights | None = None) -> int:
         """Network evaluations per sample with a Heun sampler of `steps` steps (2 steps - 1 denoiser calls)."""
-        return self.networks * (2 * steps - 1)
+        return self.networks_at(w) * (2 * steps - 1)
 
 
 METHODS: dict[str, Method] = {m.name: m for m in [
