@@ -1,5 +1,6 @@
 """Guidance methods from the method table: sims+autoguidance reduces to sims and to autoguidance bit for bit, a
-pipeline comparing them validates and runs, and bad weights are one-line errors naming the field."""
+guidance interval covering every sigma changes nothing and outside it an arm is its base, a pipeline comparing
+the methods validates and runs, and bad weights or intervals are one-line errors naming the field."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from torch import nn
 from sims_platform.cli import main
 from sims_platform.config import ConfigError, config_from_dict
 from sims_platform.config.schema import SamplerConfig
-from sims_platform.guidance.methods import method
+from sims_platform.guidance.methods import call_sigmas, method
+from sims_platform.sampling.guidance import NetDenoiser
 from sims_platform.pipeline.runner import run_pipeline
 from sims_platform.sampling.heun import heun_sample
 
@@ -65,11 +67,54 @@ def test_cost_counts_every_network():
     assert method("sims+autoguidance").nfe_per_sample(16, (0.5, 0.0)) == 2 * 31  # a zero weight skips its guide
 
 
+@pytest.mark.parametrize("name", ["sims", "autoguidance", "sims+autoguidance", "neon"])
+def test_an_interval_covering_every_sigma_is_no_interval_and_outside_it_an_arm_is_its_base(name):
+    base, aux, guide = _nets()
+    row = method(name)
+    guides = {"sims": [aux], "neon": [aux], "autoguidance": [guide], "sims+autoguidance": [aux, guide]}[name]
+    w = (0.5, 0.75) if row.vector else 0.5
+    plain = _outputs(row.denoiser(base, guides, w))
+    sigmas = call_sigmas(SamplerConfig(steps=6))
+    every = _outputs(row.denoiser(base, guides, w, [min(sigmas), max(sigmas)]))
+    assert all(torch.equal(a, b) for a, b in zip(every, plain))
+    # _outputs' single call is at sigma 1.5: an interval above it leaves the base alone there.
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    outside = row.denoiser(base, guides, w, [2.0, 80.0])(x, torch.tensor(1.5), None)
+    assert torch.equal(outside, NetDenoiser(base)(x, torch.tensor(1.5), None))
+    assert not torch.equal(row.denoiser(base, guides, w)(x, torch.tensor(1.5), None), outside)
+
+
+def test_nfe_counts_the_sampler_calls_inside_the_interval():
+    sampler = SamplerConfig(steps=16)
+    sigmas = call_sigmas(sampler)
+    assert len(sigmas) == 31 and max(sigmas) == 80.0
+    inside = sum(0.28 <= s <= 2.9 for s in sigmas)
+    assert 0 < inside < 31
+    assert method("sims").nfe_in_interval(sampler, 0.5, [0.28, 2.9]) == 31 + inside
+    assert method("sims+autoguidance").nfe_in_interval(sampler, (0.5, 1.0), [0.28, 2.9]) == 31 + 2 * inside
+    assert method("sims").nfe_in_interval(sampler, 0.5, [1e-3, 100.0]) == method("sims").nfe_per_sample(16)
+
+
+@pytest.mark.parametrize("interval,expected", [
+    ([2.0, 1.0], r"evaluate\.methods\.0\.guidance_interval: .*0 < sigma_lo < sigma_hi \(got \[2\.0, 1\.0\]\)"),
+    ([1.0, 1.0], r"guidance_interval: .*sigma_lo < sigma_hi"),
+    ([0.0, 1.0], r"guidance_interval: .*0 < sigma_lo"),
+    ([1.0], r"guidance_interval: .*expected \[sigma_lo, sigma_hi\]"),
+])
+def test_bad_intervals_are_one_line_errors(interval, expected):
+    d = yaml.safe_load(PIPELINE.read_text())
+    d["evaluate"]["methods"][0]["guidance_interval"] = interval
+    with pytest.raises(ConfigError, match=expected) as err:
+        config_from_dict(d)
+    assert len([ln for ln in str(err.value).splitlines() if "guidance_interval" in ln]) == 1
+
+
 def test_the_guidance_pipeline_validates():
     assert main(["validate", str(PIPELINE)]) == 0
     cfg = config_from_dict(yaml.safe_load(PIPELINE.read_text()))
     assert [m.name for m in cfg.evaluate.methods] == ["sims", "autoguidance", "sims+autoguidance"]
     assert cfg.evaluate.method("sims+autoguidance").grid == [(0.1, 0.25), (0.25, 0.25)]
+    assert all(m.guidance_interval is not None for m in cfg.evaluate.methods)
 
 
 @pytest.mark.parametrize("weights,expected", [
@@ -109,5 +154,7 @@ def test_sims_run_evaluates_every_method_of_the_guidance_pipeline(tmp_path):
     assert row["method_order"] == ["sims", "autoguidance", "sims+autoguidance"]
     both = row["methods"]["sims+autoguidance"]
     assert set(both["fid"]) == {"0.0", "0.1,0.25", "0.25,0.25"}
-    assert both["nfe_per_w"]["0.1,0.25"] == 3 * (2 * 4 - 1)
+    # Outside its guidance interval a sampler call evaluates the base alone.
+    inside = sum(0.28 <= s <= 5.0 for s in call_sigmas(cfg.evaluate.sampler))
+    assert both["nfe_per_w"]["0.1,0.25"] == (2 * 4 - 1) + 2 * inside < 3 * (2 * 4 - 1)
     assert json.loads((tmp_path / "run" / "summary.json").read_text()) == summary

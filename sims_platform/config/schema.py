@@ -348,6 +348,17 @@ class MethodConfig(Strict):
     guide_images: int | None = Field(None, ge=1, description="a method guided by an early base (autoguidance): "
                                      "the base snapshot at this many images guides (must be one of "
                                      "train_base.snapshots)")
+    guidance_interval: list[float] | None = Field(
+        None, exclude_if=lambda v: v is None, description="[sigma_lo, sigma_hi]: guide only at noise levels "
+        "sigma_lo <= sigma <= sigma_hi, the base alone elsewhere (Kynkaanniemi et al. 2024); null = every sigma. "
+        "NFE/sample counts the sampler's steps inside it")
+
+    @field_validator("guidance_interval")
+    @classmethod
+    def _interval(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and (len(v) != 2 or not 0 < v[0] < v[1]):
+            raise ValueError("expected [sigma_lo, sigma_hi] with 0 < sigma_lo < sigma_hi")
+        return v
 
     @field_validator("weights")
     @classmethod

@@ -52,6 +52,6 @@ class Networks:
         if arm.method == "base" or is_base(arm.w):
             return NetDenoiser(self.base)
         if arm not in self._denoisers:  # e.g. neon's merged network is built once per w
-            row = self.cfg.evaluate.method(arm.method).row
-            self._denoisers[arm] = row.build(self.base, self.guides(arm.method), arm.w)
+            m = self.cfg.evaluate.method(arm.method)
+            self._denoisers[arm] = m.row.denoiser(self.base, self.guides(arm.method), arm.w, m.guidance_interval)
         return self._denoisers[arm]

@@ -60,6 +60,8 @@ def method_result(ev: EvaluateConfig, method: str, metrics: dict[str, dict[str, 
     """One method's sweep (w = 0 included): report means/sds per w, its selected w, and its paired gain."""
     sweep: list[Arm] = method_arms(ev, method)
     reps = report_sets(ev)
+    cfg = ev.method(method)
+    interval = cfg.guidance_interval  # outside it a sampler step evaluates the base alone
     res: dict[str, Any] = {name: {} for name in ("fid", "fid_sd", "precision", "recall", "density", "coverage",
                                                  "fid_selection", "nfe_per_w")}
     for arm in sweep:
@@ -68,7 +70,8 @@ def method_result(ev: EvaluateConfig, method: str, metrics: dict[str, dict[str, 
         for name in ("precision", "recall", "density", "coverage"):
             res[name][key] = _mean_sd([m[name][s] for s in reps])[0]
         res["fid_selection"][key] = m["fid"][SELECTION_SET]
-        res["nfe_per_w"][key] = arm.nfe_per_sample(steps)
+        res["nfe_per_w"][key] = arm.nfe_per_sample(steps) if arm == BASE or interval is None else \
+            cfg.row.nfe_in_interval(ev.sampler, arm.w, interval)
     finite = {a: metrics[a.key]["fid"][SELECTION_SET] for a in sweep
               if math.isfinite(metrics[a.key]["fid"][SELECTION_SET])}
     best = min(finite, key=lambda a: (finite[a], _vector(a.w))) if finite else BASE

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from torch import nn
 
-    from sims_platform.config.schema import MethodConfig, PipelineConfig
+    from sims_platform.config.schema import MethodConfig, PipelineConfig, SamplerConfig
     from sims_platform.sampling.guidance import Denoiser
     from sims_platform.storage.layout import RunLayout
 
@@ -132,6 +132,29 @@ def weight_space(base: nn.Module, guides: Sequence[nn.Module | None], w: Weights
     return g.NetDenoiser(g.neon(base, aux, float(_as_vector(w)[0])))
 
 
+class Interval:
+    """A guidance interval (Kynkaanniemi et al. 2024): the guided denoiser for lo <= sigma <= hi, the base alone
+    elsewhere, so a step outside evaluates one network."""
+
+    def __init__(self, guided: Denoiser, base: Denoiser, lo: float, hi: float):
+        self.guided, self.base, self.lo, self.hi = guided, base, lo, hi
+
+    def inside(self, sigma: float) -> bool:
+        return self.lo <= sigma <= self.hi
+
+    def __call__(self, x: Any, sigma: Any, labels: Any) -> Any:
+        # The sampler's sigma is one value per call: reading it to the host decides which networks run.
+        return (self.guided if self.inside(float(sigma)) else self.base)(x, sigma, labels)
+
+
+def call_sigmas(sampler: SamplerConfig) -> list[float]:
+    """The noise levels the Heun sampler calls its denoiser at, as the denoiser sees them (float32)."""
+    from sims_platform.sampling.heun import sigma_steps  # torch: see _guidance
+
+    t = sigma_steps(sampler).float().tolist()
+    return t[:sampler.steps] + t[1:sampler.steps]
+
+
 Build = Callable[["nn.Module", Sequence["nn.Module | None"], Weights], "Denoiser"]
 
 
@@ -201,6 +224,20 @@ class Method:
     def nfe_per_sample(self, steps: int, w: Weights | None = None) -> int:
         """Network evaluations per sample with a Heun sampler of `steps` steps (2 steps - 1 denoiser calls)."""
         return self.networks_at(w) * (2 * steps - 1)
+
+    def nfe_in_interval(self, sampler: SamplerConfig, w: Weights | None, interval: Sequence[float]) -> int:
+        """Network evaluations per sample when guidance acts only inside `interval`: the base alone elsewhere."""
+        lo, hi = interval
+        return sum(self.networks_at(w) if lo <= s <= hi else 1 for s in call_sigmas(sampler))
+
+    def denoiser(self, base: nn.Module, guides: Sequence[nn.Module | None], w: Weights,
+                 interval: Sequence[float] | None = None) -> Denoiser:
+        """The arm's denoiser; with a guidance interval, the base network alone outside it."""
+        guided = self.build(base, guides, w)
+        if interval is None:
+            return guided
+        lo, hi = interval
+        return Interval(guided, _guidance().NetDenoiser(base), lo, hi)
 
 
 METHODS: dict[str, Method] = {m.name: m for m in [
