@@ -26,7 +26,7 @@ from sims_platform.config.loader import is_values_file
 from sims_platform.config.schema import CropMode
 from sims_platform.data.errors import DataError
 from sims_platform.storage.layout import IMPORT_BASE, RUN_STAGES, STAGES
-from sims_platform.storage.safe_pickle import UnsafePickleError
+from sims_platform.storage.safe_pickle import UnsafePickleError, require_safe_torch
 from sims_platform.utils import interrupt
 
 if TYPE_CHECKING:
@@ -365,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
             args = build_parser().parse_args(argv)
             command = args.command
             try:
+                require_safe_torch()
                 return args.func(args)
             except (ConfigError, FileNotFoundError, UnsafePickleError, DataError) as err:
                 # Bad input: the message names the field or file and what was expected (a refused pickle ran

@@ -262,3 +262,25 @@ def test_an_imported_base_needs_a_named_guide_for_autoguidance():
         config_from_dict(d)
     d["pretrained"]["guide"] = "s3://bucket/models/guide.pkl"
     config_from_dict(d)
+
+
+def test_configs_that_would_fail_late_fail_validate(capsys):
+    """A seed whose sample seeds overflow int64 would fail in generate, a snapshot past the budget after training."""
+    from sims_platform.config.schema import MAX_SEED
+    from sims_platform.stages.context import sample_seeds
+
+    # The largest seed any stream asks for: the last iteration (iterations.count <= 999), the feed stream.
+    last = sample_seeds(MAX_SEED, 998, "feed", 1, 10**9 - 1)
+    assert int(last[0]) == ((MAX_SEED * 1000 + 998) * 10 + 3) * 10**9 + 10**9 - 1 < 2**63
+    assert main(["validate", "pipelines/quick.yaml", "--set", f"seed={MAX_SEED + 1}"]) == 2
+    assert f"seed: Input should be less than or equal to {MAX_SEED}" in capsys.readouterr().err
+    assert main(["validate", "pipelines/quick.yaml", "--set", "train_base.snapshots=[1024, 5000]"]) == 2
+    assert "train_base.snapshots: [5000] lie outside 1..images (4096)" in capsys.readouterr().err
+
+
+def test_a_config_file_that_is_not_text_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "pipeline.yaml"
+    bad.write_bytes(b"name: x\nseed: \xa1\xff\n")
+    assert main(["validate", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a UTF-8 text file (byte 14)" in err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -17,7 +18,7 @@ from webdataset import TarWriter
 import sims_platform.data.shards as shards_mod
 from sims_platform.config.schema import DataConfig
 from sims_platform.data import DataError, ShardError, ShardWriter, SourceIndex, load_images, read_shards
-from sims_platform.data.shards import iter_tar
+from sims_platform.data.shards import iter_tar, read_shard
 from sims_platform.storage.fsio import listdir, read_json
 
 # ----------------------------------------------------------------------------
@@ -258,6 +259,37 @@ def test_manifest_count_mismatch_is_refused(tmp_path):
     (tmp_path / "syn" / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ShardError, match="holds 3 samples, manifest says 2"):
         read_shards(uri)
+
+
+@pytest.mark.parametrize("damage,problem", [
+    (lambda m: m.pop("shape"), "'shape' must be a list of positive integers"),
+    (lambda m: m["shards"][0].pop("name"), r"shards\[0\] must have a name shard-N.tar"),
+    (lambda m: m["shards"][1].update(name="../../elsewhere.tar"), r"shards\[1\] must have a name shard-N.tar"),
+    (lambda m: m.update(total="9"), "'total' must be an integer"),
+    (lambda m: m.update(shards={"a": 1}), "'shards' must be a list"),
+])
+def test_a_malformed_manifest_is_refused_before_any_shard_is_read(tmp_path, damage, problem):
+    uri = f"file://{tmp_path}/syn"
+    _write_all(uri).finalize()
+    manifest = read_json(f"{uri}/manifest.json")
+    damage(manifest)
+    (tmp_path / "syn" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ShardError, match=rf"manifest.json: not a valid shard manifest \({problem}"):
+        read_shards(uri)
+
+
+def test_a_shard_whose_array_header_is_damaged_is_one_shard_error(tmp_path):
+    uri = f"file://{tmp_path}/syn"
+    w = _write_all(uri)
+    manifest = w.finalize()
+    path = tmp_path / "syn" / "shard-000000.tar"
+    data = bytearray(path.read_bytes())
+    at = data.index(b"{'descr'")  # the npy header is a Python literal: cut it open
+    data[at:at + 8] = b"(((((((("
+    path.write_bytes(bytes(data))
+    entry = dict(manifest["shards"][0], sha256=hashlib.sha256(bytes(data)).hexdigest())
+    with pytest.raises(ShardError, match=r"shard-000000.tar: unreadable shard"):
+        read_shard(uri, entry, manifest["shape"])
 
 
 @pytest.mark.parametrize("where", ["boundary", "mid-member"])

@@ -43,6 +43,10 @@ def test_edm2_reference_pickle_reads_into_feature_stats(tmp_path):
         edm2_reference(str(only_fid), "dinov2")
     with pytest.raises(ValueError, match="not 'digits-classifier'"):
         edm2_reference(str(path), "digits-classifier")
+    # Statistics of another network's width name the file, before anything is sampled.
+    with pytest.raises(ValueError, match=r"img512\.pkl holds 8-d 'fid' statistics, but the 'inception' network "
+                                         r"gives 2048-d features"):
+        edm2_reference(str(path), "inception", 2048)
 
 
 def test_reference_pickle_that_carries_code_is_refused(tmp_path):

@@ -14,7 +14,7 @@ from pipeline_support import tiny_config_dict
 from sims_platform.cli import main
 from sims_platform.storage import fsio
 from sims_platform.storage.layout import RunLayout
-from sims_platform.storage.safe_pickle import UnsafePickleError
+from sims_platform.storage.safe_pickle import UnsafePickleError, load_torch_bytes, restricted_loads
 
 
 class _Payload:
@@ -76,3 +76,34 @@ def test_deepspeed_files_are_checked_before_deepspeed_reads_them(tmp_path):
     torch.save({"module": {"w": torch.ones(2)}, "ds_version": "0.19.8", "buffer_names": []}, ok)
     check_native_file(str(ok), "ok.pt")  # tensors and plain containers pass
     assert not marker.exists()
+
+
+def test_a_torch_with_a_known_weights_only_bypass_is_refused_at_start(monkeypatch, capsys):
+    from sims_platform.cli import main
+    from sims_platform.storage import safe_pickle
+
+    monkeypatch.setattr(safe_pickle.torch, "__version__", "2.5.1+cpu")
+    assert main(["validate", "pipelines/quick.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "torch 2.5.1 is installed" in err and ">= 2.6" in err
+    monkeypatch.setattr(safe_pickle.torch, "__version__", "2.6.0")
+    assert main(["validate", "pipelines/quick.yaml"]) == 0
+
+
+@pytest.mark.parametrize("damage", [
+    lambda b: b[: len(b) // 2],                      # cut short
+    lambda b: b"PK" + bytes(64),                     # a zip header and nothing else
+    lambda b: b"\x80\x02]q\x00(K\x01\xffe.",         # an opcode torch's unpickler does not know
+    lambda b: b"\x80\x02.",                          # a pickle that stops at once
+])
+def test_a_damaged_torch_file_is_one_clear_error(damage):
+    buf = io.BytesIO()
+    torch.save({"w": torch.ones(3)}, buf)
+    with pytest.raises(UnsafePickleError, match=r"^model\.pt: not a readable torch file \(.+\)"):
+        load_torch_bytes(damage(buf.getvalue()), "model.pt")
+
+
+def test_a_pickle_frame_larger_than_memory_is_one_clear_error():
+    frame = b"\x80\x04\x95" + (2**63 - 1).to_bytes(8, "little") + b"."
+    with pytest.raises(UnsafePickleError, match=r"^net\.pkl: not a readable pickle of the expected format"):
+        restricted_loads(frame, {}, "net.pkl")

@@ -12,6 +12,7 @@ import yaml
 from pydantic import ValidationError
 
 from sims_platform.config.schema import PipelineConfig
+from sims_platform.config.secrets import shown
 
 
 class ConfigError(ValueError):
@@ -65,13 +66,24 @@ def _format(err: ValidationError, source: str, blame: dict[tuple[str, ...], str]
     """One line per bad field; a field an override set is blamed on that `--set`, not on the file."""
     lines = [f"{source}: invalid pipeline configuration"]
     for e in err.errors():
-        path = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        got = e.get("input")
-        shown = "" if e["type"] in ("missing", "extra_forbidden") or isinstance(got, dict) else f" (got {got!r})"
         loc = tuple(str(p) for p in e["loc"])
-        where = next((f" [from --set {pair}]" for key, pair in (blame or {}).items() if loc[:len(key)] == key), "")
-        lines.append(f"  {path}: {_message(e)}{shown}{where}")
+        message = _message(e)
+        # A cross-field rule names the field it is about first ("tracking.uri: ..."): show it as that field's.
+        if named := re.match(r"Value error, ([\w.]+): (.*)", message, re.S):
+            loc, message = loc + tuple(named.group(1).split(".")), named.group(2)
+        path = ".".join(loc) or "(top level)"
+        got = e.get("input")
+        got_text = "" if e["type"] in ("missing", "extra_forbidden") or isinstance(got, dict) \
+            else f" (got {shown(got)!r})"
+        where = next((f" [from --set {_shown_pair(pair)}]" for key, pair in (blame or {}).items()
+                      if loc[:len(key)] == key), "")
+        lines.append(f"  {path}: {message}{got_text}{where}")
     return "\n".join(lines)
+
+
+def _shown_pair(pair: str) -> str:
+    key, _, value = pair.partition("=")
+    return f"{key}={shown(value)}"
 
 
 # ----------------------------------------------------------------------------
@@ -168,7 +180,11 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Pipelin
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"{path}: pipeline file not found")
-        text, source = p.read_text(), str(path)
+        source = str(path)
+        try:
+            text = p.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{source}: not a UTF-8 text file (byte {err.start}); expected pipeline YAML") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:

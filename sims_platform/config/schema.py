@@ -11,6 +11,8 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StringConstr
 
 from sims_platform.guidance import methods
 
+from sims_platform.config.secrets import refuse_credentials
+
 
 class Strict(BaseModel):
     """Base for every config section: unknown keys are errors, values are validated on assignment."""
@@ -267,6 +269,10 @@ class TrainConfig(Strict):
         if mb is not None and self.batch_size % mb:
             raise ValueError(f"distributed.micro_batch={mb} must divide batch_size={self.batch_size} "
                              "(the global batch is split into equal micro-batches)")
+        late = [n for n in self.snapshots if not 1 <= n <= self.images]
+        if late:  # a snapshot never reached would fail the stage that reads it, after the whole training
+            raise ValueError(f"snapshots: {late} lie outside 1..images ({self.images}); a snapshot is the weights "
+                             "after that many training images")
         return self
 
 
@@ -539,7 +545,7 @@ TARGET_SUM_TOLERANCE = 1e-6
 
 
 class IterationsConfig(Strict):
-    count: int = Field(1, ge=1, description="how many SIMS iterations (generations) to run")
+    count: int = Field(1, ge=1, le=999, description="how many SIMS iterations (generations) to run")
     train_data: Literal["real", "real+synthetic", "synthetic"] = Field(
         "real", description="what iteration k>0 trains its base on: real only, real plus the previous "
         "iteration's feed samples (synthetic augmentation loop), or the feed only (fully synthetic loop)")
@@ -671,10 +677,15 @@ class TrackingConfig(Strict):
     experiment: str = Field("sims", description="MLflow experiment name")
 
 
+# Sample seeds are ((seed * 1000 + iteration) * 10 + stream) * 10^9 + index (the stages' seed streams), held as
+# int64: a larger seed would overflow in generate, after training.
+MAX_SEED = (2**63 - 1) // 10**13 - 1
+
+
 class PipelineConfig(Strict):
     name: str = Field("sims", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
                       description="run name (lowercase, digits, '-': it becomes Kubernetes names)")
-    seed: int = Field(0, ge=0, description="base seed; every stage derives its seeds from it")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="base seed; every stage derives its seeds from it")
     data: DataConfig = DataConfig()
     encoder: EncoderConfig = EncoderConfig()
     network: NetworkConfig = NetworkConfig()
@@ -703,6 +714,7 @@ class PipelineConfig(Strict):
 
     @model_validator(mode="after")
     def _cross(self) -> PipelineConfig:
+        refuse_credentials(self)
         names = [m.name for m in self.evaluate.methods]
         if self.data.reference_path is not None and self.evaluate.reference:
             raise ValueError("data.reference_path and evaluate.reference both name the reference: images to compute "

@@ -236,12 +236,32 @@ def read_manifest(uri: str) -> dict[str, Any]:
         raise ShardError(f"{uri}: no {MANIFEST}; the synthetic set is incomplete (did generate finish?)")
     try:
         manifest = read_json(path)
-        entries = manifest["shards"]
-        if sum(e["count"] for e in entries) != manifest["total"]:
-            raise ValueError("shard counts do not add up to total")
-    except (ValueError, KeyError, TypeError) as e:
-        raise ShardError(f"{path}: not a valid shard manifest ({e})") from e
+        problem = _manifest_problem(manifest)
+    except ValueError as e:  # not JSON
+        problem = str(e)
+    if problem:
+        raise ShardError(f"{path}: not a valid shard manifest ({problem})")
     return manifest
+
+
+def _manifest_problem(m: Any) -> str | None:
+    """What is wrong with a parsed manifest (every field a reader uses, with its type), or None."""
+    if not isinstance(m, dict):
+        return f"expected a JSON object, got {type(m).__name__}"
+    shape, total, entries = m.get("shape"), m.get("total"), m.get("shards")
+    if not (isinstance(shape, list) and shape and all(type(d) is int and d > 0 for d in shape)):
+        return "'shape' must be a list of positive integers"
+    if not (type(total) is int and total >= 0):
+        return "'total' must be an integer >= 0"
+    if not isinstance(entries, list):
+        return "'shards' must be a list"
+    for i, e in enumerate(entries):
+        if not (isinstance(e, dict) and isinstance(e.get("name"), str) and re.fullmatch(r"shard-\d+\.tar", e["name"])
+                and type(e.get("count")) is int and e["count"] >= 0 and isinstance(e.get("sha256"), str)):
+            return f"shards[{i}] must have a name shard-N.tar, an integer count and a sha256"
+    if sum(e["count"] for e in entries) != total:
+        return "shard counts do not add up to total"
+    return None
 
 
 def read_shard(uri: str, entry: dict[str, Any],
@@ -262,8 +282,8 @@ def read_shard(uri: str, entry: dict[str, Any],
                 pass
     except DataError as e:  # a truncated tar: the message already names the shard
         raise ShardError(str(e)) from e
-    except (OSError, ValueError, KeyError, EOFError) as e:
-        raise ShardError(f"{path}: unreadable shard ({e!r})") from e
+    except Exception as e:  # noqa: BLE001 - a damaged member fails in many ways (tar, npy header, int parsing)
+        raise ShardError(f"{path}: unreadable shard ({type(e).__name__}: {str(e)[:200]})") from e
     if stream.sha.hexdigest() != entry["sha256"]:
         raise ShardError(f"{path}: sha256 checksum mismatch (manifest {entry['sha256'][:12]}..., file "
                          f"{stream.sha.hexdigest()[:12]}...); the shard is corrupt or was rewritten")

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from sims_platform.config.schema import PipelineConfig
+from sims_platform.config.secrets import CREDENTIALS
 
 ROOT_DEF = "PipelineConfig"
 
@@ -25,13 +26,26 @@ def pipeline_defs() -> dict[str, Any]:
     return defs
 
 
+def refusing_credentials(schema: Any) -> Any:
+    """The schema with every string refusing a URI that carries credentials, as `sims validate` does, so
+    `helm install` stops before any manifest holds one."""
+    if isinstance(schema, list):
+        return [refusing_credentials(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: refusing_credentials(v) for k, v in schema.items()}
+    if out.get("type") == "string" and "enum" not in out and "const" not in out:
+        out["not"] = {"pattern": CREDENTIALS}
+    return out
+
+
 def with_pipeline(values_schema: dict[str, Any]) -> dict[str, Any]:
     out = dict(values_schema)
     out["properties"] = dict(out.get("properties", {}))
     out["properties"]["pipeline"] = {"$ref": f"#/$defs/{ROOT_DEF}",
                                      "description": "the pipeline config: the schema of pipelines/*.yaml"}
     out["$defs"] = pipeline_defs()
-    return out
+    return refusing_credentials(out)
 
 
 def main(argv: list[str]) -> int:

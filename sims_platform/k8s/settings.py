@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pydantic.alias_generators import to_camel
 
 from sims_platform.config.loader import ConfigError
+from sims_platform.config.secrets import refuse_credentials
 from sims_platform.storage.layout import IMPORT_BASE, RUN_STAGES, STAGES
 
 # Keys are camelCase in YAML (Helm values convention) and snake_case in Python.
@@ -88,6 +89,7 @@ class DriverSettings(Section):
 
     @model_validator(mode="after")
     def _known_stages(self) -> DriverSettings:
+        refuse_credentials(self)
         known = RUN_STAGES + STAGES
         bad = sorted(set(self.stages) - set(known))
         if bad:

@@ -51,7 +51,7 @@ def read_edm2_refs(uri: str) -> dict[str, FeatureStats]:
     return out
 
 
-def edm2_reference(uri: str, features: str) -> FeatureStats:
+def edm2_reference(uri: str, features: str, dim: int | None = None) -> FeatureStats:
     """The statistics of evaluate.features `features` (inception -> fid, dinov2 -> fd_dinov2) in an EDM2 pickle."""
     metric = EDM2_METRICS.get(features)
     if metric is None:
@@ -61,4 +61,7 @@ def edm2_reference(uri: str, features: str) -> FeatureStats:
     if metric not in refs:
         raise ValueError(f"evaluate.reference: {uri} has statistics for {', '.join(refs) or 'nothing'}, not "
                          f"'{metric}' (features '{features}')")
+    if dim is not None and refs[metric].dim != dim:  # named here, not as a shape error inside the FID
+        raise ValueError(f"evaluate.reference: {uri} holds {refs[metric].dim}-d '{metric}' statistics, but the "
+                         f"'{features}' network gives {dim}-d features: use the reference file made with it")
     return refs[metric]

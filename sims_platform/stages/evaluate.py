@@ -105,7 +105,7 @@ def reference(ctx: StageContext, extractor: FeatureExtractor) -> tuple[FeatureSt
     memory, in one pass: each batch's features are summed and, below max_samples, kept (as the stage does)."""
     ev = ctx.cfg.evaluate
     if ev.reference:
-        return edm2_reference(ev.reference, ev.features), None
+        return edm2_reference(ev.reference, ev.features, extractor.dim), None
     streamed = read_result(ReferenceFiles.of(ctx.layout, ctx.cfg, extractor))
     if streamed is not None:
         return streamed

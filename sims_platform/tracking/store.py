@@ -20,7 +20,9 @@ from collections.abc import Iterator
 
 from mlflow import MlflowClient
 
+from sims_platform.config import ConfigError
 from sims_platform.config.schema import PipelineConfig
+from sims_platform.config.secrets import check_uri
 from sims_platform.storage.layout import RunLayout
 
 SQLITE = "sqlite:///"
@@ -50,6 +52,10 @@ def resolve_tracking_uri(cfg: PipelineConfig, layout: RunLayout) -> str:
     if cfg.tracking.uri:
         return cfg.tracking.uri
     if env := os.environ.get("MLFLOW_TRACKING_URI"):
+        try:
+            check_uri("MLFLOW_TRACKING_URI", env)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         return env
     return local_store(layout)[0]
 
