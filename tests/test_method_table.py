@@ -118,9 +118,10 @@ def test_the_guidance_pipeline_validates():
 
 
 @pytest.mark.parametrize("weights,expected", [
-    ({"sims": [0.5], "autoguide": [1.0]}, r"weights of sims\+autoguidance: .*autoguide: no guide"),
-    ([0.5, 1.0], r"weights of sims\+autoguidance: one sweep per guide"),
-    ({"sims": [0.5]}, r"weights of sims\+autoguidance: expected one sweep per guide"),
+    ({"sims": [0.5], "autoguide": [1.0]},
+     r"evaluate\.methods\.2\.weights: sims\+autoguidance takes one sweep per guide .*autoguide: no guide"),
+    ([0.5, 1.0], r"evaluate\.methods\.2\.weights: sims\+autoguidance takes one sweep per guide, e\.g\."),
+    ({"sims": [0.5]}, r"weights: sims\+autoguidance takes one sweep per guide \['sims', 'autoguidance'\]"),
     ({"sims": [0.5], "autoguidance": [-1.0]}, r"weights\.autoguidance must be >= 0"),
 ])
 def test_bad_weight_vectors_are_one_line_errors(weights, expected):

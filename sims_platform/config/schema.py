@@ -394,12 +394,12 @@ class MethodConfig(Strict):
         if isinstance(weights, dict):
             unknown = [str(n) for n in weights if n not in names]
             if unknown or len(weights) != len(names):
-                raise ValueError(f"weights of {name}: expected one sweep per guide {names}, got {list(weights)}"
+                raise ValueError(f"weights: {name} takes one sweep per guide {names}, got {list(weights)}"
                                  + (f" ({', '.join(unknown)}: no guide of {name})" if unknown else ""))
             sweeps = [weights[n] for n in names]
             return {**data, "weights": sweeps[0] if len(names) == 1 else dict(zip(names, sweeps))}
         if weights is not None and len(names) > 1:
-            raise ValueError(f"weights of {name}: one sweep per guide, e.g. "
+            raise ValueError(f"weights: {name} takes one sweep per guide, e.g. "
                              + "{" + ", ".join(f"{n}: [0.5]" for n in names) + "}")
         return data
 
