@@ -138,12 +138,12 @@ def tiny_guidance_dict(root: str) -> dict:
     methods = yaml.safe_load(PIPELINE.read_text())["evaluate"]["methods"]
     for m in methods:
         if "guide_images" in m:
-            m["guide_images"] = 1024
-    d["train_base"]["snapshots"] = [1024]
-    d["evaluate"]["methods"] = methods
-    d["evaluate"]["num_samples"] = 16
-    d["evaluate"]["batch_size"] = 16
-    d["generate"]["num_samples"] = 48
+            m["guide_images"] = 256
+    d["data"]["max_images"] = 200
+    d["train_base"].update(images=512, snapshots=[256], checkpoint_images=512)
+    d["finetune_aux"].update(images=128, checkpoint_images=128)
+    d["evaluate"].update(methods=methods, num_samples=8, batch_size=8)
+    d["generate"].update(num_samples=16, batch_size=16, shard_size=16)
     return d
 
 
