@@ -15,10 +15,11 @@ from torch import nn
 from sims_platform.cli import main
 from sims_platform.config import ConfigError, config_from_dict
 from sims_platform.config.schema import SamplerConfig
-from sims_platform.guidance.methods import call_sigmas, method
+from sims_platform.config.methods import method
+from sims_platform.sampling import guidance
 from sims_platform.sampling.guidance import NetDenoiser
 from sims_platform.pipeline.runner import run_pipeline
-from sims_platform.sampling.heun import heun_sample
+from sims_platform.sampling.heun import call_sigmas, heun_sample
 
 from pipeline_support import tiny_config_dict
 
@@ -52,12 +53,12 @@ def _outputs(denoise) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("w,alone,alone_w", [((0.5, 0.0), "sims", 0.5), ((0.0, 0.75), "autoguidance", 0.75)])
 def test_sims_plus_autoguidance_with_one_weight_zero_is_the_other_method_bit_for_bit(w, alone, alone_w):
     base, aux, guide = _nets()
-    both = method("sims+autoguidance").build(base, [aux, guide], w)
-    one = method(alone).build(base, [aux if alone == "sims" else guide], alone_w)
+    both = method("sims+autoguidance").build(guidance, base, [aux, guide], w)
+    one = method(alone).build(guidance, base, [aux if alone == "sims" else guide], alone_w)
     for got, want in zip(_outputs(both), _outputs(one)):
         assert torch.equal(got, want)
     # Both weights on: a third network changes the result.
-    mixed, _ = _outputs(method("sims+autoguidance").build(base, [aux, guide], (0.5, 0.75)))
+    mixed, _ = _outputs(method("sims+autoguidance").build(guidance, base, [aux, guide], (0.5, 0.75)))
     assert not torch.equal(mixed, _outputs(one)[0])
 
 
@@ -73,15 +74,15 @@ def test_an_interval_covering_every_sigma_is_no_interval_and_outside_it_an_arm_i
     row = method(name)
     guides = {"sims": [aux], "neon": [aux], "autoguidance": [guide], "sims+autoguidance": [aux, guide]}[name]
     w = (0.5, 0.75) if row.vector else 0.5
-    plain = _outputs(row.denoiser(base, guides, w))
+    plain = _outputs(row.denoiser(guidance, base, guides, w))
     sigmas = call_sigmas(SamplerConfig(steps=6))
-    every = _outputs(row.denoiser(base, guides, w, [min(sigmas), max(sigmas)]))
+    every = _outputs(row.denoiser(guidance, base, guides, w, [min(sigmas), max(sigmas)]))
     assert all(torch.equal(a, b) for a, b in zip(every, plain))
     # _outputs' single call is at sigma 1.5: an interval above it leaves the base alone there.
     x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(3))
-    outside = row.denoiser(base, guides, w, [2.0, 80.0])(x, torch.tensor(1.5), None)
+    outside = row.denoiser(guidance, base, guides, w, [2.0, 80.0])(x, torch.tensor(1.5), None)
     assert torch.equal(outside, NetDenoiser(base)(x, torch.tensor(1.5), None))
-    assert not torch.equal(row.denoiser(base, guides, w)(x, torch.tensor(1.5), None), outside)
+    assert not torch.equal(row.denoiser(guidance, base, guides, w)(x, torch.tensor(1.5), None), outside)
 
 
 def test_nfe_counts_the_sampler_calls_inside_the_interval():
@@ -90,9 +91,9 @@ def test_nfe_counts_the_sampler_calls_inside_the_interval():
     assert len(sigmas) == 31 and max(sigmas) == 80.0
     inside = sum(0.28 <= s <= 2.9 for s in sigmas)
     assert 0 < inside < 31
-    assert method("sims").nfe_in_interval(sampler, 0.5, [0.28, 2.9]) == 31 + inside
-    assert method("sims+autoguidance").nfe_in_interval(sampler, (0.5, 1.0), [0.28, 2.9]) == 31 + 2 * inside
-    assert method("sims").nfe_in_interval(sampler, 0.5, [1e-3, 100.0]) == method("sims").nfe_per_sample(16)
+    assert method("sims").nfe_in_interval(sigmas, 0.5, [0.28, 2.9]) == 31 + inside
+    assert method("sims+autoguidance").nfe_in_interval(sigmas, (0.5, 1.0), [0.28, 2.9]) == 31 + 2 * inside
+    assert method("sims").nfe_in_interval(sigmas, 0.5, [1e-3, 100.0]) == method("sims").nfe_per_sample(16)
 
 
 @pytest.mark.parametrize("interval,expected", [

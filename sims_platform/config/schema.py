@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, WithJsonSchema, field_validator,
                       model_validator)
 
-from sims_platform.guidance import methods
+from sims_platform.config import methods
 
 from sims_platform.config.secrets import refuse_credentials
 
@@ -335,7 +335,7 @@ def _known_method(name: str) -> str:
     return name
 
 
-# A guidance method: a row of the method table (sims_platform/guidance/methods.py).
+# A guidance method: a row of the method table (sims_platform/config/methods.py).
 MethodName = Annotated[str, AfterValidator(_known_method), WithJsonSchema({"enum": list(methods.NAMES),
                                                                           "type": "string"})]
 # A file digest as `sha256sum` prints it.

@@ -9,7 +9,8 @@ from torch import nn
 
 from sims_platform.config.schema import PipelineConfig
 from sims_platform.evaluation.plan import Arm
-from sims_platform.guidance.methods import is_base
+from sims_platform.config.methods import is_base
+from sims_platform.sampling import guidance
 from sims_platform.sampling.guidance import Denoiser, NetDenoiser
 from sims_platform.storage.layout import RunLayout
 
@@ -53,5 +54,6 @@ class Networks:
             return NetDenoiser(self.base)
         if arm not in self._denoisers:  # e.g. neon's merged network is built once per w
             m = self.cfg.evaluate.method(arm.method)
-            self._denoisers[arm] = m.row.denoiser(self.base, self.guides(arm.method), arm.w, m.guidance_interval)
+            self._denoisers[arm] = m.row.denoiser(guidance, self.base, self.guides(arm.method), arm.w,
+                                                  m.guidance_interval)
         return self._denoisers[arm]

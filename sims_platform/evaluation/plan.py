@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass
 
 from sims_platform.config.schema import EvaluateConfig, ShiftConfig
-from sims_platform.guidance.methods import Weights, method, metric_tag, w_key
+from sims_platform.config.methods import Weights, method, metric_tag, w_key
 
 SELECTION_SET = 0
 

@@ -17,8 +17,9 @@ import torch
 from sims_platform.config.schema import EvaluateConfig
 from sims_platform.evaluation.parts import ArmData
 from sims_platform.evaluation.plan import BASE, SELECTION_SET, Arm, method_arms, report_sets, w_key
-from sims_platform.guidance.methods import Weights, is_base
+from sims_platform.config.methods import Weights, is_base
 from sims_platform.metrics import FeatureStats, fid_from_stats
+from sims_platform.sampling.heun import call_sigmas
 from sims_platform.metrics.prdc import precision_recall
 
 METRICS = ("fid", "precision", "recall", "density", "coverage")
@@ -71,7 +72,7 @@ def method_result(ev: EvaluateConfig, method: str, metrics: dict[str, dict[str, 
             res[name][key] = _mean_sd([m[name][s] for s in reps])[0]
         res["fid_selection"][key] = m["fid"][SELECTION_SET]
         res["nfe_per_w"][key] = arm.nfe_per_sample(steps) if arm == BASE or interval is None else \
-            cfg.row.nfe_in_interval(ev.sampler, arm.w, interval)
+            cfg.row.nfe_in_interval(call_sigmas(ev.sampler), arm.w, interval)
     finite = {a: metrics[a.key]["fid"][SELECTION_SET] for a in sweep
               if math.isfinite(metrics[a.key]["fid"][SELECTION_SET])}
     best = min(finite, key=lambda a: (finite[a], _vector(a.w))) if finite else BASE

@@ -16,7 +16,7 @@ import torch
 
 from sims_platform.config.schema import EvaluateConfig
 from sims_platform.evaluation.plan import BASE, method_arms, report_sets, w_key
-from sims_platform.guidance.methods import method as method_row
+from sims_platform.config.methods import method as method_row
 from sims_platform.shift.selection import ShiftError, fit_gain, total_variation
 
 def _normalised(counts: torch.Tensor) -> list[float]:

@@ -19,8 +19,8 @@ from sims_platform.evaluation.methods import Networks, model_inputs
 from sims_platform.evaluation.plan import arms, part_block, set_offset, w_key, work_units
 from sims_platform.evaluation.reference import ReferenceFiles, read_result
 from sims_platform.evaluation.report import arm_metrics, iteration_row, method_result
-from sims_platform.guidance.methods import curves as method_curves
-from sims_platform.guidance.methods import metric_tag, parse_w_key, w_metric
+from sims_platform.config.methods import curves as method_curves
+from sims_platform.config.methods import metric_tag, parse_w_key, w_metric
 from sims_platform.data import read_manifest
 from sims_platform.metrics import FeatureExtractor, FeatureStats, fid_from_stats
 from sims_platform.metrics.edm2_refs import edm2_reference

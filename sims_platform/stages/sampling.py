@@ -77,7 +77,7 @@ def feed(ctx: StageContext, run_id: str) -> dict:
     guided sampler (feed_source) at a fixed w or its method's best w, selected by this iteration's evaluation."""
     from sims_platform.evaluation.methods import Networks, model_inputs
     from sims_platform.evaluation.plan import BASE, Arm
-    from sims_platform.guidance.methods import Weights, is_base
+    from sims_platform.config.methods import Weights, is_base
 
     k, layout, g = ctx.iteration, ctx.layout, ctx.cfg.generate
     out = layout.shards(k, "feed")

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from sims_platform.guidance.methods import is_base, parse_w_key, w_key
+from sims_platform.config.methods import is_base, parse_w_key, w_key
 from sims_platform.metrics.preprocess import quantize_uint8
 from sims_platform.storage.fsio import exists, read_json, write_json
 from sims_platform.storage.layout import RunLayout

@@ -18,8 +18,8 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from sims_platform.guidance.methods import curves as method_curves
-from sims_platform.guidance.methods import metric_tag, parse_w_key, w_key
+from sims_platform.config.methods import curves as method_curves
+from sims_platform.config.methods import metric_tag, parse_w_key, w_key
 from sims_platform.tracking.lineage import Lineage
 from sims_platform.tracking.results import fid_curves_png
 

@@ -3,7 +3,8 @@
 A row names the networks the method guides with (each guide's source and lineage role), its cost in network
 evaluations, how its denoiser is built from loaded networks and its weights, its config checks and its label.
 Config, planning, evaluation, the feed and the reports read these rows; nothing else switches on a method's name.
-This module is imported by the config, so it loads torch only when a denoiser is built.
+It sits in the config package (the lowest layer) and imports nothing above it: a row builds its denoiser with the
+denoiser kit its caller passes (sampling/guidance.py), and finds its guides through the run's layout passed in.
 """
 
 from __future__ import annotations
@@ -11,17 +12,24 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from torch import nn
-
-    from sims_platform.config.schema import MethodConfig, PipelineConfig, SamplerConfig
-    from sims_platform.sampling.guidance import Denoiser
-    from sims_platform.storage.layout import RunLayout
+    from sims_platform.config.schema import MethodConfig, PipelineConfig
 
 # An arm's weights: a float for a one-guide method, one float per guide (in the row's order) otherwise.
 Weights = float | tuple[float, ...]
+# A network (torch.nn.Module) and a denoiser (sampling/guidance.py's Denoiser): this layer does not import torch.
+Net = Any
+Denoiser = Callable[[Any, Any, Any], Any]
+
+
+class Layout(Protocol):
+    """Where a run's models are (storage/layout.py's RunLayout)."""
+
+    def model(self, k: int, stage: str) -> str: ...
+
+    def snapshot(self, k: int, stage: str, images: int) -> str: ...
 
 
 # ----------------------------------------------------------------------------
@@ -35,7 +43,7 @@ class StageModel:
     stage: str
     takes_guide_images = False
 
-    def uri(self, cfg: PipelineConfig, method: MethodConfig, layout: RunLayout, k: int) -> str | None:
+    def uri(self, cfg: PipelineConfig, method: MethodConfig, layout: Layout, k: int) -> str | None:
         return layout.model(k, self.stage)
 
     def check(self, cfg: PipelineConfig, method: MethodConfig) -> None:
@@ -49,7 +57,7 @@ class EarlyBase:
     stage = None
     takes_guide_images = True
 
-    def uri(self, cfg: PipelineConfig, method: MethodConfig, layout: RunLayout, k: int) -> str | None:
+    def uri(self, cfg: PipelineConfig, method: MethodConfig, layout: Layout, k: int) -> str | None:
         if cfg.pretrained.guide:
             return cfg.pretrained.guide
         assert method.guide_images is not None  # check() made the config name a snapshot
@@ -72,7 +80,7 @@ class BaseWithoutLabels:
     stage = None
     takes_guide_images = False
 
-    def uri(self, cfg: PipelineConfig, method: MethodConfig, layout: RunLayout, k: int) -> str | None:
+    def uri(self, cfg: PipelineConfig, method: MethodConfig, layout: Layout, k: int) -> str | None:
         return None
 
     def check(self, cfg: PipelineConfig, method: MethodConfig) -> None:
@@ -106,28 +114,21 @@ UNCONDITIONAL = Guide("cfg", BaseWithoutLabels(), None)
 # How a row builds its denoiser
 
 
-def _guidance() -> Any:
-    # Imported here, not at the top: the config imports this table and must not load torch.
-    from sims_platform.sampling import guidance
-    return guidance
-
-
 def _as_vector(w: Weights) -> tuple[float, ...]:
     return w if isinstance(w, tuple) else (float(w),)
 
 
-def extrapolate(base: nn.Module, guides: Sequence[nn.Module | None], w: Weights) -> Denoiser:
-    """D = D_base + sum_i w_i (D_base - D_guide_i); a guide of None is the base without its labels."""
-    g = _guidance()
+def extrapolate(g: Any, base: Net, guides: Sequence[Net | None], w: Weights) -> Denoiser:
+    """D = D_base + sum_i w_i (D_base - D_guide_i); a guide of None is the base without its labels.
+    `g` is the denoiser kit (sampling/guidance.py)."""
     pairs = [(g.NetDenoiser(net) if net is not None else g.Unconditional(base), wi)
              for net, wi in zip(guides, _as_vector(w))]
     (first, w0), *more = pairs
     return g.Guided(g.NetDenoiser(base), first, w0, more)
 
 
-def weight_space(base: nn.Module, guides: Sequence[nn.Module | None], w: Weights) -> Denoiser:
+def weight_space(g: Any, base: Net, guides: Sequence[Net | None], w: Weights) -> Denoiser:
     """Neon: one network with weights (1 + w) theta_base - w theta_guide."""
-    g = _guidance()
     (aux,) = guides
     return g.NetDenoiser(g.neon(base, aux, float(_as_vector(w)[0])))
 
@@ -147,15 +148,7 @@ class Interval:
         return (self.guided if self.inside(float(sigma)) else self.base)(x, sigma, labels)
 
 
-def call_sigmas(sampler: SamplerConfig) -> list[float]:
-    """The noise levels the Heun sampler calls its denoiser at, as the denoiser sees them (float32)."""
-    from sims_platform.sampling.heun import sigma_steps  # torch: see _guidance
-
-    t = sigma_steps(sampler).float().tolist()
-    return t[:sampler.steps] + t[1:sampler.steps]
-
-
-Build = Callable[["nn.Module", Sequence["nn.Module | None"], Weights], "Denoiser"]
+Build = Callable[[Any, Net, Sequence[Net | None], Weights], Denoiser]
 
 
 # ----------------------------------------------------------------------------
@@ -210,7 +203,7 @@ class Method:
         """The training stages whose models it guides with."""
         return tuple(g.source.stage for g in self.guides if g.source.stage is not None)
 
-    def guide_uris(self, cfg: PipelineConfig, method: MethodConfig, layout: RunLayout,
+    def guide_uris(self, cfg: PipelineConfig, method: MethodConfig, layout: Layout,
                    k: int) -> list[str | None]:
         """Each guide's network URI at iteration k (None: the base without labels)."""
         return [g.source.uri(cfg, method, layout, k) for g in self.guides]
@@ -225,19 +218,21 @@ class Method:
         """Network evaluations per sample with a Heun sampler of `steps` steps (2 steps - 1 denoiser calls)."""
         return self.networks_at(w) * (2 * steps - 1)
 
-    def nfe_in_interval(self, sampler: SamplerConfig, w: Weights | None, interval: Sequence[float]) -> int:
-        """Network evaluations per sample when guidance acts only inside `interval`: the base alone elsewhere."""
+    def nfe_in_interval(self, sigmas: Sequence[float], w: Weights | None, interval: Sequence[float]) -> int:
+        """Network evaluations per sample when guidance acts only inside `interval` (the base alone elsewhere),
+        for a sampler that calls its denoiser at `sigmas` (sampling/heun.py call_sigmas)."""
         lo, hi = interval
-        return sum(self.networks_at(w) if lo <= s <= hi else 1 for s in call_sigmas(sampler))
+        return sum(self.networks_at(w) if lo <= s <= hi else 1 for s in sigmas)
 
-    def denoiser(self, base: nn.Module, guides: Sequence[nn.Module | None], w: Weights,
+    def denoiser(self, kit: Any, base: Net, guides: Sequence[Net | None], w: Weights,
                  interval: Sequence[float] | None = None) -> Denoiser:
-        """The arm's denoiser; with a guidance interval, the base network alone outside it."""
-        guided = self.build(base, guides, w)
+        """The arm's denoiser, built with the denoiser kit (sampling/guidance.py); with a guidance interval, the
+        base network alone outside it."""
+        guided = self.build(kit, base, guides, w)
         if interval is None:
             return guided
         lo, hi = interval
-        return Interval(guided, _guidance().NetDenoiser(base), lo, hi)
+        return Interval(guided, kit.NetDenoiser(base), lo, hi)
 
 
 METHODS: dict[str, Method] = {m.name: m for m in [
