@@ -32,7 +32,7 @@ class Networks:
     def __init__(self, cfg: PipelineConfig, layout: RunLayout, k: int, load: Callable[[str], nn.Module]):
         self.cfg, self.layout, self.k, self.load = cfg, layout, k, load
         self._nets: dict[str, nn.Module] = {}
-        self._denoisers: dict[Arm, Denoiser] = {}
+        self._denoisers: dict[Arm, Denoiser] = {}  # built by the method table's rows
 
     def _net(self, uri: str) -> nn.Module:
         if uri not in self._nets:
@@ -54,6 +54,7 @@ class Networks:
             return NetDenoiser(self.base)
         if arm not in self._denoisers:  # e.g. neon's merged network is built once per w
             m = self.cfg.evaluate.method(arm.method)
-            self._denoisers[arm] = m.row.denoiser(guidance, self.base, self.guides(arm.method), arm.w,
-                                                  m.guidance_interval)
+            # The table is torch-free: its denoisers are typed as plain callables.
+            built = m.row.denoiser(guidance, self.base, self.guides(arm.method), arm.w, m.guidance_interval)
+            self._denoisers[arm] = built  # type: ignore[assignment]
         return self._denoisers[arm]

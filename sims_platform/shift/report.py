@@ -53,6 +53,7 @@ def method_shift_summary(ev: EvaluateConfig, method: str, classes: dict[str, dic
         # Only the method whose formula the aux set's design assumes (its row says so) gets a fitted gain.
         if method_row(method).shift_calibrated and arm != BASE and aux_set is not None:
             try:
+                assert not isinstance(arm.w, tuple)  # a calibrated method has one guide, so one w
                 row["gain_fit"] = fit_gain(pooled[BASE.key], aux_set, pooled[arm.key], arm.w)
             except ShiftError:
                 row["gain_fit"] = float("nan")  # no tilt to fit (aux equals base on the measured classes)
