@@ -1,8 +1,11 @@
 # SIMS stage image: CUDA PyTorch, the sims_platform package, a non-root user, `sims` as the entrypoint.
 #   docker build -t ghcr.io/sims-platform/sims:0.1.0-cuda12.8 .
-#   docker build --build-arg BASE=python:3.11-slim -t sims:dev .      # CPU-only image for kind/minikube
+#   docker build --build-arg BASE=python:3.11-slim --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cpu \
+#     -t sims:dev .                                                    # CPU-only image for kind (k8s/README.md)
 ARG BASE=pytorch/pytorch:2.7.1-cuda12.8-cudnn9-runtime
 FROM ${BASE}
+# Where torch comes from: empty = the base image's (the CUDA build); an index URL = that index's wheel.
+ARG TORCH_INDEX=""
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -15,11 +18,16 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 RUN groupadd --gid 1000 sims && useradd --uid 1000 --gid 1000 --create-home --home-dir /home/sims sims
 
 WORKDIR /opt/sims
-# Dependencies first (cached while only the code changes). The base image's torch satisfies the pin, so pip
-# keeps the CUDA build instead of pulling a CPU wheel.
-COPY pyproject.toml README.md ./
+# Dependencies first (cached while only the code changes), at the versions the tests ran with: constraints-dev.txt,
+# less its torch pin. That pin is the CPU wheel (torch==X+cpu, from PyTorch's CPU index) the dev venv uses; it
+# must not replace the base image's CUDA torch, which satisfies pyproject.toml's range. With TORCH_INDEX (the CPU
+# dev image) torch comes from that index first, at the pinned version.
+COPY pyproject.toml README.md constraints-dev.txt ./
 COPY sims_platform/__init__.py sims_platform/__init__.py
-RUN pip install --upgrade pip && pip install . && pip uninstall -y sims-platform
+RUN grep -v '^torch==' constraints-dev.txt > /tmp/constraints-image.txt \
+ && pip install --upgrade pip \
+ && if [ -n "$TORCH_INDEX" ]; then pip install --index-url "$TORCH_INDEX" "$(grep '^torch==' constraints-dev.txt)"; fi \
+ && pip install -c /tmp/constraints-image.txt . && pip uninstall -y sims-platform
 COPY sims_platform sims_platform
 COPY pipelines pipelines
 RUN pip install --no-deps . && sims --help >/dev/null

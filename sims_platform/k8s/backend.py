@@ -18,17 +18,23 @@ class TrainingBackend(Protocol):
     plural: str
     kind: str
     container: str  # the container name the operator expects
+    delete_failed: bool  # the driver deletes a failed workload once it has recorded why (else it could run again)
 
     def launcher(self) -> list[str]:
         """The container command; the sims argv follows as the container args."""
         ...
 
     def build(self, name: str, labels: dict[str, str], template: V1PodTemplateSpec, nodes: int, gpus: int,
-              settings: DriverSettings) -> dict[str, Any]:
-        """The serialised object (apiVersion, kind, metadata, spec) ready for create_namespaced_custom_object."""
+              settings: DriverSettings, deadline: int | None = None) -> dict[str, Any]:
+        """The serialised object (apiVersion, kind, metadata, spec) ready for create_namespaced_custom_object;
+        deadline: the stage's activeDeadlineSeconds (the whole workload fails past it)."""
         ...
 
     def observe(self, obj: dict[str, Any]) -> Observed:
+        ...
+
+    def conflict(self, obj: dict[str, Any]) -> str | None:
+        """Why the workload as admitted cannot run as the stage asked (its placement overwritten), or None."""
         ...
 
 

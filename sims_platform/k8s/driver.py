@@ -14,6 +14,7 @@ from typing import Any
 from sims_platform.config import PipelineConfig
 from sims_platform.k8s import labels as L
 from sims_platform.k8s.backend import TrainingBackend, backend_for
+from sims_platform.k8s.jobs import PERMANENT_EXITS
 from sims_platform.k8s.kube import Apis, is_conflict, is_not_found, is_temporary, to_dict
 from sims_platform.k8s.settings import DriverSettings
 from sims_platform.k8s.state import Observed, Phase, job_observed
@@ -34,7 +35,7 @@ class StageFailed(RuntimeError):
     def __init__(self, workload: Workload, reason: str, namespace: str = "", release: str = "") -> None:
         self.workload, self.reason = workload, reason
         retry = (f"; after fixing the cause: kubectl -n {namespace} delete {workload.kind.lower()} {workload.name} "
-                 f"&& helm upgrade {release} charts/sims -n {namespace} --reuse-values"
+                 f"--ignore-not-found && helm upgrade {release} charts/sims -n {namespace} --reuse-values"
                  if namespace and release else "")
         loop = f"loop {workload.loop}, " if workload.loop else ""
         super().__init__(f"stage {workload.stage} (step {workload.step}) of {loop}iteration {workload.iteration} "
@@ -63,6 +64,7 @@ class Driver:
         self.log = log or (lambda msg: print(msg, flush=True))
         self.max_retries = max_retries
         self.ns = settings.namespace
+        self._seen_exits: dict[str, list[str]] = {}  # workload -> its pods' last failures seen while it ran
 
     # ------------------------------------------------------------------------
     # The loop
@@ -102,7 +104,17 @@ class Driver:
                 return
             elif obs.phase is Phase.FAILED:
                 self._check_ours(w, obj)
-                raise StageFailed(w, self._failure_detail(w, obs), self.ns, self.settings.release)
+                failed = StageFailed(w, self._failure_detail(w, obs), self.ns, self.settings.release)
+                if not w.is_job and self.backend.delete_failed:
+                    self.log(f"[{where(w)} {w.step}] {failed}")  # recorded before the object goes
+                    self.delete(w)
+                raise failed
+            elif not w.is_job and (permanent := self.backend.conflict(obj or {}) or self._permanent_exit(w)):
+                # Admitted with a placement the stage cannot run with, or a pod exited with a permanent code (an
+                # OnFailure pod restarts in place whatever its code): stop the gang ourselves.
+                self._check_ours(w, obj)
+                self.delete(w)
+                raise StageFailed(w, permanent, self.ns, self.settings.release)
             elif last is None and not created:
                 self._check_ours(w, obj)
                 self.log(f"[{where(w)} {w.step}] adopting existing {w.kind} {w.name} ({obs.describe()})")
@@ -168,26 +180,64 @@ class Driver:
         verb = "recreated (it was deleted)" if again else "created"
         self.log(f"[{where(w)} {w.step}] {verb} {w.kind} {w.name}")
 
-    def _failure_detail(self, w: Workload, obs: Observed) -> str:
-        """The workload's failure reason plus what its pods' containers said (OOMKilled, exit codes)."""
-        detail = ": ".join(p for p in (obs.reason, obs.message) if p) or "Failed"
+    def delete(self, w: Workload) -> None:
+        """Delete a training workload (its pods go with it, in the background); already gone is fine."""
+        b = self.backend
+        try:
+            self._call(self.apis.custom.delete_namespaced_custom_object, b.group, b.version, self.ns, b.plural,
+                       w.name, propagation_policy="Background")
+        except Exception as err:
+            if not is_not_found(err):
+                raise
+        self.log(f"[{where(w)} {w.step}] deleted {w.kind} {w.name}")
+
+    def _pods(self, w: Workload) -> list[dict[str, Any]]:
+        """The step's pods (this loop's only)."""
         selector = ",".join(f"{k}={v}" for k, v in ((L.RUN, self.cfg.name), (L.ITERATION, str(w.iteration)),
                                                       (L.STEP, w.step)))
         selector += f",{L.LOOP}={w.loop}" if w.loop else ""
+        pods = to_dict(self._call(self.apis.core.list_namespaced_pod, self.ns, label_selector=selector))
+        # the same iteration and step of another loop (or of the shared pipeline) is not this step's
+        return [p for p in pods.get("items") or [] if ((p.get("metadata") or {}).get("labels") or {}).get(L.LOOP)
+                == w.loop]
+
+    @staticmethod
+    def _exits(pod: dict[str, Any]) -> list[dict[str, Any]]:
+        """The container's terminations the pod still shows: the current state's and the last one's."""
+        out = []
+        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+            for state in (cs.get("state"), cs.get("lastState")):
+                if (term := (state or {}).get("terminated")) and term.get("exitCode"):
+                    out.append(term)
+        return out
+
+    def _permanent_exit(self, w: Workload) -> str | None:
+        """A pod of the step exited with a code no retry can fix (jobs.PERMANENT_EXITS, carried out of torchrun by
+        k8s/torchrun.py): the failure, naming the pod; None while every failure is worth retrying."""
+        pods = self._pods(w)
+        if seen := self._exit_lines(pods):  # kept: cleanPodPolicy Running deletes them once the job fails
+            self._seen_exits[w.name] = seen
+        for pod in pods:
+            for term in self._exits(pod):
+                if term["exitCode"] in PERMANENT_EXITS:
+                    return (f"pod {pod['metadata']['name']} exited {term['exitCode']} (bad config or input: "
+                            "permanent, not retried; its log names the cause: kubectl -n "
+                            f"{self.ns} logs {pod['metadata']['name']})")
+        return None
+
+    def _failure_detail(self, w: Workload, obs: Observed) -> str:
+        """The workload's failure reason plus what its pods' containers said (OOMKilled, exit codes)."""
+        detail = ": ".join(p for p in (obs.reason, obs.message) if p) or "Failed"
         try:
-            pods = to_dict(self._call(self.apis.core.list_namespaced_pod, self.ns, label_selector=selector))
+            seen = self._exit_lines(self._pods(w))
         except Exception:  # the reason above is enough; pods may be gone already
-            return detail
-        seen = []
-        for pod in pods.get("items") or []:
-            if ((pod.get("metadata") or {}).get("labels") or {}).get(L.LOOP) != w.loop:
-                continue  # the same iteration and step of another loop (or of the shared pipeline)
-            for cs in (pod.get("status") or {}).get("containerStatuses") or []:
-                term = (cs.get("state") or {}).get("terminated") or (cs.get("lastState") or {}).get("terminated")
-                if term and term.get("exitCode"):
-                    seen.append(f"{pod['metadata']['name']}: {term.get('reason') or 'Error'} "
-                                f"(exit {term['exitCode']})")
-        return detail + (f"; pods: {'; '.join(sorted(set(seen))[:5])}" if seen else "")
+            seen = []
+        seen = seen or self._seen_exits.get(w.name, [])  # what its pods said while it ran, if they are gone now
+        return detail + (f"; pods: {'; '.join(seen[:5])}" if seen else "")
+
+    def _exit_lines(self, pods: list[dict[str, Any]]) -> list[str]:
+        return sorted({f"{pod['metadata']['name']}: {term.get('reason') or 'Error'} (exit {term['exitCode']})"
+                       for pod in pods for term in self._exits(pod)[:1]})
 
     def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Call the API (or storage), retrying temporary errors with exponential backoff."""

@@ -63,11 +63,32 @@ def failed_pods(obj: dict[str, Any] | None) -> int:
     return int(status.get("failed") or 0)
 
 
+OUT_OF_SERVICE = "node.kubernetes.io/out-of-service"
+
+
+def stuck_on_lost_node(pod: dict[str, Any]) -> str | None:
+    """A pod the taint manager deleted from an unreachable node (DisruptionTarget DeletionByTaintManager) that
+    stays Terminating: no kubelet confirms its containers stopped, so controllers count it and make no replacement
+    until the Node is deleted or tainted out of service. The line names the node and the remedy."""
+    meta, status = pod.get("metadata") or {}, pod.get("status") or {}
+    if not meta.get("deletionTimestamp"):
+        return None
+    if not any(c.get("type") == "DisruptionTarget" and c.get("reason") == "DeletionByTaintManager"
+               for c in status.get("conditions") or []):
+        return None
+    node = (pod.get("spec") or {}).get("nodeName") or "?"
+    return (f"Terminating on node {node}, which stopped answering: nothing replaces it until the node is gone. If "
+            f"it is really down: kubectl taint nodes {node} {OUT_OF_SERVICE}=nodeshutdown:NoExecute (or kubectl "
+            f"delete node {node}); docs/kubernetes.md, 'Node loss'")
+
+
 def pod_notes(pods: list[dict[str, Any]]) -> list[str]:
     """One line per distinct problem over a workload's pods, naming the first pod that shows it."""
     seen: dict[str, list[str]] = {}
     for pod in pods:
         name = pod["metadata"]["name"]
+        if lost := stuck_on_lost_node(pod):
+            seen.setdefault(lost, []).append(name)
         for reason in waiting_reasons(pod):
             seen.setdefault(reason, []).append(name)
         n, last = restarts(pod), last_failure(pod)

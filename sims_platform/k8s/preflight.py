@@ -1,7 +1,8 @@
 """Preflight (driver start and `helm test`): what a run needs in its namespace, named with how to create it.
 
 Checks the training backend's CRD, the TrainingRuntime (TrainJob backend), the S3 Secret, the Kueue
-LocalQueue, the run's ConfigMap, and that no other release runs the same pipeline.name in the namespace.
+LocalQueue (and that Kueue has not marked it inactive: a missing ClusterQueue), the run's ConfigMap, and that no
+other release runs the same pipeline.name in the namespace.
 Every problem is collected, so one run of the preflight lists all of them.
 """
 
@@ -15,7 +16,7 @@ from sims_platform.k8s.backend import TrainingBackend, backend_for
 from sims_platform.k8s.kube import Apis, is_not_found, to_dict
 from sims_platform.k8s.settings import DriverSettings
 
-KUEUE = ("kueue.x-k8s.io", "v1beta1", "localqueues")
+KUEUE = ("kueue.x-k8s.io", "v1beta2", "localqueues")  # v1beta2: Kueue v0.19 serves and stores it (v1beta1 deprecated)
 INSTANCE = "app.kubernetes.io/instance"
 INSTALL_HINT = {
     "pytorchjobs": "install the Kubeflow Training Operator v1.9: kubectl apply --server-side -k k8s/operator",
@@ -71,9 +72,9 @@ def check_secret(apis: Apis, settings: DriverSettings, report: Report) -> None:
     if name and not _exists(apis.core.read_namespaced_secret, name, ns):
         report.problems.append(
             f"Secret {name} not found in namespace {ns}: create it there (kubectl -n {ns} create secret generic "
-            f"{name} --from-literal=AWS_ACCESS_KEY_ID=... --from-literal=AWS_SECRET_ACCESS_KEY=..., see "
-            f"k8s/base/s3-secret.example.yaml), or install the release in the namespace that has it (helm install "
-            f"... -n sims)")
+            f"{name} --from-literal=AWS_ACCESS_KEY_ID=... --from-literal=AWS_SECRET_ACCESS_KEY=... "
+            f"--from-literal=AWS_DEFAULT_REGION=us-east-1; k8s/README.md, step 3): every namespaced piece of a run "
+            f"lives in the release's namespace")
 
 
 def check_queue(apis: Apis, settings: DriverSettings, report: Report) -> None:
@@ -84,10 +85,36 @@ def check_queue(apis: Apis, settings: DriverSettings, report: Report) -> None:
     if not _crd_installed(apis, ns, group, version, plural):
         report.problems.append(f"Kueue is not installed (no {plural}.{group}) but queue is '{name}': install "
                                "Kueue v0.19 (docs/kubernetes.md, 'Kueue'), or set queue: \"\"")
-    elif not _exists(apis.custom.get_namespaced_custom_object, group, version, ns, plural, name):
-        report.problems.append(f"LocalQueue {name} not found in namespace {ns}: kubectl apply -k k8s/kueue "
-                               f"(its LocalQueue is in namespace sims; copy it for {ns}), or install the release "
-                               "with -n sims")
+        return
+    try:
+        lq = to_dict(apis.custom.get_namespaced_custom_object(group, version, ns, plural, name))
+    except Exception as err:
+        if not is_not_found(err):
+            raise
+        manifest = (f"apiVersion: {group}/{version}\\nkind: LocalQueue\\nmetadata: {{name: {name}}}\\n"
+                    "spec: {clusterQueue: sims-gpu}\\n")
+        report.problems.append(
+            f"LocalQueue {name} not found in namespace {ns}: the chart creates it unless kueue.localQueue.create is "
+            f"false (helm upgrade {settings.release} charts/sims -n {ns} --reuse-values --set "
+            f"kueue.localQueue.create=true), or create it pointing at your ClusterQueue: "
+            f"printf '{manifest}' | kubectl -n {ns} apply -f -")
+        return
+    _check_queue_active(lq, name, ns, report)
+
+
+def _check_queue_active(lq: dict[str, Any], name: str, ns: str, report: Report) -> None:
+    """Kueue marks a LocalQueue Active=False when its ClusterQueue is missing or inactive (Kueue v0.19
+    pkg/controller/core/localqueue_controller.go:194-207); its workloads would wait for ever. A queue Kueue has
+    not reconciled yet (no condition) passes."""
+    cq = (lq.get("spec") or {}).get("clusterQueue", "?")
+    for c in (lq.get("status") or {}).get("conditions") or []:
+        if c.get("type") == "Active" and c.get("status") == "False":
+            fix = ("create it: kubectl apply -k k8s/kueue (ClusterQueue sims-gpu; adapt its quotas), or point the "
+                   "chart at an existing one: --set kueue.clusterQueue=NAME"
+                   if c.get("reason") == "ClusterQueueDoesNotExist" else
+                   f"see kubectl describe clusterqueue {cq}")
+            report.problems.append(f"LocalQueue {name} in namespace {ns} is inactive ({c.get('reason')}: ClusterQueue "
+                                   f"{cq}): {fix}")
 
 
 def check_run(apis: Apis, settings: DriverSettings, run: str, report: Report) -> None:

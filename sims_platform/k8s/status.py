@@ -111,7 +111,7 @@ def _error_lines(message: str) -> list[str]:
 
 
 def driver_row(jobs: list[dict[str, Any]], pods: list[dict[str, Any]], release: str) -> DriverRow | None:
-    """The driver Job of the newest Helm revision still in the cluster (`<release>-sims-driver-r<N>`)."""
+    """The driver Job of the newest Helm revision still in the cluster (`<fullname>-driver-r<N>`)."""
     mine = []
     for job in jobs:
         labels = job["metadata"].get("labels") or {}
@@ -149,7 +149,7 @@ def driver_row(jobs: list[dict[str, Any]], pods: list[dict[str, Any]], release: 
 # ----------------------------------------------------------------------------
 # Kueue admission
 
-KUEUE_WORKLOADS = ("kueue.x-k8s.io", "v1beta1", "workloads")
+KUEUE_WORKLOADS = ("kueue.x-k8s.io", "v1beta2", "workloads")  # v1beta1 is deprecated in Kueue v0.19
 INTEGRATIONS = {"Job": "batch/job", "PyTorchJob": "kubeflow.org/pytorchjob",
                 "TrainJob": "trainer.kubeflow.org/trainjob"}  # Kueue's integrations.frameworks names
 
@@ -174,7 +174,7 @@ def admission_note(kind: str, obj: dict[str, Any], workloads: dict[str, dict[str
     """Why Kueue holds a suspended workload: its Workload's QuotaReserved/Admitted condition message."""
     if workloads is None:
         return ("cannot list workloads.kueue.x-k8s.io to say why: bind your user to the chart's "
-                "<release>-sims-status Role (docs/kubernetes.md, 'sims status RUN')")
+                "status Role, e.g. sims-run-status for release sims-run (docs/kubernetes.md, 'sims status RUN')")
     wl = workloads.get(obj["metadata"].get("uid", ""))
     if wl is None:
         return (f"no Kueue Workload for it yet: is Kueue running, with its {INTEGRATIONS.get(kind, kind)} "

@@ -58,7 +58,7 @@ def build_workload(cfg: PipelineConfig, settings: DriverSettings, k: int, stage:
     if STEP_KINDS[step] == "training":
         template = pod_template(settings, st, container=backend.container, command=backend.launcher(),
                                 args=stage_argv(step, k, loop=loop), labels=pod_labels, restart_policy=None)
-        body = backend.build(name, labels, template, st.nodes, st.gpus, settings)
+        body = backend.build(name, labels, template, st.nodes, st.gpus, settings, st.active_deadline_seconds)
         return Workload(name, k, stage, step, f"{backend.group}/{backend.version}", backend.kind, body, loop)
     count = st.shards if STEP_KINDS[step] == "array" else None
     template = pod_template(settings, st, container=CONTAINER, command=["sims"],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -26,8 +27,10 @@ def tools_bin() -> Path:
 
 @pytest.fixture(scope="session")
 def helm(tools_bin: Path) -> Callable[..., subprocess.CompletedProcess]:
-    def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-        proc = subprocess.run([str(tools_bin / "helm"), *args], cwd=REPO, capture_output=True, text=True)
+    def run(*args: str, check: bool = True, namespace: str | None = None) -> subprocess.CompletedProcess:
+        """helm ARGS; namespace: the kubeconfig context's namespace (what helm uses without -n)."""
+        env = dict(os.environ, HELM_NAMESPACE=namespace) if namespace else None
+        proc = subprocess.run([str(tools_bin / "helm"), *args], cwd=REPO, capture_output=True, text=True, env=env)
         if check and proc.returncode != 0:
             raise AssertionError(f"helm {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}{proc.stdout}")
         return proc

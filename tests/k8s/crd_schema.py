@@ -1,4 +1,5 @@
-"""Strict validation of custom resources against their CRDs' openAPIV3Schema (the Trainer v2.3.0 fixtures).
+"""Strict validation of custom resources against their CRDs' openAPIV3Schema (the Trainer v2.3.0 and Kueue v0.19.2
+fixtures).
 
 An API server prunes unknown fields and `kubectl apply --validate=strict` rejects them; jsonschema alone would
 accept them, so every object schema without additionalProperties or x-kubernetes-preserve-unknown-fields is
@@ -14,8 +15,12 @@ from typing import Any
 import jsonschema
 import yaml
 
-FIXTURES = Path(__file__).parent / "fixtures" / "trainer-v2.3.0"
-CRDS = {"TrainJob": "trainer.kubeflow.org_trainjobs.yaml", "TrainingRuntime": "trainer.kubeflow.org_trainingruntimes.yaml"}
+FIXTURES = Path(__file__).parent / "fixtures"
+CRDS = {"TrainJob": "trainer-v2.3.0/trainer.kubeflow.org_trainjobs.yaml",
+        "TrainingRuntime": "trainer-v2.3.0/trainer.kubeflow.org_trainingruntimes.yaml",
+        "LocalQueue": "kueue-v0.19.2/kueue.x-k8s.io_localqueues.yaml"}
+API_VERSIONS = {"TrainJob": "trainer.kubeflow.org/v1alpha1", "TrainingRuntime": "trainer.kubeflow.org/v1alpha1",
+                "LocalQueue": "kueue.x-k8s.io/v1beta2"}
 
 
 def _closed(schema: Any) -> Any:
@@ -46,8 +51,9 @@ def crd_validator(kind: str, version: str = "v1alpha1") -> jsonschema.protocols.
 
 def validate_custom(obj: dict[str, Any]) -> None:
     """Raise jsonschema.ValidationError (with the path) if obj does not match its CRD strictly."""
-    assert obj["apiVersion"] == "trainer.kubeflow.org/v1alpha1", obj["apiVersion"]
-    errors = sorted(crd_validator(obj["kind"]).iter_errors(obj), key=lambda e: list(e.absolute_path))
+    assert obj["apiVersion"] == API_VERSIONS[obj["kind"]], obj["apiVersion"]
+    version = obj["apiVersion"].split("/")[1]
+    errors = sorted(crd_validator(obj["kind"], version).iter_errors(obj), key=lambda e: list(e.absolute_path))
     if errors:
         e = errors[0]
         raise jsonschema.ValidationError(f"{obj['kind']} {obj['metadata'].get('name')}: at "

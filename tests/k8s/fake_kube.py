@@ -143,6 +143,13 @@ class FakeCustomObjectsApi:
         assert body["apiVersion"] == f"{group}/{version}", body["apiVersion"]
         return copy.deepcopy(self.c.create(plural, body))
 
+    def delete_namespaced_custom_object(self, group, version, namespace, plural, name, **kwargs):
+        self.c._check_ns(namespace)
+        self.c.calls.append((group, plural, "delete"))
+        if self.c.objects.pop((plural, name), None) is None:
+            raise ApiException(status=404, reason=f"{plural} {name} not found")
+        return {"kind": "Status", "status": "Success"}
+
     def list_namespaced_custom_object(self, group, version, namespace, plural, **kwargs):
         self.c._check_ns(namespace)
         self.c.calls.append((group, plural, "list"))

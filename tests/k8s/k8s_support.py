@@ -44,11 +44,12 @@ def containers(obj: dict) -> list[dict]:
 
 def validate_strictly(obj: dict, version: str) -> None:
     """Raise if obj is not strictly valid: core objects against Kubernetes `version`'s OpenAPI schema, TrainJob and
-    TrainingRuntime against the Trainer v2.3.0 CRDs, a PyTorchJob's pod templates as core PodTemplates."""
+    TrainingRuntime against the Trainer v2.3.0 CRDs, LocalQueue against Kueue v0.19.2's, a PyTorchJob's pod
+    templates as core PodTemplates."""
     import kubernetes_validate
     from crd_schema import validate_custom
 
-    if obj["apiVersion"].startswith("trainer.kubeflow.org/"):
+    if obj["apiVersion"].startswith(("trainer.kubeflow.org/", "kueue.x-k8s.io/")):
         validate_custom(obj)
     elif obj["kind"] == "PyTorchJob":  # the kubeflow-training models check the CR; its pod templates are core
         for i, r in enumerate(obj["spec"]["pytorchReplicaSpecs"].values()):

@@ -1,12 +1,16 @@
 """A simulated cluster: the API calls the k8s layer makes, plus the controllers that act on what it creates.
 
-Each tick (the driver's sleep) runs, in order: garbage collection (ownerReferences), Kueue admission (suspend
-until a LocalQueue admits; the first ResourceFlavor that fits; its nodeLabels and tolerations injected into
-the pod templates), the Job controller (Indexed Jobs, backoffLimit(PerIndex), podFailurePolicy), the training
-operator v1.9 (per-replica restartPolicy OnFailure/ExitCode as pod.go and PastBackoffLimit read them,
-cleanPodPolicy), Trainer v2 + JobSet (backoffLimit 0 node Jobs, failurePolicy rules and maxRestarts), TTL
-deletion, the scheduler (nodeSelector and NoSchedule taints) and the kubelet (Secrets for envFrom, running each
-pod's program one step). Programs are Python callables standing in for containers; node loss kills a node's pods.
+Each tick (the driver's sleep) runs, in order: garbage collection (ownerReferences), Kueue (LocalQueue Active
+condition, queue blockers, the first ResourceFlavor whose quota holds the workload, partial admission of Jobs, its
+nodeLabels and tolerations injected, for TrainJobs as a runtime patch), the Job controller (Indexed Jobs,
+backoffLimit(PerIndex), podFailurePolicy), the training operator v1.9 (per-replica restartPolicy
+OnFailure/ExitCode as pod.go and PastBackoffLimit read them, Running while the Master runs, cleanPodPolicy),
+Trainer v2 + JobSet (runtime patches merged as strategic merge patches, backoffLimit 0 node Jobs, failurePolicy
+rules and maxRestarts, the JobSet's TTL and Trainer's rebuild of a failed TrainJob's missing JobSet), TTL deletion,
+PodGC (Terminating pods on out-of-service nodes), the scheduler (nodeSelector and NoSchedule taints) and the kubelet
+(Secrets for envFrom, running each pod's program one step; a dead node's kubelet does nothing). Programs are
+Python callables standing in for containers, or the container's real command (sim_world.World.container). A
+node lost with its Node object deleted takes its pods with it; a node that dies and stays leaves them Terminating.
 """
 
 from __future__ import annotations
@@ -83,7 +87,7 @@ class SimCluster:
             raise ApiException(status=409, reason=f"{resource} {name} already exists")
         obj["metadata"].update(creationTimestamp=T0, uid=f"uid-{next(self.uids)}", namespace=self.ns)
         obj.setdefault("status", {})
-        if (obj["metadata"].get("labels") or {}).get("kueue.x-k8s.io/queue-name") and resource != "configmaps":
+        if (obj["metadata"].get("labels") or {}).get("kueue.x-k8s.io/queue-name") and self._integrated(resource):
             self._suspend(resource, obj, True)  # Kueue's webhook: queued workloads start suspended
         self.objects[(resource, name)] = obj
         return obj
@@ -102,15 +106,20 @@ class SimCluster:
                 and _matches(o["metadata"].get("labels") or {}, selector)]
 
     def delete(self, resource: str, name: str) -> None:
+        """The object goes at once; what it owns is left to the garbage collector (background propagation)."""
         self.objects.pop((resource, name), None)
-        for pname in [p for p, pod in self.pods.items() if pod["owner"] == (resource, name)]:
-            self._remove_pod(pname)
 
     # -- helm ----------------------------------------------------------------------------------------------
-    KINDS = {"ConfigMap": "configmaps", "Job": "jobs", "TrainingRuntime": "trainingruntimes"}
+    KINDS = {"ConfigMap": "configmaps", "Job": "jobs", "TrainingRuntime": "trainingruntimes",
+             "LocalQueue": "localqueues"}
 
     def helm_apply(self, docs: list[dict], previous: list[dict] | None = None) -> None:
-        """install (previous None) or upgrade: create what is new, delete what the new manifest dropped."""
+        """install (previous None) or upgrade: create what is new, delete what the new manifest dropped. As helm,
+        it refuses a manifest whose kind the cluster does not serve, before creating anything."""
+        for d in docs:
+            if d["kind"] in self.KINDS and self.KINDS[d["kind"]] not in self.crds:
+                raise ApiException(status=404, reason=f'no matches for kind "{d["kind"]}" in version '
+                                   f'"{d["apiVersion"]}": ensure CRDs are installed first')
         keep = {(d["kind"], d["metadata"]["name"]) for d in docs}
         for d in previous or []:
             if (d["kind"], d["metadata"]["name"]) not in keep and d["kind"] in self.KINDS:
@@ -140,6 +149,7 @@ class SimCluster:
             elif resource == "trainjobs":
                 self.tick_trainjob(obj)
         self.tick_ttl()
+        self.tick_podgc()
         self.tick_scheduler()
         self.tick_kubelet()
 
@@ -148,7 +158,12 @@ class SimCluster:
         return obj["metadata"]["labels"].get("app.kubernetes.io/component") == "driver"
 
     def tick_gc(self) -> None:
+        """The garbage collector, in the background: each pass deletes the dependents whose owners are gone (the
+        objects one level down, and the pods of workloads deleted before), so a chain of owners takes a pass per
+        level, as kube-controller-manager's garbagecollector works through its graph."""
         uids = {o["metadata"]["uid"] for o in self.objects.values()}
+        for pname in [p for p, pod in self.pods.items() if pod["owner"] not in self.objects]:
+            self._remove_pod(pname)
         for key, obj in list(self.objects.items()):
             refs = obj["metadata"].get("ownerReferences") or []
             if refs and not any(r["uid"] in uids for r in refs):
@@ -184,29 +199,119 @@ class SimCluster:
         wl["status"]["conditions"] = [dict(c, status=c.get("status", "True")) for c in conds]
         self._new_workloads.append((("workloads", name), wl))
 
+    def _queue_blocker(self, queue: str) -> str | None:
+        """Why Kueue holds every workload of a queue: kueue v0.19.2 pkg/controller/core/workload_controller.go:2081-2089
+        (getQueueBlocker: a missing LocalQueue, then a missing ClusterQueue). kueue["clusterQueues"] lists the
+        ClusterQueues that exist (absent: any name does)."""
+        lq = self.objects.get(("localqueues", queue))
+        if lq is None:
+            return f"LocalQueue {queue} doesn't exist"
+        cq = (lq.get("spec") or {}).get("clusterQueue")
+        known = self.kueue.get("clusterQueues")
+        if known is not None and cq not in known:
+            return f"ClusterQueue {cq} doesn't exist"
+        return None
+
+    def tick_localqueues(self) -> None:
+        """The LocalQueue controller's Active condition: kueue v0.19.2 pkg/controller/core/localqueue_controller.go:
+        199-207 (False with reason ClusterQueueDoesNotExist when its ClusterQueue is missing, else True/Ready)."""
+        known = self.kueue.get("clusterQueues")
+        for (resource, _), lq in self.objects.items():
+            if resource != "localqueues":
+                continue
+            cq = (lq.get("spec") or {}).get("clusterQueue")
+            if known is not None and cq not in known:
+                cond = dict(_cond("Active", "ClusterQueueDoesNotExist", "Can't submit new workloads to clusterQueue"),
+                            status="False")
+            else:
+                cond = _cond("Active", "Ready", "Can submit new workloads to localQueue")
+            lq.setdefault("status", {})["conditions"] = [cond]
+
+    def _pod_count(self, resource: str, obj: dict) -> int:
+        spec = obj["spec"]
+        if resource == "pytorchjobs":
+            return sum(r["replicas"] for r in spec["pytorchReplicaSpecs"].values())
+        if resource == "trainjobs":
+            return spec["trainer"]["numNodes"]
+        return min(spec.get("parallelism") or 1, spec.get("completions") or spec.get("parallelism") or 1)
+
+    def _per_pod(self, resource: str, obj: dict) -> dict[str, Any]:
+        """Requests of one pod (the largest template's), as quantities."""
+        from kubernetes.utils import parse_quantity
+
+        out: dict[str, Any] = {}
+        reqs = [c.get("resources") or {} for t in self.templates(resource, obj) for c in t["spec"]["containers"]]
+        if resource == "trainjobs":
+            reqs.append(obj["spec"]["trainer"].get("resourcesPerNode") or {})
+        for r in reqs:
+            for k, v in (r.get("requests") or {}).items():
+                out[k] = max(out.get(k, 0), parse_quantity(v))
+        return out
+
+    def _in_use(self, flavor: str) -> dict[str, Any]:
+        """Quota held by the admitted workloads of a flavor that have not finished."""
+        used: dict[str, Any] = {}
+        for (resource, _), o in self.objects.items():
+            ann = o["metadata"].get("annotations") or {}
+            done = any(c["type"] in ("Complete", "Succeeded", "Failed") for c in o["status"].get("conditions") or [])
+            if resource in self.KUEUE_KINDS and ann.get("sims.test/flavor") == flavor and not done:
+                for k, v in o["_usage"].items():
+                    used[k] = used.get(k, 0) + v
+        return used
+
+    def _assign_flavor(self, resource: str, obj: dict) -> tuple[dict | None, str]:
+        """The first flavor whose resources cover the pods' requests and whose quota (nominalQuota, when the flavor
+        lists amounts) has room for all of them, as kueue v0.19.2 pkg/scheduler/flavorassigner/flavorassigner.go:
+        1330-1360 (fitsResourceQuota) decides. A Job with kueue.x-k8s.io/job-min-parallelism may be admitted with
+        fewer pods (partial admission, Beta and on by default): Kueue lowers its parallelism
+        (pkg/controller/jobs/job/job_controller.go:384-390). (None, why) when nothing fits."""
+        per_pod, count = self._per_pod(resource, obj), self._pod_count(resource, obj)
+        min_count = (obj["metadata"].get("annotations") or {}).get("kueue.x-k8s.io/job-min-parallelism")
+        why = f"resource {sorted(per_pod)[0] if per_pod else 'cpu'} unavailable in ClusterQueue"
+        for f in self.kueue["flavors"]:
+            if not set(per_pod) <= set(f["resources"]):
+                missing = sorted(set(per_pod) - set(f["resources"]))
+                why = f"resource {missing[0]} unavailable in ClusterQueue"
+                continue
+            quota, used = f.get("quota"), self._in_use(f["name"])
+            lowest = int(min_count) if min_count and resource == "jobs" else count
+            for n in range(count, lowest - 1, -1):
+                over = [k for k, v in per_pod.items() if quota and k in quota
+                        and used.get(k, 0) + v * n > quota[k]]
+                if not over:
+                    if n < count:
+                        obj["spec"]["parallelism"] = n
+                    obj["_usage"] = {k: v * n for k, v in per_pod.items()}
+                    return f, ""
+            k = over[0]
+            need = per_pod[k] * lowest
+            why = (f"insufficient quota for {k} in flavor {f['name']}, previously considered podsets requests (0) + "
+                   f"current podset request ({need}) > maximum capacity ({quota[k]})" if need > quota[k] else
+                   f"insufficient unused quota for {k} in flavor {f['name']}, {used.get(k, 0) + need - quota[k]} "
+                   "more needed")
+        return None, why
+
+    def _integrated(self, resource: str) -> bool:
+        """Kueue manages this kind: kueue["integrations"] lists the enabled ones (absent: all of them)."""
+        enabled = self.kueue.get("integrations")
+        return resource in self.KUEUE_KINDS and (enabled is None or resource in enabled)
+
     def tick_kueue(self) -> None:
+        self.tick_localqueues()
         self._new_workloads: list = []
         for (resource, name), obj in self.objects.items():
             queue = (obj["metadata"].get("labels") or {}).get("kueue.x-k8s.io/queue-name")
-            if resource not in self.KUEUE_KINDS or not queue or not self._suspended(resource, obj):
+            if not self._integrated(resource) or not queue or not self._suspended(resource, obj):
                 continue
-            if ("localqueues", queue) not in self.objects:
-                obj["status"]["conditions"] = [_cond("Suspended", "Suspended", f"LocalQueue {queue} doesn't exist")]
-                self._workload(resource, obj, dict(_cond("QuotaReserved", "Inadmissible",
-                                                          f"LocalQueue {queue} doesn't exist"), status="False"))
+            blocker = self._queue_blocker(queue)
+            if blocker:
+                obj["status"]["conditions"] = [_cond("Suspended", "Suspended", blocker)]
+                self._workload(resource, obj, dict(_cond("QuotaReserved", "Inadmissible", blocker), status="False"))
                 continue
-            requests: set[str] = set()
-            for t in self.templates(resource, obj):
-                for c in t["spec"]["containers"]:
-                    requests |= set((c.get("resources") or {}).get("requests") or {})
-            if resource == "trainjobs":
-                requests |= set((obj["spec"]["trainer"].get("resourcesPerNode") or {}).get("requests") or {})
-            flavor = next((f for f in self.kueue["flavors"] if requests <= set(f["resources"])), None)
+            flavor, why = self._assign_flavor(resource, obj)
             if flavor is None:  # nothing fits: stays suspended (pending admission), as Kueue's scheduler says
-                missing = sorted(requests - set().union(*(set(f["resources"]) for f in self.kueue["flavors"])))
                 self._workload(resource, obj, dict(_cond(
-                    "QuotaReserved", "Pending", f"couldn't assign flavors to pod set main: resource "
-                    f"{(missing or sorted(requests))[0]} unavailable in ClusterQueue"), status="False"))
+                    "QuotaReserved", "Pending", f"couldn't assign flavors to pod set main: {why}"), status="False"))
                 continue
             self._workload(resource, obj, _cond("QuotaReserved", "QuotaReserved"), _cond("Admitted", "Admitted"))
             if resource == "trainjobs":  # Kueue patches TrainJobs through runtimePatches, under its own manager
@@ -236,7 +341,9 @@ class SimCluster:
 
     def _remove_pod(self, name: str) -> None:
         self.pods.pop(name, None)
-        self.runs.pop(name, None)
+        run = self.runs.pop(name, None)
+        if run is not None and run.state.get("stop"):  # a real process in the container: the kubelet kills it
+            run.state["stop"]()
 
     def owned_pods(self, owner: tuple[str, str]) -> list[dict]:
         return [p for p in self.pods.values() if p["owner"] == owner]
@@ -288,6 +395,8 @@ class SimCluster:
         for name, pod in list(self.pods.items()):
             if pod["node"] is None or pod["status"]["phase"] in ("Succeeded", "Failed"):
                 continue
+            if not self.nodes[pod["node"]].ready:  # a dead node's kubelet runs and reports nothing
+                continue
             cname = pod["spec"]["containers"][0]["name"]
             missing = self._secret_missing(pod)
             if missing:
@@ -316,8 +425,36 @@ class SimCluster:
             pod["status"]["phase"] = "Succeeded" if code == 0 else "Failed"
             pod["status"]["conditions"] = []
 
+    def node_dies(self, name: str) -> None:
+        """The node stops (power, kernel panic) and its Node object stays: it turns NotReady/unreachable, the taint
+        manager deletes its pods once they no longer tolerate the NoExecute taint (kubernetes v1.31
+        pkg/controller/tainteviction/taint_eviction.go: DisruptionTarget DeletionByTaintManager, then a graceful
+        delete), and with no kubelet to confirm the containers stopped they stay Terminating, still counted by
+        their controllers."""
+        self.nodes[name].ready = False
+        for pod in self.pods.values():
+            if pod["node"] == name:
+                pod["metadata"]["deletionTimestamp"] = T0
+                pod["status"]["conditions"] = [*pod["status"]["conditions"], _cond(
+                    "DisruptionTarget", "DeletionByTaintManager", "Taint manager: deleting due to NoExecute taint")]
+
+    def taint_out_of_service(self, name: str) -> None:
+        """kubectl taint nodes NAME node.kubernetes.io/out-of-service=nodeshutdown:NoExecute."""
+        self.nodes[name].taints.append({"key": "node.kubernetes.io/out-of-service", "value": "nodeshutdown",
+                                        "effect": "NoExecute"})
+
+    def tick_podgc(self) -> None:
+        """PodGC force-deletes Terminating pods on a NotReady node tainted out-of-service (kubernetes v1.31
+        pkg/controller/podgc/gc_controller.go, gcTerminating); then their controllers replace them."""
+        for pname, pod in list(self.pods.items()):
+            node = self.nodes.get(pod["node"] or "")
+            if (node is not None and not node.ready and pod["metadata"].get("deletionTimestamp")
+                    and any(t["key"] == "node.kubernetes.io/out-of-service" for t in node.taints)):
+                self._remove_pod(pname)
+
     def lose_node(self, name: str) -> None:
-        """The node dies: its pods are gone (PodGC deletes them once the node object is removed)."""
+        """The node dies and its Node object is deleted (e.g. by the cloud's node lifecycle): PodGC deletes its
+        pods as orphans (gc_controller.go, gcOrphaned), so their controllers replace them."""
         self.nodes[name].ready = False
         for pname in [p for p, pod in self.pods.items() if pod["node"] == name]:
             self._remove_pod(pname)
@@ -447,7 +584,9 @@ class SimCluster:
             conds[:] = [_cond("Created"), _cond("Succeeded", "PyTorchJobSucceeded")]
             status["_finishedAt"] = self.now
             self._clean(job, key)
-        elif running:
+        elif master is not None and master["status"]["phase"] == "Running" and master["node"] is not None:
+            # Running means the Master runs (training operator v1.9.4 pkg/controller.v1/pytorch/
+            # pytorchjob_controller.go:384-387), whatever the Workers do
             conds[:] = [_cond("Created"), _cond("Running", "PyTorchJobRunning")]
 
     def _finish_pytorchjob(self, job: dict, reason: str, message: str) -> None:
@@ -463,7 +602,9 @@ class SimCluster:
 
     # Trainer v2 + JobSet -----------------------------------------------------------------------------------
     def _trainjob_pod(self, tj: dict) -> dict:
-        """The node pod template: the runtime's, with the trainer fields and every runtime patch applied."""
+        """The node pod template: the runtime's, with the trainer fields and every runtime patch applied in order as
+        Trainer v2.3.0 does (pkg/runtime/core/trainingruntime.go:251-280, strategic merge patches of the JobSet spec:
+        nodeSelector maps merge, volumes merge by name, tolerations are replaced)."""
         rt = self.get("trainingruntimes", tj["spec"]["runtimeRef"]["name"])
         node = rt["spec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]
         pod = copy.deepcopy(node)
@@ -480,8 +621,8 @@ class SimCluster:
             for k in ("nodeSelector",):
                 if k in ps:
                     pod["spec"][k] = {**(pod["spec"].get(k) or {}), **ps[k]}
-            if "tolerations" in ps:
-                pod["spec"]["tolerations"] = (pod["spec"].get("tolerations") or []) + ps["tolerations"]
+            if ps.get("tolerations"):  # no merge key: a strategic merge patch replaces the list whole
+                pod["spec"]["tolerations"] = list(ps["tolerations"])
             if "volumes" in ps:  # listType=map keyed by name: merge
                 by = {v["name"]: v for v in pod["spec"]["volumes"]}
                 by.update({v["name"]: {**by.get(v["name"], {}), **v} for v in ps["volumes"]})
@@ -492,10 +633,25 @@ class SimCluster:
         key = ("trainjobs", tj["metadata"]["name"])
         spec, status = tj["spec"], tj["status"]
         conds = status.setdefault("conditions", [])
-        if spec.get("suspend") or any(c["type"] in ("Complete", "Failed") for c in conds):
-            return
         rt = self.get("trainingruntimes", spec["runtimeRef"]["name"])
         js = rt["spec"]["template"]["spec"]
+        jobset = ("jobsets", key[1])
+        if any(c["type"] == "Failed" for c in conds) and jobset not in self.objects:
+            # Trainer v2.3.0 pkg/controller/trainjob_controller.go:100 drops the Failed condition on every reconcile
+            # (kept only for DeadlineExceeded, :246-252), so :107-108 apply the runtime's objects again: a failed
+            # TrainJob whose JobSet is gone (its TTL) gets a new JobSet and its gang runs again.
+            conds[:] = [c for c in conds if c["type"] != "Failed" or c.get("reason") == "DeadlineExceeded"]
+            status.update(_restarts=0, _started=False)
+            for p in self.owned_pods(key):
+                self._remove_pod(p["metadata"]["name"])
+        if spec.get("suspend") or any(c["type"] in ("Complete", "Failed") for c in conds):
+            return
+        # The JobSet Trainer applies (owned by the TrainJob) with the runtime's ttlSecondsAfterFinished, which JobSet
+        # v0.12.0 honours (pkg/controllers/ttl_after_finished.go:47-91: deleted that long after it finished).
+        if jobset not in self.objects:
+            self.objects[jobset] = {"metadata": {"name": key[1], "uid": f"uid-{next(self.uids)}", "ownerReferences": [
+                {"kind": "TrainJob", "name": key[1], "uid": tj["metadata"]["uid"], "controller": True}]},
+                "spec": {"ttlSecondsAfterFinished": js.get("ttlSecondsAfterFinished")}, "status": {}}
         node_job = js["replicatedJobs"][0]["template"]["spec"]
         nodes = spec["trainer"]["numNodes"]
         restarts = status.setdefault("_restarts", 0)
@@ -516,6 +672,7 @@ class SimCluster:
             if action == "FailJobSet" or restarts >= js["failurePolicy"].get("maxRestarts", 0):
                 conds[:] = [_cond("Failed", "JobSetFailed" if action != "FailJobSet" else "FailedJobs",
                                   f"jobset failed: {reason} (restarts {restarts})")]
+                self.objects[jobset]["status"]["_finishedAt"] = self.now
                 return
             status["_restarts"] = restarts + 1
             status["_started"] = False
@@ -523,6 +680,7 @@ class SimCluster:
         if pods and all(p["status"]["phase"] == "Succeeded" for p in pods) and len(pods) == nodes:
             conds[:] = [_cond("Complete", "JobSetCompleted")]
             status["_finishedAt"] = self.now
+            self.objects[jobset]["status"]["_finishedAt"] = self.now
             return
         if not pods:
             template = self._trainjob_pod(tj)
@@ -538,7 +696,7 @@ class SimCluster:
         for (resource, name), obj in list(self.objects.items()):
             done_at = obj.get("status", {}).get("_finishedAt")
             spec = obj.get("spec") or {}
-            ttl = (spec.get("ttlSecondsAfterFinished") if resource == "jobs"
+            ttl = (spec.get("ttlSecondsAfterFinished") if resource in ("jobs", "jobsets")
                    else (spec.get("runPolicy") or {}).get("ttlSecondsAfterFinished"))
             if done_at is not None and ttl is not None and self.now - done_at >= ttl:
                 self.delete(resource, name)
@@ -579,6 +737,12 @@ class SimCustom:
         self.c.creates.append(obj["metadata"]["name"])
         return copy.deepcopy(obj)
 
+    def delete_namespaced_custom_object(self, group, version, namespace, plural, name, **kwargs):
+        self.c.calls.append((group, plural, "delete"))
+        self.c.get(plural, name)  # 404 if absent
+        self.c.delete(plural, name)
+        return {"kind": "Status", "status": "Success"}
+
     def list_namespaced_custom_object(self, group, version, namespace, plural, **kwargs):
         self.c.calls.append((group, plural, "list"))
         return {"items": copy.deepcopy(self.c.listed(plural, kwargs.get("label_selector")))}
@@ -591,7 +755,9 @@ class SimCore:
     def list_namespaced_pod(self, namespace, **kwargs):
         self.c.calls.append(("", "pods", "list"))
         sel = kwargs.get("label_selector")
-        items = [{"metadata": {"name": p["metadata"]["name"], "labels": p["metadata"]["labels"]},
+        items = [{"metadata": {k: v for k, v in p["metadata"].items() if k in ("name", "labels", "deletionTimestamp")},
+                  "spec": {"nodeName": p["node"], "containers": [{"name": c["name"], "image": c.get("image", "")}
+                                                                 for c in p["spec"]["containers"]]},
                   "status": p["status"]} for p in self.c.pods.values() if _matches(p["metadata"]["labels"], sel)]
         return _model({"items": items}, "V1PodList")
 

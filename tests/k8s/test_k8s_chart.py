@@ -105,3 +105,42 @@ def test_no_secret_in_configmaps_or_command_lines(rendered):
         assert "kind: Secret" not in text
         for word in ("AWS_SECRET_ACCESS_KEY", "password"):
             assert word not in text
+
+
+def test_mlflow_servers_run_the_clients_major_version():
+    """The chart's in-release server and k8s/mlflow's shared one speak the client's protocol (same major)."""
+    import re
+
+    import yaml as _yaml
+    from k8s_support import REPO
+
+    client = re.search(r"^mlflow==(\d+)\.", (REPO / "constraints-dev.txt").read_text(), re.M).group(1)
+    chart = _yaml.safe_load((REPO / "charts/sims/values.yaml").read_text())["mlflow"]["server"]["image"]
+    shared = re.search(r"image: (ghcr.io/mlflow/mlflow:\S+)", (REPO / "k8s/mlflow/server.yaml").read_text()).group(1)
+    for image in (chart, shared):
+        assert re.fullmatch(rf"ghcr.io/mlflow/mlflow:v{client}\.\d+\.\d+", image), (image, client)
+    assert chart == shared
+
+
+def test_docs_name_what_the_chart_renders(helm):
+    """docs/kubernetes.md's object names, driver rights and policies are the ones the chart renders."""
+    import re
+
+    from k8s_support import REPO, docs_of
+
+    doc = (REPO / "docs/kubernetes.md").read_text()
+    text = helm("template", "sims-run", "charts/sims", "-f", "values-imagenet512.yaml", "--set",
+                "training.backend=trainjob").stdout
+    objs = docs_of(text)
+    by = {(d["kind"], d["metadata"]["name"]) for d in objs}
+    assert ("Job", "sims-run-driver-r1") in by and "`sims-run-driver-r1`" in doc
+    assert ("TrainingRuntime", "sims-run-torch") in by and "`sims-run-torch`" in doc
+    assert ("Role", "sims-run-status") in by and "`sims-run-status`" in doc
+    assert ("LocalQueue", "sims-gpu") in by and "LocalQueue `queue`" in doc
+    (cm,) = [n for k, n in by if k == "ConfigMap"]
+    assert re.fullmatch(r"sims-run-config-[0-9a-f]{8}", cm) and "`<fullname>-config-<hash>`" in doc
+    role = next(d for d in objs if d["kind"] == "Role" and d["metadata"]["name"] == "sims-run-driver")
+    for rule in role["rules"]:
+        assert f"`{','.join(rule['verbs'])}`" in doc, rule
+    assert "restartPolicy: ExitCode" not in doc and "needs no action" not in doc
+    assert "node.kubernetes.io/out-of-service" in doc and "| A config error (exit 2) |" in doc

@@ -7,11 +7,13 @@ import sys
 
 import kubernetes_validate
 import pytest
+from crd_schema import validate_custom
 from k8s_support import CHART, K8S_VERSIONS, VALUES_FILES
 from k8s_support import containers, docs_of, sims_parser
 from kubeflow.training import ApiClient as KubeflowApiClient
 from kubeflow.training import KubeflowOrgV1PyTorchJob
 
+from sims_platform.k8s import torchrun
 from sims_platform.k8s.names import is_dns_label
 from sims_platform.k8s.render import render, render_objects, run_specs
 from sims_platform.k8s.workloads import plan
@@ -56,6 +58,10 @@ def test_everything_validates_against_kubernetes_openapi(rendered, values, versi
             for i, t in enumerate(_pod_templates(obj)):
                 kubernetes_validate.validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {
                     "name": f"{obj['metadata']['name']}-{i}"}, "template": t}, version, strict=True)
+            continue
+        if obj["apiVersion"].startswith("kueue.x-k8s.io/"):  # a CRD: against Kueue v0.19.2's (crd_schema.py)
+            validate_custom(obj)
+            checked += 1
             continue
         kubernetes_validate.validate(obj, version, strict=True)
         checked += 1
@@ -102,7 +108,7 @@ def test_pytorchjobs_deserialize_into_the_kubeflow_models(rendered, values):
             assert r.restart_policy == "OnFailure"  # torchrun exits 1 on a lost peer: restart, do not fail
             pod = r.template.spec
             (c,) = pod.containers
-            assert c.name == "pytorch" and c.command[0] == "torchrun"
+            assert c.name == "pytorch" and c.command == torchrun.command()  # torchrun, carrying exit 2 out
             env = {e.name for e in c.env}
             assert not env & {"LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR"}  # the operator/torchrun own them
             assert "SIMS_ZERO_STAGE" not in env  # the ZeRO stage is in the pipeline YAML
@@ -143,7 +149,8 @@ def test_gang_scheduling_through_run_policy(rendered, helm):
     for o in (o for o in render_objects(text) if o["kind"] == "PyTorchJob"):
         sp = o["spec"]["runPolicy"]["schedulingPolicy"]
         nodes = 1 + o["spec"]["pytorchReplicaSpecs"].get("Worker", {}).get("replicas", 0)
-        assert sp["minAvailable"] == nodes and sp["queue"] == "sims-gpu" and sp["priorityClass"] == "sims-batch"
+        assert sp["minAvailable"] == nodes and sp["priorityClass"] == "sims-batch"
+        assert "queue" not in sp  # the Kueue LocalQueue sims-gpu is no Volcano queue: Volcano's default one
         assert all(t["spec"]["schedulerName"] == "volcano" for t in _pod_templates(o))
 
 
@@ -166,7 +173,8 @@ def test_every_container_command_is_accepted_by_the_sims_parser(rendered, values
         for c in containers(obj):
             if c["name"] == "mlflow":
                 continue
-            assert c["command"][-1] == "sims", c["command"]  # sims, or torchrun --no-python sims
+            # sims, or the training entrypoint (torchrun over sims)
+            assert c["command"] in (["sims"], ["python", "-m", "sims_platform.k8s.torchrun"]), c["command"]
             sims_parser().parse_args(c["args"])
             seen += 1
     assert seen > 5

@@ -68,8 +68,7 @@ def test_an_unschedulable_stage_shows_the_schedulers_message(helm, tmp_path):
 def test_a_workload_kueue_does_not_admit_says_so_and_why(helm, tmp_path):
     w = World(helm, str(tmp_path / "run"), "queue=sims-gpu").reference_done()
     c = w.cluster
-    c.crds |= {"localqueues", "workloads"}
-    c.put("localqueues", {"metadata": {"name": "sims-gpu"}, "spec": {"clusterQueue": "gpu"}})
+    c.crds |= {"workloads"}  # the chart rendered the LocalQueue sims-gpu
     c.kueue = {"flavors": [{"name": "gpu", "resources": ["nvidia.com/gpu"]}]}  # no CPU/memory quota at all
     drive_until(w, lambda: w.since_created(TRAIN_BASE) >= 1)
     text, by = status(w)
@@ -95,7 +94,7 @@ def test_a_workload_kueue_does_not_admit_says_so_and_why(helm, tmp_path):
     c.custom.list_namespaced_custom_object = forbidden
     _, by = status(w)
     assert by[(0, "train-base")].state == "Waiting for Kueue admission"
-    assert "sims-status Role" in by[(0, "train-base")].notes[0]
+    assert "status Role, e.g. sims-run-status" in by[(0, "train-base")].notes[0]  # the name the chart renders
 
 
 def test_an_oom_killed_trainer_and_half_done_training_show_restarts_and_checkpoint_progress(helm, tmp_path):
@@ -171,3 +170,42 @@ def test_every_status_call_is_allowed_by_the_status_role(helm, tmp_path, backend
                for v in rule["verbs"]}
     assert calls == allowed, (sorted(calls - allowed), sorted(allowed - calls))
     assert all(v == "list" for _, _, v in allowed)  # read-only
+
+
+def test_a_dead_node_shows_its_terminating_pod_and_the_remedy(helm, tmp_path):
+    """A node that stops (its Node object stays): its pod stays Terminating, the gang waits; `sims status` names the
+    node and the out-of-service taint; once tainted, the pod is replaced and the run finishes."""
+    w = World(helm, str(tmp_path / "run")).reference_done()
+    w.cluster.nodes["node-2"] = Node("node-2")  # room for the replacement
+    dead = {}
+
+    def kill_a_worker_node() -> None:
+        if not dead and len(committed(w.layout.checkpoints(0, "train-base"))) >= 1:
+            worker = next(p for p in w.cluster.pods.values() if p["metadata"]["name"].endswith("-worker-0"))
+            dead["node"] = worker["node"]
+            w.cluster.node_dies(worker["node"])
+    drive_until(w, lambda: False, most=40, before=kill_a_worker_node)
+    assert dead
+    text, by = status(w)
+    note = next(n for n in by[(0, "train-base")].notes if "Terminating" in n)
+    assert "digits-dev-i00-train-base-worker-0" in note and f"node {dead['node']}" in note
+    assert f"kubectl taint nodes {dead['node']} node.kubernetes.io/out-of-service=nodeshutdown:NoExecute" in note
+    assert "node.kubernetes.io/out-of-service" in text
+    assert ("pytorchjobs", TRAIN_BASE) in w.cluster.objects and not any(
+        c["type"] == "Succeeded" for c in w.cluster.objects[("pytorchjobs", TRAIN_BASE)]["status"]["conditions"])
+    w.cluster.taint_out_of_service(dead["node"])  # the remedy
+    assert w.drive() == 0, w.logs[-3:]
+
+
+def test_a_kueue_without_the_pytorchjob_integration_never_runs_it_outside_quota(helm, tmp_path):
+    """Kueue v0.19 ships with kubeflow.org/pytorchjob off: the PyTorchJob is created suspended, so it waits (and
+    `sims status` says to enable the integration) instead of running its gang outside quota."""
+    w = World(helm, str(tmp_path / "run"), "queue=sims-gpu").reference_done()
+    w.cluster.kueue = {"flavors": [{"name": "any", "resources": ["cpu", "memory"]}], "integrations": {"jobs"}}
+    w.cluster.crds |= {"workloads"}
+    drive_until(w, lambda: w.since_created(TRAIN_BASE) >= 3)
+    assert not [p for p in w.cluster.pods.values() if p["metadata"]["labels"].get("sims.io/step") == "train-base"]
+    _, by = status(w)
+    row = by[(0, "train-base")]
+    assert row.state == "Waiting for Kueue admission"
+    assert "kubeflow.org/pytorchjob integration enabled?" in row.notes[0]
