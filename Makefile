@@ -9,7 +9,7 @@ PIPELINE ?= pipelines/digits.yaml
 
 TOOLS := .tools/bin/helm
 
-.PHONY: demo demo-cluster-local test setup clean benchmark-sims benchmark-mad chart-schema gpu-wheels
+.PHONY: demo demo-cluster-local test setup clean benchmark-sims benchmark-mad benchmark-faults chart-schema gpu-wheels
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -57,6 +57,10 @@ benchmark-sims: $(STAMP)
 	$(BIN)/python benchmarks/sims_effect.py --config $(PIPELINE) --seeds 0 1 2 3 4
 
 # Self-consuming loops, standard vs SIMS (docs/mad-loop.md): ~35 min per seed and thread; three seeds on 2 cores ~55 min.
+# Malformed inputs to every reader of untrusted input, 10,000 per reader (docs/reliability.md; ~8 min here).
+benchmark-faults: $(TEST_STAMP)
+	$(BIN)/python benchmarks/faults.py fuzz --examples 10000 --seed 0 --out out/faults
+
 benchmark-mad: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/mad_loop.py --config pipelines/digits-mad.yaml --seeds 0 1 2 \
 		--jobs 3 --out out/bench-mad

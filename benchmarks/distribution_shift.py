@@ -43,8 +43,7 @@ from sims_platform.data import read_shards
 from sims_platform.evaluation.features import feature_extractor
 from sims_platform.evaluation.intervals import confidence_interval
 from sims_platform.evaluation.plan import w_key
-from sims_platform.metrics import fid_from_stats
-from sims_platform.metrics.stats import FeatureStats
+from sims_platform.metrics import feature_stats, fid_from_stats
 from sims_platform.pipeline.runner import run_pipeline
 from sims_platform.shift.classifiers import classify, shift_classifier
 from sims_platform.shift.reference import per_class_stats, reweighted_stats
@@ -75,8 +74,8 @@ def rejection_baseline(cfg: PipelineConfig) -> dict:
     ctx = StageContext(cfg, layout, 0, lineage=None)  # type: ignore[arg-type]
     k, ev = cfg.data.num_classes, cfg.evaluate
     x, _, _ = read_shards(layout.shards(0, "generate"))
-    images = ctx.encoder.decode(x)
-    selected = classify(shift_classifier(ctx, "select"), images, ev.batch_size)
+    images = ctx.data.encoder.decode(x)
+    selected = classify(shift_classifier(ctx.cfg, ctx.layout.features, ctx.data.labelled, ctx.device, "select"), images, ev.batch_size)
     base = class_histogram(selected, k)
     target = torch.tensor(cfg.shift.target_probs(k), dtype=torch.float64)
     ratio = torch.where(base > 0, target / base.clamp_min(1e-300), torch.zeros_like(base))
@@ -91,14 +90,11 @@ def rejection_baseline(cfg: PipelineConfig) -> dict:
         return out | {"histogram": None, "tv": None, "fid_target": None,
                       "note": f"{len(accepted)} accepted < evaluate.num_samples {ev.num_samples}"}
     kept = images[accepted[:ev.num_samples]]
-    judged = class_histogram(classify(shift_classifier(ctx, "judge"), kept, ev.batch_size), k)
-    extractor = feature_extractor(ctx)
-    held = ctx.reference
+    judged = class_histogram(classify(shift_classifier(ctx.cfg, ctx.layout.features, ctx.data.labelled, ctx.device, "judge"), kept, ev.batch_size), k)
+    extractor = feature_extractor(ctx.cfg, ctx.layout.features, ctx.data, ctx.device)
+    held = ctx.data.reference
     ref = reweighted_stats(per_class_stats(extractor, held.images, held.labels, k, ev.batch_size), target)
-    stats = FeatureStats(extractor.dim)
-    for i in range(0, len(kept), ev.batch_size):
-        with torch.no_grad():
-            stats.update(extractor(kept[i:i + ev.batch_size]))
+    stats = feature_stats(extractor, kept, ev.batch_size)
     return out | {"histogram": judged.tolist(), "tv": total_variation(judged, target),
                   "fid_target": fid_from_stats(stats, ref)}
 

@@ -43,7 +43,7 @@ sys.path.insert(0, str(REPO))
 from sims_platform.config import ConfigError, load_config  # noqa: E402
 from sims_platform.data.errors import DataError  # noqa: E402
 from sims_platform.data.shards import ShardWriter, read_manifest, read_shard  # noqa: E402
-from sims_platform.models.edm2 import read_pickle  # noqa: E402
+from sims_platform.models.edm2_pickle import read_pickle  # noqa: E402
 from sims_platform.storage.safe_pickle import UnsafePickleError, load_torch_bytes  # noqa: E402
 
 # What the command line turns into one line and exit code 2 (sims_platform/cli.py).

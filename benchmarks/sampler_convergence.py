@@ -22,19 +22,21 @@ from pathlib import Path
 from sims_platform.config import load_config
 from sims_platform.config.schema import SamplerConfig
 from sims_platform.evaluation.features import feature_extractor
-from sims_platform.metrics import feature_stats, fid_from_stats, reference_stats
+from sims_platform.evaluation.reference import in_memory_reference
+from sims_platform.metrics import feature_stats, fid_from_stats
 from sims_platform.pipeline.runner import open_run
-from sims_platform.stages import StageContext, run_stage
-from sims_platform.stages.context import sample_seeds
+from sims_platform.pipeline.execute import run_stage
+from sims_platform.stages.context import StageContext
+from sims_platform.stages.seeds import sample_seeds
 from sims_platform.stages.sampling import sample_batch
-from sims_platform.tracking.results import _figure, _png
+from sims_platform.tracking.figures import figure_png, new_figure
 
 
 def curve(ctx: StageContext, steps: list[int], repeats: int, n: int) -> dict[int, list[float]]:
     ev = ctx.cfg.evaluate
-    extractor = feature_extractor(ctx)
-    ref = reference_stats(extractor, ctx.reference.images, ctx.layout.features, ev.batch_size)
-    base = ctx.load_model(ctx.layout.model(0, "train-base"))
+    extractor = feature_extractor(ctx.cfg, ctx.layout.features, ctx.data, ctx.device)
+    ref, _ = in_memory_reference(extractor, ctx.data.reference.images, ev.batch_size, max_samples=0)
+    base = ctx.models.load(ctx.layout.model(0, "train-base"))
     from sims_platform.sampling.guidance import NetDenoiser
 
     out: dict[int, list[float]] = {}
@@ -47,7 +49,7 @@ def curve(ctx: StageContext, steps: list[int], repeats: int, n: int) -> dict[int
             for start in range(0, n, ev.batch_size):
                 seeds = sample_seeds(ctx.cfg.seed, 0, "tuning", min(ev.batch_size, n - start), r * n + start)
                 x, _ = sample_batch(ctx, NetDenoiser(base), seeds, sampler)
-                images.append(ctx.encoder.decode(x))
+                images.append(ctx.data.encoder.decode(x))
             import torch
 
             fid = fid_from_stats(feature_stats(extractor, torch.cat(images), ev.batch_size), ref)
@@ -78,7 +80,7 @@ def report(result: dict[int, list[float]], command: str, repeats: int, n: int, s
 
 
 def plot(result: dict[int, list[float]], path: Path) -> None:
-    fig = _figure(figsize=(5.5, 3.8), dpi=100)
+    fig = new_figure(figsize=(5.5, 3.8), dpi=100)
     ax = fig.add_subplot()
     xs = sorted(result)
     means = [statistics.fmean(result[s]) for s in xs]
@@ -90,7 +92,7 @@ def plot(result: dict[int, list[float]], path: Path) -> None:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(_png(fig))
+    path.write_bytes(figure_png(fig))
 
 
 def main() -> int:

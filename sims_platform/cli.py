@@ -19,18 +19,19 @@ import argparse
 import os
 import signal
 import sys
-from typing import TYPE_CHECKING, get_args
+from typing import TYPE_CHECKING
 
 from sims_platform.config import ConfigError, PipelineConfig, dump_config, load_config
 from sims_platform.config.loader import is_values_file
-from sims_platform.config.schema import CropMode
 from sims_platform.data.errors import DataError
-from sims_platform.storage.layout import IMPORT_BASE, RUN_STAGES, STAGES
+from sims_platform.data.arguments import add_prepare_arguments, prepare_spec
+from sims_platform.steps import STAGE_NAMES, Step, row
 from sims_platform.storage.safe_pickle import UnsafePickleError, require_safe_torch
 from sims_platform.utils import interrupt
+from sims_platform.utils.arguments import subcommand
 
 if TYPE_CHECKING:
-    from sims_platform.stages import StageContext
+    from sims_platform.stages.context import StageContext
 
 # Exit codes (listed in `sims --help` and the README).
 EXIT_OK = 0
@@ -84,7 +85,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(dump_config(cfg), end="")
         return 0
-    from sims_platform.launch.processes import StepFailed
+    from sims_platform.pipeline.processes import StepFailed
     from sims_platform.pipeline.runner import run_pipeline
     from sims_platform.storage.layout import RunLayout
     from sims_platform.tracking import resolve_tracking_uri, ui_command
@@ -124,7 +125,6 @@ def _stage_loop(cfg: PipelineConfig, args: argparse.Namespace):
     """The loop `--loop` names (None: the shared pipeline), once (stage, iteration, loop) is known to be a step of
     the pipeline's plan."""
     from sims_platform.pipeline.plan import base_step_error, pipeline_plan, resolve_loop
-    from sims_platform.storage.layout import stage_of
 
     try:
         loop = resolve_loop(cfg, args.loop)
@@ -142,10 +142,11 @@ def _stage_loop(cfg: PipelineConfig, args: argparse.Namespace):
         raise ConfigError(wrong)
     if cfg.loop is None:
         return None
-    stage = stage_of(args.name)
-    planned = {(st.iteration, st.stage, st.loop_name) for st in pipeline_plan(cfg)}
-    if stage not in RUN_STAGES and (args.iteration, stage, args.loop) not in planned:
-        loops = sorted({name for k, s, name in planned if s == stage and k == args.iteration and name})
+    stage = row(args.name)
+    planned = set(pipeline_plan(cfg))
+    if stage.scope != "run" and Step(args.iteration, stage.stage, args.loop) not in planned:
+        loops = sorted({st.loop for st in planned if st.stage == stage.stage and st.iteration == args.iteration
+                        and st.loop})
         where = f"; it runs in the loops {', '.join(loops)} (--loop NAME)" if loops and not args.loop else ""
         raise ConfigError(f"stage {args.name} --iteration {args.iteration}"
                           f"{' --loop ' + args.loop if args.loop else ''} is not a step of this pipeline's plan{where}")
@@ -161,15 +162,17 @@ def cmd_stage(args: argparse.Namespace) -> int:
     cfg = _load(args)
     loop = _stage_loop(cfg, args)
     from sims_platform.pipeline.runner import close_complete_runs, open_run
-    from sims_platform.stages import StageContext, run_stage
+    from sims_platform.pipeline.execute import run_stage
+    from sims_platform.stages.context import StageContext
     from sims_platform.utils.accel import resolve_device
 
     # Before the run is opened: a missing GPU fails fast. import-base only copies weights: its pod has no GPU.
-    device = resolve_device("cpu" if args.name == IMPORT_BASE else cfg.runtime.device)
+    device = resolve_device("cpu" if row(args.name).cpu_only else cfg.runtime.device)
 
     index = part_index(args)
     layout, lineage, _ = open_run(cfg)
-    ctx = StageContext(cfg, layout, args.iteration, lineage, device=device, part=index, parts=args.count, loop=loop)
+    ctx = StageContext(cfg, layout, args.iteration, lineage, requested_device=device, part=index, parts=args.count,
+                       loop=loop)
     result = run_stage(ctx, args.name, force=args.force)
     close_complete_runs(ctx)
     if not interrupt.launched():  # a launcher prints its own line per step; a pod's log gets this one
@@ -205,16 +208,6 @@ def cmd_import_edm2(args: argparse.Namespace) -> int:
     return 0
 
 
-def prepare_spec(args: argparse.Namespace, workers: int):
-    """The PrepareSpec the `sims prepare` options ask for (add_prepare_arguments); workers when not given."""
-    from sims_platform.data.prepare import PrepareSpec
-
-    return PrepareSpec(src=args.src, dst=args.dst, resolution=args.resolution, crop=args.crop,
-                       channels=args.channels, shard_size=args.shard_size, max_images=args.max_images,
-                       num_classes=args.num_classes, png_level=args.png_level,
-                       workers=args.workers if args.workers is not None else workers, verify=args.verify)
-
-
 def cmd_prepare(args: argparse.Namespace) -> int:
     import json
 
@@ -227,25 +220,6 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
-    """The options of `sims prepare` that `sims k8s prepare-job` passes on to its pods."""
-    p.add_argument("--src", required=True, help="the folder: path or URI (file://, s3://)")
-    p.add_argument("--dst", required=True, help="the shard folder to write: path or URI; data.path is then "
-                   "DST/shard-{000000..N-1}.tar")
-    p.add_argument("--resolution", type=int, required=True, help="side of the square images, e.g. 512")
-    p.add_argument("--crop", default="dhariwal", choices=get_args(CropMode),
-                   help="as data.crop (default dhariwal: EDM2's ImageNet preparation)")
-    p.add_argument("--channels", type=int, default=3, choices=[1, 3], help="1 = grayscale, 3 = RGB (default)")
-    p.add_argument("--shard-size", type=int, default=1000, help="images per shard (default 1000)")
-    p.add_argument("--max-images", type=int, help="only the first N images of the sorted list")
-    p.add_argument("--num-classes", type=int, help="refuse a folder without exactly this many class folders")
-    p.add_argument("--png-level", type=int, default=0, help="PNG zlib level 0-9 (default 0: uncompressed, as "
-                   "EDM2 stores its images; higher is smaller and slower to write, same pixels)")
-    p.add_argument("--verify", action="store_true", help="re-read this part's committed shards and check their "
-                   "sha256 before keeping them (default: their record and size)")
-    p.add_argument("--workers", type=int, help="threads preparing images (`sims prepare`: default 4)")
-
-
 def cmd_local_cluster(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -254,13 +228,6 @@ def cmd_local_cluster(args: argparse.Namespace) -> int:
     run_local_cluster(args.config, Path(args.out), procs=args.procs, writers=args.writers,
                       eval_parts=args.eval_parts, extra=list(args.set or []))
     return 0
-
-
-def subcommand(sub: argparse._SubParsersAction, name: str, help: str, **kwargs) -> argparse.ArgumentParser:
-    """A subcommand whose `--help` starts with the same sentence as its line in the parent's list (`sims --help`,
-    `sims k8s --help`)."""
-    kwargs.setdefault("description", help[0].upper() + help[1:] + ".")
-    return sub.add_parser(name, help=help, **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -294,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     p = subcommand(sub, "stage", help="run one stage of one iteration (resumes from its newest checkpoint)")
-    p.add_argument("name", choices=STAGES + RUN_STAGES)
+    p.add_argument("name", choices=STAGE_NAMES)
     p.add_argument("--config", required=True, help="pipeline YAML")
     p.add_argument("--iteration", type=int, default=0, help="0-based iteration (default 0)")
     p.add_argument("--out", help="storage root (overrides storage.root)")
@@ -315,8 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="pipeline YAML")
     p.add_argument("--out", default="out/cluster-local", help="folder for server logs, MLflow database, summary")
     p.add_argument("--procs", type=int, default=2, help="training processes (torchrun --nproc_per_node)")
-    p.add_argument("--writers", type=int, default=2, help="generate job-array parts")
-    p.add_argument("--eval-parts", type=int, default=2, help="evaluate job-array parts")
+    p.add_argument("--writers", type=int, default=2, help="parts of the job arrays that write shards (generate, "
+                   "encode)")
+    p.add_argument("--eval-parts", type=int, default=2, help="parts of the other job arrays (reference, evaluate)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help=set_help)
     p.set_defaults(func=cmd_local_cluster)
 

@@ -267,7 +267,7 @@ def test_an_imported_base_needs_a_named_guide_for_autoguidance():
 def test_configs_that_would_fail_late_fail_validate(capsys):
     """A seed whose sample seeds overflow int64 would fail in generate, a snapshot past the budget after training."""
     from sims_platform.config.schema import MAX_SEED
-    from sims_platform.stages.context import sample_seeds
+    from sims_platform.stages.seeds import sample_seeds
 
     # The largest seed any stream asks for: the last iteration (iterations.count <= 999), the feed stream.
     last = sample_seeds(MAX_SEED, 998, "feed", 1, 10**9 - 1)

@@ -14,7 +14,8 @@ from sims_platform.config import ConfigError, config_from_dict
 from sims_platform.pipeline.runner import open_run
 from sims_platform.sampling.guidance import Guided, NetDenoiser, Unconditional
 from sims_platform.sampling.heun import seeded_noise
-from sims_platform.stages import StageContext, run_stage
+from sims_platform.pipeline.execute import run_stage
+from sims_platform.stages.context import StageContext
 from sims_platform.storage.layout import RunLayout
 from sims_platform.utils.accel import resolve_device, tf32_policy
 
@@ -102,9 +103,9 @@ def test_every_sampling_stage_moves_networks_noise_and_labels_to_the_context_dev
     and returns zeros on the CPU; the rest of each stage (shards, features, results) runs as usual."""
     d = tiny_config_dict(str(tmp_path / "run"))
     d["iterations"] = {"count": 2, "train_data": "real+synthetic", "feed_samples": 40, "feed_weight": 1.0}
-    cpu = context(d, device=torch.device("cpu"))
+    cpu = context(d, requested_device=torch.device("cpu"))
     for stage in ("train-base", "finetune-aux"):  # untrained stand-ins: only the devices matter here
-        cpu.save_model(cpu.layout.model(0, stage), cpu.build_net(), 0)
+        cpu.models.save(cpu.layout.model(0, stage), cpu.models.build(), 0)
 
     meta = torch.device("meta")
     seen: list[tuple[str, set]] = []
@@ -141,7 +142,7 @@ def test_every_sampling_stage_moves_networks_noise_and_labels_to_the_context_dev
     monkeypatch.setattr(features_mod, "build_feature_extractor", build)
     monkeypatch.setattr(sampling_mod, "heun_sample", spy_heun)
     monkeypatch.setattr(sampling_mod, "seeded_noise", spy_noise)
-    ctx = context(d, device=meta)
+    ctx = context(d, requested_device=meta)
     for stage in ("generate", "evaluate", "feed"):
         run_stage(ctx, stage)
     assert {kind for kind, _ in seen} == {"NetDenoiser", "Guided"}  # plain (generate, base arm) and guided
@@ -156,19 +157,19 @@ def test_latent_encoder_runs_its_vae_on_the_context_device(tmp_path):
                                                      "norm_num_groups": 4, "latent_channels": 4,
                                                      "down_block_types": ["DownEncoderBlock2D"] * 2,
                                                      "up_block_types": ["UpDecoderBlock2D"] * 2}}
-    ctx = bare_context(d, device=torch.device("meta"))
-    assert {p.device for p in ctx.encoder.vae.parameters()} == {torch.device("meta")}
-    assert ctx.encoder.mean.device == torch.device("meta")
+    ctx = bare_context(d, requested_device=torch.device("meta"))
+    assert {p.device for p in ctx.data.encoder.vae.parameters()} == {torch.device("meta")}
+    assert ctx.data.encoder.mean.device == torch.device("meta")
 
 
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_sampling_networks_use_the_configured_memory_layout_and_agree_with_the_default(tmp_path, channels_last):
     d = tiny_config_dict(str(tmp_path / "run"))
     d["runtime"] = {"channels_last": channels_last}
-    ctx = context(d, device=torch.device("cpu"))
+    ctx = context(d, requested_device=torch.device("cpu"))
     uri = ctx.layout.model(0, "train-base")
-    ctx.save_model(uri, ctx.build_net(), 0)
-    sampler, plain = ctx.sampling_model(uri), ctx.load_model(uri)  # load_model: what training starts from
+    ctx.models.save(uri, ctx.models.build(), 0)
+    sampler, plain = ctx.models.sampling(uri), ctx.models.load(uri)  # load: what training starts from
     convs = [p for p in sampler.parameters() if p.ndim == 4 and p.shape[1] > 1 and p.shape[-1] > 1]  # layouts differ
     assert convs and all(p.is_contiguous(memory_format=torch.channels_last) == channels_last for p in convs)
     assert all(p.is_contiguous() for p in plain.parameters())

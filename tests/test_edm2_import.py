@@ -14,10 +14,10 @@ from edm2_support import edm2_pickle
 
 from sims_platform.cli import main
 from sims_platform.config import ConfigError
-from sims_platform.models import edm2
-from sims_platform.models.edm2 import load_edm2, read_edm2
+from sims_platform.models.edm2_pickle import load_edm2, read_edm2, read_pickle
 from sims_platform.models.precond import Precond
-from sims_platform.stages import StageContext, run_stage
+from sims_platform.pipeline.execute import run_stage
+from sims_platform.stages.context import StageContext
 from sims_platform.storage import fsio
 from sims_platform.pipeline.runner import open_run
 from sims_platform.storage.safe_pickle import UnsafePickleError
@@ -71,7 +71,7 @@ def test_import_edm2_cli_writes_a_model_any_stage_loads(tmp_path, tiny_cfg):
     assert rec["precond"]["model_channels"] == 16 and rec["source"].endswith(pkl.name)
     # A self-describing file loads as its own architecture where the config names another (e.g. a guide).
     layout, lineage, _ = open_run(tiny_cfg)
-    net = StageContext(tiny_cfg, layout, 0, lineage).load_model(fsio.normalize_uri(str(dst)))
+    net = StageContext(tiny_cfg, layout, 0, lineage).models.load(fsio.normalize_uri(str(dst)))
     x, sigma, y = _inputs()
     with torch.no_grad():
         assert torch.equal(net(x, sigma, y), copy.deepcopy(src).half().float()(x, sigma, y))
@@ -89,7 +89,7 @@ def test_pretrained_base_replaces_training(tmp_path, tiny_cfg):
     result = run_stage(ctx, "import-base")  # the plan's step for iteration 0's base (tests/test_import_base.py)
     assert result["pretrained"] == str(pkl) and result["images"] == 2147483000
     assert not fsio.exists(layout.checkpoints(0, "train-base")) or not fsio.listdir(layout.checkpoints(0, "train-base"))
-    base = ctx.load_model(layout.model(0, "train-base"))  # the config's network with the imported weights
+    base = ctx.models.load(layout.model(0, "train-base"))  # the config's network with the imported weights
     x, sigma, y = _inputs()
     with torch.no_grad():
         assert torch.equal(base(x, sigma, y), copy.deepcopy(src).half().float()(x, sigma, y))
@@ -127,7 +127,7 @@ def test_malicious_pickles_are_refused(tmp_path):
     nested = tmp_path / "nested.pkl"
     nested.write_bytes(pickle.dumps(_StorageBytes(buf.getvalue()), protocol=4))
     with pytest.raises(UnsafePickleError, match=r"nested\.pkl"):
-        edm2.read_pickle(nested.read_bytes(), str(nested))
+        read_pickle(nested.read_bytes(), str(nested))
     assert not marker.exists()
 
 

@@ -11,7 +11,8 @@ from sklearn.datasets import load_digits
 from sims_platform.config import config_from_dict
 from sims_platform.data import SourceIndex, holdout_split, load_images, read_manifest, read_shards
 from sims_platform.pipeline.runner import open_run, stages_for
-from sims_platform.stages import STAGE_FUNCS, StageContext, is_done, run_stage
+from sims_platform.pipeline.execute import is_done, run_stage
+from sims_platform.stages.context import StageContext
 from sims_platform.storage import fsio
 
 from pipeline_support import tiny_config_dict
@@ -62,14 +63,14 @@ def test_encode_in_two_parts_then_train_on_latents(digit_folder, tmp_path):
     ctx = StageContext(cfg, layout, 0, lineage)
     assert torch.equal(keys, train) and set(keys.tolist()).isdisjoint(held.tolist())
     images = everything.images[train]
-    expected = ctx.encoder.encode(images)
+    expected = ctx.data.encoder.encode(images)
     # The shards keep the posterior as EDM2 does: the scaled mean, then the scaled std (stored as float16).
     assert manifest["posterior"] is True and manifest["shape"] == [8, 8, 8]
     assert torch.allclose(x[:, :4], expected, atol=2e-3 * expected.abs().max())
-    dist = ctx.encoder.vae.encode((images.expand(-1, 3, -1, -1) + 1) / 2).latent_dist  # EDM2 feeds [0, 1]
-    std = dist.std * ctx.encoder.scale
+    dist = ctx.data.encoder.vae.encode((images.expand(-1, 3, -1, -1) + 1) / 2).latent_dist  # EDM2 feeds [0, 1]
+    std = dist.std * ctx.data.encoder.scale
     assert (x[:, 4:] > 0).all() and torch.allclose(x[:, 4:], std, rtol=2e-3, atol=1e-4)
-    assert ctx.shape() == (4, 8, 8)
+    assert ctx.data.shape() == (4, 8, 8)
     out = run_stage(ctx, "train-base")
     assert out["images"] == 256
     assert run_stage(StageContext(cfg, layout, 0, lineage, part=0, parts=2), "encode")["complete"]  # skipped
@@ -103,7 +104,7 @@ def test_a_stage_record_written_meanwhile_is_kept(digit_folder, tmp_path, monkey
         fsio.write_json(marker, theirs)
         return {"complete": True}
 
-    monkeypatch.setitem(STAGE_FUNCS, "encode", racing)
+    monkeypatch.setattr("sims_platform.stages.encode.encode", racing)
     assert run_stage(StageContext(cfg, layout, 0, lineage, part=0, parts=2), "encode") == {"complete": True}
     assert fsio.read_json(marker) == theirs
     assert "completed meanwhile by another process" in capsys.readouterr().out

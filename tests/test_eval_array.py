@@ -10,9 +10,11 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from sims_platform.steps import Step
 from sims_platform.config import config_from_dict
 from sims_platform.pipeline.runner import open_run
-from sims_platform.stages import StageContext, is_done, run_stage
+from sims_platform.pipeline.execute import is_done, run_stage
+from sims_platform.stages.context import StageContext
 from sims_platform.config.schema import EvaluateConfig, MethodConfig
 from sims_platform.evaluation.plan import owner, part_block, work_units
 from sims_platform.stages.evaluate import EvaluatePartsError
@@ -103,7 +105,7 @@ def test_array_matches_single_process(fresh):
     assert single["complete"] is True
     out = evaluate_dir(ctx)
     client = MlflowClient(ctx().lineage.tracking_uri)
-    run_id = ctx().lineage.stage_run(0, "evaluate")
+    run_id = ctx().lineage.stage_run(Step(0, "evaluate"))
     grid_single = Path(client.download_artifacts(run_id, "samples/sims_w-1.0.png", str(out.parent / "a"))).read_bytes()
     stats_single = {a: torch.load(out / "per-arm" / f"{a}.stats.pt") for a in ("base", "sims_w-1.0")}
     results_single = fsio.read_json(fsio.join(ctx().layout.stage(0, "evaluate"), "results.json"))

@@ -16,7 +16,7 @@ from sims_platform.evaluation.report import iteration_row, method_result
 from sims_platform.metrics.prdc import precision_recall
 from sims_platform.models.presets import build_network
 from sims_platform.sampling.guidance import Guided, NetDenoiser, neon
-from sims_platform.stages.context import sample_seeds
+from sims_platform.stages.seeds import sample_seeds
 from sims_platform.tracking import format_table
 
 from pipeline_support import tiny_config_dict
@@ -40,15 +40,15 @@ def test_holdout_split_is_per_class_disjoint_and_deterministic():
 
 def test_stage_context_never_trains_on_the_reference(tmp_path):
     from sims_platform.pipeline.runner import open_run
-    from sims_platform.stages import StageContext
+    from sims_platform.stages.context import StageContext
 
     cfg = config_from_dict(tiny_config_dict(str(tmp_path / "run")))
     layout, lineage, _ = open_run(cfg)
     ctx = StageContext(cfg, layout, 0, lineage)
     everything = load_images(cfg.data)
-    x, _, _ = ctx.base_training_data()
-    real_x, _, _ = ctx.real_training_data()
-    ref = ctx.reference.images
+    x, _, _ = ctx.data.base_training_data()
+    real_x, _, _ = ctx.data.real_training_data()
+    ref = ctx.data.reference.images
     assert len(x) + len(ref) == len(everything) and len(ref) == pytest.approx(0.25 * len(everything), abs=10)
     # No held-out image is among the training images (digits has a few duplicates: compare by source index).
     train_idx, held_idx = holdout_split(everything.labels, cfg.data.holdout_fraction, cfg.data.holdout_seed)
@@ -57,7 +57,7 @@ def test_stage_context_never_trains_on_the_reference(tmp_path):
     # The split does not move with the run's seed: every training seed is measured on the same reference.
     cfg2 = config_from_dict({**tiny_config_dict(str(tmp_path / "run2")), "seed": 5})
     ctx2 = StageContext(cfg2, layout, 0, lineage)
-    assert torch.equal(ctx2.reference.images, ref)
+    assert torch.equal(ctx2.data.reference.images, ref)
 
 
 # ----------------------------------------------------------------------------

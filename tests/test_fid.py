@@ -18,8 +18,8 @@ from sims_platform.metrics import (
     feature_stats,
     fid_from_stats,
     frechet_distance,
-    reference_stats,
 )
+from sims_platform.evaluation.reference import in_memory_reference
 
 # ----------------------------------------------------------------------------
 # Frechet distance
@@ -190,11 +190,12 @@ def test_digits_classifier_preprocessing(extractor: FeatureExtractor, digits: Si
         extractor(x[0])
 
 
-def test_fid_real_subset_vs_noise(extractor: FeatureExtractor, digits: SimpleNamespace, cache: str) -> None:
-    ref = reference_stats(extractor, digits.images, cache, batch_size=500)
+def test_fid_real_subset_vs_noise(extractor: FeatureExtractor, digits: SimpleNamespace) -> None:
+    ref, kept = in_memory_reference(extractor, digits.images, batch_size=500, max_samples=700)
     assert ref.count == len(digits.labels)
-    cached = reference_stats(extractor, digits.images, cache, batch_size=500)
-    assert torch.equal(cached.sum_outer, ref.sum_outer)
+    # the first max_samples features, kept for precision/recall
+    torch.testing.assert_close(kept, extractor(digits.images[:700]), atol=1e-5, rtol=1e-5)
+    assert torch.equal(feature_stats(extractor, digits.images, batch_size=500).sum_outer, ref.sum_outer)
 
     subset = feature_stats(extractor, digits.images[::2], batch_size=300)
     noise = torch.rand(900, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1

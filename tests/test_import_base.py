@@ -18,14 +18,18 @@ from pipeline_support import tiny_config_dict
 
 from sims_platform.cli import main
 from sims_platform.config import ConfigError, load_config
-from sims_platform.launch import processes
+from sims_platform.pipeline import processes
 from sims_platform.launch.processes import Processes, run_step
 from sims_platform.models.precond import Precond
-from sims_platform.pipeline.plan import Step, pipeline_plan
+from sims_platform.pipeline.plan import pipeline_plan
+from sims_platform.steps import Step
 from sims_platform.pipeline.runner import iteration_complete, open_run
-from sims_platform.stages import STAGE_FUNCS, StageContext, run_stage
+from sims_platform.pipeline.execute import run_stage
+from sims_platform.stages.context import StageContext
+from sims_platform.stages import stage_function
 from sims_platform.storage import fsio
-from sims_platform.storage.layout import RUN_STAGES, STAGES, RunLayout
+from sims_platform.steps import RUN_STAGES, STAGES
+from sims_platform.storage.layout import RunLayout
 
 # A small EDM2 network in EDM2's own argument names (tests/test_edm2_import.py), the tiny pipeline's shape.
 INIT_KWARGS = dict(img_resolution=8, img_channels=1, label_dim=10, model_channels=16, channel_mult=[1, 2],
@@ -53,10 +57,11 @@ def _pretrained_pipeline(tmp_path, iterations: int = 2) -> tuple[str, str, Preco
 
 
 def test_every_step_has_one_kind_and_one_function():
-    from sims_platform.storage.layout import STEP_KINDS
+    from sims_platform.steps import STAGE_NAMES, row
 
-    assert set(STEP_KINDS) == set(STAGES + RUN_STAGES) == set(STAGE_FUNCS)
-    assert STEP_KINDS["import-base"] == "single" and STEP_KINDS["train-base"] == "training"
+    assert set(STAGE_NAMES) >= set(STAGES + RUN_STAGES)
+    assert all(callable(stage_function(name)) for name in STAGE_NAMES)
+    assert row("import-base").kind == "single" and row("train-base").kind == "training"
 
 
 def test_the_plan_imports_iteration_0s_base_and_trains_the_later_ones(tmp_path):
@@ -82,7 +87,7 @@ def test_import_base_runs_as_one_plain_process_and_completes_train_base(tmp_path
     monkeypatch.setattr(processes.subprocess, "Popen", recording_popen)
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"OMP_NUM_THREADS": "1"}
     # As `sims local-cluster` launches every step: training would run under torchrun x2.
-    run_step(Step(0, "import-base"), config, [], env, Processes(train=2, generate=2, arrays=2))
+    run_step(Step(0, "import-base"), config, [], env, Processes(train=2, writers=2, arrays=2))
 
     assert launched == [[sys.executable, "-m", "sims_platform.cli", "stage", "import-base", "--config", config,
                          "--iteration", "0"]]
@@ -96,7 +101,7 @@ def test_import_base_runs_as_one_plain_process_and_completes_train_base(tmp_path
     # The base the next stages load: the config's network with the imported weights, no training checkpoints.
     _, lineage, _ = open_run(cfg)
     ctx = StageContext(cfg, layout, 0, lineage)
-    base = ctx.load_model(layout.model(0, "train-base"))
+    base = ctx.models.load(layout.model(0, "train-base"))
     g = torch.Generator().manual_seed(0)
     x, sigma, y = torch.randn(2, 1, 8, 8, generator=g), torch.tensor([0.5, 5.0]), torch.tensor([3, 7])
     with torch.no_grad():

@@ -21,6 +21,7 @@ from pipeline_support import tiny_config_dict
 
 from sims_platform.config import config_from_dict
 from sims_platform.pipeline.provenance import step_provenance
+from sims_platform.steps import Step
 
 SIMS = [sys.executable, "-m", "sims_platform.cli"]
 
@@ -103,7 +104,7 @@ def test_a_failing_part_ends_sims_run_with_a_clear_error(tmp_path):
     (base / "model.pt").write_bytes(buf.getvalue())
     # The record even carries the digest of this config's settings (computable by anyone who has the config), so
     # train-base is skipped and the parts meet the planted file itself.
-    prov = step_provenance(config_from_dict(tiny_config_dict(str(root))), 0, "train-base", None)
+    prov = step_provenance(config_from_dict(tiny_config_dict(str(root))), Step(0, "train-base"))
     (base / "_SUCCESS.json").write_text(json.dumps({"result": {"model": str(base / "model.pt")},
                                                     "provenance": prov.record()}))
     proc = _sims_run(cfg, "--parts", "2")
@@ -122,7 +123,7 @@ def test_a_stopped_launcher_stops_its_processes(tmp_path):
     script = tmp_path / "launch.py"
     script.write_text(textwrap.dedent(f"""
         import sys
-        from sims_platform.launch.processes import run_together
+        from sims_platform.pipeline.processes import run_together
         child = [sys.executable, "-c", "import os, time; open({str(pids)!r} + str(os.getpid()), 'w'); time.sleep(120)"]
         run_together([child, child], {{}}, "sleepers")
     """))

@@ -13,9 +13,11 @@ from mlflow.tracking import MlflowClient
 from sims_platform.cli import main
 from sims_platform.config import ConfigError, config_from_dict
 from sims_platform.data import read_shards
-from sims_platform.pipeline.plan import Step, pipeline_plan, stages_for
+from sims_platform.pipeline.plan import pipeline_plan, stages_for
+from sims_platform.steps import Step
 from sims_platform.pipeline.runner import open_run, run_pipeline
-from sims_platform.stages import StageContext, run_stage
+from sims_platform.pipeline.execute import run_stage
+from sims_platform.stages.context import StageContext
 from sims_platform.stages.sampling import feed_source
 from sims_platform.storage import fsio
 from sims_platform.storage.layout import RunLayout
@@ -90,7 +92,7 @@ def test_plan_shares_generation_0_and_gives_each_loop_its_own_later_generations(
     names = [lp.name for lp in cfg.loop.loops()]
     assert names == ["standard-dp50", "standard-dp200", "sims-dp50", "sims-dp200"]
     for loop in cfg.loop.loops():
-        own = [(s.iteration, s.stage) for s in steps if s.loop == loop]
+        own = [(s.iteration, s.stage) for s in steps if s.loop == loop.name]
         model = [] if loop.arm == "standard" else ["generate", "finetune-aux"]
         assert own == [(0, "feed"), *[(1, s) for s in ["train-base", *model, "evaluate", "feed"]],
                        *[(2, s) for s in ["train-base", *model, "evaluate"]]]
@@ -117,17 +119,17 @@ def test_feed_sources_previous_or_accumulated_and_each_arms_feed_sampler(tmp_pat
         d["loop"].update(accumulate=accumulate, train_data=mode)
         cfg = config_from_dict(d)
         for loop in cfg.loop.loops():
-            ctx = StageContext(cfg, RunLayout.of(cfg.storage.root), 3, None, device="cpu", loop=loop)
+            ctx = StageContext(cfg, RunLayout.of(cfg.storage.root), 3, None, requested_device="cpu", loop=loop)
             first = 0 if accumulate else 2
-            assert ctx.feed_sources() == {f"feed_iter_{j}": ctx.layout.shards(j, "feed") for j in range(first, 3)}
-            assert ctx.train_data_mode() == mode
+            assert ctx.data.feed_sources() == {f"feed_iter_{j}": ctx.layout.shards(j, "feed") for j in range(first, 3)}
+            assert ctx.data.train_data_mode() == mode
             assert feed_source(ctx) == (("base", 0.0) if loop.arm == "standard" else ("sims", None))
             # the loop's view narrows the evaluation to its arm: the plain base, or the sims sweep
             methods = [(m.name, m.weights) for m in ctx.cfg.evaluate.methods]
             assert methods == ([("sims", [0.0])] if loop.arm == "standard" else [("sims", [1.0])])
             assert ctx.pipeline_cfg is cfg
-    ctx0 = StageContext(cfg, RunLayout.of(cfg.storage.root), 0, None, device="cpu")
-    assert ctx0.feed_sources() == {} and ctx0.layout.loop is None
+    ctx0 = StageContext(cfg, RunLayout.of(cfg.storage.root), 0, None, requested_device="cpu")
+    assert ctx0.data.feed_sources() == {} and ctx0.layout.loop is None
 
 
 # ----------------------------------------------------------------------------
@@ -148,7 +150,7 @@ def tiny_loop(root: str) -> dict:
 def test_tiny_loop_trains_each_generation_on_the_real_split_plus_its_named_feeds(tmp_path):
     from sims_platform.evaluation.methods import Networks
     from sims_platform.evaluation.plan import Arm
-    from sims_platform.stages.context import sample_seeds
+    from sims_platform.stages.seeds import sample_seeds
     from sims_platform.stages.sampling import sample_batch
 
     cfg = config_from_dict(tiny_loop(str(tmp_path / "run")))
@@ -168,7 +170,7 @@ def test_tiny_loop_trains_each_generation_on_the_real_split_plus_its_named_feeds
     real_uri = tags("iter-0/train-base")["sims.input.real"]
 
     ctx0 = StageContext(cfg, layout, 0, None)
-    n_real, n_feed = len(ctx0.real), round(0.25 * len(ctx0.real))
+    n_real, n_feed = len(ctx0.data.real), round(0.25 * len(ctx0.data.real))
     for loop in cfg.loop.loops():
         for g in (1, 2):
             t = tags(f"{loop.name}/iter-{g}/train-base")
@@ -180,8 +182,8 @@ def test_tiny_loop_trains_each_generation_on_the_real_split_plus_its_named_feeds
             assert runs[f"{loop.name}/iter-{g}/train-base"].data.params["train_set_size"] == str(n_real + g * n_feed)
             assert t["sims.loop"] == loop.name
             ctx = StageContext(cfg, layout, g, None, loop=loop)
-            x, y, sources = ctx.base_training_data()
-            parts = [ctx.real_encoded] + [read_shards(uri)[:2] for uri in feeds.values()]
+            x, y, sources = ctx.data.base_training_data()
+            parts = [ctx.data.real_encoded] + [read_shards(uri)[:2] for uri in feeds.values()]
             assert torch.equal(x, torch.cat([p[0] for p in parts])) and torch.equal(y, torch.cat([p[1] for p in parts]))
             assert sources == {"real": real_uri, **feeds}
         # each arm's feed: the standard arm samples its plain base, the sims arm its guided sampler at the selected w
@@ -199,7 +201,7 @@ def test_tiny_loop_trains_each_generation_on_the_real_split_plus_its_named_feeds
             fed, _, _ = read_shards(ctx.layout.shards(g, "feed"))
             assert len(fed) == n_feed
             n = cfg.generate.shard_size  # the first shard, sampled as one batch: the same arithmetic as the feed's
-            nets = Networks(ctx.cfg, ctx.layout, ctx.iteration, ctx.sampling_model)
+            nets = Networks(ctx.cfg, ctx.layout, ctx.iteration, ctx.models.sampling)
             want, _ = sample_batch(ctx, nets.denoiser(arm), sample_seeds(cfg.seed, g, "feed", n),
                                    cfg.generate.sampler)
             assert torch.equal(fed[:n], want.half().float())
@@ -245,7 +247,7 @@ def test_tiny_loop_trains_each_generation_on_the_real_split_plus_its_named_feeds
     assert (rec["method"], rec["w"]) == ("sims", 1.0)
     fed, _, _ = read_shards(ctx.layout.shards(1, "feed"))
     seeds = sample_seeds(cfg.seed, 1, "feed", cfg.generate.shard_size)
-    nets = Networks(ctx.cfg, ctx.layout, ctx.iteration, ctx.sampling_model)
+    nets = Networks(ctx.cfg, ctx.layout, ctx.iteration, ctx.models.sampling)
     guided, _ = sample_batch(ctx, nets.denoiser(Arm("sims", 1.0)), seeds, cfg.generate.sampler)
     plain, _ = sample_batch(ctx, nets.denoiser(Arm("base", 0.0)), seeds, cfg.generate.sampler)
     assert torch.equal(fed[:len(seeds)], guided.half().float()) and not torch.allclose(guided, plain)

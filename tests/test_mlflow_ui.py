@@ -16,11 +16,13 @@ import yaml
 from mlflow import MlflowClient
 from pipeline_support import tiny_config_dict
 
+from sims_platform.steps import Step
 from sims_platform.config import config_from_dict
 from sims_platform.data import read_manifest
 from sims_platform.launch.servers import mlflow_server
 from sims_platform.pipeline.runner import end_interrupted_runs, open_run, run_pipeline
-from sims_platform.stages import StageContext, run_stage
+from sims_platform.pipeline.execute import run_stage
+from sims_platform.stages.context import StageContext
 from sims_platform.storage import fsio
 from sims_platform.tracking.datasets import content_digest
 from sims_platform.tracking.summary_metrics import log_iteration_results, row_metrics
@@ -167,17 +169,17 @@ def test_failed_stage_fails_its_iteration_and_pipeline(server, tmp_path):
     assert {n: r.info.status for n, r in runs.items()} == \
         {"tiny": "FAILED", "iter-0": "FAILED", "iter-0/generate": "FAILED"}
     # A retry of the stage carries all three on.
-    assert lineage.stage_run(0, "generate") == runs["iter-0/generate"].info.run_id
+    assert lineage.stage_run(Step(0, "generate")) == runs["iter-0/generate"].info.run_id
     assert {r.info.status for r in all_runs(client, "ui-failed").values()} == {"RUNNING"}
 
 
 def test_new_attempt_ends_what_a_killed_one_left_running(server, tmp_path):
     cfg = config_from_dict(small(tmp_path / "run", server, "ui-left-over", count=2))
     layout, lineage, pipe = open_run(cfg)
-    done = lineage.stage_run(0, "train-base")   # killed after its completion record, before its status
+    done = lineage.stage_run(Step(0, "train-base"))   # killed after its completion record, before its status
     fsio.write_json(layout.done_marker(0, "train-base"), {"result": {}})
-    cut = lineage.stage_run(0, "generate")     # killed mid-stage
-    later = lineage.stage_run(1, "train-base")  # e.g. iteration 1 of an attempt with another plan
+    cut = lineage.stage_run(Step(0, "generate"))     # killed mid-stage
+    later = lineage.stage_run(Step(1, "train-base"))  # e.g. iteration 1 of an attempt with another plan
     end_interrupted_runs(cfg, layout, lineage)
     client = MlflowClient(server)
     status = {n: r.info.status for n, r in all_runs(client, "ui-left-over").items()}
@@ -185,7 +187,7 @@ def test_new_attempt_ends_what_a_killed_one_left_running(server, tmp_path):
                       "iter-0/generate": "KILLED", "iter-1/train-base": "KILLED"}
     assert {done, cut, later} == {r.info.run_id for n, r in all_runs(client, "ui-left-over").items() if "/" in n}
     # The resumed attempt continues the killed stage's run (and its iteration's).
-    assert lineage.stage_run(0, "generate") == cut
+    assert lineage.stage_run(Step(0, "generate")) == cut
     assert client.get_run(cut).info.status == "RUNNING"
     assert client.get_run(client.get_run(cut).data.tags["mlflow.parentRunId"]).info.status == "RUNNING"
 

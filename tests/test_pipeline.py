@@ -19,7 +19,8 @@ from PIL import Image
 from sims_platform.config import config_from_dict
 from sims_platform.data import holdout_split, load_images, read_shards
 from sims_platform.pipeline.runner import open_run, run_pipeline
-from sims_platform.stages import StageContext, run_stage
+from sims_platform.pipeline.execute import run_stage
+from sims_platform.stages.context import StageContext
 from sims_platform.storage.layout import RunLayout
 from sims_platform.tracking import resolve_tracking_uri
 from sims_platform.tracking.results import ROW_KEYS
@@ -155,7 +156,7 @@ def test_feed_samples_with_the_configured_method(tmp_path):
     """feed guides with iterations.feed_method at its w, not always the SIMS aux (here: neon)."""
     from sims_platform.evaluation.methods import Networks
     from sims_platform.evaluation.plan import Arm
-    from sims_platform.stages.context import sample_seeds
+    from sims_platform.stages.seeds import sample_seeds
     from sims_platform.stages.sampling import sample_batch
 
     d = tiny_config_dict(str(tmp_path / "run"))
@@ -172,7 +173,7 @@ def test_feed_samples_with_the_configured_method(tmp_path):
     assert (result["method"], result["w"]) == ("neon", 1.5)
     fed, _, _ = read_shards(layout.shards(0, "feed"))
     seeds = sample_seeds(cfg.seed, 0, "feed", 8)
-    nets = Networks(ctx.cfg, ctx.layout, ctx.iteration, ctx.sampling_model)
+    nets = Networks(ctx.cfg, ctx.layout, ctx.iteration, ctx.models.sampling)
     want, _ = sample_batch(ctx, nets.denoiser(Arm("neon", 1.5)), seeds, cfg.generate.sampler)
     sims, _ = sample_batch(ctx, nets.denoiser(Arm("sims", 1.5)), seeds, cfg.generate.sampler)
     assert torch.equal(fed, want.half().float())  # shards store float16

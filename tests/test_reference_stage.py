@@ -21,9 +21,11 @@ from sims_platform.evaluation.features import feature_extractor
 from sims_platform.evaluation.reference import ReferenceFiles, read_result
 from sims_platform.metrics import FeatureStats, feature_stats
 from sims_platform.pipeline.runner import open_run, stages_for
-from sims_platform.stages import StageContext, run_stage
+from sims_platform.pipeline.execute import run_stage
+from sims_platform.stages.context import StageContext
 from sims_platform.stages.evaluate import reference as evaluate_reference
 from sims_platform.stages.reference import ReferencePartsError
+from sims_platform.stages.run_data import RunData
 
 from pipeline_support import tiny_config_dict
 from s3_support import s3_bucket, s3_endpoint  # noqa: F401 (fixtures)
@@ -86,12 +88,12 @@ def test_three_parts_equal_one_process_and_the_direct_statistics(run, tmp_path, 
     assert sorted(loaded) == held.tolist()
     assert not set(loaded) & set(train.tolist())
 
-    extractor = feature_extractor(ctx())
+    extractor = feature_extractor(ctx().cfg, ctx().layout.features, ctx().data, ctx().device)
     streamed = read_result(ReferenceFiles.of(ctx().layout, cfg, extractor))
     assert streamed is not None
     stats, features = streamed
     # The direct statistics of the held-out set, all in memory (what evaluate computed before this stage).
-    direct = ctx().reference.images
+    direct = ctx().data.reference.images
     assert_stats_close(stats, feature_stats(extractor, direct, batch_size=1))
     torch.testing.assert_close(features, extractor(direct[:MAX_SAMPLES]).float(), rtol=1e-5, atol=1e-5)
     assert features.shape == (MAX_SAMPLES, extractor.dim)
@@ -109,12 +111,12 @@ def test_three_parts_equal_one_process_and_the_direct_statistics(run, tmp_path, 
 def test_evaluate_uses_the_streamed_statistics(run, tmp_path, monkeypatch):
     ctx = run(tmp_path / "a")
     assert run_stage(ctx(), "reference")["complete"]
-    extractor = feature_extractor(ctx())
+    extractor = feature_extractor(ctx().cfg, ctx().layout.features, ctx().data, ctx().device)
     stored = read_result(ReferenceFiles.of(ctx().layout, ctx().cfg, extractor))
 
     def no_images(self):
         raise AssertionError("evaluate loaded the held-out images although the reference stage ran")
-    monkeypatch.setattr(StageContext, "reference", property(no_images))
+    monkeypatch.setattr(RunData, "reference", property(no_images))
     stats, features = evaluate_reference(ctx(), extractor)
     assert_stats_close(stats, stored[0], rtol=0)
     assert torch.equal(features, stored[1])
@@ -123,7 +125,7 @@ def test_evaluate_uses_the_streamed_statistics(run, tmp_path, monkeypatch):
 def test_evaluate_without_the_stage_reads_each_reference_image_once(run, tmp_path):
     """The in-process fallback (no reference stage ran): one pass over the reference, the stage's result."""
     ctx = run(tmp_path / "a")
-    extractor = feature_extractor(ctx())
+    extractor = feature_extractor(ctx().cfg, ctx().layout.features, ctx().data, ctx().device)
     seen: list[int] = []
 
     class Counting:
@@ -133,7 +135,7 @@ def test_evaluate_without_the_stage_reads_each_reference_image_once(run, tmp_pat
             seen.append(len(images))
             return extractor(images)
     stats, features = evaluate_reference(ctx(), Counting())
-    assert sum(seen) == len(ctx().reference.images) == 100
+    assert sum(seen) == len(ctx().data.reference.images) == 100
     assert run_stage(ctx(), "reference")["complete"]  # same batches, same order: the same sums
     stored = read_result(ReferenceFiles.of(ctx().layout, ctx().cfg, extractor))
     assert_stats_close(stats, stored[0], rtol=0)
@@ -148,7 +150,7 @@ def test_reducer_names_missing_and_duplicated_parts(run, tmp_path):
         run_stage(ctx(), "reference-reduce")
 
     run_stage(ctx(1, 3), "reference")
-    files = ReferenceFiles.of(ctx().layout, ctx().cfg, feature_extractor(ctx()))
+    files = ReferenceFiles.of(ctx().layout, ctx().cfg, feature_extractor(ctx().cfg, ctx().layout.features, ctx().data, ctx().device))
     part1 = Path(files.part(1, 3)[len("file://"):])
     moved = part1.with_suffix(".bak")
     part1.rename(moved)
@@ -225,9 +227,9 @@ def test_a_separate_reference_set_streams_from_s3_in_three_parts(tmp_path, s3_bu
 
     def ctx(part=0, parts=1):
         return StageContext(cfg, layout, 0, lineage, part=part, parts=parts)
-    extractor = feature_extractor(ctx())  # the digits classifier: trained on all 300 training images
+    extractor = feature_extractor(ctx().cfg, ctx().layout.features, ctx().data, ctx().device)  # the digits classifier: trained on all 300 training images
     direct = load_images(cfg.data.reference_data())
-    assert len(direct) == 100 and len(ctx().real) == 300
+    assert len(direct) == 100 and len(ctx().data.real) == 300
     # evaluate without the stage (in process) measures against the same images
     fallback = evaluate_reference(ctx(), extractor)
 
@@ -266,9 +268,9 @@ def test_training_stages_never_read_the_separate_reference(tmp_path, monkeypatch
         if stage == "finetune-aux":  # the synthetic set the aux model trains on
             run_stage(ctx, "generate")
         run_stage(ctx, stage)
-    x, _, _ = ctx.real_training_data()
+    x, _, _ = ctx.data.real_training_data()
     assert len(x) == 300  # nothing is held out of data.path: the reference is a separate set
-    feature_extractor(ctx)  # the digits classifier trains on the training images too
+    feature_extractor(ctx.cfg, ctx.layout.features, ctx.data, ctx.device)  # the digits classifier trains on the training images too
 
     # encode (latent models): all of data.path, nothing of the reference
     d = separate_config(tmp_path / "latent", train, val)

@@ -20,10 +20,12 @@ from pipeline_support import tiny_config_dict
 from mlflow.tracking import MlflowClient
 from s3_support import s3_client, s3_endpoint, s3_env  # noqa: F401 (fixture)
 
+from sims_platform.steps import Step
 from sims_platform.config import config_from_dict
 from sims_platform.launch.servers import mlflow_server
 from sims_platform.pipeline.runner import open_run
-from sims_platform.stages import StageContext, run_stage
+from sims_platform.pipeline.execute import run_stage
+from sims_platform.stages.context import StageContext
 from sims_platform.storage import fsio
 from sims_platform.storage.layout import RunLayout
 from sims_platform.tracking import Lineage, resolve_tracking_uri
@@ -105,7 +107,7 @@ def test_s3_root_with_tracking_server(env, tmp_path):
     def pod() -> None:
         other = Lineage.from_config(cfg, layout)  # its own client, as in another process
         barrier.wait()
-        ids.append(other.stage_run(0, "generate"))
+        ids.append(other.stage_run(Step(0, "generate")))
 
     threads = [threading.Thread(target=pod) for _ in range(4)]
     for t in threads:
@@ -204,8 +206,8 @@ def test_only_rank_zero_writes(tmp_path, monkeypatch):
     rank0.pipeline_run(cfg)
     monkeypatch.setenv("RANK", "1")
     rank1 = Lineage.from_config(cfg, layout)
-    stage = rank1.stage_run(0, "train-base")
-    assert rank0.stage_run(0, "train-base") == stage  # same run for every rank
+    stage = rank1.stage_run(Step(0, "train-base"))
+    assert rank0.stage_run(Step(0, "train-base")) == stage  # same run for every rank
     rank1.log_metrics(stage, {"loss": 1.0})
     rank1.log_artifact_bytes(stage, "x.txt", b"x")
     rank1.finish(stage)
@@ -223,9 +225,9 @@ def test_run_level_stage_hangs_under_the_pipeline(tmp_path, monkeypatch):
     cfg = config_from_dict(tiny_config_dict(str(tmp_path / "run")))
     lin = Lineage.from_config(cfg, RunLayout.of(cfg.storage.root))
     pipe = lin.pipeline_run(cfg)
-    encode = lin.stage_run(0, "encode")
-    assert lin.stage_run(3, "encode") == encode  # one per pipeline, whatever the iteration
+    encode = lin.stage_run(Step(0, "encode"))
+    assert lin.stage_run(Step(3, "encode")) == encode  # one per pipeline, whatever the iteration
     run = MlflowClient(lin.tracking_uri).get_run(encode)
     assert run.info.run_name == "encode" and run.data.tags["mlflow.parentRunId"] == pipe
-    assert lin.stage_run(0, "evaluate-reduce") == lin.stage_run(0, "evaluate")  # the reducer's run is evaluate's
+    assert lin.stage_run(Step(0, "evaluate-reduce")) == lin.stage_run(Step(0, "evaluate"))  # the reducer's run is evaluate's
     assert [(s["iteration"], s["stage"]) for s in lin.stage_runs()] == [(None, "encode"), (0, "evaluate")]

@@ -15,8 +15,9 @@ from sims_platform.data import ShardWriter, class_subset, read_manifest, read_sh
 from sims_platform.pipeline.runner import open_run, stages_for
 from sims_platform.shift.classifiers import classify, halves, shift_classifier
 from sims_platform.shift.selection import class_histogram, stratified_counts
-from sims_platform.stages import StageContext, run_stage
-from sims_platform.stages.context import sample_seeds
+from sims_platform.pipeline.execute import run_stage
+from sims_platform.stages.context import StageContext
+from sims_platform.stages.seeds import sample_seeds
 from sims_platform.storage import fsio
 
 FRACTIONS = {5: 0.25, 6: 0.25, 7: 0.25, 8: 0.25, 9: 0.25}
@@ -40,8 +41,8 @@ def shift_dict(root: str, **shift) -> dict:
     ({"shift": {"target": {c: 0.125 for c in range(8)}}}, r"classes \[8, 9\] have no proportion"),
     ({"shift": {"w": 0.0}}, r"shift\.w: .*greater than 0"),
     ({"shift": {"gain": -1.0}}, r"shift\.gain: .*greater than 0"),
-    ({"data": {"class_fractions": {3: 1.5}}}, r"data: .*fractions must be in \(0, 1\]"),
-    ({"data": {"class_fractions": {12: 0.5}}}, r"data: .*classes \[12\] are not in 0\.\.9"),
+    ({"data": {"class_fractions": {3: 1.5}}}, r"data\.class_fractions: fractions must be in \(0, 1\]"),
+    ({"data": {"class_fractions": {12: 0.5}}}, r"data\.class_fractions: classes \[12\] are not in 0\.\.9"),
     ({"data": {"num_classes": 0, "class_fractions": None}}, r"shift needs labelled data"),
 ])
 def test_bad_shift_settings_name_the_field(tmp_path, change, expected):
@@ -85,14 +86,14 @@ def ctx(tmp_path_factory) -> Iterator[StageContext]:
         d["data"]["max_images"] = None
         cfg = config_from_dict(d)
         layout, lineage, _ = open_run(cfg)
-        ctx = StageContext(cfg, layout, 0, lineage, device=torch.device("cpu"))
+        ctx = StageContext(cfg, layout, 0, lineage, requested_device=torch.device("cpu"))
         write_stand_in_synthetic_set(ctx)
         yield ctx
 
 
 def write_stand_in_synthetic_set(ctx: StageContext) -> torch.Tensor:
     """The imbalanced training images as iteration 0's 'generate' shards (a base that reproduces its data)."""
-    x = ctx.real.images
+    x = ctx.data.real.images
     writer = ShardWriter(ctx.layout.shards(0, "generate"), shard_size=ctx.cfg.generate.shard_size, total=len(x),
                          meta={"source_model": "stand-in", "iteration": 0})
     seeds = sample_seeds(ctx.cfg.seed, 0, "generate", len(x))
@@ -104,7 +105,7 @@ def write_stand_in_synthetic_set(ctx: StageContext) -> torch.Tensor:
 
 
 def test_training_split_is_imbalanced_but_classifiers_see_all_of_it(ctx):
-    real, labelled = ctx.real, ctx.labelled
+    real, labelled = ctx.data.real, ctx.data.labelled
     per_class = torch.bincount(real.labels, minlength=10)
     assert (per_class[5:] < per_class[:5].min()).all()
     assert len(labelled.labels) > len(real.labels)
@@ -113,11 +114,11 @@ def test_training_split_is_imbalanced_but_classifiers_see_all_of_it(ctx):
 
 
 def test_select_aux_writes_the_designed_resample_and_resumes(ctx):
-    x = ctx.real.images
+    x = ctx.data.real.images
     result = run_stage(ctx, "select-aux")
     out = ctx.layout.shards(0, "select-aux")
     manifest = read_manifest(out)
-    predicted = classify(shift_classifier(ctx, "select"), x, 64)
+    predicted = classify(shift_classifier(ctx.cfg, ctx.layout.features, ctx.data.labelled, ctx.device, "select"), x, 64)
     base = class_histogram(predicted, 10)
     assert manifest["base_histogram"] == base.tolist()
     assert manifest["counts"] == stratified_counts(manifest["aux_histogram"], 120) == result["counts"]
@@ -142,9 +143,9 @@ def test_select_aux_writes_the_designed_resample_and_resumes(ctx):
 
 def test_evaluate_records_judged_histograms_tv_and_reweighted_fid(ctx):
     run_stage(ctx, "select-aux")  # skipped when the test above ran
-    net = ctx.build_net()  # untrained: the wiring is under test, not the shift
+    net = ctx.models.build()  # untrained: the wiring is under test, not the shift
     for stage in ("train-base", "finetune-aux"):
-        ctx.save_model(ctx.layout.model(0, stage), net, 0, stage=stage, iteration=0)
+        ctx.models.save(ctx.layout.model(0, stage), net, 0, stage=stage, iteration=0)
     run_stage(ctx, "evaluate")
     res = fsio.read_json(fsio.join(ctx.layout.stage(0, "evaluate"), "results.json"))
     sh = res["shift"]

@@ -63,7 +63,7 @@ def test_training_the_digits_feature_network_reports_its_start_and_progress(tmp_
 
     from sims_platform.config import config_from_dict
     from sims_platform.data import load_images
-    from sims_platform.metrics.features import train_digits_classifier
+    from sims_platform.metrics.digits_classifier import train_digits_classifier
 
     data = load_images(config_from_dict(tiny_config_dict(str(tmp_path / "run"))).data)
     train_digits_classifier(SimpleNamespace(images=data.images[:100], labels=data.labels[:100]),

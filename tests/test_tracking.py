@@ -12,6 +12,7 @@ import torch
 from mlflow import MlflowClient
 from PIL import Image
 
+from sims_platform.steps import Step
 from sims_platform.config import config_from_dict
 from sims_platform.config.schema import EvaluateConfig, MethodConfig
 from sims_platform.evaluation.report import iteration_row, method_result
@@ -113,14 +114,14 @@ def test_record_pointing_elsewhere_is_an_error(setup, tmp_path):
 def test_stage_before_pipeline_is_an_error(setup):
     _, _, lin = setup
     with pytest.raises(LineageError, match="pipeline_run"):
-        lin.stage_run(0, "train-base")
+        lin.stage_run(Step(0, "train-base"))
 
 
 def test_stage_runs_nest_and_are_reused(setup):
     cfg, layout, lin = setup
     pipe = lin.pipeline_run(cfg)
     client = MlflowClient(lin.tracking_uri)
-    stage = lin.stage_run(0, "train-base")
+    stage = lin.stage_run(Step(0, "train-base"))
     run = client.get_run(stage)
     assert run.info.run_name == "iter-0/train-base"
     assert run.data.tags["sims.stage"] == "train-base" and run.data.tags["sims.iteration"] == "0"
@@ -132,15 +133,15 @@ def test_stage_runs_nest_and_are_reused(setup):
     lin.finish(stage)
     assert client.get_run(stage).info.status == "FINISHED"
     other = Lineage.from_config(cfg, layout)  # a re-run in a fresh process
-    assert other.stage_run(0, "train-base") == stage
+    assert other.stage_run(Step(0, "train-base")) == stage
     assert client.get_run(stage).info.status == "RUNNING"  # running again
     assert other.iteration_run(0) == it.info.run_id
-    gen = other.stage_run(0, "generate")
+    gen = other.stage_run(Step(0, "generate"))
     assert gen != stage and client.get_run(gen).data.tags["mlflow.parentRunId"] == it.info.run_id
-    nxt = other.stage_run(1, "train-base")
+    nxt = other.stage_run(Step(1, "train-base"))
     assert client.get_run(nxt).data.tags["mlflow.parentRunId"] != it.info.run_id
     with pytest.raises(ValueError, match="unknown stage"):
-        lin.stage_run(0, "bogus")
+        lin.stage_run(Step(0, "bogus"))
     with pytest.raises(ValueError, match="status"):
         lin.finish(stage, "DONE")
 
@@ -152,7 +153,7 @@ def test_params_raced_by_another_part_of_the_job_array_are_logged_once(setup, mo
 
     cfg, _, lin = setup
     lin.pipeline_run(cfg)
-    run = lin.stage_run(0, "evaluate")
+    run = lin.stage_run(Step(0, "evaluate"))
     real_log_batch, raced = lin.client.log_batch, []
 
     def racing_log_batch(run_id, params=(), **kw):
@@ -171,10 +172,10 @@ def test_logging_and_lineage_links(setup):
     cfg, layout, lin = setup
     lin.pipeline_run(cfg)
     client = MlflowClient(lin.tracking_uri)
-    feed = lin.stage_run(0, "feed")
+    feed = lin.stage_run(Step(0, "feed"))
     shards = layout.shards(0, "feed")
     lin.link(feed, inputs={"model": layout.model(0, "train-base")}, outputs={"shards": shards})
-    train = lin.stage_run(1, "train-base")
+    train = lin.stage_run(Step(1, "train-base"))
     lin.log_params(train, {"lr": 0.01, "note": "x" * 7000})
     lin.log_params(train, {"lr": 0.01})  # same value again: fine
     lin.log_params(train, {"lr": 0.02})  # changed: kept as a tag instead of failing
@@ -325,11 +326,11 @@ def test_real_server_roundtrip(mlflow_server, tmp_path, monkeypatch):
     lin = Lineage.from_config(cfg, layout)
     assert ui_command(lin.tracking_uri, layout) == url
     pipe = lin.pipeline_run(cfg)
-    stage = lin.stage_run(0, "evaluate")
+    stage = lin.stage_run(Step(0, "evaluate"))
     lin.log_metrics(stage, {"fid/w_0.0": 30.0})
     lin.log_artifact_bytes(stage, "fid.json", b'{"0.0": 30.0}')
     lin.finish(stage)
-    assert Lineage.from_config(cfg, layout).stage_run(0, "evaluate") == stage
+    assert Lineage.from_config(cfg, layout).stage_run(Step(0, "evaluate")) == stage
 
     client = MlflowClient(url)
     run = client.get_run(stage)

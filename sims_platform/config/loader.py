@@ -70,7 +70,9 @@ def _format(err: ValidationError, source: str, blame: dict[tuple[str, ...], str]
         message = _message(e)
         # A cross-field rule names the field it is about first ("tracking.uri: ..."): show it as that field's.
         if named := re.match(r"Value error, ([\w.]+): (.*)", message, re.S):
-            loc, message = loc + tuple(named.group(1).split(".")), named.group(2)
+            field = tuple(named.group(1).split("."))
+            # Relative to the section that raised it, unless it already names the section.
+            loc, message = (field if field[:len(loc)] == loc else loc + field), named.group(2)
         path = ".".join(loc) or "(top level)"
         got = e.get("input")
         got_text = "" if e["type"] in ("missing", "extra_forbidden") or isinstance(got, dict) \

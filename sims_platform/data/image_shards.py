@@ -20,7 +20,7 @@ import fsspec
 import numpy as np
 from PIL import Image
 
-from sims_platform.data.shards import (MANIFEST, ShardError, ShardWriter, _Hashing, read_manifest, record_name,
+from sims_platform.data.shards import (MANIFEST, HashingFile, ShardError, ShardWriter, read_manifest, record_name,
                                        shard_name)
 from sims_platform.storage.fsio import exists, file_sizes, join, read_many
 
@@ -134,7 +134,7 @@ class ImageShardWriter(ShardWriter):
 
     def _checksum(self, j: int, rec: dict[str, Any]) -> str | None:
         with fsspec.open(join(self.uri, shard_name(j)), "rb") as f:
-            h = _Hashing(f)
+            h = HashingFile(f)
             while h.read(1 << 22):
                 pass
         return None if h.sha.hexdigest() == rec.get("sha256") else "sha256 differs from its record"

@@ -20,7 +20,7 @@ from sims_platform.data.errors import DataError
 from sims_platform.data.image_shards import prepared_samples
 from sims_platform.data.images import LabeledImages
 from sims_platform.data.shards import iter_tar
-from sims_platform.data.sources import IMAGE_KEYS, _class_of, decode_image, folder_files, load_images
+from sims_platform.data.sources import IMAGE_KEYS, sample_class, decode_image, folder_files, load_images
 from sims_platform.storage.fsio import filesystem
 
 
@@ -65,6 +65,7 @@ class SourceIndex:
             return LabeledImages(self._memory.images[idx], self._memory.labels[idx])
         cfg, entries = self.cfg, [self._entries[i] for i in indices]
         if cfg.source == "folder":
+            assert cfg.path is not None  # DataConfig requires it for a folder source
             fs, _ = filesystem(cfg.path)
             images = [decode_image(fs.cat_file(e.where), e.where, cfg.channels, cfg.resolution,
                                    cfg.crop) for e in entries]
@@ -116,7 +117,7 @@ def _webdataset_entries(cfg: DataConfig) -> list[_Entry]:
                 name = f"{url}:{sample['__key__']}"
                 if not any(k in sample for k in IMAGE_KEYS):
                     raise DataError(f"{name}: no image; expected one of {list(IMAGE_KEYS)}")
-                label = _class_of(sample, name, cfg.num_classes) if cfg.num_classes else 0
+                label = sample_class(sample, name, cfg.num_classes) if cfg.num_classes else 0
                 out.append(_Entry(url, sample["__key__"], label))
                 if cfg.max_images is not None and len(out) == cfg.max_images:
                     return out

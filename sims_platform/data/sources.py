@@ -120,6 +120,7 @@ def class_folder(path: str, field: str) -> tuple[list[str], list[tuple[str, int]
 
 
 def _folder(cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    assert cfg.path is not None  # DataConfig requires it for a folder source
     fs, _ = filesystem(cfg.path)
     files = folder_files(cfg)
     images = [decode_image(fs.cat_file(path), path, cfg.channels, cfg.resolution, cfg.crop)
@@ -128,7 +129,8 @@ def _folder(cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _webdataset(cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    images, labels = [], []
+    images: list[torch.Tensor] = []
+    labels: list[int] = []
     for url in expand_urls(cfg.path):  # webdataset's own shard-list syntax: braces and '::'
         with contextlib.closing(iter_tar(url)) as samples:  # closes the shard even when we stop early
             for sample in _capped(samples, cfg.max_images, len(images)):
@@ -139,7 +141,7 @@ def _webdataset(cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
                                     f"{sorted(k for k in sample if not k.startswith('__'))}")
                 images.append(decode_image(sample[key], f"{name}.{key}", cfg.channels, cfg.resolution,
                                            cfg.crop))
-                labels.append(_class_of(sample, name, cfg.num_classes))
+                labels.append(sample_class(sample, name, cfg.num_classes))
         if cfg.max_images is not None and len(images) == cfg.max_images:
             break
     return _stack(images, cfg), torch.tensor(labels, dtype=torch.int64)
@@ -149,7 +151,8 @@ def _webdataset(cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
 # Helpers
 
 
-def _class_of(sample: dict, name: str, num_classes: int) -> int:
+def sample_class(sample: dict, name: str, num_classes: int) -> int:
+    """The class of a webdataset sample (its 'cls' entry; 0 for an unconditional set), checked against num_classes."""
     if "cls" not in sample:
         if num_classes == 0:
             return 0

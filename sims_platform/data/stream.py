@@ -89,7 +89,7 @@ class ShardStream(IterableDataset):
         rank, world_size, worker, num_workers = pytorch_worker_info()
         if self.world_size is not None:
             rank, world_size = self.rank, self.world_size
-        return rank, world_size, worker, num_workers  # type: ignore[return-value]
+        return rank, world_size, worker, num_workers
 
     def _samples(self, shards: list[int]) -> Iterator[Sample]:
         entries, shape = self.manifest["shards"], self.manifest["shape"]

@@ -2,37 +2,44 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
+from sims_platform.config.schema import PipelineConfig
+from sims_platform.data import LabeledImages
 from sims_platform.metrics import FeatureExtractor, build_feature_extractor
 
-if TYPE_CHECKING:  # the stages package imports this module
-    from sims_platform.stages.context import StageContext
+
+class TrainingSplit(Protocol):
+    """Where the whole training split comes from, loaded when first asked for (a step's data)."""
+
+    @property
+    def labelled(self) -> LabeledImages: ...
 
 
 class _TrainingImages:
-    """ctx.labelled (the whole training split), loaded only if the feature network asks (the digits classifier): a pretrained network never
-    needs the training images, and loading every image of ImageNet would not fit in memory."""
+    """The training split, loaded only if the feature network asks (the digits classifier): a pretrained network
+    never needs the training images, and loading every image of ImageNet would not fit in memory."""
 
-    def __init__(self, ctx: StageContext) -> None:
-        self._ctx = ctx
+    def __init__(self, split: TrainingSplit) -> None:
+        self._split = split
 
     @property
     def images(self) -> torch.Tensor:
-        return self._ctx.labelled.images
+        return self._split.labelled.images
 
     @property
     def labels(self) -> torch.Tensor:
-        return self._ctx.labelled.labels
+        return self._split.labelled.labels
 
 
-def feature_extractor(ctx: StageContext) -> FeatureExtractor:
-    """evaluate.features' network on ctx.device; the digits classifier is trained on the training images only
-    (ctx.labelled: never a reference image)."""
-    ev = ctx.cfg.evaluate
+def feature_extractor(cfg: PipelineConfig, cache_uri: str, split: TrainingSplit,
+                      device: torch.device) -> FeatureExtractor:
+    """evaluate.features' network on `device`, cached under cache_uri (the run's features folder); the digits
+    classifier is trained on the training split only (never a reference image)."""
+    ev = cfg.evaluate
     weights, sha256 = ev.feature_weights()
-    # Built (or trained) on the CPU, then moved: features are computed on ctx.device.
-    return build_feature_extractor(ev.features, cache_uri=ctx.layout.features, real=_TrainingImages(ctx),
-                                   seed=ctx.cfg.seed, weights=weights, sha256=sha256, device=ctx.device)
+    # Built (or trained) on the CPU, then moved: features are computed on the device.
+    return build_feature_extractor(ev.features, cache_uri=cache_uri, real=_TrainingImages(split),
+                                   seed=cfg.seed, weights=weights, sha256=sha256, device=device)

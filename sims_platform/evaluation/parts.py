@@ -8,19 +8,17 @@ PNG grid's images. The reducer checks that every unit was computed exactly once,
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import re
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
+from sims_platform.config.schema import PipelineConfig
 from sims_platform.evaluation.plan import Arm, Unit, arm_by_key, arms, owner, settings_digest, work_units
 from sims_platform.metrics import FeatureStats
 from sims_platform.storage import fsio
-
-if TYPE_CHECKING:  # the stages package imports this module
-    from sims_platform.stages.context import StageContext
+from sims_platform.storage.layout import RunLayout
 
 PART_FILE = re.compile(r"^part-(\d{5})-of-(\d{5})\.pt$")
 PART_RECORD = re.compile(r"^part-(\d{5})-of-(\d{5})\.json$")  # run_stage's per-part completion records
@@ -28,19 +26,30 @@ GRID_SET = 1  # grids show the first report set's seeds 0..grid_size-1
 _KEYS = {"arm", "part", "parts", "settings", "units", "stats", "features", "grid"}
 
 
+class PartSite(Protocol):
+    """What the part files read of an evaluate process: its config and run folders, its iteration, and which part
+    of how many it is (a stage's context has these)."""
+
+    cfg: PipelineConfig
+    layout: RunLayout
+    iteration: int
+    part: int
+    parts: int
+
+
 class EvaluatePartsError(RuntimeError):
     """The evaluate parts in storage are incomplete, duplicated or from other settings (permanent)."""
 
 
-def parts_dir(ctx: StageContext) -> str:
+def parts_dir(ctx: PartSite) -> str:
     return fsio.join(ctx.layout.stage(ctx.iteration, "evaluate"), "parts")
 
 
-def part_uri(ctx: StageContext, arm: Arm, part: int, parts: int) -> str:
+def part_uri(ctx: PartSite, arm: Arm, part: int, parts: int) -> str:
     return fsio.join(parts_dir(ctx), arm.key, f"part-{part:05d}-of-{parts:05d}.pt")
 
 
-def feature_rows(ctx: StageContext) -> int:
+def feature_rows(ctx: PartSite) -> int:
     """How many feature vectors of each seed set are kept for precision/recall."""
     ev = ctx.cfg.evaluate
     return min(ev.precision_recall.max_samples, ev.num_samples)
@@ -50,12 +59,12 @@ def feature_rows(ctx: StageContext) -> int:
 # One part's record of one arm
 
 
-def new_record(ctx: StageContext, arm: Arm) -> dict:
+def new_record(ctx: PartSite, arm: Arm) -> dict:
     return {"arm": arm.key, "part": ctx.part, "parts": ctx.parts, "settings": settings_digest(ctx.cfg.evaluate,
             ctx.cfg.seed, arm, ctx.cfg.shift), "units": [], "stats": {}, "features": {}, "grid": []}
 
 
-def load_record(ctx: StageContext, uri: str, arm: Arm) -> dict:
+def load_record(ctx: PartSite, uri: str, arm: Arm) -> dict:
     rec = fsio.load_torch(uri)
     if not isinstance(rec, dict) or _KEYS - set(rec):
         raise EvaluatePartsError(f"{uri} is not an evaluate part record (expected keys {sorted(_KEYS)}): remove it "
@@ -67,7 +76,7 @@ def load_record(ctx: StageContext, uri: str, arm: Arm) -> dict:
     return rec
 
 
-def add_unit(ctx: StageContext, rec: dict, unit: Unit, features: torch.Tensor, images: torch.Tensor,
+def add_unit(ctx: PartSite, rec: dict, unit: Unit, features: torch.Tensor, images: torch.Tensor,
              classes: torch.Tensor | None = None) -> None:
     """Fold one unit's features (and its grid images, if any) into the record; with shift, also the judging
     classifier's class of each sample (`classes`, int64 [N]), as per-set class counts."""
@@ -91,7 +100,7 @@ def add_unit(ctx: StageContext, rec: dict, unit: Unit, features: torch.Tensor, i
 # Which part counts wrote files
 
 
-def part_counts(ctx: StageContext) -> dict[int, list[str]]:
+def part_counts(ctx: PartSite) -> dict[int, list[str]]:
     """count -> names of the part records and part files written by parts of that count."""
     root = parts_dir(ctx)
     counts: dict[int, list[str]] = {}
@@ -105,7 +114,7 @@ def part_counts(ctx: StageContext) -> dict[int, list[str]]:
     return counts
 
 
-def infer_parts(ctx: StageContext) -> int:
+def infer_parts(ctx: PartSite) -> int:
     """The number of parts the evaluate array ran with, read from its records; one count or an error."""
     counts, where = part_counts(ctx), parts_dir(ctx)
     if not counts:
@@ -119,7 +128,7 @@ def infer_parts(ctx: StageContext) -> int:
     return next(iter(counts))
 
 
-def check_part_records(ctx: StageContext, parts: int) -> None:
+def check_part_records(ctx: PartSite, parts: int) -> None:
     """Every part 0..parts-1 recorded its completion (run_stage writes the record when a part returns)."""
     layout, k = ctx.layout, ctx.iteration
     missing = [i for i in range(parts) if not fsio.exists(layout.part_marker(k, "evaluate", i, parts))]
@@ -145,7 +154,7 @@ class ArmData:
     classes: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
-def collect(ctx: StageContext, parts: int) -> dict[str, ArmData]:
+def collect(ctx: PartSite, parts: int) -> dict[str, ArmData]:
     """arm key -> merged data, checking each unit appears exactly once and in its owner's file."""
     ev, root = ctx.cfg.evaluate, parts_dir(ctx)
     units = work_units(ev)
@@ -157,7 +166,7 @@ def collect(ctx: StageContext, parts: int) -> dict[str, ArmData]:
     return {arm.key: _collect_arm(ctx, arm, units, parts) for arm in arms(ev)}
 
 
-def _collect_arm(ctx: StageContext, arm: Arm, units: list[Unit], parts: int) -> ArmData:
+def _collect_arm(ctx: PartSite, arm: Arm, units: list[Unit], parts: int) -> ArmData:
     ev, adir = ctx.cfg.evaluate, fsio.join(parts_dir(ctx), arm.key)
     owners = {u.tag: owner(i, len(units), parts) for i, u in enumerate(units) if u.arm == arm}
     claimed: dict[tuple[int, int], int] = {}

@@ -101,13 +101,25 @@ def load_part(uri: str, key: str) -> dict:
 
 
 def add_batch(rec: dict, features: torch.Tensor, max_samples: int) -> None:
-    """Fold the features of reference positions [start+done, start+done+len) into the part record."""
+    """Fold the features of reference positions [start+done, start+done+len) into the part record: the one place
+    reference statistics are computed (the streamed parts and in_memory_reference both fold through here)."""
     first = rec["start"] + rec["done"]
     rec["stats"] = FeatureStats.from_dict(rec["stats"]).update(features).to_dict()
     keep = max_samples - first
     if keep > 0:
         rec["features"] = torch.cat([rec["features"], features[:keep].detach().cpu().float()])
     rec["done"] += features.shape[0]
+
+
+def in_memory_reference(extractor: FeatureExtractor, images: torch.Tensor, batch_size: int,
+                        max_samples: int) -> tuple[FeatureStats, torch.Tensor]:
+    """Statistics and the first max_samples features of reference images held in memory, computed as one part
+    over all of them (the same batches and sums as the reference stage with one part)."""
+    rec = new_part("", 0, 1, len(images), extractor.dim)
+    with torch.no_grad():
+        for i in range(0, len(images), batch_size):
+            add_batch(rec, extractor(images[i:i + batch_size]), max_samples)
+    return FeatureStats.from_dict(rec["stats"]), rec["features"]
 
 
 # ----------------------------------------------------------------------------

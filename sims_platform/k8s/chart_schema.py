@@ -1,7 +1,9 @@
-"""Keep charts/sims/values.schema.json's `pipeline` schema equal to PipelineConfig's (run as a module to rewrite it).
+"""Keep charts/sims/values.schema.json's `pipeline` schema equal to PipelineConfig's and its `stages` keys equal to
+the stage table's steps (run as a module to rewrite it).
 
 The chart's own knobs are written by hand in the JSON file; the `pipeline:` mapping is checked against the very
-schema `sims validate` uses, so a misspelt pipeline key fails `helm install` too, with the field named.
+schema `sims validate` uses, so a misspelt pipeline key fails `helm install` too, with the field named; `stages:`
+accepts exactly the stage table's steps, each with the hand-written pod settings of a stage.
     python -m sims_platform.k8s.chart_schema charts/sims/values.schema.json
 """
 
@@ -14,6 +16,7 @@ from typing import Any
 
 from sims_platform.config.schema import PipelineConfig
 from sims_platform.config.secrets import CREDENTIALS
+from sims_platform.steps.table import TABLE
 
 ROOT_DEF = "PipelineConfig"
 
@@ -48,11 +51,23 @@ def with_pipeline(values_schema: dict[str, Any]) -> dict[str, Any]:
     return refusing_credentials(out)
 
 
+def with_stages(values_schema: dict[str, Any]) -> dict[str, Any]:
+    """`stages:` with one key per step of the stage table, in table order, each with the same pod settings (the
+    hand-written schema of one stage's pods, taken from the first key present) and its row's line as description."""
+    out = dict(values_schema)
+    stages = dict(out["properties"]["stages"])
+    pods = next(iter(stages["properties"].values()))
+    pods = {k: v for k, v in pods.items() if k != "description"}
+    stages["properties"] = {r.name: {"description": f"{r.name} ({r.kind}): {r.about}", **pods} for r in TABLE}
+    out["properties"] = dict(out["properties"], stages=stages)
+    return out
+
+
 def main(argv: list[str]) -> int:
     path = Path(argv[0] if argv else "charts/sims/values.schema.json")
-    schema = with_pipeline(json.loads(path.read_text()))
+    schema = with_stages(with_pipeline(json.loads(path.read_text())))
     path.write_text(json.dumps(schema, indent=2) + "\n")
-    print(f"{path}: pipeline schema updated ({len(schema['$defs'])} definitions)")
+    print(f"{path}: pipeline schema updated ({len(schema['$defs'])} definitions), {len(TABLE)} stages")
     return 0
 
 

@@ -15,6 +15,8 @@ import argparse
 import sys
 from typing import Any
 
+from sims_platform.k8s.exit_codes import EXIT_NOT_READY, EXIT_STAGE_FAILED
+
 
 def cmd_render(args: argparse.Namespace) -> int:
     from sims_platform.k8s.render import render
@@ -26,12 +28,6 @@ def cmd_render(args: argparse.Namespace) -> int:
             text = f.read()
     sys.stdout.write(render(text))
     return 0
-
-
-# Exit codes the driver Job's podFailurePolicy fails the Job on at once (retrying the driver cannot help);
-# any other failure (an unexpected exception exits 1) is retried up to driver.backoffLimit.
-EXIT_STAGE_FAILED = 10
-EXIT_NOT_READY = 11  # preflight, or the run belongs to someone else, or its pipeline changed
 
 
 def drive(cfg: Any, settings: Any, apis: Any, **driver_kwargs: Any) -> int:
@@ -88,7 +84,7 @@ def cmd_preflight(args: argparse.Namespace) -> int:
 def cmd_prepare_job(args: argparse.Namespace) -> int:
     import yaml
 
-    from sims_platform.cli import prepare_spec
+    from sims_platform.data.arguments import prepare_spec
     from sims_platform.k8s.prepare_job import prepare_job
     from sims_platform.k8s.render import run_specs
 
@@ -128,7 +124,8 @@ examples:
 
 def register(subparsers: Any) -> None:
     """Add `k8s` (render, drive, preflight) and `status` to the `sims` parser's subcommands."""
-    from sims_platform.cli import add_prepare_arguments, subcommand  # the `sims` CLI's conventions and options
+    from sims_platform.data.arguments import add_prepare_arguments
+    from sims_platform.utils.arguments import subcommand  # the `sims` CLI's conventions
 
     p = subparsers.add_parser("k8s", help="Kubernetes: render the workloads, check a namespace, or drive a run "
                               "(the driver pod runs this)", description=K8S_DESCRIPTION,

@@ -20,7 +20,8 @@ from sims_platform.k8s.settings import DriverSettings
 from sims_platform.k8s.state import Observed, Phase, job_observed
 from sims_platform.k8s.workloads import Workload, plan
 from sims_platform.storage import fsio
-from sims_platform.storage.layout import REDUCERS, RunLayout
+from sims_platform.steps import row
+from sims_platform.storage.layout import RunLayout
 
 
 def where(w: Workload) -> str:
@@ -150,7 +151,7 @@ class Driver:
         """The step's completion record: the stage's done marker, or for a reduced array's slices every part
         marker."""
         layout = self.layout.in_loop(w.loop)
-        if w.step == w.stage and w.stage in REDUCERS:  # the reducer writes the stage's marker; slices write parts
+        if w.step == w.stage and row(w.stage).reducer:  # the reducer writes the stage's marker; slices write parts
             count = self.settings.stage(w.step).shards
             return all(self._call(self.done, layout.part_marker(w.iteration, w.stage, i, count))
                        for i in range(count))

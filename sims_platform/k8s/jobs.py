@@ -51,7 +51,7 @@ def batch_job(name: str, labels: dict[str, str], template: V1PodTemplateSpec, se
         # is off (kubeflow.org/pytorchjob is off by default in v0.19) leaves them waiting, and `sims status` says
         # why, instead of running them outside quota. Kueue's webhook suspends them too where it is on.
         spec.suspend = True
-    if indexed:
+    if completions is not None:  # indexed (tested on completions itself, so its type narrows to int)
         spec.completion_mode = "Indexed"
         spec.completions = completions
         spec.parallelism = min(parallelism or completions, completions)

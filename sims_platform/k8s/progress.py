@@ -8,12 +8,13 @@ import posixpath
 from sims_platform.config import PipelineConfig
 from sims_platform.k8s.settings import DriverSettings
 from sims_platform.storage import fsio
-from sims_platform.storage.layout import STEP_KINDS, RunLayout
+from sims_platform.steps import row
+from sims_platform.storage.layout import RunLayout
 from sims_platform.training.checkpoints import latest
 
 
 def training_progress(cfg: PipelineConfig, layout: RunLayout, k: int, stage: str) -> str:
-    budget = cfg.training(stage).images
+    budget = getattr(cfg, row(stage).training_section()).images
     ck = latest(layout.checkpoints(k, stage))
     images = ck.images if ck else 0
     return f"{images}/{budget} img ({100 * images // max(budget, 1)}%)"
@@ -31,7 +32,7 @@ def progress(cfg: PipelineConfig, settings: DriverSettings, layout: RunLayout, k
     import-base or a reducer); '?' when the storage cannot be read from here (credentials, network)."""
     if done:
         return "done"
-    kind = STEP_KINDS[step]
+    kind = row(step).kind
     try:
         if kind == "training":
             return training_progress(cfg, layout, k, stage)

@@ -11,7 +11,8 @@ from pydantic.alias_generators import to_camel
 
 from sims_platform.config.loader import ConfigError
 from sims_platform.config.secrets import refuse_credentials
-from sims_platform.storage.layout import IMPORT_BASE, RUN_STAGES, STAGES
+from sims_platform.steps import STAGE_NAMES
+from sims_platform.steps.table import TABLE
 
 # Keys are camelCase in YAML (Helm values convention) and snake_case in Python.
 
@@ -44,13 +45,9 @@ class StageSettings(Section):
     active_deadline_seconds: int | None = Field(None, ge=1)
 
 
-# A step's pods when the chart's `stages:` does not list it (otherwise: one pod, no GPU, no requests). import-base
-# only reads a network and writes it back: a few cores and room for the file, its weights and the network at once
-# (EDM2-XXL, the largest: ~3 GB as an fp16 pickle, ~6 GB per fp32 copy); never a GPU.
-DEFAULT_STAGES: dict[str, StageSettings] = {
-    IMPORT_BASE: StageSettings(resources=Resources(requests={"cpu": "2", "memory": "16Gi"},
-                                                   limits={"memory": "32Gi"})),
-}
+# A step's pods when the chart's `stages:` does not list it: its row's `pods` in the stage table (otherwise one
+# pod, no GPU, no requests).
+DEFAULT_STAGES: dict[str, StageSettings] = {r.name: StageSettings.model_validate(r.pods) for r in TABLE if r.pods}
 
 
 class Gang(Section):
@@ -90,10 +87,9 @@ class DriverSettings(Section):
     @model_validator(mode="after")
     def _known_stages(self) -> DriverSettings:
         refuse_credentials(self)
-        known = RUN_STAGES + STAGES
-        bad = sorted(set(self.stages) - set(known))
+        bad = sorted(set(self.stages) - set(STAGE_NAMES))
         if bad:
-            raise ValueError(f"stages: unknown stage(s) {bad}, expected some of {list(known)}")
+            raise ValueError(f"stages: unknown stage(s) {bad}, expected some of {list(STAGE_NAMES)}")
         if self.backend == "trainjob" and not self.training_runtime:
             raise ValueError("trainingRuntime: required with backend trainjob (the chart's TrainingRuntime name)")
         return self

@@ -13,7 +13,7 @@ from sims_platform.config import ConfigError
 from sims_platform.k8s import labels as L
 from sims_platform.k8s import podstatus
 from sims_platform.k8s.backend import TrainingBackend, backend_for
-from sims_platform.k8s.cli import EXIT_NOT_READY, EXIT_STAGE_FAILED
+from sims_platform.k8s.exit_codes import EXIT_NOT_READY, EXIT_STAGE_FAILED
 from sims_platform.k8s.kube import Apis, is_not_found, to_dict
 from sims_platform.k8s.preflight import INSTANCE
 from sims_platform.k8s.progress import progress
@@ -92,7 +92,7 @@ def _read_json(uri: str) -> dict[str, Any]:
 # ----------------------------------------------------------------------------
 # The driver row
 
-# What the driver's exit codes mean (sims_platform/k8s/cli.py; the driver Job's podFailurePolicy fails at once
+# What the driver's exit codes mean (sims_platform/k8s/exit_codes.py; the driver Job's podFailurePolicy fails at once
 # on both); any other non-zero exit is a crash its Job retries up to driver.backoffLimit.
 DRIVER_EXITS = {
     0: "every stage succeeded",
@@ -196,12 +196,13 @@ def admission_note(kind: str, obj: dict[str, Any], workloads: dict[str, dict[str
 def status_rows(apis: Apis, namespace: str, spec: RunSpec, backend: TrainingBackend | None = None,
                 now: dt.datetime | None = None) -> tuple[list[Row], str]:
     """One row per workload of the plan, and the link of the pipeline's MLflow run."""
-    rows, link, _ = _status(apis, namespace, spec, backend, now)
+    rows, link, _ = workload_status(apis, namespace, spec, backend, now)
     return rows, link
 
 
-def _status(apis: Apis, namespace: str, spec: RunSpec, backend: TrainingBackend | None = None,
-            now: dt.datetime | None = None) -> tuple[list[Row], str, DriverRow | None]:
+def workload_status(apis: Apis, namespace: str, spec: RunSpec, backend: TrainingBackend | None = None,
+                    now: dt.datetime | None = None) -> tuple[list[Row], str, DriverRow | None]:
+    """status_rows, and the driver Job's row (None when no driver Job of the release is in the cluster)."""
     backend = backend or backend_for(spec.settings)
     now = now or dt.datetime.now(dt.timezone.utc)
     selector = L.run_selector(spec.cfg.name)
@@ -269,6 +270,6 @@ def format_rows(rows: list[Row]) -> str:
 
 def run_status(apis: Apis, namespace: str, run: str) -> str:
     spec = find_run(apis, namespace, run)
-    rows, link, driver = _status(apis, namespace, spec)
+    rows, link, driver = workload_status(apis, namespace, spec)
     return (f"run {run} (namespace {namespace}); MLflow: {link}\n{format_driver(driver, spec.settings.release)}\n"
             f"{format_rows(rows)}")

@@ -13,13 +13,13 @@ from sims_platform.k8s.names import workload_name
 from sims_platform.k8s.pods import pod_template, stage_argv
 from sims_platform.k8s.settings import DriverSettings
 from sims_platform.pipeline.plan import pipeline_plan, stages_for
-from sims_platform.storage.layout import REDUCERS, STEP_KINDS, stage_of
+from sims_platform.steps import row, stage_of, steps_of
 
 
 @dataclass(frozen=True)
 class Workload:
     """One object the driver creates. `stage` names the done marker; `step` the command it runs (a reducer or
-    import-base completes another stage: storage.layout.STAGE_OF); `loop` the self-consuming loop it belongs to
+    import-base completes another stage: its row's `completes` in the stage table); `loop` the self-consuming loop it belongs to
     (None: the shared pipeline)."""
 
     name: str
@@ -39,28 +39,25 @@ class Workload:
 def steps_for(cfg: PipelineConfig, k: int) -> list[tuple[str, str]]:
     """(stage, step) pairs of iteration k in dependency order: reference and evaluate run as slices then a
     reducer; import-base completes train-base."""
-    return [(stage_of(step), step) for planned in stages_for(cfg, k) for step in _steps(planned)]
-
-
-def _steps(stage: str) -> list[str]:
-    return [stage] + ([REDUCERS[stage]] if stage in REDUCERS else [])
+    return [(stage_of(step), step) for planned in stages_for(cfg, k) for step in steps_of(planned)]
 
 
 def build_workload(cfg: PipelineConfig, settings: DriverSettings, k: int, stage: str, step: str,
                    backend: TrainingBackend, loop: str | None = None) -> Workload:
-    """The step as storage.layout.STEP_KINDS says: training as the backend's kind (PyTorchJob or TrainJob), a job
+    """The step as its row's kind in the stage table says: training as the backend's kind (PyTorchJob or TrainJob), a job
     array as an Indexed Job (each index owns a disjoint slice), a single step (import-base, a reducer, feed) as a
     one-pod Job."""
     name = workload_name(cfg.name, k, step, loop)
     labels = L.workload_labels(settings, cfg.name, k, stage, step, loop)
     st = settings.stage(step)
     pod_labels = L.pod_labels(labels)
-    if STEP_KINDS[step] == "training":
+    kind = row(step).kind
+    if kind == "training":
         template = pod_template(settings, st, container=backend.container, command=backend.launcher(),
                                 args=stage_argv(step, k, loop=loop), labels=pod_labels, restart_policy=None)
         body = backend.build(name, labels, template, st.nodes, st.gpus, settings, st.active_deadline_seconds)
         return Workload(name, k, stage, step, f"{backend.group}/{backend.version}", backend.kind, body, loop)
-    count = st.shards if STEP_KINDS[step] == "array" else None
+    count = st.shards if kind == "array" else None
     template = pod_template(settings, st, container=CONTAINER, command=["sims"],
                             args=stage_argv(step, k, count, loop), labels=pod_labels, restart_policy="Never")
     body = batch_job(name, labels, template, settings, completions=count, parallelism=st.parallelism,
@@ -86,8 +83,8 @@ def plan(cfg: PipelineConfig, settings: DriverSettings, backend: TrainingBackend
     backend = backend or backend_for(settings)
     out = []
     for st in pipeline_plan(cfg):
-        for step in _steps(st.stage):
-            w = build_workload(cfg, settings, st.iteration, stage_of(step), step, backend, st.loop_name)
+        for step in steps_of(st.stage):
+            w = build_workload(cfg, settings, st.iteration, stage_of(step), step, backend, st.loop)
             out.append(Workload(w.name, w.iteration, w.stage, w.step, w.api_version, w.kind,
                                 owned_by(w.body, owner), w.loop))
     return out

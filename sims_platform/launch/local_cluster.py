@@ -34,7 +34,7 @@ def run_local_cluster(config: str, out: Path, procs: int = 2, writers: int = 2, 
             # One thread per process: several processes share the cores, as pods share a node.
             env = dict(os.environ, **s3.env(), OMP_NUM_THREADS="1", MLFLOW_TRACKING_URI=tracking)
             print(f"[local-cluster] S3 {s3.url}, MLflow {tracking}, storage {root}", flush=True)
-            n = Processes(train=procs, generate=writers, arrays=eval_parts)
+            n = Processes(train=procs, writers=writers, arrays=eval_parts)
             for step in pipeline_plan(cfg):
                 run_step(step, config, overrides, env, n, tag="[local-cluster]")
             os.environ.update(s3.env())  # read the results back through s3fs in this process

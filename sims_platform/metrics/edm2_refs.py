@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from sims_platform.metrics.stats import FeatureStats
-from sims_platform.models.edm2 import read_pickle
+from sims_platform.models.edm2_pickle import read_pickle
 from sims_platform.storage import fsio
 
 # evaluate.features -> the metric name EDM2's calculate_metrics.py files its statistics under.

@@ -1,4 +1,4 @@
-"""Mergeable float64 feature statistics (count, sum, sum of outer products) for FID."""
+"""Mergeable float64 feature statistics (count, sum, sum of outer products) for FID, and those of a set of images."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from sims_platform.metrics.extractor import FeatureExtractor, check_images
 
 
 class FeatureStats:
@@ -111,3 +113,14 @@ class FeatureStats:
             raise ValueError(f"FeatureStats.from_dict: negative count {out.count}")
         out.sum, out.sum_outer = s.clone(), so.clone()
         return out
+
+
+def feature_stats(extractor: FeatureExtractor, images: Tensor, batch_size: int = 250) -> FeatureStats:
+    """Feature statistics of images, computed batch by batch."""
+    check_images(images, "feature_stats")
+    if batch_size < 1:
+        raise ValueError(f"feature_stats: batch_size must be >= 1, got {batch_size}")
+    stats = FeatureStats(extractor.dim)
+    for i in range(0, images.shape[0], batch_size):
+        stats.update(extractor(images[i:i + batch_size]))
+    return stats

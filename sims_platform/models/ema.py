@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
+from typing import Generic, TypeVar
 
 import numpy as np
 import torch
 from torch import nn
+
+NetT = TypeVar("NetT", bound=nn.Module)
 
 
 def std_to_exp(std: float) -> float:
@@ -23,17 +27,18 @@ def power_function_beta(std: float, t_next: float, t_delta: float) -> float:
     return (1 - t_delta / t_next) ** (std_to_exp(std) + 1)
 
 
-class PowerFunctionEMA:
+class PowerFunctionEMA(Generic[NetT]):
     """Keeps an EMA copy of a network; `update` after each optimizer step with images seen so far."""
 
-    def __init__(self, net: nn.Module, std: float):
+    def __init__(self, net: NetT, std: float):
         self.std = std
-        self.ema = copy.deepcopy(net).eval().requires_grad_(False)
+        self.ema: NetT = copy.deepcopy(net).eval().requires_grad_(False)
 
     @torch.no_grad()
-    def update(self, net: nn.Module, cur_images: int, batch_size: int) -> None:
+    def update(self, params: Iterable[torch.Tensor], cur_images: int, batch_size: int) -> None:
+        """Moves the copy towards params: the network's current parameters, in its parameters() order."""
         beta = power_function_beta(self.std, t_next=cur_images, t_delta=batch_size)
-        for p_ema, p_net in zip(self.ema.parameters(), net.parameters()):
+        for p_ema, p_net in zip(self.ema.parameters(), params):
             p_ema.lerp_(p_net.detach().to(p_ema.dtype), 1 - beta)
 
     def state_dict(self) -> dict:

@@ -62,6 +62,9 @@ def resample(x: torch.Tensor, mode: str = "keep") -> torch.Tensor:
 class MPFourier(nn.Module):
     """Random Fourier features of a scalar (the noise level) with unit output variance."""
 
+    freqs: torch.Tensor
+    phases: torch.Tensor
+
     def __init__(self, num_channels: int, bandwidth: float = 1.0):
         super().__init__()
         self.register_buffer("freqs", 2 * math.pi * torch.randn(num_channels) * bandwidth)
@@ -85,13 +88,13 @@ class _WeightCache:
 
     def __init__(self) -> None:
         self.key: tuple | None = None
-        self.storage = None
-        self.tensors: dict[tuple, torch.Tensor] = {}
+        self.storage: torch.UntypedStorage | None = None
+        self.tensors: dict[tuple | str, torch.Tensor] = {}
 
     def __deepcopy__(self, memo) -> _WeightCache:
         return _WeightCache()
 
-    def lookup(self, weight: torch.Tensor) -> dict[tuple, torch.Tensor]:
+    def lookup(self, weight: torch.Tensor) -> dict[tuple | str, torch.Tensor]:
         key = (weight._version, weight.data_ptr(), weight.device, weight.dtype, tuple(weight.shape))
         if key != self.key:
             self.key, self.storage, self.tensors = key, weight.untyped_storage(), {}

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from sims_platform.config.schema import EncoderConfig
-from sims_platform.models.edm2 import EDM2_DEFAULTS, Edm2Network, read_edm2
+from sims_platform.models.edm2_pickle import EDM2_DEFAULTS, Edm2Network, read_edm2
 from sims_platform.storage import fsio
 from sims_platform.storage.safe_pickle import load_torch_bytes
 
@@ -31,7 +31,7 @@ def read_network(uri: str) -> Edm2Network:
     encoder = rec.get("encoder")
     if encoder is not None and not isinstance(encoder, dict):
         raise ValueError(f"{uri}: 'encoder' is a {type(encoder).__name__}, expected the encoder's settings")
-    return Edm2Network(kwargs, rec["ema"], int(images) if images is not None else None, uri,  # type: ignore[arg-type]
+    return Edm2Network(kwargs, rec["ema"], int(images) if images is not None else None, uri,
                        encoder)
 
 

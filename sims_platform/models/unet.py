@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -57,6 +58,7 @@ class Block(nn.Module):
         x = mp_sum(x, y, t=self.res_balance)
 
         if self.num_heads:
+            assert self.attn_qkv is not None and self.attn_proj is not None  # built when num_heads is
             y = self.attn_qkv(x)
             y = y.reshape(y.shape[0], self.num_heads, -1, 3, y.shape[2] * y.shape[3])
             q, k, v = normalize(y, dim=2).unbind(3)  # cosine attention: unit-norm queries and keys
@@ -78,8 +80,8 @@ class UNet(nn.Module):
     """EDM2 U-Net over img_channels x res x res inputs, conditioned on noise level and (optionally) class."""
 
     def __init__(self, img_resolution: int, img_channels: int, label_dim: int, model_channels: int = 192,
-                 channel_mult: list[int] = (1, 2, 3, 4), num_blocks: int = 3,
-                 attn_resolutions: list[int] = (16, 8), label_balance: float = 0.5,
+                 channel_mult: Sequence[int] = (1, 2, 3, 4), num_blocks: int = 3,
+                 attn_resolutions: Sequence[int] = (16, 8), label_balance: float = 0.5,
                  concat_balance: float = 0.5, **block_kwargs):
         super().__init__()
         cblock = [model_channels * m for m in channel_mult]
@@ -96,6 +98,7 @@ class UNet(nn.Module):
 
         # Encoder; the constant-one channel lets the first conv see the image border.
         self.enc = nn.ModuleDict()
+        skips: list[int] = []  # each encoder output's channels, which the decoder takes back in reverse
         cout = img_channels + 1
         for level, channels in enumerate(cblock):
             res = img_resolution >> level
@@ -105,14 +108,15 @@ class UNet(nn.Module):
             else:
                 self.enc[f"{res}x{res}_down"] = Block(cout, cout, cemb, "enc", resample_mode="down",
                                                       **block_kwargs)
+            skips.append(cout)
             for idx in range(num_blocks):
                 cin, cout = cout, channels
                 self.enc[f"{res}x{res}_block{idx}"] = Block(cin, cout, cemb, "enc",
                                                             attention=res in attn_resolutions, **block_kwargs)
+                skips.append(cout)
 
         # Decoder
         self.dec = nn.ModuleDict()
-        skips = [b.out_channels for b in self.enc.values()]
         for level, channels in reversed(list(enumerate(cblock))):
             res = img_resolution >> level
             if level == len(cblock) - 1:
@@ -131,6 +135,8 @@ class UNet(nn.Module):
         with torch.autocast(noise_labels.device.type, enabled=False):
             emb = self.emb_noise(self.emb_fourier(noise_labels.to(torch.float32)))
             if self.emb_label is not None:
+                if class_labels is None:
+                    raise ValueError("class_labels: a class-conditional network needs them, got None")
                 # One-hot scaled to unit RMS; an all-zero vector is the unconditional model (CFG).
                 emb = mp_sum(emb, self.emb_label(class_labels * math.sqrt(class_labels.shape[1])),
                              t=self.label_balance)

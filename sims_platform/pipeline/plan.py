@@ -3,42 +3,22 @@ local cluster and the Kubernetes driver all read this one plan."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 from sims_platform.config import PipelineConfig
 from sims_platform.config.schema import Loop
-from sims_platform.storage.layout import IMPORT_BASE
-
-
-@dataclass(frozen=True)
-class Step:
-    """One stage of the plan: iteration k's `stage`, in `loop` (None: the shared pipeline)."""
-
-    iteration: int
-    stage: str
-    loop: Loop | None = None
-
-    @property
-    def loop_name(self) -> str | None:
-        return self.loop.name if self.loop is not None else None
-
-
-def base_step(cfg: PipelineConfig, k: int) -> str:
-    """The step that provides iteration k's base: import-base for iteration 0 (shared by every loop) when
-    pretrained.base names a network, else train-base (a loop's generations >= 1 always train)."""
-    return IMPORT_BASE if k == 0 and cfg.pretrained.base else "train-base"
+from sims_platform.steps import Step, base_step, planned, row
 
 
 def base_step_error(cfg: PipelineConfig, k: int, step: str, loop: Loop | None = None) -> str | None:
     """Why `step` cannot provide iteration k's base in this pipeline (None: it can, or it is no base step)."""
-    if step not in ("train-base", IMPORT_BASE):
+    if row(step).stage != "train-base":
         return None
     if step == base_step(cfg, k):
         return None
-    where = f"stage {step} --iteration {k}{' --loop ' + loop.name if loop else ''}"
+    where = f"stage {Step(k, step, loop.name if loop else None).cli()}"
     if step == "train-base":
         return (f"{where}: pretrained.base is set, so iteration 0's base is imported, not trained: run stage "
-                f"{IMPORT_BASE}")
+                f"{base_step(cfg, k)}")
     if k == 0:
         return f"{where}: pretrained.base is not set, so iteration 0's base is trained: run stage train-base"
     return (f"{where}: only iteration 0's base is imported (pretrained.base); iteration {k}'s is trained: run stage "
@@ -46,20 +26,11 @@ def base_step_error(cfg: PipelineConfig, k: int, step: str, loop: Loop | None = 
 
 
 def stages_for(cfg: PipelineConfig, k: int) -> list[str]:
-    """Stage order of iteration k; encode (once, before iteration 0) for latent models; reference (once, before
-    iteration 0) unless evaluate.reference names published statistics; the base trained, or imported (base_step);
-    select-aux only with a shift section; feed only when a later iteration trains on synthetic data."""
-    stages = ["encode"] if k == 0 and cfg.encoder.kind == "latent" else []
-    if k == 0 and not cfg.evaluate.reference:
-        stages.append("reference")
-    stages += [base_step(cfg, k), "generate"] + (["select-aux"] if cfg.shift is not None else []) + ["finetune-aux"]
-    if any("finetune-real-aux" in m.row.stages for m in cfg.evaluate.methods):  # a method guides with its model
-        stages.append("finetune-real-aux")
-    stages.append("evaluate")
-    it = cfg.iterations
-    if k < it.count - 1 and it.train_data != "real":
-        stages.append("feed")
-    return stages
+    """Stage order of iteration k: the table's rows planned for it (steps.table.planned): encode (once, before
+    iteration 0) for latent models; reference (once) unless evaluate.reference names published statistics; the
+    base trained, or imported (base_step); select-aux only with a shift section; feed only when a later iteration
+    trains on synthetic data."""
+    return planned(cfg, k)
 
 
 def loop_stages(cfg: PipelineConfig, loop: Loop, k: int) -> list[str]:
@@ -68,11 +39,7 @@ def loop_stages(cfg: PipelineConfig, loop: Loop, k: int) -> list[str]:
     base, then the standard arm evaluates it as it is, while the sims arm first samples its synthetic set and
     fine-tunes its aux; every generation but the last feeds the next."""
     assert cfg.loop is not None
-    last = k == cfg.loop.generations - 1
-    if k == 0:
-        return ["feed"]
-    model = ["generate", "finetune-aux"] if loop.arm == "sims" else []
-    return ["train-base", *model, "evaluate"] + ([] if last else ["feed"])
+    return planned(cfg, k, loop)
 
 
 def pipeline_plan(cfg: PipelineConfig) -> list[Step]:
@@ -82,7 +49,7 @@ def pipeline_plan(cfg: PipelineConfig) -> list[Step]:
         return [Step(k, s) for k in range(cfg.iterations.count) for s in stages_for(cfg, k)]
     steps = [Step(0, s) for s in stages_for(cfg, 0)]
     for loop in cfg.loop.loops():
-        steps += [Step(k, s, loop) for k in range(cfg.loop.generations) for s in loop_stages(cfg, loop, k)]
+        steps += [Step(k, s, loop.name) for k in range(cfg.loop.generations) for s in loop_stages(cfg, loop, k)]
     return steps
 
 
@@ -90,7 +57,7 @@ def plan_groups(cfg: PipelineConfig) -> dict[tuple[str | None, int], list[str]]:
     """The plan's stages per (loop name, iteration): what must be complete before that iteration's run ends."""
     groups: dict[tuple[str | None, int], list[str]] = {}
     for st in pipeline_plan(cfg):
-        groups.setdefault((st.loop_name, st.iteration), []).append(st.stage)
+        groups.setdefault((st.loop, st.iteration), []).append(st.stage)
     return groups
 
 

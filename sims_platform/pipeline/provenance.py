@@ -1,6 +1,6 @@
 """What shaped each stage's results: a digest of the config settings it reads and of its inputs' digests.
 
-Every completion record carries its stage's digest (stages.run_stage), so a resumed run knows whether a completed
+Every completion record carries its stage's digest (pipeline.execute.run_stage), so a resumed run knows whether a completed
 stage was made under the settings it would run with now. A stage's digest folds in the digests of the stages it
 reads, so a change upstream reaches everything downstream. Digests are computed from the config and the plan
 alone (canonical JSON of the pydantic dumps, no file is read or hashed): a plan's digests are known before any
@@ -21,40 +21,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from sims_platform.config import ConfigError, PipelineConfig
-from sims_platform.pipeline.plan import Step, pipeline_plan
+from sims_platform.pipeline.plan import pipeline_plan
+from sims_platform.steps import Step, row, stage_of
 from sims_platform.storage import fsio
-from sims_platform.storage.layout import IMPORT_BASE, RUN_STAGES, RunLayout, stage_of
+from sims_platform.storage.layout import RunLayout
 
-MODEL = ("seed", "data", "encoder", "network")  # what every model-based stage depends on
-# The config settings (dotted paths into the pipeline config) each step's results depend on.
-SETTINGS: dict[str, tuple[str, ...]] = {
-    "encode": ("data", "encoder"),
-    "reference": ("data", "evaluate.features", "evaluate.inception_weights", "evaluate.precision_recall",
-                  "evaluate.batch_size"),
-    "train-base": MODEL + ("train_base", "iterations"),
-    IMPORT_BASE: ("data", "encoder", "network", "pretrained.base"),
-    "generate": MODEL + ("generate",),
-    "select-aux": MODEL + ("generate", "shift"),
-    "finetune-aux": MODEL + ("finetune_aux", "shift"),
-    "finetune-real-aux": MODEL + ("finetune_aux",),
-    "evaluate": MODEL + ("evaluate", "shift", "pretrained.guide"),
-    "feed": MODEL + ("generate", "evaluate", "iterations"),
-}
-# A loop's stages also depend on its own settings (the arm and fraction are the loop's name).
+# Each step's settings (the config paths its results depend on) and inputs (the stages it reads) are its row's in
+# the stage table (steps.table). A loop's stages also depend on its own settings (the arm and fraction are the
+# loop's name). train-base of k > 0 also reads the feeds of earlier iterations.
 LOOP_SETTINGS = ("loop.accumulate", "loop.train_data", "loop.method")
 EXCLUDED = {"iterations.count"}
-# The stages whose results each stage reads (when they are in the plan). train-base of k > 0 also reads the feeds
-# of earlier iterations (feeds_before).
-INPUTS: dict[str, tuple[str, ...]] = {
-    "encode": (), "reference": (), IMPORT_BASE: (),
-    "train-base": ("encode",),
-    "generate": ("train-base",),
-    "select-aux": ("generate",),
-    "finetune-aux": ("encode", "train-base", "generate", "select-aux"),
-    "finetune-real-aux": ("encode", "train-base"),
-    "evaluate": ("encode", "reference", "train-base", "finetune-aux", "finetune-real-aux"),
-    "feed": ("train-base", "finetune-aux", "evaluate"),
-}
 
 
 @dataclass(frozen=True)
@@ -71,10 +47,10 @@ class Provenance:
 
 def step_name(step: Step) -> str:
     """'iter-01/generate', 'sims-dp50/iter-01/feed', 'encode': how messages and --redo-from name a step."""
-    stage = stage_of(step.stage)
-    if stage in RUN_STAGES:
-        return stage
-    return f"{step.loop_name + '/' if step.loop_name else ''}iter-{step.iteration:02d}/{stage}"
+    stage = row(step.stage)
+    if stage.scope == "run":
+        return stage.stage
+    return f"{step.loop + '/' if step.loop else ''}iter-{step.iteration:02d}/{stage.stage}"
 
 
 def _pick(dump: dict[str, Any], path: str) -> Any:
@@ -85,9 +61,10 @@ def _pick(dump: dict[str, Any], path: str) -> Any:
 
 
 def _settings(cfg: PipelineConfig, step: Step) -> dict[str, Any]:
-    view = cfg.for_loop(step.loop) if step.loop is not None else cfg
+    loop = cfg.loop.find(step.loop) if cfg.loop is not None and step.loop is not None else None
+    view = cfg.for_loop(loop) if loop is not None else cfg
     dump = view.model_dump(mode="json")
-    paths = SETTINGS[step.stage] + (LOOP_SETTINGS if step.loop is not None else ())
+    paths = row(step.stage).settings + (LOOP_SETTINGS if step.loop is not None else ())
     if step.stage == "train-base" and step.iteration == 0:  # iteration 0's base trains on the real data alone
         paths = tuple(p for p in paths if p != "iterations")
     out = {p: _pick(dump, p) for p in paths}
@@ -96,7 +73,7 @@ def _settings(cfg: PipelineConfig, step: Step) -> dict[str, Any]:
         if isinstance(out.get(head), dict):
             out[head] = {k: v for k, v in out[head].items() if k != tail}
     if step.loop is not None:
-        out["loop.name"] = step.loop.name
+        out["loop.name"] = step.loop
     return out
 
 
@@ -106,24 +83,24 @@ def digest_of(value: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _key(step: Step) -> tuple[str | None, int, str]:
+def _key(step: Step) -> Step:
     """Steps that complete the same folder share a key (import-base is iteration 0's train-base)."""
-    stage = stage_of(step.stage)
-    return (None, 0, stage) if stage in RUN_STAGES else (step.loop_name, step.iteration, stage)
+    stage = row(step.stage)
+    return Step(0, stage.stage) if stage.scope == "run" else Step(step.iteration, stage.stage, step.loop)
 
 
 def plan_provenance(cfg: PipelineConfig) -> dict[Step, Provenance]:
     """Every step of the plan with its provenance, in plan order."""
     out: dict[Step, Provenance] = {}
-    by_key: dict[tuple[str | None, int, str], tuple[str, str]] = {}  # key -> (step name, digest)
+    by_key: dict[Step, tuple[str, str]] = {}  # key -> (step name, digest)
     for step in pipeline_plan(cfg):
-        names = [(step.loop_name, step.iteration, s) for s in INPUTS[step.stage]]
+        names = [Step(step.iteration, s, step.loop) for s in row(step.stage).reads]
         if step.stage == "train-base" and (step.loop is not None or cfg.iterations.train_data != "real"):
-            names += [(step.loop_name, j, "feed") for j in range(step.iteration)]
+            names += [Step(j, "feed", step.loop) for j in range(step.iteration)]
         inputs: dict[str, str] = {}
-        for loop, k, stage in names:
+        for read in names:
             # A stage read from the shared pipeline: run-level, or a loop's generation 0 (all shared but its feed).
-            for key in ((loop, k, stage), (None, k if stage not in RUN_STAGES else 0, stage)):
+            for key in (read, _key(Step(read.iteration, read.stage))):
                 if key in by_key:
                     inputs[by_key[key][0]] = by_key[key][1]
                     break
@@ -134,18 +111,18 @@ def plan_provenance(cfg: PipelineConfig) -> dict[Step, Provenance]:
     return out
 
 
-def step_provenance(cfg: PipelineConfig, k: int, stage: str, loop_name: str | None) -> Provenance | None:
+def step_provenance(cfg: PipelineConfig, step: Step) -> Provenance | None:
     """The provenance of one step (a reducer's is its stage's); None when it is not a step of the plan (a stage run
     by hand outside the plan, which then records no digest)."""
-    want = _key(Step(k, stage)) if stage_of(stage) in RUN_STAGES else (loop_name, k, stage_of(stage))
+    want = _key(step)
     for step, prov in plan_provenance(cfg).items():
         if _key(step) == want:
             return prov
     return None
 
 
-def _changed(recorded: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:
-    """The dotted keys whose values differ."""
+def _changed(recorded: Any, now: Any, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ (dicts compared key by key)."""
     if isinstance(recorded, dict) and isinstance(now, dict):
         return [p for k in sorted(set(recorded) | set(now), key=str)
                 for p in _changed(recorded.get(k), now.get(k), f"{prefix}.{k}" if prefix else str(k))]
@@ -174,7 +151,7 @@ class StaleStageError(ConfigError):
 def _records(layout: RunLayout, step: Step) -> list[str]:
     """The step's completion record, or while it is incomplete its parts' records (a resumed job array skips
     the parts recorded complete)."""
-    run = layout.in_loop(step.loop_name)
+    run = layout.of_step(step)
     marker = run.done_marker(step.iteration, step.stage)
     if fsio.exists(marker):
         return [marker]
@@ -221,7 +198,7 @@ def invalidate(layout: RunLayout, steps: list[Step]) -> list[str]:
     evaluation parts), so they run from scratch; returns the step names that had anything to delete."""
     deleted = []
     for step in steps:
-        folder = layout.in_loop(step.loop_name).stage(step.iteration, step.stage)
+        folder = layout.of_step(step).stage(step.iteration, step.stage)
         if fsio.exists(folder):
             fsio.remove(folder)
             deleted.append(step_name(step))

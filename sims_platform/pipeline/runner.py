@@ -14,18 +14,17 @@ import tempfile
 from collections.abc import Callable
 
 from sims_platform.config import PipelineConfig, dump_config
-from sims_platform.pipeline.plan import Step, pipeline_plan, plan_groups, stages_for
+from sims_platform.pipeline.execute import is_done, run_stage
+from sims_platform.pipeline.plan import pipeline_plan, plan_groups, resolve_loop, stages_for
+from sims_platform.pipeline.processes import cpu_threads, run_parts
 from sims_platform.pipeline.provenance import StaleStageError, invalidate, redo_steps, stale_message, stale_steps
-from sims_platform.stages import StageContext, is_done, run_stage
+from sims_platform.stages.context import StageContext
+from sims_platform.steps import Step, row
+from sims_platform.steps.table import TABLE
 from sims_platform.storage import fsio
-from sims_platform.storage.layout import REDUCERS, RunLayout
+from sims_platform.storage.layout import RunLayout
 from sims_platform.tracking import Lineage, format_table, read_summary, resolve_tracking_uri, write_summary
 from sims_platform.tracking.loops import format_loop_table, write_loop_results
-
-# The stages `sims run` splits into job-array parts with runtime.local_parts > 1: sampling, whose work dwarfs a
-# process start. Training and small arrays (reference) run faster in the `sims run` process on the 2-core machine
-# (docs/benchmarks.md).
-LOCAL_PARTS = ("generate", "evaluate")
 
 
 def verify_run(cfg: PipelineConfig, redo_from: list[str] | None = None) -> None:
@@ -103,21 +102,21 @@ def end_interrupted_runs(cfg: PipelineConfig, layout: RunLayout, lineage: Lineag
 
 
 def _run_steps(cfg: PipelineConfig, layout: RunLayout, lineage: Lineage,
-               launch: Callable[[StageContext, Step], None]) -> None:
+               launch: Callable[[StageContext, Step], object]) -> None:
     contexts: dict[tuple[str | None, int], StageContext] = {}
     for step in pipeline_plan(cfg):
-        key = (step.loop_name, step.iteration)
+        key = (step.loop, step.iteration)
         if key not in contexts:
-            contexts[key] = StageContext(cfg, layout, step.iteration, lineage, loop=step.loop)
+            contexts[key] = StageContext(cfg, layout, step.iteration, lineage, loop=resolve_loop(cfg, step.loop))
         launch(contexts[key], step)
         close_complete_runs(contexts[key])
 
 
 def _run_with_parts(cfg: PipelineConfig, layout: RunLayout, lineage: Lineage) -> None:
-    """generate and evaluate as runtime.local_parts processes (on this config, written resolved so they read
-    exactly what this run was given; OMP_NUM_THREADS shares the cores unless it is set), the rest here."""
-    from sims_platform.launch.processes import cpu_threads, run_parts
-
+    """The stage table's local_parts stages (sampling: generate, evaluate, whose work dwarfs a process start;
+    training and small arrays run faster in this process, docs/benchmarks.md) as runtime.local_parts processes (on
+    this config, written resolved so they read exactly what this run was given; OMP_NUM_THREADS shares the cores
+    unless it is set), the rest here."""
     n = cfg.runtime.local_parts
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", cpu_threads(n))
@@ -125,16 +124,17 @@ def _run_with_parts(cfg: PipelineConfig, layout: RunLayout, lineage: Lineage) ->
         config = os.path.join(tmp, "pipeline.yaml")
         with open(config, "w") as fh:
             fh.write(dump_config(cfg))
-        print(f"[local] generate and evaluate as {n} processes ({env['OMP_NUM_THREADS']} CPU thread(s) each)",
-              flush=True)
+        split = " and ".join(r.name for r in TABLE if r.local_parts)
+        print(f"[local] {split} as {n} processes ({env['OMP_NUM_THREADS']} CPU thread(s) each)", flush=True)
 
         def launch(ctx: StageContext, step: Step) -> None:
-            if step.stage not in LOCAL_PARTS or is_done(ctx, step.stage):  # a complete stage: skipped here
+            r = row(step.stage)
+            if not r.local_parts or is_done(ctx, step.stage):  # a complete stage: skipped here
                 run_stage(ctx, step.stage)
                 return
             run_parts(step, config, [], env, n)
-            if step.stage in REDUCERS:
-                run_stage(ctx, REDUCERS[step.stage])
+            if r.reducer:
+                run_stage(ctx, r.reducer)
 
         _run_steps(cfg, layout, lineage, launch)
 

@@ -60,9 +60,9 @@ def seeded_noise(seeds: torch.Tensor, shape: tuple[int, ...], device: torch.devi
     GPU than on the CPU; on each device a seed always gives the same noise (docs/devices.md).
     """
     device = torch.device("cpu") if device is None else torch.device(device)
-    seeds = seeds.tolist() if isinstance(seeds, torch.Tensor) else list(seeds)
-    out = torch.empty(len(seeds), *shape, device=device)
-    for j, s in enumerate(seeds):
+    seed_list = seeds.tolist() if isinstance(seeds, torch.Tensor) else list(seeds)
+    out = torch.empty(len(seed_list), *shape, device=device)
+    for j, s in enumerate(seed_list):
         out[j] = torch.randn(shape, generator=torch.Generator(device=device).manual_seed(int(s)), device=device)
     return out
 

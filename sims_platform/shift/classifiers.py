@@ -1,7 +1,7 @@
 """The two classifiers of distribution shifting: one selects the aux set, the other (never the same network)
 measures the histograms evaluate reports.
 
-Both are the digits CNN (metrics/features.py), trained on disjoint stratified halves of the labelled training
+Both are the digits CNN (metrics/digits_classifier.py), trained on disjoint stratified halves of the labelled training
 split with different seeds: the histogram a run is judged by does not come from the network whose decisions
 built its aux set, so guidance cannot score by moving samples across that one network's boundaries alone.
 Neither sees a held-out image. Each is cached under ROOT/features/shift-<role>/.
@@ -9,16 +9,14 @@ Neither sees a held-out image. Each is cached under ROOT/features/shift-<role>/.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
 
+from sims_platform.config.schema import PipelineConfig
 from sims_platform.data import LabeledImages, holdout_split
 from sims_platform.metrics import DigitsClassifier, train_digits_classifier
 from sims_platform.storage import fsio
-
-if TYPE_CHECKING:  # the stages package imports this module
-    from sims_platform.stages.context import StageContext
 
 Role = Literal["select", "judge"]
 # Which stratified half of the training split each role trains on, and its seed offset from the run's seed.
@@ -32,19 +30,20 @@ def halves(labels: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]
     return holdout_split(labels, HALF_FRACTION, seed)
 
 
-def shift_classifier(ctx: StageContext, role: Role) -> DigitsClassifier:
-    """The selecting ('select') or the measuring ('judge') classifier, on ctx.device."""
-    if ctx.cfg.shift is None:
+def shift_classifier(cfg: PipelineConfig, features_uri: str, train: LabeledImages, device: torch.device,
+                     role: Role) -> DigitsClassifier:
+    """The selecting ('select') or the measuring ('judge') classifier of the training split `train`, cached under
+    the run's features folder, on `device`."""
+    if cfg.shift is None:
         raise ValueError("shift classifiers need a shift section in the config")
-    train = ctx.labelled
-    half = halves(train.labels, ctx.cfg.data.holdout_seed)[_HALF[role]]
+    half = halves(train.labels, cfg.data.holdout_seed)[_HALF[role]]
     clf = train_digits_classifier(LabeledImages(train.images[half], train.labels[half]),
-                                  cache_uri=fsio.join(ctx.layout.features, f"shift-{role}"),
-                                  seed=ctx.cfg.seed + _SEED_SALT[role])
-    if clf.num_classes != ctx.cfg.data.num_classes:
+                                  cache_uri=fsio.join(features_uri, f"shift-{role}"),
+                                  seed=cfg.seed + _SEED_SALT[role])
+    if clf.num_classes != cfg.data.num_classes:
         raise ValueError(f"shift {role} classifier: its training half has labels of {clf.num_classes} classes, "
-                         f"data.num_classes is {ctx.cfg.data.num_classes} (a class with a single training image?)")
-    return clf.to(ctx.device)
+                         f"data.num_classes is {cfg.data.num_classes} (a class with a single training image?)")
+    return clf.to(device)
 
 
 @torch.no_grad()

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from sims_platform.metrics import FeatureExtractor, FeatureStats
-from sims_platform.shift.selection import _probs
+from sims_platform.shift.selection import class_probabilities
 
 
 def per_class_stats(extractor: FeatureExtractor, images: Tensor, labels: Tensor, num_classes: int,
@@ -38,7 +38,7 @@ def reweighted_stats(per_class: list[FeatureStats], weights: Tensor | list[float
                      count: int | None = None) -> FeatureStats:
     """Statistics of `count` images whose class shares are `weights` (see the module doc); count defaults to
     the number of images in per_class, so the reweighted covariance's (N - 1) matches the real set's size."""
-    t = _probs(weights, "reweighted_stats weights")
+    t = class_probabilities(weights, "reweighted_stats weights")
     if len(per_class) != t.numel():
         raise ValueError(f"reweighted_stats: {len(per_class)} classes of statistics, {t.numel()} weights")
     empty = [c for c, s in enumerate(per_class) if s.count == 0 and t[c] > 0]

@@ -41,7 +41,7 @@ def method_shift_summary(ev: EvaluateConfig, method: str, classes: dict[str, dic
                          aux_set: list[float] | None) -> dict[str, dict[str, Any]]:
     """w -> report-set histogram (pooled counts), tv and fid_target mean/sd, and (sims) the fitted gain."""
     reps = report_sets(ev)
-    pooled = {key: _normalised(sum(c[s] for s in reps)) for key, c in classes.items()}
+    pooled = {key: _normalised(torch.stack([c[s] for s in reps]).sum(0)) for key, c in classes.items()}
     out: dict[str, dict[str, Any]] = {}
     for arm in method_arms(ev, method):
         m = per_arm[arm.key]

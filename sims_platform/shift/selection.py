@@ -32,7 +32,7 @@ class ShiftError(ValueError):
     """The target cannot be reached from this base (permanent: the inputs must change)."""
 
 
-def _probs(p: Tensor | list[float], name: str) -> Tensor:
+def class_probabilities(p: Tensor | list[float], name: str) -> Tensor:
     """p as a float64 vector of non-negative entries summing to 1."""
     q = torch.as_tensor(p, dtype=torch.float64).flatten()
     if q.numel() == 0 or not torch.isfinite(q).all() or (q < 0).any():
@@ -56,7 +56,7 @@ def class_histogram(labels: Tensor, num_classes: int) -> Tensor:
 
 def total_variation(p: Tensor | list[float], q: Tensor | list[float]) -> float:
     """Total-variation distance 1/2 sum |p - q| between two class histograms (0 = equal, 1 = disjoint)."""
-    a, b = _probs(p, "total_variation p"), _probs(q, "total_variation q")
+    a, b = class_probabilities(p, "total_variation p"), class_probabilities(q, "total_variation q")
     if a.shape != b.shape:
         raise ShiftError(f"total_variation: histograms over {a.numel()} and {b.numel()} classes")
     return float((a - b).abs().sum() / 2)
@@ -68,7 +68,7 @@ def total_variation(p: Tensor | list[float], q: Tensor | list[float]) -> float:
 
 def guided_histogram(base: Tensor | list[float], aux: Tensor | list[float], w: float) -> Tensor:
     """The model's guided histogram: pi_base^(1+w) pi_aux^(-w), normalised (classes the base lacks stay 0)."""
-    b, a = _probs(base, "base histogram"), _probs(aux, "aux histogram")
+    b, a = class_probabilities(base, "base histogram"), class_probabilities(aux, "aux histogram")
     if w < 0:
         raise ShiftError(f"guided_histogram: w must be >= 0, got {w}")
     present = b > 0
@@ -86,7 +86,7 @@ def aux_histogram(base: Tensor | list[float], target: Tensor | list[float], w: f
 
     gain: the calibrated effective-weight factor (the tilt acts as weight gain * w); 1 = the ideal formula.
     """
-    b, t = _probs(base, "base histogram"), _probs(target, "target")
+    b, t = class_probabilities(base, "base histogram"), class_probabilities(target, "target")
     if b.shape != t.shape:
         raise ShiftError(f"aux_histogram: base over {b.numel()} classes, target over {t.numel()}")
     if w <= 0 or gain <= 0:
@@ -112,7 +112,8 @@ def fit_gain(base: Tensor | list[float], aux: Tensor | list[float], guided: Tens
     log(pi_guided / pi_base) = g w log(pi_base / pi_aux) + const: least squares through the class-centred log
     ratios, over the classes where all three histograms are positive (at least two with distinct x needed).
     """
-    b, a, g = _probs(base, "base histogram"), _probs(aux, "aux histogram"), _probs(guided, "guided histogram")
+    b, a = class_probabilities(base, "base histogram"), class_probabilities(aux, "aux histogram")
+    g = class_probabilities(guided, "guided histogram")
     if not b.shape == a.shape == g.shape:
         raise ShiftError("fit_gain: histograms over different numbers of classes")
     if w <= 0:
@@ -134,7 +135,7 @@ def fit_gain(base: Tensor | list[float], aux: Tensor | list[float], guided: Tens
 def stratified_counts(probs: Tensor | list[float], total: int) -> list[int]:
     """Per-class counts summing exactly to total, proportional to probs (largest-remainder rounding; ties go to
     the lower class index)."""
-    p = _probs(probs, "stratified_counts probs")
+    p = class_probabilities(probs, "stratified_counts probs")
     if total < 0:
         raise ShiftError(f"stratified_counts: total must be >= 0, got {total}")
     exact = p * total

@@ -1,211 +1,77 @@
-"""What every stage needs: the config, the run layout, the iteration, lineage, and model/data helpers."""
+"""What a stage function receives: the step it runs, its part of a job array, the config and layout as the step
+sees them, lineage, the device, and two focused helpers: its data (RunData) and its model files (ModelIO)."""
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass, field
-from functools import cached_property
+from dataclasses import InitVar, dataclass, field
 
 import torch
 
 from sims_platform.config.schema import Loop, PipelineConfig
-from sims_platform.data import LabeledImages, class_subset, load_images, read_shards, split_images
-from sims_platform.encoders import Encoder, build_encoder
-from sims_platform.models.precond import Precond
-from sims_platform.models.presets import architecture, build_network
-from sims_platform.models.pretrained import check_encoder, read_network
-from sims_platform.storage import fsio
-from sims_platform.pipeline.plan import base_step
-from sims_platform.storage.layout import RunLayout, stage_of
+from sims_platform.stages.model_io import ModelIO
+from sims_platform.stages.run_data import RunData
+from sims_platform.steps import Step
+from sims_platform.storage.layout import RunLayout
 from sims_platform.tracking import Lineage
 from sims_platform.utils.accel import apply_tf32, resolve_device
 
-# Seed streams: each (iteration, purpose) owns a disjoint range of 10^9 sample seeds. "tuning" is for choices made
-# before the evaluation (e.g. the sampler's step count, benchmarks/sampler_convergence.py), never reported on.
-SEED_STREAMS = {"generate": 1, "evaluate": 2, "feed": 3, "tuning": 4}
 
+@dataclass(frozen=True)
+class Part:
+    """This process's part of a job array: index of count (JOB_COMPLETION_INDEX of completions on a cluster)."""
 
-def sample_seeds(base_seed: int, k: int, stream: str, count: int, start: int = 0) -> torch.Tensor:
-    """Seeds of samples [start, start+count) of a stream; evaluation seeds are the same in every iteration."""
-    it = 0 if stream in ("evaluate", "tuning") else k
-    first = ((base_seed * 1000 + it) * 10 + SEED_STREAMS[stream]) * 10**9
-    return torch.arange(first + start, first + start + count, dtype=torch.int64)
+    index: int = 0
+    count: int = 1
 
+    def __post_init__(self) -> None:
+        if not 0 <= self.index < self.count:
+            raise ValueError(f"--index {self.index} is outside 0..{self.count - 1} (--count {self.count})")
 
-def missing_input(ctx: StageContext, stage: str, err: FileNotFoundError) -> FileNotFoundError | None:
-    """A FileNotFoundError for an input another stage writes, restated to name that stage and the command that
-    runs it (None when the missing file is not another stage's output: the original error says enough)."""
-    candidates = [str(err.filename)] if err.filename else []
-    local = ctx.layout.root[len("file://"):] if ctx.layout.root.startswith("file://") else ctx.layout.root
-    candidates += re.findall(rf"(?:file://)?{re.escape(local)}[^\s'\":]*", str(err))
-    for uri in candidates:
-        found = ctx.layout.producer(uri)
-        if found is None:
-            continue
-        writer, k, loop = found
-        if writer == "train-base":
-            writer = base_step(ctx.pipeline_cfg, k)  # iteration 0's base may be imported instead
-        if (stage_of(writer), k, loop) == (stage_of(stage), ctx.iteration, ctx.loop_name):
-            return None  # the stage's own file (e.g. a checkpoint): not an input
-        where = f" --loop {loop}" if loop else ""
-        name = "model" if uri.endswith("/model.pt") else "input"
-        return FileNotFoundError(f"{stage}: {name} not found at {uri}: it is written by stage {writer} of iteration "
-                                 f"{k}{' in loop ' + loop if loop else ''}; run `sims stage {writer} --iteration "
-                                 f"{k}{where}` first (`sims run` runs every stage in order)")
-    return None
+    def owns(self, j: int) -> bool:
+        """Whether item j (a shard, a block) is this part's: j mod count == index."""
+        return j % self.count == self.index
 
 
 @dataclass
 class StageContext:
+    """The inputs of one step's process, assembled by its launcher."""
+
     cfg: PipelineConfig
     layout: RunLayout
     iteration: int
     lineage: Lineage
     # None: from runtime.device (cuda:LOCAL_RANK when a GPU is visible, else the CPU); see utils/accel.py
-    device: torch.device | None = None
+    requested_device: InitVar[torch.device | str | None] = None
     part: int = 0   # this worker's index in a job-array stage (JOB_COMPLETION_INDEX in an Indexed Job)
     parts: int = 1  # how many workers share the stage
     # A self-consuming loop's stage (config `loop`): layout and config become the loop's view (RunLayout.in_loop,
     # PipelineConfig.for_loop); None: the shared pipeline.
     loop: Loop | None = None
     pipeline_cfg: PipelineConfig = field(init=False)  # the whole pipeline's config (cfg is a loop's view of it)
+    device: torch.device = field(init=False)  # where this stage's networks and tensors live
+    data: RunData = field(init=False)
+    models: ModelIO = field(init=False)
 
-    def __post_init__(self) -> None:
-        if not 0 <= self.part < self.parts:
-            raise ValueError(f"--index {self.part} is outside 0..{self.parts - 1} (--count {self.parts})")
+    def __post_init__(self, requested_device: torch.device | str | None) -> None:
+        Part(self.part, self.parts)  # a bad --index/--count fails here, before anything runs
         self.pipeline_cfg = self.cfg
         if self.loop is not None:
             self.layout = self.layout.in_loop(self.loop.name)
             self.cfg = self.cfg.for_loop(self.loop)
-        self.device = torch.device(self.device) if self.device is not None else \
+        self.device = torch.device(requested_device) if requested_device is not None else \
             resolve_device(self.cfg.runtime.device)
         apply_tf32(self.cfg.runtime.tf32)
+        self.data = RunData(self.cfg, self.layout, self.iteration, self.device, self.loop)
+        self.models = ModelIO(self.cfg, self.device, self.data.shape)
 
-    # -- data ------------------------------------------------------------------
-    @cached_property
-    def _held_out_split(self) -> tuple[LabeledImages, LabeledImages]:
-        d = self.cfg.data
-        return split_images(load_images(d), d.holdout_fraction, d.holdout_seed)
+    def step(self, stage: str) -> Step:
+        """This process's step of `stage`."""
+        return Step(self.iteration, stage, self.loop_name)
 
-    @cached_property
-    def labelled(self) -> LabeledImages:
-        """The whole training split, what classifiers train on: all of data.path when data.reference_path names a
-        separate reference set, else everything but the held-out part."""
-        d = self.cfg.data
-        return load_images(d) if d.reference_path is not None else self._held_out_split[0]
-
-    @cached_property
-    def real(self) -> LabeledImages:
-        """The real images the diffusion models train on: the training split, less what data.class_fractions
-        drops (the only real data training sees)."""
-        d, train = self.cfg.data, self.labelled
-        if not d.class_fractions:
-            return train
-        keep = class_subset(train.labels, d.class_fractions, d.holdout_seed)
-        return LabeledImages(train.images[keep], train.labels[keep])
-
-    @cached_property
-    def reference(self) -> LabeledImages:
-        """The FID / precision / recall reference images, never trained on: every image of data.reference_path,
-        else the held-out part of data.path."""
-        d = self.cfg.data
-        return load_images(d.reference_data()) if d.reference_path is not None else self._held_out_split[1]
-
-    @cached_property
-    def encoder(self) -> Encoder:
-        return build_encoder(self.cfg.encoder, self.cfg.data.channels, self.device)
-
-    @cached_property
-    def real_encoded(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The real data in model space: pixels as they are, latents from the encode stage's shards."""
-        if self.cfg.encoder.kind == "pixel":
-            return self.encoder.encode(self.real.images), self.real.labels
-        if not fsio.exists(self.layout.done_marker(0, "encode")):
-            raise FileNotFoundError(f"latent training data not found at {self.layout.encoded}: run "
-                                    "`sims stage encode` first (the pipeline runner does)")
-        x, y, _ = read_shards(self.layout.encoded)
-        return x, y
-
-    def shape(self) -> tuple[int, int, int]:
-        """(channels, height, width) of the model space."""
-        res = self.encoder.resolution(self.cfg.data.resolution)
-        return self.encoder.channels, res, res
-
-    def real_training_data(self) -> tuple[torch.Tensor, torch.Tensor, dict[str, str]]:
-        """The real training split in model space and the URI it came from (lineage)."""
-        real_x, real_y = self.real_encoded
-        return real_x, real_y, {"real": self.real_uri() if self.cfg.encoder.kind == "pixel" else self.layout.encoded}
+    @property
+    def job_part(self) -> Part:
+        return Part(self.part, self.parts)
 
     @property
     def loop_name(self) -> str | None:
         return self.loop.name if self.loop is not None else None
-
-    def train_data_mode(self) -> str:
-        """What iteration k > 0 trains its base on: real, real+synthetic or synthetic (loop.train_data in a loop)."""
-        return self.cfg.loop.train_data if self.loop is not None and self.cfg.loop else self.cfg.iterations.train_data
-
-    def feed_sources(self) -> dict[str, str]:
-        """The feed shard sets iteration k's base trains on, oldest first (lineage name -> URI): the previous
-        iteration's feed; in a loop with loop.accumulate, every earlier generation's feed of that loop."""
-        k = self.iteration
-        if k == 0 or self.train_data_mode() == "real":
-            return {}
-        first = 0 if self.loop is not None and self.cfg.loop and self.cfg.loop.accumulate else k - 1
-        return {f"feed_iter_{j}": self.layout.shards(j, "feed") for j in range(first, k)}
-
-    def feed_samples(self) -> int:
-        """|D_p|, the feed stage's sample count: iterations.feed_samples, or in a loop its fraction of |D_r| (the
-        real training split as the base trains on it)."""
-        if self.loop is None:
-            return self.cfg.iterations.feed_samples
-        return max(1, round(self.loop.fraction * len(self.real_encoded[1])))
-
-    def base_training_data(self) -> tuple[torch.Tensor, torch.Tensor, dict[str, str]]:
-        """Iteration k's base training set and the URIs it came from (lineage): the real training split and/or
-        the feed shard sets of feed_sources, concatenated in that order."""
-        real_x, real_y, sources = self.real_training_data()
-        feeds = self.feed_sources()
-        if not feeds:
-            return real_x, real_y, sources
-        parts = [read_shards(uri)[:2] for uri in feeds.values()]
-        feed_x, feed_y = torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])
-        if self.train_data_mode() == "synthetic":
-            return feed_x, feed_y, feeds
-        if real_x.shape[1] == 2 * feed_x.shape[1]:  # encoded posteriors (mean, std): a feed sample is exact
-            feed_x = torch.cat([feed_x, torch.zeros_like(feed_x)], dim=1)
-        return torch.cat([real_x, feed_x]), torch.cat([real_y, feed_y]), feeds | sources
-
-    def real_uri(self) -> str:
-        d = self.cfg.data
-        return d.path if d.path else f"sklearn://load_digits?resolution={d.resolution}"
-
-    # -- models ----------------------------------------------------------------
-    def build_net(self) -> Precond:
-        c, h, _ = self.shape()
-        torch.manual_seed(self.cfg.seed)  # identical initial weights on every rank and every relaunch
-        return build_network(self.cfg.network, h, c, self.cfg.data.label_dim).to(self.device)
-
-    def save_model(self, uri: str, net: Precond, images: int, **meta) -> None:
-        fsio.save_torch(uri, {"ema": net.state_dict(), "images": images, **meta})
-
-    def load_model(self, uri: str) -> Precond:
-        """A model record of this run, or any network file that describes itself (an EDM2 pickle, a
-        `sims import-edm2` record: e.g. a pretrained guide of another size), float32, eval mode."""
-        if not fsio.exists(uri):
-            raise FileNotFoundError(f"model not found at {uri}: run the stage that writes it first")
-        rec = read_network(uri)
-        check_encoder(rec, self.cfg.encoder, "encoder")
-        net = rec.build().to(self.device) if rec.kwargs is not None else self.build_net()
-        net.load_state_dict(rec.state_dict)
-        return net.eval().requires_grad_(False)
-
-    def sampling_model(self, uri: str) -> Precond:
-        """load_model for sampling: in the runtime's memory layout (runtime.channels_last)."""
-        net = self.load_model(uri)
-        return net.to(memory_format=torch.channels_last) if self.cfg.runtime.channels_last else net
-
-    def network_kwargs(self) -> dict:
-        """Our Precond's arguments for this config (what a pretrained base must match)."""
-        c, h, _ = self.shape()
-        return dict(img_resolution=h, img_channels=c, label_dim=self.cfg.data.label_dim,
-                    sigma_data=self.cfg.network.sigma_data, **architecture(self.cfg.network))

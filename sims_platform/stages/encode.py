@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from sims_platform.data import ShardWriter, SourceIndex, class_subset, training_indices
+from sims_platform.encoders.latent import LatentEncoder
 from sims_platform.stages.context import StageContext
 from sims_platform.stages.shard_parts import write_owned_shards
 
@@ -35,14 +36,15 @@ def encode(ctx: StageContext, run_id: str) -> dict:
     writer = ShardWriter(out, shard_size=cfg.encoder.shard_size, total=len(train), meta=meta)
     ctx.lineage.log_params(run_id, {"images": len(train), "held_out": len(index) - len(train),
                                     "shard_size": cfg.encoder.shard_size, "vae": meta["vae"]})
-    ctx.lineage.link(run_id, inputs={"real": ctx.real_uri()}, outputs={"encoded": out})
+    ctx.lineage.link(run_id, inputs={"real": ctx.data.real_uri()}, outputs={"encoded": out})
 
     def make(j: int, rng: range, advance) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         source = train[rng.start:rng.stop]
         real = index.load(source.tolist())
-        latents = ctx.encoder.encode_posterior(real.images) if meta["posterior"] else ctx.encoder.encode(real.images)
+        enc = ctx.data.encoder  # a latent encoder (meta["posterior"]) stores posteriors, a pixel one the images
+        latents = enc.encode_posterior(real.images) if isinstance(enc, LatentEncoder) else enc.encode(real.images)
         advance(len(rng))
         return latents, real.labels, source  # keys: index in the source order
 
-    complete = write_owned_shards(ctx, writer, "encode", make) is not None
+    complete = write_owned_shards(ctx.job_part, writer, "encode", make) is not None
     return {"encoded": out, "complete": complete, "images": len(train)}

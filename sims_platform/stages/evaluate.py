@@ -10,6 +10,7 @@ computed exactly once, and writes fid.json / results.json. With one part, `evalu
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import torch
 
@@ -17,7 +18,7 @@ from sims_platform.evaluation import parts as P
 from sims_platform.evaluation.features import feature_extractor
 from sims_platform.evaluation.methods import Networks, model_inputs
 from sims_platform.evaluation.plan import arms, part_block, set_offset, w_key, work_units
-from sims_platform.evaluation.reference import ReferenceFiles, read_result
+from sims_platform.evaluation.reference import ReferenceFiles, in_memory_reference, read_result
 from sims_platform.evaluation.report import arm_metrics, iteration_row, method_result
 from sims_platform.config.methods import curves as method_curves
 from sims_platform.config.methods import metric_tag, parse_w_key, w_metric
@@ -27,7 +28,8 @@ from sims_platform.metrics.edm2_refs import edm2_reference
 from sims_platform.shift.classifiers import classify, shift_classifier
 from sims_platform.shift.reference import per_class_stats, reweighted_stats
 from sims_platform.shift.report import shift_results
-from sims_platform.stages.context import StageContext, sample_seeds
+from sims_platform.stages.context import StageContext
+from sims_platform.stages.seeds import sample_seeds
 from sims_platform.stages.sampling import sample_batch
 from sims_platform.storage import fsio
 from sims_platform.tracking import Lineage, fid_curves_png, image_grid_png, update_summary
@@ -69,16 +71,16 @@ def compute_part(ctx: StageContext) -> int:
     if not todo:
         return 0
 
-    extractor = feature_extractor(ctx)
-    judge = shift_classifier(ctx, "judge") if ctx.cfg.shift is not None else None
-    nets = Networks(ctx.cfg, ctx.layout, k, ctx.sampling_model)
+    extractor = feature_extractor(ctx.cfg, ctx.layout.features, ctx.data, ctx.device)
+    judge = shift_classifier(ctx.cfg, ctx.layout.features, ctx.data.labelled, ctx.device, "judge") if ctx.cfg.shift is not None else None
+    nets = Networks(ctx.cfg, ctx.layout, k, ctx.models.sampling)
     total = sum(u.count for u in mine)
     done = total - sum(u.count for u in todo)
     progress = Progress(f"iter {k} evaluate part {ctx.part}/{ctx.parts}", total=total, done=done, unit="img")
     for u in todo:
         seeds = sample_seeds(ctx.cfg.seed, k, "evaluate", u.count, set_offset(ev, u.seed_set) + u.start)
         x, _ = sample_batch(ctx, nets.denoiser(u.arm), seeds, ev.sampler)
-        images = ctx.encoder.decode(x)
+        images = ctx.data.encoder.decode(x)
         with torch.no_grad():
             features = extractor(images)
         classes = classify(judge, images, ev.batch_size) if judge is not None else None
@@ -101,23 +103,15 @@ def reference(ctx: StageContext, extractor: FeatureExtractor) -> tuple[FeatureSt
     precision/recall are then left out.
 
     The reference stage's streamed result is used when it exists for this feature network and reference; without
-    it (a stage run alone on small data) they are computed here from the same images (ctx.reference), all in
-    memory, in one pass: each batch's features are summed and, below max_samples, kept (as the stage does)."""
+    it (a stage run alone on small data) they are computed here from the same images (ctx.data.reference), all in
+    memory, as the stage's single part would (evaluation/reference.py in_memory_reference)."""
     ev = ctx.cfg.evaluate
     if ev.reference:
         return edm2_reference(ev.reference, ev.features, extractor.dim), None
     streamed = read_result(ReferenceFiles.of(ctx.layout, ctx.cfg, extractor))
     if streamed is not None:
         return streamed
-    images = ctx.reference.images
-    n = min(ev.precision_recall.max_samples, len(images))
-    stats, kept = FeatureStats(extractor.dim), [torch.zeros(0, extractor.dim)]
-    with torch.no_grad():
-        for i in range(0, len(images), ev.batch_size):
-            features = extractor(images[i:i + ev.batch_size])
-            stats.update(features)
-            kept.append(features[:max(n - i, 0)].detach().cpu().float())
-    return stats, torch.cat(kept)
+    return in_memory_reference(extractor, ctx.data.reference.images, ev.batch_size, ev.precision_recall.max_samples)
 
 
 def _log_at_w(lineage: Lineage, run_id: str, method: str, key: str, metrics: dict[str, float]) -> None:
@@ -138,7 +132,7 @@ def shift_section(ctx: StageContext, run_id: str, extractor: FeatureExtractor,
     ev, d, sh = ctx.cfg.evaluate, ctx.cfg.data, ctx.cfg.shift
     assert sh is not None
     target = sh.target_probs(d.num_classes)
-    held = ctx.reference
+    held = ctx.data.reference
     ref = reweighted_stats(per_class_stats(extractor, held.images, held.labels, d.num_classes, ev.batch_size),
                            target)
     fid_target = {key: {s: fid_from_stats(st, ref) for s, st in data.stats.items()} for key, data in merged.items()}
@@ -160,11 +154,12 @@ def write_results(ctx: StageContext, run_id: str, merged: dict[str, P.ArmData]) 
     """Metrics per arm and seed set against the reference; each method's selection and gain."""
     k, layout, ev, lin = ctx.iteration, ctx.layout, ctx.cfg.evaluate, ctx.lineage
     out = layout.stage(k, "evaluate")
-    extractor = feature_extractor(ctx)
+    extractor = feature_extractor(ctx.cfg, ctx.layout.features, ctx.data, ctx.device)
     ref_stats, ref_features = reference(ctx, extractor)
     metrics = {key: arm_metrics(data, ref_stats, ref_features, ev.precision_recall.k, ev.num_samples)
                for key, data in merged.items()}
-    methods = {m.name: method_result(ev, m.name, metrics, ev.sampler.steps) for m in ev.methods}
+    methods: dict[str, dict[str, Any]] = {m.name: method_result(ev, m.name, metrics, ev.sampler.steps)
+                                          for m in ev.methods}
     row = iteration_row(k, ev, methods)
 
     for arm in arms(ev):

@@ -2,7 +2,7 @@
 
 One process reads the network (an EDM2 pickle, read without running its code, or a model file), checks that it is
 the network the config describes, and writes it where train-base writes its model; train-base's completion record
-and MLflow run are this step's too (storage.layout.STAGE_OF), so the stages after it cannot tell the difference.
+and MLflow run are this step's too (its row in the stage table completes train-base), so the stages after it cannot tell the difference.
 Nothing is trained, so every launcher runs it as one plain process, never under torchrun (on a cluster: a single-pod
 Job without GPUs).
 """
@@ -26,11 +26,11 @@ def import_base(ctx: StageContext, run_id: str) -> dict:
     except ValueError as err:
         raise ConfigError(str(err)) from None
     if rec.kwargs is not None:  # a file that names its architecture must name ours
-        diff = mismatches(rec.kwargs, ctx.network_kwargs())
+        diff = mismatches(rec.kwargs, ctx.models.network_kwargs())
         if diff:
             raise ConfigError(f"pretrained.base: {uri} is not the network this config describes (network, "
                               f"data): {'; '.join(diff)}")
-    net = ctx.build_net()
+    net = ctx.models.build()
     try:
         net.load_state_dict(rec.state_dict)
     except RuntimeError as err:
@@ -40,5 +40,5 @@ def import_base(ctx: StageContext, run_id: str) -> dict:
     images = rec.images or 0
     ctx.lineage.log_params(run_id, {"pretrained": uri, "images": images})
     ctx.lineage.link(run_id, inputs={"pretrained": uri}, outputs={"model": out_uri})
-    ctx.save_model(out_uri, net, images, stage="train-base", iteration=0, source=uri)
+    ctx.models.save(out_uri, net, images, stage="train-base", iteration=0, source=uri)
     return {"model": out_uri, "images": images, "pretrained": uri}

@@ -49,7 +49,7 @@ def _log(ctx: StageContext, run_id: str, files: R.ReferenceFiles, count: int) ->
     ctx.lineage.log_params(run_id, {"features": ev.features, "reference_images": count,
                                     "batch_size": ev.batch_size, "max_samples": ev.precision_recall.max_samples,
                                     **source})
-    inputs = {"reference": d.reference_path} if d.reference_path is not None else {"real": ctx.real_uri()}
+    inputs = {"reference": d.reference_path} if d.reference_path is not None else {"real": ctx.data.real_uri()}
     ctx.lineage.link(run_id, inputs=inputs, outputs={"reference": files.result})
 
 
@@ -103,7 +103,7 @@ def reduce_parts(ctx: StageContext, run_id: str, extractor, files: R.ReferenceFi
 def reference(ctx: StageContext, run_id: str) -> dict:
     """Part ctx.part of ctx.parts; with one part, also the reduction."""
     t0 = time.time()
-    extractor = feature_extractor(ctx)
+    extractor = feature_extractor(ctx.cfg, ctx.layout.features, ctx.data, ctx.device)
     files = R.ReferenceFiles.of(ctx.layout, ctx.cfg, extractor)
     index, indices = reference_images(ctx)
     _log(ctx, run_id, files, len(indices))
@@ -119,7 +119,7 @@ def reference_reduce(ctx: StageContext, run_id: str) -> dict:
     """Merge the reference array's parts; its completion record is the reference stage's."""
     if ctx.parts != 1:
         raise ValueError(f"reference-reduce runs as one process, got --count {ctx.parts}")
-    extractor = feature_extractor(ctx)
+    extractor = feature_extractor(ctx.cfg, ctx.layout.features, ctx.data, ctx.device)
     files = R.ReferenceFiles.of(ctx.layout, ctx.cfg, extractor)
     _, indices = reference_images(ctx)
     parts = R.infer_parts(files)

@@ -8,7 +8,8 @@ from sims_platform.config.schema import SamplerConfig
 from sims_platform.data import ShardWriter
 from sims_platform.sampling.guidance import Denoiser, NetDenoiser
 from sims_platform.sampling.heun import heun_sample, seeded_labels, seeded_noise
-from sims_platform.stages.context import StageContext, sample_seeds
+from sims_platform.stages.context import StageContext
+from sims_platform.stages.seeds import sample_seeds
 from sims_platform.stages.shard_parts import write_owned_shards
 from sims_platform.storage import fsio
 
@@ -16,10 +17,10 @@ from sims_platform.storage import fsio
 def sample_batch(ctx: StageContext, denoise: Denoiser, seeds: torch.Tensor, sampler: SamplerConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Model-space samples for these seeds (on the CPU, with their labels); each depends only on its seed.
 
-    Noise and labels are made on ctx.device, where ctx.load_model put the networks; sampler.precision sets the
+    Noise and labels are made on ctx.device, where ctx.models.load put the networks; sampler.precision sets the
     autocast dtype of the network calls.
     """
-    noise = seeded_noise(seeds, ctx.shape(), ctx.device)
+    noise = seeded_noise(seeds, ctx.data.shape(), ctx.device)
     labels = seeded_labels(seeds, ctx.cfg.data.label_dim)
     on_device = labels.to(ctx.device) if labels is not None else None
     return heun_sample(denoise, noise, on_device, sampler).cpu(), labels
@@ -40,7 +41,7 @@ def write_samples(ctx: StageContext, denoise: Denoiser, uri: str, stream: str, t
         return torch.cat(xs), torch.cat(ys), seeds
 
     writer = ShardWriter(uri, shard_size=shard_size, total=total, meta=meta)
-    return write_owned_shards(ctx, writer, desc, make)
+    return write_owned_shards(ctx.job_part, writer, desc, make)
 
 
 def generate(ctx: StageContext, run_id: str) -> dict:
@@ -50,7 +51,7 @@ def generate(ctx: StageContext, run_id: str) -> dict:
     ctx.lineage.log_params(run_id, {"num_samples": g.num_samples, "steps": g.sampler.steps,
                                     "shard_size": g.shard_size})
     ctx.lineage.link(run_id, inputs={"base_model": base_uri}, outputs={"synthetic": out})
-    net = ctx.sampling_model(base_uri)
+    net = ctx.models.sampling(base_uri)
     manifest = write_samples(ctx, NetDenoiser(net), out, "generate", g.num_samples, g.batch_size, g.shard_size,
                              g.sampler, {"source_model": base_uri, "iteration": k}, f"iter {k} generate")
     return {"synthetic": out, "complete": manifest is not None,
@@ -90,8 +91,8 @@ def feed(ctx: StageContext, run_id: str) -> dict:
     else:
         w = fixed
     arm = BASE if is_base(w) else Arm(method, w)
-    total = ctx.feed_samples()
-    nets = Networks(ctx.cfg, layout, k, ctx.sampling_model)
+    total = ctx.data.feed_samples()
+    nets = Networks(ctx.cfg, layout, k, ctx.models.sampling)
     inputs = model_inputs(ctx.cfg, layout, k, [] if arm.method == "base" else [method])
     ctx.lineage.log_params(run_id, {"feed_samples": total, "feed_method": arm.method, "w": w}
                            | ({"loop": ctx.loop.name, "feed_fraction": ctx.loop.fraction} if ctx.loop else

@@ -35,8 +35,8 @@ def select_aux(ctx: StageContext, run_id: str) -> dict:
     ctx.lineage.link(run_id, inputs={"synthetic": syn_uri}, outputs={"aux_set": out})
 
     x, _, seeds = read_shards(syn_uri)
-    clf = shift_classifier(ctx, "select")
-    predicted = classify(clf, ctx.encoder.decode(x), g.batch_size)
+    clf = shift_classifier(ctx.cfg, ctx.layout.features, ctx.data.labelled, ctx.device, "select")
+    predicted = classify(clf, ctx.data.encoder.decode(x), g.batch_size)
     base = class_histogram(predicted, num_classes)
     target = sh.target_probs(num_classes)
     aux = aux_histogram(base, target, sh.w, sh.gain)

@@ -6,6 +6,7 @@ import torch
 
 from sims_platform.data import ShardStream
 from sims_platform.stages.context import StageContext
+from sims_platform.steps import row
 from sims_platform.training import distributed
 from sims_platform.training.loop import train
 
@@ -22,7 +23,7 @@ def _run_training(ctx: StageContext, stage: str, run_id: str, net, x, y, tcfg, i
                                 "train_set_size": len(x) if y is not None else x.num_samples,
                                 "distributed": tcfg.distributed.model_dump_json()})
         lin.link(run_id, inputs=inputs, outputs={"model": out_uri})
-    salt = {"train-base": 0, "finetune-aux": 104729, "finetune-real-aux": 209459}[stage]
+    salt = row(stage).seed_salt
     if ctx.cfg.runtime.channels_last and not tcfg.distributed.uses_deepspeed():
         # oneDNN/cuDNN convolutions run faster on channels-last weights (the demo's train-base: 285 -> 305 img/s
         # on this project's CPU); DeepSpeed flattens parameters into its own buffers, so it keeps the default layout.
@@ -30,10 +31,10 @@ def _run_training(ctx: StageContext, stage: str, run_id: str, net, x, y, tcfg, i
     result = train(net, x, y, tcfg, seed=ctx.cfg.seed + 7919 * k + salt,
                    checkpoints=layout.checkpoints(k, stage),
                    on_log=lambda images, m: lin.log_metrics(run_id, m, step=images),
-                   desc=f"iter {k} {stage}", where="train_base" if stage == "train-base" else "finetune_aux",
+                   desc=f"iter {k} {stage}", where=row(stage).training_section(),
                    **train_kwargs)
     if result.ema is not None:
-        ctx.save_model(out_uri, result.ema, result.images, stage=stage, iteration=k)
+        ctx.models.save(out_uri, result.ema, result.images, stage=stage, iteration=k)
     distributed.barrier()  # no rank reports the stage done before model.pt exists
     return {"model": out_uri, "images": result.images, "resumed_from": result.resumed_from}
 
@@ -52,9 +53,9 @@ def train_base(ctx: StageContext, run_id: str, **train_kwargs) -> dict:
             else ctx.layout.shards(k - 1, "feed")
         x, y, sources = _stream(ctx, uri, tcfg, 7919 * k), None, {"data": uri}
     else:
-        x, y, sources = ctx.base_training_data()
+        x, y, sources = ctx.data.base_training_data()
     snap = lambda images: ctx.layout.snapshot(k, "train-base", images)  # noqa: E731
-    return _run_training(ctx, "train-base", run_id, ctx.build_net(), x, y, ctx.cfg.train_base, sources,
+    return _run_training(ctx, "train-base", run_id, ctx.models.build(), x, y, ctx.cfg.train_base, sources,
                          snapshot_uri=snap, **train_kwargs)
 
 
@@ -67,7 +68,7 @@ def _finetune(ctx: StageContext, stage: str, run_id: str, data_uri: str | None, 
     k, layout, tcfg = ctx.iteration, ctx.layout, ctx.cfg.finetune_aux
     init = tcfg.init
     base_uri = layout.model(k, "train-base")
-    net = ctx.load_model(base_uri).train().requires_grad_(True)  # the base's EMA weights
+    net = ctx.models.load(base_uri).train().requires_grad_(True)  # the base's EMA weights
     inputs = {"base_model": base_uri}
     init_optimizer, offset = None, 0
     if init.weights == "raw" or init.optimizer == "continued" or init.schedule == "continue":
@@ -92,7 +93,7 @@ def _finetune(ctx: StageContext, stage: str, run_id: str, data_uri: str | None, 
         x, y = _stream(ctx, ctx.layout.encoded, tcfg, 7919 * k + 2), None
         inputs["real"] = ctx.layout.encoded
     else:
-        x, y, sources = ctx.real_training_data()
+        x, y, sources = ctx.data.real_training_data()
         inputs |= sources
     ctx.lineage.log_params(run_id, {"init.weights": init.weights, "init.optimizer": init.optimizer,
                                     "init.schedule": init.schedule, "schedule_offset": offset})

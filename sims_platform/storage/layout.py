@@ -3,47 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
-
+from sims_platform.steps import RUN_STAGES, STAGES, Step, row
 from sims_platform.storage.fsio import join, normalize_uri
-
-# Iteration 0's base from an existing network: one process reads pretrained.base, checks it is the config's
-# network and writes it as train-base's model; nothing is trained, so it needs no GPU, torchrun or gang.
-IMPORT_BASE = "import-base"
-# Stages of one iteration, in order; `evaluate-reduce` merges the evaluate job array's parts;
-# `finetune-real-aux` is the control of the comparison (the aux fine-tune on real training data); `select-aux`
-# (distribution shifting only) resamples the synthetic set per class into the aux fine-tuning set; `import-base`
-# replaces train-base for iteration 0 when pretrained.base names a network (pipeline.plan.base_step).
-STAGES = ("train-base", IMPORT_BASE, "generate", "select-aux", "finetune-aux", "finetune-real-aux", "evaluate",
-          "evaluate-reduce", "feed")
-# Stages of the run as a whole (not per iteration): `encode` turns the real images into VAE latents once;
-# `reference` streams the held-out images through the feature network once (a job array; `reference-reduce`
-# merges its parts into the statistics evaluate compares with).
-RUN_STAGES = ("encode", "reference", "reference-reduce")
-# Job arrays whose parts a reducer merges (float64 statistics); the reducer completes the stage in its folder,
-# after every part. Every launcher reads this one table.
-REDUCERS = {"reference": "reference-reduce", "evaluate": "evaluate-reduce"}
-# Steps that complete another stage: they write its folder, completion record and MLflow run, so whatever reads
-# that stage (the next stages, resumption, lineage queries) does not depend on which step produced it.
-STAGE_OF = {reducer: stage for stage, reducer in REDUCERS.items()} | {IMPORT_BASE: "train-base"}
-
-StepKind = Literal["training", "array", "single"]
-# How each step runs, on every launcher: "training" is torchrun on N nodes (the training backend's PyTorchJob or
-# TrainJob on a cluster); "array" is a job array whose parts own disjoint slices (an Indexed Job); "single" is one
-# plain process (a single-pod Job). Every launcher reads this one table.
-STEP_KINDS: dict[str, StepKind] = {
-    "encode": "array", "reference": "array", "reference-reduce": "single",
-    "train-base": "training", IMPORT_BASE: "single", "generate": "array", "select-aux": "single",
-    "finetune-aux": "training", "finetune-real-aux": "training", "evaluate": "array", "evaluate-reduce": "single",
-    "feed": "single",
-}
-TRAINING_STAGES = tuple(s for s, kind in STEP_KINDS.items() if kind == "training")  # derived: never listed twice
-
-
-def stage_of(step: str) -> str:
-    """The stage whose folder, completion record and MLflow run a step completes (itself for most steps)."""
-    return STAGE_OF.get(step, step)
-
 
 @dataclass(frozen=True)
 class RunLayout:
@@ -110,19 +71,20 @@ class RunLayout:
         return join(self.root, f"iter-{k:02d}")
 
     def stage(self, k: int, stage: str) -> str:
-        stage = stage_of(stage)
-        if stage == "reference":  # next to the feature networks it is computed with
-            return join(self.features, "reference")
-        if stage in RUN_STAGES:
-            return join(self.root, stage)
-        if stage not in STAGES:
-            raise ValueError(f"unknown stage '{stage}', expected one of {', '.join(STAGES + RUN_STAGES)}")
-        if self.loop is not None and (k > 0 or stage == "feed"):  # the loop's own; the rest of gen 0 is shared
-            return join(self.loop_root(self.loop), f"iter-{k:02d}", stage)
-        return join(self.iteration(k), stage)
+        """The folder of iteration k's stage (a step's: the stage it completes, storage.steps' table)."""
+        r = row(row(stage).stage)
+        if r.scope == "run":
+            return join(self.root, r.folder or r.name)
+        if self.loop is not None and (k > 0 or r.scope == "loop"):  # the loop's own; the rest of gen 0 is shared
+            return join(self.loop_root(self.loop), f"iter-{k:02d}", r.name)
+        return join(self.iteration(k), r.name)
 
-    def producer(self, uri: str) -> tuple[str, int, str | None] | None:
-        """(stage, iteration, loop) whose folder holds uri, a path under this run's root (a local path without
+    def of_step(self, step: Step) -> RunLayout:
+        """This run's layout as the step sees it (its loop's view)."""
+        return self.in_loop(step.loop)
+
+    def producer(self, uri: str) -> Step | None:
+        """The step whose folder holds uri, a path under this run's root (a local path without
         file:// too); None for anything else. Used to say which stage writes a missing input."""
         root = self.root.rstrip("/") + "/"
         local = root[len("file://"):] if root.startswith("file://") else None
@@ -133,12 +95,12 @@ class RunLayout:
         parts, loop = uri[len(root):].split("/"), None
         if parts[0] == "loops" and len(parts) > 3:
             loop, parts = parts[1], parts[2:]
-        if parts[:2] == ["features", "reference"]:
-            return "reference", 0, None
-        if parts[0] in RUN_STAGES:
-            return parts[0], 0, None
+        for name in RUN_STAGES:
+            folder = (row(name).folder or name).split("/")
+            if parts[:len(folder)] == folder:
+                return Step(0, name)
         if len(parts) > 1 and parts[0].startswith("iter-") and parts[0][5:].isdigit() and parts[1] in STAGES:
-            return parts[1], int(parts[0][5:]), loop
+            return Step(int(parts[0][5:]), parts[1], loop)
         return None
 
     def done_marker(self, k: int, stage: str) -> str:

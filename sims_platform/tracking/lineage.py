@@ -20,9 +20,9 @@ Tags (the lineage contract; query them in the UI search box, e.g. tags.`sims.sta
 - ``sims.loop``: a self-consuming loop's name (e.g. ``sims-dp50``) on its loop, iteration and stage runs; the
   shared generation 0 (iter-0) has none. Its metrics (``mad.fid``, ``mad.precision``, ``mad.recall``, step =
   generation, generation 0 included) compare the loops in MLflow's chart view.
-- ``sims.iteration``: k as a decimal string; ``sims.stage``: one of storage.layout.STAGES (a reducer or
+- ``sims.iteration``: k as a decimal string; ``sims.stage``: one of the stage table's stages (a reducer or
   import-base logs into the run of the stage it completes: evaluate, iteration 0's train-base). Run-level
-  stages (storage.layout.RUN_STAGES, e.g. encode) hang directly under the pipeline run, named "<stage>",
+  stages (scope "run" in the stage table, e.g. encode) hang directly under the pipeline run, named "<stage>",
   without ``sims.iteration``.
 - ``sims.input.<name>`` / ``sims.output.<name>``: URIs a stage read / wrote (`Lineage.link`). A model
   and the data that fed it are joined by equal URIs: e.g. iter-1/train-base's ``sims.input.synthetic``
@@ -72,7 +72,8 @@ from mlflow.utils.validation import (
 from sims_platform.config.loader import dump_config
 from sims_platform.config.schema import PipelineConfig
 from sims_platform.storage.fsio import exists, read_json, write_json
-from sims_platform.storage.layout import RUN_STAGES, STAGES, RunLayout, stage_of
+from sims_platform.steps import RUN_STAGES, STAGES, Step, row
+from sims_platform.storage.layout import RunLayout
 from sims_platform.tracking.datasets import dataset_input
 from sims_platform.tracking.store import LineageError, default_artifact_location, open_client, resolve_tracking_uri
 
@@ -291,27 +292,26 @@ class Lineage:
         tags = {PARENT: self.loop_run(loop), KIND: "iteration", ITERATION: str(k), LOOP: loop}
         return self._get_or_create(f"{loop}/iter-{k}", tags, self._common_tags())[0]
 
-    def stage_run(self, k: int, stage: str, loop: str | None = None) -> str:
+    def stage_run(self, step: Step) -> str:
         """The run 'iter-<k>/<stage>' under 'iter-<k>' (in a loop: '<loop>/iter-<k>/<stage>'); a re-run reuses it
         and marks it RUNNING again.
 
         Every process of a stage (the parts of a job array, the ranks of a PyTorchJob, a restarted pod)
         gets the same run: it is found by its tags under the pipeline run named in run.json, and processes
         that create it at the same moment converge on the oldest (see _get_or_create). A step that completes
-        another stage logs into that stage's run (storage.layout.STAGE_OF): the evaluate reducer into evaluate's,
-        import-base into iteration 0's train-base run.
+        another stage logs into that stage's run (its row's `completes` in the stage table): the evaluate reducer
+        into evaluate's, import-base into iteration 0's train-base run.
         """
-        stage = stage_of(stage)  # a reducer or import-base logs into the run of the stage it completes
+        k, loop = step.iteration, step.loop
+        stage = row(step.stage).stage  # a reducer or import-base logs into the run of the stage it completes
         if stage in RUN_STAGES:  # once per pipeline, not per iteration
             tags = {PARENT: self.pipeline_id, KIND: "stage", STAGE: stage}
             name = stage
-        elif stage in STAGES:
+        else:
             tags = {PARENT: self.iteration_run(k, loop), KIND: "stage", ITERATION: str(k), STAGE: stage}
             name = f"iter-{k}/{stage}"
             if loop is not None:
                 tags[LOOP], name = loop, f"{loop}/{name}"
-        else:
-            raise ValueError(f"unknown stage '{stage}', expected one of {', '.join(RUN_STAGES + STAGES)}")
         run_id, created = self._get_or_create(name, tags, self._common_tags())
         if self.writes:
             # This stage runs again, and with it its iteration, its loop and the pipeline (after a failure or a

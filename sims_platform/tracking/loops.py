@@ -18,7 +18,8 @@ from sims_platform.config.schema import PipelineConfig
 from sims_platform.storage.fsio import exists, read_json, write_bytes, write_json
 from sims_platform.storage.layout import RunLayout
 from sims_platform.tracking.lineage import Lineage
-from sims_platform.tracking.results import _figure, _json_safe, _png
+from sims_platform.tracking.figures import figure_png, new_figure
+from sims_platform.tracking.json_safe import json_safe
 
 METRIC_PREFIX = "mad."
 
@@ -71,7 +72,7 @@ def generation_plot_png(curves: Mapping[tuple[str, float], Mapping[int, tuple[fl
                         ylabel: str = "FID") -> bytes:
     """FID (mean, error bar) vs generation, a line per (arm, |D_p| fraction): one colour per fraction, solid for
     sims, dashed for standard."""
-    fig = _figure(figsize=(6, 4), dpi=100)
+    fig = new_figure(figsize=(6, 4), dpi=100)
     ax = fig.add_subplot()
     fractions = sorted({f for _, f in curves})
     colors = {f: f"C{i}" for i, f in enumerate(fractions)}
@@ -91,7 +92,7 @@ def generation_plot_png(curves: Mapping[tuple[str, float], Mapping[int, tuple[fl
     if curves:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    return _png(fig)
+    return figure_png(fig)
 
 
 def loop_plot_png(rows: list[dict[str, Any]], title: str) -> bytes:
@@ -112,13 +113,13 @@ def write_loop_results(cfg: PipelineConfig, layout: RunLayout, lineage: Lineage)
             f"{lp.generations} generations")
     table = format_loop_table(rows)
     png = loop_plot_png(rows, f"FID vs generation ({lp.train_data}{', accumulate' if lp.accumulate else ''})")
-    write_json(layout.loop_results, _json_safe({"loop": lp.model_dump(mode="json"), "rows": rows}))
+    write_json(layout.loop_results, json_safe({"loop": lp.model_dump(mode="json"), "rows": rows}))
     write_bytes(layout.loop_table, f"# Self-consuming loops: {cfg.name}, seed {cfg.seed}\n\n{what}; FID, precision "
                                    f"and recall of each generation's model on the report seed sets (mean ± sd)."
                                    f"\n\n{table}\n".encode())
     write_bytes(layout.loop_plot, png)
     pipeline = lineage.pipeline_id
-    lineage.log_artifact_bytes(pipeline, "loops/results.json", json.dumps(_json_safe(rows), indent=2).encode())
+    lineage.log_artifact_bytes(pipeline, "loops/results.json", json.dumps(json_safe(rows), indent=2).encode())
     lineage.log_artifact_bytes(pipeline, "loops/results.md", table.encode())
     lineage.log_png(pipeline, "loops/fid_vs_generation.png", png)
     for loop in lp.loops():

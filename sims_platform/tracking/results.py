@@ -14,6 +14,8 @@ from sims_platform.config.methods import is_base, parse_w_key, w_key
 from sims_platform.metrics.preprocess import quantize_uint8
 from sims_platform.storage.fsio import exists, read_json, write_json
 from sims_platform.storage.layout import RunLayout
+from sims_platform.tracking.figures import figure_png, new_figure
+from sims_platform.tracking.json_safe import json_safe
 
 # ----------------------------------------------------------------------------
 # summary.json
@@ -21,17 +23,6 @@ from sims_platform.storage.layout import RunLayout
 
 def _finite(x: float | None) -> bool:
     return x is not None and math.isfinite(x)
-
-
-def _json_safe(x: Any) -> Any:
-    """NaN/inf (a diverged w, an sd of one repeat) become null: summary.json stays strict JSON."""
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, Mapping):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    return x
 
 
 # Keys every summary row has (evaluation/report.py iteration_row builds them); the primary method's values.
@@ -49,7 +40,7 @@ def write_summary(layout: RunLayout, iterations: list[dict[str, Any]], mlflow_ru
     seen = [r["iteration"] for r in rows]
     if len(set(seen)) != len(seen):
         raise ValueError(f"summary has an iteration more than once: {seen}")
-    summary = _json_safe({"iterations": rows, "mlflow_run_id": mlflow_run_id})
+    summary = json_safe({"iterations": rows, "mlflow_run_id": mlflow_run_id})
     write_json(layout.summary, summary)
     return summary
 
@@ -159,22 +150,6 @@ def format_table(summary: Mapping[str, Any], digits: int = 2) -> str:
 # Figures
 
 
-def _figure(**kwargs: Any) -> Any:
-    # Figure + an explicit Agg canvas instead of pyplot: no global figure registry, no GUI backend.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(**kwargs)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _png(fig: Any) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
-
-
 def fid_plot_png(fid_by_w: Mapping[float, float], title: str = "FID vs guidance weight") -> bytes:
     """A line plot of FID against w with the best w marked and the base (w=0) as a dashed line."""
     return fid_curves_png({"": fid_by_w}, title)
@@ -186,7 +161,7 @@ def fid_curves_png(curves: Mapping[str, Mapping[float, float | tuple[float, floa
     """One FID-vs-w line per label (a method, an iteration) on shared axes; values are FIDs or (mean, sd) pairs
     (drawn with error bars). A star marks each line's best w: `best[label]` when given (e.g. chosen on selection
     seeds), else its lowest point. `ylabel` names another quantity drawn the same way (e.g. a paired gap)."""
-    fig = _figure(figsize=(5.5, 3.8), dpi=100)
+    fig = new_figure(figsize=(5.5, 3.8), dpi=100)
     ax = fig.add_subplot()
     for label, fid_by_w in curves.items():
         pts = []
@@ -212,7 +187,7 @@ def fid_curves_png(curves: Mapping[str, Mapping[float, float | tuple[float, floa
     if any(curves):
         ax.legend()
     fig.tight_layout()
-    return _png(fig)
+    return figure_png(fig)
 
 
 def image_grid_png(images: torch.Tensor, nrow: int = 8, min_size: int = 64, padding: int = 2) -> bytes:

@@ -132,7 +132,8 @@ class StreamRows:
         return iter(DataLoader(self.stream, batch_size=None, num_workers=self.workers))
 
     def take(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        xs, ys = [], []
+        xs: list[torch.Tensor] = []
+        ys: list[torch.Tensor] = []
         while len(xs) < n:
             try:
                 x, y, _ = next(self._it)

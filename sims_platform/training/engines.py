@@ -15,7 +15,6 @@ from torch import nn
 
 from sims_platform.config.schema import TrainConfig
 from sims_platform.training import distributed
-from sims_platform.training.batches import BatchPlan
 
 
 class Engine(Protocol):
@@ -92,13 +91,5 @@ class PlainEngine:
     def load_consolidated(self, net_state: dict[str, torch.Tensor], opt_state: dict[str, Any]) -> None:
         self.net.load_state_dict(net_state)
         self.opt.load_state_dict(opt_state)
-
-
-def build_engine(net: nn.Module, cfg: TrainConfig, plan: BatchPlan, device: torch.device) -> Engine:
-    if cfg.distributed.uses_deepspeed():
-        from sims_platform.training.ds_engine import DeepSpeedEngine
-
-        return DeepSpeedEngine(net, cfg, plan, device)
-    return PlainEngine(net, cfg, device)
 
 

@@ -13,7 +13,6 @@ import math
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -92,7 +91,7 @@ def _native_resume(ckpt: Checkpoint | None, cfg: TrainConfig, world: int) -> boo
 
 
 def _start(net: Precond, cfg: TrainConfig, ckpt: Checkpoint | None, plan, device: torch.device,
-           main: bool, init_optimizer: dict | None) -> tuple[Engine, PowerFunctionEMA | None, int, int]:
+           main: bool, init_optimizer: dict | None) -> tuple[Engine, PowerFunctionEMA[Precond] | None, int, int]:
     """The engine and EMA (rank 0), resumed from `ckpt` if given; returns (engine, ema, images, step).
 
     Without a checkpoint, `init_optimizer` (another run's consolidated Adam state for these weights) seeds the
@@ -150,7 +149,7 @@ def train(net: Precond, data: torch.Tensor | ShardStream, labels: torch.Tensor |
     (`init_optimizer`, used only when there is no checkpoint yet) and evaluate its lr schedule from
     `schedule_offset` images on (the base's final count, to continue the base's schedule).
     """
-    if (data.num_samples if labels is None else len(data)) == 0:
+    if (data.num_samples if isinstance(data, ShardStream) else len(data)) == 0:
         raise ValueError(f"{desc}: the training set is empty")
     denv = distributed.init(distributed.detect())
     world, rank, main = denv.world_size, denv.rank, denv.is_main
@@ -166,10 +165,10 @@ def train(net: Precond, data: torch.Tensor | ShardStream, labels: torch.Tensor |
     next_ckpt = (images // cfg.checkpoint_images + 1) * cfg.checkpoint_images
     pending_snaps = sorted(s for s in cfg.snapshots if s > images)
     progress = Progress(desc, total=cfg.images, done=images, unit="img") if main else None
-    stream = StreamRows(data, cfg.loader_workers, images) if labels is None else None
+    stream = StreamRows(data, cfg.loader_workers, images) if isinstance(data, ShardStream) else None
     # The encode stage stores VAE posteriors (mean and std: twice the network's channels); each draw of an
     # image then gets a fresh latent (encoders/latent.py). Feed and generate shards hold exact samples.
-    posterior = bool(data.manifest.get("posterior")) if stream is not None else \
+    posterior = bool(data.manifest.get("posterior")) if isinstance(data, ShardStream) else \
         data.shape[1] == 2 * net.img_channels
     while images < cfg.images:
         batch = min(cfg.batch_size, cfg.images - images)
@@ -177,9 +176,11 @@ def train(net: Precond, data: torch.Tensor | ShardStream, labels: torch.Tensor |
         noise_gen = noise_generator(seed, step, device, gen)
         mine = micro_slices(batch, plan, rank)
         span = (mine[0][0], mine[-1][1])
-        if stream is None:
+        if isinstance(data, torch.Tensor):
+            assert labels is not None  # an in-memory set comes with its labels
             d = draw_batch(data, labels, cfg, net.label_dim, batch, gen, noise_gen, span, posterior)
         else:
+            assert stream is not None  # made above for a ShardStream
             d = draw_stream_batch(stream, *span, tuple(data.manifest["shape"]), cfg, net.label_dim, batch, gen,
                                   noise_gen, posterior)
         engine.set_lr(learning_rate(cfg.optimizer, schedule_offset + images + batch))
@@ -197,7 +198,7 @@ def train(net: Precond, data: torch.Tensor | ShardStream, labels: torch.Tensor |
         step += 1
         params = engine.full_params()  # collective under ZeRO: every rank takes part
         if ema is not None:
-            ema.update(SimpleNamespace(parameters=lambda: params), images, batch)  # type: ignore[arg-type]
+            ema.update(params, images, batch)
         engine.post_step()
         window.append(step_loss)
         if progress is not None:
@@ -234,7 +235,7 @@ def _global_sum(value: float, world: int) -> float:
     return float(t.item())
 
 
-def _checkpoint(engine: Engine, ema: PowerFunctionEMA | None, cfg: TrainConfig, folder: str, images: int,
+def _checkpoint(engine: Engine, ema: PowerFunctionEMA[Precond] | None, cfg: TrainConfig, folder: str, images: int,
                 step: int, world: int) -> None:
     def state() -> dict[str, Any] | None:
         net_state, opt_state = engine.consolidated_state(step)  # collective for DeepSpeed

@@ -10,8 +10,9 @@ import contextlib
 import os
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import FrameType
+from typing import Any
 
 # Set in the environment of the processes a launcher starts: the launcher reports the interruption once for all
 # of them, so they stop without a line of their own.
@@ -43,7 +44,7 @@ def handled() -> Iterator[None]:
     """While inside, SIGINT and SIGTERM raise Stopped (in the main thread; elsewhere signals are left alone). A
     SIGINT ignored at start (a launcher starts its processes so: it stops them itself, with SIGTERM) stays
     ignored. The previous handlers come back on exit (the CLI also runs inside other programs, e.g. tests)."""
-    previous: dict[int, object] = {}
+    previous: dict[signal.Signals, Callable[[int, FrameType | None], Any] | int | None] = {}
     try:
         for sig in (signal.SIGINT, signal.SIGTERM):
             if signal.getsignal(sig) is not signal.SIG_IGN:
@@ -54,7 +55,7 @@ def handled() -> Iterator[None]:
         yield
     finally:
         for sig, handler in previous.items():
-            signal.signal(sig, handler)  # type: ignore[arg-type]
+            signal.signal(sig, handler)
 
 
 def ignore_sigint() -> None:

@@ -22,7 +22,8 @@ from sims_platform.k8s.kube import Apis
 from sims_platform.k8s.pods import CONFIG_DIR
 from sims_platform.k8s.render import run_specs
 from sims_platform.storage import fsio
-from sims_platform.storage.layout import REDUCERS, TRAINING_STAGES, RunLayout
+from sims_platform.steps import row
+from sims_platform.storage.layout import RunLayout
 from sims_platform.training.checkpoints import latest, save_checkpoint
 
 NS = "sims"
@@ -124,7 +125,7 @@ class World:
 
     def program(self, pod: dict):
         step = pod["metadata"]["labels"]["sims.io/step"]
-        if step in TRAINING_STAGES:
+        if row(step).kind == "training":
             return self.container if self.real_training else self.training
         return self.job_step
 
@@ -195,7 +196,7 @@ class World:
         if self.oom.get((step, index), 0) > 0:
             self.oom[(step, index)] -= 1
             return 137
-        if stage not in REDUCERS or step == REDUCERS[stage]:  # slices do not complete the stage
+        if row(stage).reducer in (None, step):  # slices do not complete the stage
             fsio.write_json(self._marker(labels), {"result": {}})
         else:  # an evaluate or reference slice records its part
             count = self.spec.settings.stage(step).shards

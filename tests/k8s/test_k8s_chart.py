@@ -10,7 +10,7 @@ from k8s_support import CHART, RELEASE, VALUES_FILES
 from k8s_support import docs_of
 
 from sims_platform.cli import main as sims_main
-from sims_platform.k8s.chart_schema import with_pipeline
+from sims_platform.k8s.chart_schema import with_pipeline, with_stages
 
 ALL_VALUES = (None, *VALUES_FILES)
 
@@ -58,6 +58,17 @@ def test_values_schema_pipeline_matches_pipeline_config():
     """values.schema.json embeds PipelineConfig's JSON schema (regenerate: python -m sims_platform.k8s.chart_schema)."""
     on_disk = json.loads((CHART / "values.schema.json").read_text())
     assert on_disk == with_pipeline(on_disk), "run: python -m sims_platform.k8s.chart_schema"
+
+
+def test_values_schema_stages_are_the_stage_tables_steps(helm):
+    """The chart's `stages:` accepts every step of the stage table and nothing else (generated from the table)."""
+    from sims_platform.steps import STAGE_NAMES
+
+    on_disk = json.loads((CHART / "values.schema.json").read_text())
+    assert on_disk == with_stages(on_disk), "run: python -m sims_platform.k8s.chart_schema"
+    assert list(on_disk["properties"]["stages"]["properties"]) == list(STAGE_NAMES)
+    proc = helm("template", RELEASE, "charts/sims", "--set", "stages.no-such-stage.shards=2", check=False)
+    assert proc.returncode != 0 and "no-such-stage" in proc.stderr, proc.stderr
 
 
 @pytest.mark.parametrize("values", ALL_VALUES)

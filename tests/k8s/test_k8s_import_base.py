@@ -9,7 +9,7 @@ from k8s_support import BACKENDS, K8S_VERSIONS, RELEASE, containers, docs_of, si
 from sim_world import NS, World
 
 from sims_platform.k8s.render import render_objects, run_specs
-from sims_platform.k8s.status import _status
+from sims_platform.k8s.status import workload_status
 
 TRAINING_KIND = {"pytorchjob": "PyTorchJob", "trainjob": "TrainJob"}
 GPU = "nvidia.com/gpu"
@@ -88,7 +88,7 @@ def test_status_shows_the_import_base_job(helm, tmp_path):
     assert w.cluster.objects[("jobs", "digits-dev-i00-import-base")]["kind"] == "Job"
     assert not [key for key in w.cluster.objects if key[0] in ("pytorchjobs", "trainjobs")
                 and key[1].endswith("-i00-train-base")]
-    rows, _, _ = _status(w.apis, NS, w.spec)
+    rows, _, _ = workload_status(w.apis, NS, w.spec)
     by = {(r.iteration, r.step): r for r in rows}
     assert (0, "train-base") not in by
     row = by[(0, "import-base")]

@@ -36,7 +36,7 @@ def test_loop_renders_a_shared_generation_0_and_each_loops_own_workloads(loop_ma
     assert len(set(names)) == len(names) and all(is_dns_label(n, MAX_NAME) for n in names)
     # every step of the plan the local runner follows, each array stage with its reducer
     assert [(w.iteration, w.stage, w.loop) for w in workloads if w.step == w.stage] == \
-        [(s.iteration, s.stage, s.loop_name) for s in pipeline_plan(cfg)]
+        [(s.iteration, s.stage, s.loop) for s in pipeline_plan(cfg)]
     shared = [w for w in workloads if w.loop is None]
     assert {w.iteration for w in shared} == {0} and "feed" not in {w.stage for w in shared}
     assert sum(w.step == "train-base" for w in shared) == 1

@@ -9,7 +9,7 @@ from k8s_support import REPO, docs_of
 from s3_support import s3_bucket, s3_endpoint  # noqa: F401  (fixtures)
 from sim_world import CPU_NODE, GPU_TAINT, NS, Node, World
 
-from sims_platform.k8s.cli import EXIT_NOT_READY, EXIT_STAGE_FAILED
+from sims_platform.k8s.exit_codes import EXIT_NOT_READY, EXIT_STAGE_FAILED
 from sims_platform.k8s.ownership import owner_uri
 from sims_platform.storage import fsio
 

@@ -7,9 +7,9 @@ import pytest
 from kubernetes.client.exceptions import ApiException
 from sim_world import GPU_TAINT, NS, Node, World
 
-from sims_platform.k8s.cli import EXIT_NOT_READY, EXIT_STAGE_FAILED
+from sims_platform.k8s.exit_codes import EXIT_NOT_READY, EXIT_STAGE_FAILED
 from sims_platform.k8s.podstatus import pod_notes
-from sims_platform.k8s.status import _status, run_status
+from sims_platform.k8s.status import run_status, workload_status
 from sims_platform.training.checkpoints import committed
 
 
@@ -37,7 +37,7 @@ def drive_until(w: World, stop, most: int = 60, before=lambda: None) -> None:
 
 def status(w: World) -> tuple[str, dict]:
     text = run_status(w.apis, NS, w.spec.cfg.name)
-    rows, _, driver = _status(w.apis, NS, w.spec)
+    rows, _, driver = workload_status(w.apis, NS, w.spec)
     return text, {(r.iteration, r.step): r for r in rows} | {"driver": driver}
 
 

@@ -1,4 +1,4 @@
-"""FID feature extractors (chosen by evaluate.features) and cached reference statistics of the real data."""
+"""The digits classifier: a small CNN trained on the real labelled images, cached; FID uses its penultimate layer."""
 
 from __future__ import annotations
 
@@ -9,38 +9,17 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Callable, Iterator
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sims_platform.metrics.stats import FeatureStats
-from sims_platform.metrics.weights import Weights, WeightsError, load_weights
+from sims_platform.metrics.extractor import LabeledImagesLike, check_images
 from sims_platform.storage.fsio import exists, join, load_torch, save_torch
 from sims_platform.utils.progress import Progress
 
 log = logging.getLogger(__name__)
-
-# ----------------------------------------------------------------------------
-# Interfaces
-
-
-class LabeledImagesLike(Protocol):
-    images: Tensor  # float in [-1, 1], [N, C, R, R]
-    labels: Tensor | None  # int64 [N]; None for unlabelled data
-
-
-@runtime_checkable
-class FeatureExtractor(Protocol):
-    """Maps images in [-1, 1] [N, C, H, W] to features [N, dim]; owns its input preprocessing."""
-
-    name: str
-    dim: int
-    fingerprint: str  # identifies the network's weights: reference statistics are cached under it
-
-    def __call__(self, images: Tensor) -> Tensor: ...
 
 
 def _digest(*parts: bytes | str | Tensor) -> str:
@@ -54,16 +33,6 @@ def _digest(*parts: bytes | str | Tensor) -> str:
             h.update(p.encode() if isinstance(p, str) else p)
         h.update(b"\x00")  # separator, so ("ab", "c") and ("a", "bc") differ
     return h.hexdigest()
-
-
-def _check_images(images: Tensor, where: str) -> None:
-    if not isinstance(images, Tensor) or images.ndim != 4:
-        shape = list(images.shape) if isinstance(images, Tensor) else type(images).__name__
-        raise ValueError(f"{where}: expected images [N, C, H, W] in [-1, 1], got {shape}")
-
-
-# ----------------------------------------------------------------------------
-# digits-classifier: a small CNN trained on the real data; FID uses its penultimate layer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,7 +100,7 @@ class DigitsClassifier:
 
     def preprocess(self, images: Tensor) -> Tensor:
         """Any [N, 1|3, H, W] in [-1, 1] -> what the network was trained on."""
-        _check_images(images, "digits-classifier")
+        check_images(images, "digits-classifier")
         # Samples are clipped like any image written to disk would be; guided samples overshoot.
         x = images.to(self.device, torch.float32).clamp(-1, 1)
         c = x.shape[1]
@@ -231,7 +200,7 @@ def train_digits_classifier(real: LabeledImagesLike, *, cache_uri: str, seed: in
     """
     hp = hparams or DigitsClassifierHParams()
     images, labels = real.images, getattr(real, "labels", None)
-    _check_images(images, "digits-classifier")
+    check_images(images, "digits-classifier")
     if labels is None or labels.numel() == 0:
         raise ValueError("evaluate.features 'digits-classifier' needs class labels (data.num_classes > 0); "
                          "unlabelled data needs another feature network")
@@ -268,90 +237,3 @@ def train_digits_classifier(real: LabeledImagesLike, *, cache_uri: str, seed: in
                      "state_dict": net.state_dict()})
     return DigitsClassifier(net, in_channels=in_channels, resolution=resolution,
                             fingerprint=fingerprint, metrics=metrics, from_cache=False)
-
-
-# ----------------------------------------------------------------------------
-# Registry
-
-
-def _build_digits(*, cache_uri: str, real: LabeledImagesLike, seed: int, weights: str | None,
-                  sha256: str | None, field: str) -> FeatureExtractor:
-    return train_digits_classifier(real, cache_uri=cache_uri, seed=seed)
-
-
-def _pretrained(make: Callable[..., FeatureExtractor]) -> Callable[..., FeatureExtractor]:
-    """A builder for a network with published weights: read from `weights` (checked against sha256)."""
-    def build(*, cache_uri: str, real: LabeledImagesLike, seed: int, weights: str | None,
-              sha256: str | None, field: str) -> FeatureExtractor:
-        if not weights:
-            raise WeightsError(f"{field} is required: the path or URI of the network's weights "
-                               "(nothing is downloaded at run time)")
-        return make(load_weights(weights, sha256, field=field), field=field)
-    return build
-
-
-def _inception(w: Weights, *, field: str) -> FeatureExtractor:
-    from sims_platform.metrics.inception import InceptionFeatures
-    return InceptionFeatures(w, field=field)
-
-
-def _dinov2(w: Weights, *, field: str) -> FeatureExtractor:
-    from sims_platform.metrics.dinov2 import DINOv2Features  # imports transformers (seconds): only when used
-    return DINOv2Features(w, field=field)
-
-
-_BUILDERS: dict[str, Callable[..., FeatureExtractor]] = {
-    "digits-classifier": _build_digits,
-    "inception": _pretrained(_inception),  # FID: Inception-v3, TF 2015-12-05 weights, 2048-d
-    "dinov2": _pretrained(_dinov2),  # FD_DINOv2: DINOv2 ViT-L/14, 1024-d
-}
-FEATURE_EXTRACTORS = tuple(_BUILDERS)
-
-
-def build_feature_extractor(name: str, *, cache_uri: str, real: LabeledImagesLike, seed: int = 0,
-                            weights: str | None = None, sha256: str | None = None,
-                            device: torch.device | str | None = None) -> FeatureExtractor:
-    """The feature network named by evaluate.features, cached under cache_uri (see RunLayout.features).
-
-    Pretrained networks (inception, dinov2) read `weights` (a path or URI; evaluate.<name>_weights) and, if
-    given, check its sha256 (evaluate.<name>_sha256). `device`: where the network runs (default: the CPU).
-    """
-    if name not in _BUILDERS:
-        raise ValueError(f"evaluate.features: unknown feature extractor '{name}', expected one of "
-                         f"{', '.join(FEATURE_EXTRACTORS)}")
-    extractor = _BUILDERS[name](cache_uri=cache_uri, real=real, seed=seed, weights=weights, sha256=sha256,
-                                field=f"evaluate.{name}_weights")
-    if device is not None:
-        extractor.to(device)  # type: ignore[attr-defined]
-    return extractor
-
-
-# ----------------------------------------------------------------------------
-# Statistics
-
-
-def feature_stats(extractor: FeatureExtractor, images: Tensor, batch_size: int = 250) -> FeatureStats:
-    """Feature statistics of images, computed batch by batch."""
-    _check_images(images, "feature_stats")
-    if batch_size < 1:
-        raise ValueError(f"feature_stats: batch_size must be >= 1, got {batch_size}")
-    stats = FeatureStats(extractor.dim)
-    for i in range(0, images.shape[0], batch_size):
-        stats.update(extractor(images[i:i + batch_size]))
-    return stats
-
-
-def reference_stats(extractor: FeatureExtractor, images: Tensor, cache_uri: str,
-                    batch_size: int = 250) -> FeatureStats:
-    """Statistics of the real images, cached at {cache_uri}/reference-{extractor.name}.pt."""
-    _check_images(images, "reference_stats")
-    fingerprint = _digest(extractor.fingerprint, images.detach().to("cpu", torch.float32))
-    uri = join(cache_uri, f"reference-{extractor.name}.pt")
-    if exists(uri):
-        record: dict[str, Any] = load_torch(uri)
-        if isinstance(record, dict) and record.get("fingerprint") == fingerprint:
-            return FeatureStats.from_dict(record["stats"])
-        log.info("reference_stats: cache at %s is for other data or weights; recomputing", uri)
-    stats = feature_stats(extractor, images, batch_size)
-    save_torch(uri, {"fingerprint": fingerprint, "extractor": extractor.name, "stats": stats.to_dict()})
-    return stats

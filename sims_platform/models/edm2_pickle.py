@@ -91,7 +91,7 @@ def _tensor(storage: Any, offset: int, size: Any, stride: Any, requires_grad: bo
 
 def _numpy_globals() -> dict[tuple[str, str], Any]:
     # The VAE encoder keeps its latent scale and bias as float32 arrays; numpy 1.x and 2.x name them apart.
-    core = np._core if hasattr(np, "_core") else np.core  # type: ignore[attr-defined]
+    core = np._core if hasattr(np, "_core") else np.core
     allowed: dict[tuple[str, str], Any] = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
     for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
         allowed[(mod, "_reconstruct")] = core.multiarray._reconstruct
