@@ -201,7 +201,8 @@ def test_tiny_loop_trains_each_generation_on_the_real_split_plus_its_named_feeds
             fed, _, _ = read_shards(ctx.layout.shards(g, "feed"))
             assert len(fed) == n_feed
             n = cfg.generate.shard_size  # the first shard, sampled as one batch: the same arithmetic as the feed's
-            want, _ = sample_batch(ctx, Networks(ctx).denoiser(arm), sample_seeds(cfg.seed, g, "feed", n),
+            nets = Networks(ctx.cfg, ctx.layout, ctx.iteration, ctx.models.sampling)
+            want, _ = sample_batch(ctx, nets.denoiser(arm), sample_seeds(cfg.seed, g, "feed", n),
                                    cfg.generate.sampler)
             assert torch.equal(fed[:n], want.half().float())
 
@@ -246,7 +247,7 @@ def test_tiny_loop_trains_each_generation_on_the_real_split_plus_its_named_feeds
     assert (rec["method"], rec["w"]) == ("sims", 1.0)
     fed, _, _ = read_shards(ctx.layout.shards(1, "feed"))
     seeds = sample_seeds(cfg.seed, 1, "feed", cfg.generate.shard_size)
-    nets = Networks(ctx)
+    nets = Networks(ctx.cfg, ctx.layout, ctx.iteration, ctx.models.sampling)
     guided, _ = sample_batch(ctx, nets.denoiser(Arm("sims", 1.0)), seeds, cfg.generate.sampler)
     plain, _ = sample_batch(ctx, nets.denoiser(Arm("base", 0.0)), seeds, cfg.generate.sampler)
     assert torch.equal(fed[:len(seeds)], guided.half().float()) and not torch.allclose(guided, plain)

@@ -173,7 +173,7 @@ def test_feed_samples_with_the_configured_method(tmp_path):
     assert (result["method"], result["w"]) == ("neon", 1.5)
     fed, _, _ = read_shards(layout.shards(0, "feed"))
     seeds = sample_seeds(cfg.seed, 0, "feed", 8)
-    nets = Networks(ctx)
+    nets = Networks(ctx.cfg, ctx.layout, ctx.iteration, ctx.models.sampling)
     want, _ = sample_batch(ctx, nets.denoiser(Arm("neon", 1.5)), seeds, cfg.generate.sampler)
     sims, _ = sample_batch(ctx, nets.denoiser(Arm("sims", 1.5)), seeds, cfg.generate.sampler)
     assert torch.equal(fed, want.half().float())  # shards store float16

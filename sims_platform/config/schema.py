@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, WithJsonSchema, field_validator,
+                      model_validator)
+
+from sims_platform.config import methods
 
 from sims_platform.config.secrets import refuse_credentials
 
@@ -326,37 +329,93 @@ class GenerateConfig(Strict):
     sampler: SamplerConfig = SamplerConfig()
 
 
-MethodName = Literal["sims", "neon", "sims-real-aux", "autoguidance", "cfg"]
+def _known_method(name: str) -> str:
+    if name not in methods.METHODS:
+        raise ValueError(f"unknown guidance method {name!r}: expected one of {', '.join(map(repr, methods.NAMES))}")
+    return name
+
+
+# A guidance method: a row of the method table (sims_platform/config/methods.py).
+MethodName = Annotated[str, AfterValidator(_known_method), WithJsonSchema({"enum": list(methods.NAMES),
+                                                                          "type": "string"})]
 # A file digest as `sha256sum` prints it.
 Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-fA-F]{64}$")]
-# Methods whose guide is a second network evaluated at every step (twice the base's cost per sample).
-TWO_NETWORK_METHODS = ("sims", "sims-real-aux", "autoguidance", "cfg")
 
 
 class MethodConfig(Strict):
     """One guidance method of the comparison, with its own w grid; w = 0 (the base) is shared by all."""
 
-    name: MethodName = Field(..., description="sims: D_base + w (D_base - D_aux), aux fine-tuned on the synthetic "
-                             "set; neon: one network with weights (1+w) theta_base - w theta_aux; sims-real-aux: the "
-                             "control, an aux fine-tuned the same way on real training data; autoguidance: an early "
-                             "base snapshot as guide; cfg: the unconditional base as guide")
-    weights: list[float] = Field(..., min_length=1, description="w sweep (w >= 0); w = 0 is the base, evaluated "
-                                 "once for every method")
-    guide_images: int | None = Field(None, ge=1, description="autoguidance: the base snapshot at this many images "
-                                     "guides (must be one of train_base.snapshots)")
+    name: MethodName = Field(..., description="the method (a row of the method table): " + "; ".join(
+        f"{m.name}: {m.description}" for m in methods.METHODS.values()))
+    weights: list[float] | dict[str, list[float]] = Field(
+        ..., description="w sweep (w >= 0); w = 0 is the base, evaluated once for every method. A method with "
+        "several guides takes one sweep per guide, e.g. {sims: [0.25, 0.5], autoguidance: [1.0]}: every "
+        "combination is an arm")
+    guide_images: int | None = Field(None, ge=1, description="a method guided by an early base (autoguidance): "
+                                     "the base snapshot at this many images guides (must be one of "
+                                     "train_base.snapshots)")
+    guidance_interval: list[float] | None = Field(
+        None, exclude_if=lambda v: v is None, description="[sigma_lo, sigma_hi]: guide only at noise levels "
+        "sigma_lo <= sigma <= sigma_hi, the base alone elsewhere (Kynkaanniemi et al. 2024); null = every sigma. "
+        "NFE/sample counts the sampler's steps inside it")
+
+    @field_validator("guidance_interval")
+    @classmethod
+    def _interval(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and (len(v) != 2 or not 0 < v[0] < v[1]):
+            raise ValueError("expected [sigma_lo, sigma_hi] with 0 < sigma_lo < sigma_hi")
+        return v
 
     @field_validator("weights")
     @classmethod
-    def _weights(cls, v: list[float]) -> list[float]:
+    def _weights(cls, v: list[float] | dict[str, list[float]]) -> list[float] | dict[str, list[float]]:
+        if isinstance(v, dict):
+            return {name: cls._sweep(ws, f"weights.{name}") for name, ws in v.items()}
+        return cls._sweep(v, "weights")
+
+    @staticmethod
+    def _sweep(v: list[float], where: str) -> list[float]:
+        if not v:
+            raise ValueError(f"{where} must list at least one w")
         if len(set(v)) != len(v):
-            raise ValueError("weights must be distinct")
+            raise ValueError(f"{where} must be distinct")
         if any(w < 0 for w in v):
-            raise ValueError("weights must be >= 0 (0 is the base model)")
+            raise ValueError(f"{where} must be >= 0 (0 is the base model)")
         return sorted(float(w) for w in v)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _weight_names(cls, data: Any) -> Any:
+        """A sweep per guide, keyed by the guides' weight names: a one-guide method's is also its plain list."""
+        if not isinstance(data, dict) or data.get("name") not in methods.METHODS:
+            return data
+        name, weights = data["name"], data.get("weights")
+        names = list(methods.METHODS[name].weight_names)
+        if isinstance(weights, dict):
+            unknown = [str(n) for n in weights if n not in names]
+            if unknown or len(weights) != len(names):
+                raise ValueError(f"weights: {name} takes one sweep per guide {names}, got {list(weights)}"
+                                 + (f" ({', '.join(unknown)}: no guide of {name})" if unknown else ""))
+            sweeps = [weights[n] for n in names]
+            return {**data, "weights": sweeps[0] if len(names) == 1 else dict(zip(names, sweeps))}
+        if weights is not None and len(names) > 1:
+            raise ValueError(f"weights: {name} takes one sweep per guide, e.g. "
+                             + "{" + ", ".join(f"{n}: [0.5]" for n in names) + "}")
+        return data
+
     @property
-    def guided_weights(self) -> list[float]:
-        return [w for w in self.weights if w != 0]
+    def row(self) -> methods.Method:
+        """This method's row of the method table."""
+        return methods.method(self.name)
+
+    @property
+    def grid(self) -> list[methods.Weights]:
+        """Every weight setting of the sweep (floats, or one tuple per combination for several guides)."""
+        return self.row.grid(self.weights)
+
+    @property
+    def guided_weights(self) -> list[methods.Weights]:
+        return [w for w in self.grid if not methods.is_base(w)]
 
 
 class PrecisionRecallConfig(Strict):
@@ -541,7 +600,7 @@ class LoopConfig(Strict):
     train_data: Literal["real+synthetic", "synthetic"] = Field(
         "real+synthetic", description="real+synthetic: the synthetic augmentation loop (the real training split "
         "plus the feed); synthetic: the fully synthetic loop (the feed only)")
-    method: Literal["sims", "neon"] = Field("sims", description="the sims arm's guidance (one of evaluate.methods): "
+    method: MethodName = Field("sims", description="the sims arm's guidance (one of evaluate.methods): "
                                             "away from the aux fine-tuned on the generation's own synthetic set")
 
     @field_validator("arms")
@@ -657,32 +716,22 @@ class PipelineConfig(Strict):
     def _cross(self) -> PipelineConfig:
         refuse_credentials(self)
         names = [m.name for m in self.evaluate.methods]
-        if "cfg" in names and self.train_base.label_dropout == 0:
-            raise ValueError("evaluate.methods 'cfg' needs train_base.label_dropout > 0 "
-                             "(the base must also learn the unconditional model)")
-        if "cfg" in names and self.data.label_dim == 0:
-            raise ValueError("evaluate.methods 'cfg' needs a class-conditional model (data.num_classes > 0 and "
-                             "data.conditional true)")
         if self.data.reference_path is not None and self.evaluate.reference:
             raise ValueError("data.reference_path and evaluate.reference both name the reference: images to compute "
                              "statistics from vs published statistics; keep one of them")
-        if self.pretrained.guide is not None and "autoguidance" not in names:
-            raise ValueError("pretrained.guide is autoguidance's guide network: add an 'autoguidance' entry to "
-                             "evaluate.methods or remove pretrained.guide")
+        if self.pretrained.guide is not None and not any(m.row.takes_guide_images for m in self.evaluate.methods):
+            guided = [m.name for m in methods.METHODS.values() if m.takes_guide_images]
+            raise ValueError(f"pretrained.guide is {guided[0]}'s guide network: add an entry of "
+                             f"{' or '.join(map(repr, guided))} to evaluate.methods or remove pretrained.guide")
         for m in self.evaluate.methods:
-            if m.name == "autoguidance" and self.pretrained.guide is None and self.pretrained.base is not None:
-                raise ValueError("evaluate.methods autoguidance: iteration 0's base is imported (pretrained.base), so "
-                                 "it has no training snapshots to guide with; set pretrained.guide (e.g. EDM2-XS)")
-            if m.name == "autoguidance" and self.pretrained.guide is None \
-                    and m.guide_images not in self.train_base.snapshots:
-                raise ValueError("evaluate.methods autoguidance: guide_images must be one of train_base.snapshots "
-                                 f"{self.train_base.snapshots} (the early base checkpoint that guides), or "
-                                 "pretrained.guide must name a guide")
-            if m.name != "autoguidance" and m.guide_images is not None:
-                raise ValueError(f"evaluate.methods {m.name}: guide_images is only for autoguidance")
+            m.row.check(self, m)
         it = self.iterations
         if it.feed_method is not None and it.feed_method not in names:
             raise ValueError(f"iterations.feed_method '{it.feed_method}' is not one of evaluate.methods {names}")
+        feeder = self.evaluate.method(it.feed_method) if it.feed_method is not None else self.evaluate.primary
+        if it.feed_weight is not None and feeder.row.vector:
+            raise ValueError(f"iterations.feed_weight is one w, but the feed method {feeder.name} takes one per guide "
+                             f"{list(feeder.row.weight_names)}: leave it null (the feed samples at its best weights)")
         if self.train_base.loader == "stream" and (self.encoder.kind != "latent"
                                                    or self.iterations.train_data == "real+synthetic"):
             raise ValueError("train_base.loader 'stream' reads one shard set: the encoded latents (encoder.kind "
@@ -700,6 +749,9 @@ class PipelineConfig(Strict):
         if self.iterations.count > 1:
             raise ValueError(f"loop runs its own generations (loop.generations = {lp.generations}): "
                              f"iterations.count must be 1, got {self.iterations.count}")
+        if set(methods.method(lp.method).stages) != {"finetune-aux"}:
+            own = [m.name for m in methods.METHODS.values() if set(m.stages) == {"finetune-aux"}]
+            raise ValueError(f"loop.method '{lp.method}' must guide with the generation's own aux only: one of {own}")
         if "sims" in lp.arms and lp.method not in [m.name for m in self.evaluate.methods]:
             raise ValueError(f"loop.arms 'sims' guides with loop.method '{lp.method}', which evaluate.methods "
                              f"lacks: add {{name: {lp.method}, weights: [...]}} to evaluate.methods")
@@ -732,5 +784,5 @@ class PipelineConfig(Strict):
             if missing:
                 raise ValueError(f"shift.target: classes {missing} have no proportion; list every class "
                                  f"0..{k - 1} with p > 0 (guidance cannot remove a class)")
-        if not any(m.name in ("sims", "neon") for m in self.evaluate.methods):
+        if not any("finetune-aux" in m.row.stages for m in self.evaluate.methods):
             raise ValueError("shift selects the aux set of sims/neon: add a 'sims' entry to evaluate.methods")

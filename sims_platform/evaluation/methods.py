@@ -1,91 +1,60 @@
-"""Each guidance method's networks and denoiser: which models an arm loads, and how it combines them."""
+"""The networks of an evaluation's arms: each method's guides (read from the method table) loaded once each."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from functools import cached_property
-from typing import Protocol
 
 from torch import nn
 
 from sims_platform.config.schema import PipelineConfig
 from sims_platform.evaluation.plan import Arm
-from sims_platform.sampling.guidance import Denoiser, Guided, NetDenoiser, Unconditional, neon
+from sims_platform.config.methods import is_base
+from sims_platform.sampling import guidance
+from sims_platform.sampling.guidance import Denoiser, NetDenoiser
 from sims_platform.storage.layout import RunLayout
 
 
-class _Loader(Protocol):
-    def sampling(self, uri: str) -> nn.Module: ...
-
-
-class StageContext(Protocol):
-    """What the methods read of a step: its config, run folders, iteration and a loader of sampling networks."""
-
-    cfg: PipelineConfig
-    layout: RunLayout
-    iteration: int
-    models: _Loader
-
-# The training stage whose model.pt is each method's guide (cfg guides with the base itself).
-GUIDE_STAGE = {"sims": "finetune-aux", "neon": "finetune-aux", "sims-real-aux": "finetune-real-aux"}
-
-
-def guide_uri(ctx: StageContext, method: str) -> str | None:
-    """The model a method extrapolates away from (None: cfg, whose guide is the base without labels)."""
-    k, layout = ctx.iteration, ctx.layout
-    if method in GUIDE_STAGE:
-        return layout.model(k, GUIDE_STAGE[method])
-    if method == "autoguidance":
-        if ctx.cfg.pretrained.guide:
-            return ctx.cfg.pretrained.guide
-        images = ctx.cfg.evaluate.method("autoguidance").guide_images
-        assert images is not None  # validated: autoguidance names its snapshot
-        return layout.snapshot(k, "train-base", images)
-    return None
-
-
-# How the lineage names each guide (sims.input.<role>): neon extrapolates away from the same aux as sims.
-GUIDE_ROLE = {"sims": "aux_model", "neon": "aux_model", "sims-real-aux": "real_aux_model",
-              "autoguidance": "guide_model"}
-
-
-def model_inputs(ctx: StageContext, methods: list[str]) -> dict[str, str]:
-    """Lineage inputs of an evaluation over these methods: the base and every guide, keyed by role."""
-    out = {"base_model": ctx.layout.model(ctx.iteration, "train-base")}
-    for m in methods:
-        uri = guide_uri(ctx, m)
-        if uri is not None:
-            out[GUIDE_ROLE[m]] = uri
+def model_inputs(cfg: PipelineConfig, layout: RunLayout, k: int, methods: Iterable[str]) -> dict[str, str]:
+    """Lineage inputs of an evaluation over these methods: the base and every guide network, keyed by role."""
+    out = {"base_model": layout.model(k, "train-base")}
+    for name in methods:
+        m = cfg.evaluate.method(name)
+        for guide, uri in zip(m.row.guides, m.row.guide_uris(cfg, m, layout, k)):
+            if guide.role is not None and uri is not None:
+                out[guide.role] = uri
     return out
 
 
 class Networks:
-    """Loads each network once per process and builds the denoiser of any arm from them."""
+    """Loads each network once per process (with `load`) and builds the denoiser of any arm from them."""
 
-    def __init__(self, ctx: StageContext):
-        self.ctx = ctx
-        self._guides: dict[str, nn.Module] = {}
-        self._neon: dict[float, nn.Module] = {}
+    def __init__(self, cfg: PipelineConfig, layout: RunLayout, k: int, load: Callable[[str], nn.Module]):
+        self.cfg, self.layout, self.k, self.load = cfg, layout, k, load
+        self._nets: dict[str, nn.Module] = {}
+        self._denoisers: dict[Arm, Denoiser] = {}  # built by the method table's rows
+
+    def _net(self, uri: str) -> nn.Module:
+        if uri not in self._nets:
+            self._nets[uri] = self.load(uri)
+        return self._nets[uri]
 
     @cached_property
     def base(self) -> nn.Module:
-        return self.ctx.models.sampling(self.ctx.layout.model(self.ctx.iteration, "train-base"))
+        return self._net(self.layout.model(self.k, "train-base"))
 
-    def guide(self, method: str) -> nn.Module:
-        uri = guide_uri(self.ctx, method)
-        if uri is None:
-            return self.base
-        if uri not in self._guides:
-            self._guides[uri] = self.ctx.models.sampling(uri)
-        return self._guides[uri]
+    def guides(self, method: str) -> list[nn.Module | None]:
+        """A method's guide networks in its row's order (None: the base without labels)."""
+        m = self.cfg.evaluate.method(method)
+        return [None if uri is None else self._net(uri) for uri in m.row.guide_uris(self.cfg, m, self.layout, self.k)]
 
     def denoiser(self, arm: Arm) -> Denoiser:
-        """The sampler's denoiser for this arm; the base arm (and any w = 0) is the base network alone."""
-        if arm.method == "base" or arm.w == 0:
+        """The sampler's denoiser for this arm; the base arm (and any all-zero weights) is the base network alone."""
+        if arm.method == "base" or is_base(arm.w):
             return NetDenoiser(self.base)
-        if arm.method == "neon":
-            if arm.w not in self._neon:
-                self._neon[arm.w] = neon(self.base, self.guide("neon"), arm.w)
-            return NetDenoiser(self._neon[arm.w])
-        if arm.method == "cfg":
-            return Guided(NetDenoiser(self.base), Unconditional(self.base), arm.w)
-        return Guided(NetDenoiser(self.base), NetDenoiser(self.guide(arm.method)), arm.w)
+        if arm not in self._denoisers:  # e.g. neon's merged network is built once per w
+            m = self.cfg.evaluate.method(arm.method)
+            # The table is torch-free: its denoisers are typed as plain callables.
+            built = m.row.denoiser(guidance, self.base, self.guides(arm.method), arm.w, m.guidance_interval)
+            self._denoisers[arm] = built  # type: ignore[assignment]
+        return self._denoisers[arm]

@@ -13,31 +13,30 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from sims_platform.config.schema import TWO_NETWORK_METHODS, EvaluateConfig, ShiftConfig
+from sims_platform.config.schema import EvaluateConfig, ShiftConfig
+from sims_platform.config.methods import Weights, method, metric_tag, w_key
 
 SELECTION_SET = 0
 
-
-def w_key(w: float) -> str:
-    return str(float(w))
+__all__ = ["BASE", "SELECTION_SET", "Arm", "Unit", "w_key"]
 
 
 @dataclass(frozen=True)
 class Arm:
-    """A sampler of the comparison: method 'base' at w = 0, or a method at one w > 0."""
+    """A sampler of the comparison: method 'base' at w = 0, or a method at one weight setting (one w > 0, or a
+    vector with one w per guide, not all 0)."""
 
     method: str
-    w: float
+    w: Weights
 
     @property
     def key(self) -> str:
-        """Storage- and URL-safe name: 'base' or e.g. 'sims_w-0.5'."""
-        return "base" if self.method == "base" else f"{self.method}_w-{w_key(self.w)}"
+        """Storage- and URL-safe name: 'base' or e.g. 'sims_w-0.5' ('sims+autoguidance_w-0.5,1.0' for a vector)."""
+        return "base" if self.method == "base" else f"{metric_tag(self.method)}_w-{w_key(self.w)}"
 
     def nfe_per_sample(self, steps: int) -> int:
         """Network evaluations per sample with a Heun sampler of `steps` steps (2 steps - 1 per network)."""
-        per_network = 2 * steps - 1
-        return 2 * per_network if self.method in TWO_NETWORK_METHODS else per_network
+        return 2 * steps - 1 if self.method == BASE.method else method(self.method).nfe_per_sample(steps, self.w)
 
 
 BASE = Arm("base", 0.0)

@@ -17,7 +17,9 @@ import torch
 from sims_platform.config.schema import EvaluateConfig
 from sims_platform.evaluation.parts import ArmData
 from sims_platform.evaluation.plan import BASE, SELECTION_SET, Arm, method_arms, report_sets, w_key
+from sims_platform.config.methods import Weights, is_base
 from sims_platform.metrics import FeatureStats, fid_from_stats
+from sims_platform.sampling.heun import call_sigmas
 from sims_platform.metrics.prdc import precision_recall
 
 METRICS = ("fid", "precision", "recall", "density", "coverage")
@@ -50,11 +52,17 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else float("nan")
 
 
+def _vector(w: Weights) -> tuple[float, ...]:
+    return w if isinstance(w, tuple) else (w,)
+
+
 def method_result(ev: EvaluateConfig, method: str, metrics: dict[str, dict[str, dict[int, float]]],
                   steps: int) -> dict[str, Any]:
     """One method's sweep (w = 0 included): report means/sds per w, its selected w, and its paired gain."""
     sweep: list[Arm] = method_arms(ev, method)
     reps = report_sets(ev)
+    cfg = ev.method(method)
+    interval = cfg.guidance_interval  # outside it a sampler step evaluates the base alone
     res: dict[str, Any] = {name: {} for name in ("fid", "fid_sd", "precision", "recall", "density", "coverage",
                                                  "fid_selection", "nfe_per_w")}
     for arm in sweep:
@@ -63,20 +71,22 @@ def method_result(ev: EvaluateConfig, method: str, metrics: dict[str, dict[str, 
         for name in ("precision", "recall", "density", "coverage"):
             res[name][key] = _mean_sd([m[name][s] for s in reps])[0]
         res["fid_selection"][key] = m["fid"][SELECTION_SET]
-        res["nfe_per_w"][key] = arm.nfe_per_sample(steps)
+        res["nfe_per_w"][key] = arm.nfe_per_sample(steps) if arm == BASE or interval is None else \
+            cfg.row.nfe_in_interval(call_sigmas(ev.sampler), arm.w, interval)
     finite = {a: metrics[a.key]["fid"][SELECTION_SET] for a in sweep
               if math.isfinite(metrics[a.key]["fid"][SELECTION_SET])}
-    best = min(finite, key=lambda a: (finite[a], a.w)) if finite else BASE
+    best = min(finite, key=lambda a: (finite[a], _vector(a.w))) if finite else BASE
+    guided = not is_base(best.w)
     gaps = [metrics[BASE.key]["fid"][s] - metrics[best.key]["fid"][s] for s in reps]
     gain, gain_sd = _mean_sd(gaps)
     res.update({
-        "best_w": best.w,
+        "best_w": list(best.w) if isinstance(best.w, tuple) else best.w,
         "fid_base": res["fid"][w_key(0.0)],
         "fid_best": res["fid"][w_key(best.w)],
         "fid_best_sd": res["fid_sd"][w_key(best.w)],
-        "gain": gain if best.w != 0 else 0.0,
-        "gain_sd": gain_sd if best.w != 0 else 0.0,
-        "significant": bool(best.w != 0 and math.isfinite(gain_sd) and gain > 2 * gain_sd),
+        "gain": gain if guided else 0.0,
+        "gain_sd": gain_sd if guided else 0.0,
+        "significant": bool(guided and math.isfinite(gain_sd) and gain > 2 * gain_sd),
         "nfe_per_sample": max(res["nfe_per_w"].values()),
     })
     return res

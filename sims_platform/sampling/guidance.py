@@ -9,6 +9,7 @@ theta = (1 + w) theta_main - w theta_guide, so each step costs one evaluation in
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 import copy
@@ -44,17 +45,22 @@ class Unconditional:
 
 
 class Guided:
-    """D = D_main + w (D_main - D_guide); w = 0 evaluates only the main denoiser (bit-exact base model)."""
+    """D = D_main + w (D_main - D_guide) + sum_j w_j (D_main - D_j) over further (guide_j, w_j) in `more`.
 
-    def __init__(self, main: Denoiser, guide: Denoiser, w: float):
+    A guide whose weight is 0 is not evaluated and adds nothing, so w = 0 everywhere is the main denoiser bit for
+    bit, and a zero weight among several gives exactly the method of the others."""
+
+    def __init__(self, main: Denoiser, guide: Denoiser, w: float, more: Sequence[tuple[Denoiser, float]] = ()):
         self.main, self.guide, self.w = main, guide, float(w)
+        self.more = [(g, float(wj)) for g, wj in more]
 
     def __call__(self, x, sigma, labels):
         d_main = self.main(x, sigma, labels)
-        if self.w == 0:
-            return d_main
-        d_guide = self.guide(x, sigma, labels)
-        return d_main + self.w * (d_main - d_guide)
+        out = d_main
+        for guide, w in [(self.guide, self.w), *self.more]:
+            if w != 0:
+                out = out + w * (d_main - guide(x, sigma, labels))
+        return out
 
 
 def sims(base: nn.Module, aux: nn.Module, w: float) -> Guided:

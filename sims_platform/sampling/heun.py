@@ -21,6 +21,13 @@ def sigma_steps(cfg: SamplerConfig, device: torch.device | None = None) -> torch
     return torch.cat([t, torch.zeros(1, dtype=torch.float64, device=device)])
 
 
+def call_sigmas(cfg: SamplerConfig) -> list[float]:
+    """The noise levels heun_sample calls its denoiser at, as the denoiser sees them (float32): each step's
+    start, then each 2nd-order correction's end (every step but the last)."""
+    t = sigma_steps(cfg).float().tolist()
+    return t[:cfg.steps] + t[1:cfg.steps]
+
+
 def heun_sample(denoise: Denoiser, noise: torch.Tensor, labels: torch.Tensor | None, cfg: SamplerConfig) -> torch.Tensor:
     """Integrate the probability-flow ODE from sigma_max * noise to sigma = 0 (2N-1 denoiser calls).
 

@@ -1,8 +1,8 @@
 """Distribution shifting results: per arm and seed set, the judged class histogram, its total-variation distance
 to the target and the FID against the target-reweighted reference; per method and w, their report-set summary.
 
-The histograms come from the judging classifier (shift/classifiers.py), never the selecting one. For sims, the
-method whose aux set was selected, each w > 0 also gets the gain fitted from what was achieved (selection.fit_gain
+The histograms come from the judging classifier (shift/classifiers.py), never the selecting one. For the method
+whose guidance formula the aux set's design assumes (its row is shift_calibrated: sims), each w > 0 also gets the gain fitted from what was achieved (selection.fit_gain
 on the base arm's and that arm's report-set histograms and the aux set's designed histogram): the calibration
 shift.gain would need for the next run to reach the target at that w.
 """
@@ -16,11 +16,8 @@ import torch
 
 from sims_platform.config.schema import EvaluateConfig
 from sims_platform.evaluation.plan import BASE, method_arms, report_sets, w_key
+from sims_platform.config.methods import method as method_row
 from sims_platform.shift.selection import ShiftError, fit_gain, total_variation
-
-# The method whose aux model was fine-tuned on the selected set by the same guidance formula the design assumes.
-CALIBRATED_METHOD = "sims"
-
 
 def _normalised(counts: torch.Tensor) -> list[float]:
     c = counts.to(torch.float64)
@@ -53,8 +50,10 @@ def method_shift_summary(ev: EvaluateConfig, method: str, classes: dict[str, dic
         row: dict[str, Any] = {"histogram": pooled[arm.key], "tv": tv, "tv_sd": tv_sd,
                                "tv_pooled": total_variation(pooled[arm.key], target),
                                "fid_target": fid, "fid_target_sd": fid_sd, "gain_fit": None}
-        if method == CALIBRATED_METHOD and arm != BASE and aux_set is not None:
+        # Only the method whose formula the aux set's design assumes (its row says so) gets a fitted gain.
+        if method_row(method).shift_calibrated and arm != BASE and aux_set is not None:
             try:
+                assert not isinstance(arm.w, tuple)  # a calibrated method has one guide, so one w
                 row["gain_fit"] = fit_gain(pooled[BASE.key], aux_set, pooled[arm.key], arm.w)
             except ShiftError:
                 row["gain_fit"] = float("nan")  # no tilt to fit (aux equals base on the measured classes)

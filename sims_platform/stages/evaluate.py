@@ -20,6 +20,8 @@ from sims_platform.evaluation.methods import Networks, model_inputs
 from sims_platform.evaluation.plan import arms, part_block, set_offset, w_key, work_units
 from sims_platform.evaluation.reference import ReferenceFiles, in_memory_reference, read_result
 from sims_platform.evaluation.report import arm_metrics, iteration_row, method_result
+from sims_platform.config.methods import curves as method_curves
+from sims_platform.config.methods import metric_tag, parse_w_key, w_metric
 from sims_platform.data import read_manifest
 from sims_platform.metrics import FeatureExtractor, FeatureStats, fid_from_stats
 from sims_platform.metrics.edm2_refs import edm2_reference
@@ -30,7 +32,7 @@ from sims_platform.stages.context import StageContext
 from sims_platform.stages.seeds import sample_seeds
 from sims_platform.stages.sampling import sample_batch
 from sims_platform.storage import fsio
-from sims_platform.tracking import fid_curves_png, image_grid_png, update_summary
+from sims_platform.tracking import Lineage, fid_curves_png, image_grid_png, update_summary
 from sims_platform.tracking.summary_metrics import log_iteration_results
 from sims_platform.utils.progress import Progress
 
@@ -44,11 +46,11 @@ def _log_inputs(ctx: StageContext, run_id: str) -> None:
               "repeats": ev.repeats, "steps": ev.sampler.steps, "features": ev.features,
               "holdout_fraction": ctx.cfg.data.holdout_fraction, "pr_k": ev.precision_recall.k,
               "reference": ev.reference or ctx.cfg.data.reference_path or "held-out split"}
-    params |= {f"weights.{m.name}": ",".join(map(w_key, m.weights)) for m in ev.methods}
+    params |= {f"weights.{metric_tag(m.name)}": (";" if m.row.vector else ",").join(map(w_key, m.grid)) for m in ev.methods}
     ctx.lineage.log_params(run_id, params)
     out = layout.stage(k, "evaluate")
     # A method evaluated at w = 0 only (a loop's standard arm) samples the base alone: it reads no guide.
-    ctx.lineage.link(run_id, inputs=model_inputs(ctx, [m.name for m in ev.methods if m.guided_weights]),
+    ctx.lineage.link(run_id, inputs=model_inputs(ctx.cfg, layout, k, [m.name for m in ev.methods if m.guided_weights]),
                      outputs={"fid": fsio.join(out, "fid.json"), "results": fsio.join(out, "results.json")})
 
 
@@ -71,7 +73,7 @@ def compute_part(ctx: StageContext) -> int:
 
     extractor = feature_extractor(ctx.cfg, ctx.layout.features, ctx.data, ctx.device)
     judge = shift_classifier(ctx.cfg, ctx.layout.features, ctx.data.labelled, ctx.device, "judge") if ctx.cfg.shift is not None else None
-    nets = Networks(ctx)
+    nets = Networks(ctx.cfg, ctx.layout, k, ctx.models.sampling)
     total = sum(u.count for u in mine)
     done = total - sum(u.count for u in todo)
     progress = Progress(f"iter {k} evaluate part {ctx.part}/{ctx.parts}", total=total, done=done, unit="img")
@@ -112,6 +114,14 @@ def reference(ctx: StageContext, extractor: FeatureExtractor) -> tuple[FeatureSt
     return in_memory_reference(extractor, ctx.data.reference.images, ev.batch_size, ev.precision_recall.max_samples)
 
 
+def _log_at_w(lineage: Lineage, run_id: str, method: str, key: str, metrics: dict[str, float]) -> None:
+    """A method's metrics at one weight setting (its summary.json key) under their MLflow names and step."""
+    w = parse_w_key(key)
+    assert w is not None
+    named = [w_metric(method, metric, w) for metric in metrics]
+    lineage.log_metrics(run_id, {name: v for (name, _), v in zip(named, metrics.values())}, step=named[0][1])
+
+
 def shift_section(ctx: StageContext, run_id: str, extractor: FeatureExtractor,
                   merged: dict[str, P.ArmData]) -> dict:
     """Distribution shifting: judged histograms, TV to the target, FID against the target-reweighted reference.
@@ -131,10 +141,10 @@ def shift_section(ctx: StageContext, run_id: str, extractor: FeatureExtractor,
     res = shift_results(ev, target, {key: data.classes for key, data in merged.items()}, fid_target, aux_set)
     for name, by_w in res["methods"].items():
         for w, row in by_w.items():
-            metrics = {f"{name}.shift_tv": row["tv"], f"{name}.fid_target": row["fid_target"]}
+            metrics = {"shift_tv": row["tv"], "fid_target": row["fid_target"]}
             if row["gain_fit"] is not None:
-                metrics[f"{name}.shift_gain_fit"] = row["gain_fit"]
-            ctx.lineage.log_metrics(run_id, metrics, step=int(round(float(w) * 1000)))
+                metrics["shift_gain_fit"] = row["gain_fit"]
+            _log_at_w(ctx.lineage, run_id, name, w, metrics)
         print(f"[iter {ctx.iteration} evaluate] shift {name}: TV to target by w "
               + ", ".join(f"{w}: {row['tv']:.3f}" for w, row in by_w.items()), flush=True)
     return res
@@ -162,19 +172,18 @@ def write_results(ctx: StageContext, run_id: str, merged: dict[str, P.ArmData]) 
               + ", ".join(f"{s}: {v:.3f}" for s, v in sorted(m["fid"].items())), flush=True)
     for name, res in methods.items():
         for w in res["fid"]:
-            step = int(round(float(w) * 1000))
-            lin.log_metrics(run_id, {f"{name}.fid": res["fid"][w], f"{name}.fid_sd": res["fid_sd"][w],
-                                     f"{name}.precision": res["precision"][w], f"{name}.recall": res["recall"][w]},
-                            step=step)
-        lin.log_metrics(run_id, {f"{name}.best_w": res["best_w"], f"{name}.fid_best": res["fid_best"],
-                                 f"{name}.gain": res["gain"], f"{name}.gain_sd": res["gain_sd"]}, step=0)
-    lin.log_metrics(run_id, {"fid_base": row["fid_base"], "fid_best": row["fid_best"], "best_w": row["best_w"]},
-                    step=0)
-    curves: dict[str, dict[float, tuple[float, float]]] = {
-        name: {float(w): (res["fid"][w], res["fid_sd"][w]) for w in res["fid"]} for name, res in methods.items()}
+            _log_at_w(lin, run_id, name, w, {m: res[m][w] for m in ("fid", "fid_sd", "precision", "recall")})
+        tag = metric_tag(name)
+        best = {f"{tag}.best_w": res["best_w"]} if not isinstance(res["best_w"], list) else {}
+        lin.log_metrics(run_id, best | {f"{tag}.fid_best": res["fid_best"], f"{tag}.gain": res["gain"],
+                                        f"{tag}.gain_sd": res["gain_sd"]}, step=0)
+    lin.log_metrics(run_id, {"fid_base": row["fid_base"], "fid_best": row["fid_best"]}
+                    | ({"best_w": row["best_w"]} if not isinstance(row["best_w"], list) else {}), step=0)
+    curves = {label: line for name, res in methods.items()
+              for label, line in method_curves(name, {w: (res["fid"][w], res["fid_sd"][w]) for w in res["fid"]}).items()}
     lin.log_artifact_bytes(run_id, "fid_vs_w.png", fid_curves_png(
         curves, f"iteration {k}: FID vs w (mean ± sd, {ev.repeats} seed sets)",
-        best={name: res["best_w"] for name, res in methods.items()}))
+        best={name: res["best_w"] for name, res in methods.items() if not isinstance(res["best_w"], list)}))
     per_arm = {key: {name: {str(s): v for s, v in vals.items()} for name, vals in m.items()}
                for key, m in metrics.items()}
     results = {"row": row, "per_arm": per_arm}

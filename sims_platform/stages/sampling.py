@@ -77,18 +77,23 @@ def feed(ctx: StageContext, run_id: str) -> dict:
     """Samples that feed the next iteration's training set (self-consuming loops), from the plain base or a
     guided sampler (feed_source) at a fixed w or its method's best w, selected by this iteration's evaluation."""
     from sims_platform.evaluation.methods import Networks, model_inputs
-    from sims_platform.evaluation.plan import Arm
+    from sims_platform.evaluation.plan import BASE, Arm
+    from sims_platform.config.methods import Weights, is_base
 
     k, layout, g = ctx.iteration, ctx.layout, ctx.cfg.generate
     out = layout.shards(k, "feed")
-    method, w = feed_source(ctx)
-    if w is None:
+    method, fixed = feed_source(ctx)
+    w: Weights
+    if fixed is None:
         results = fsio.read_json(fsio.join(layout.stage(k, "evaluate"), "results.json"))
-        w = float(results["row"]["methods"][method]["best_w"])
-    arm = Arm("base", 0.0) if w == 0 else Arm(method, w)
+        best = results["row"]["methods"][method]["best_w"]  # a list for a method with several guides
+        w = tuple(float(x) for x in best) if isinstance(best, list) else float(best)
+    else:
+        w = fixed
+    arm = BASE if is_base(w) else Arm(method, w)
     total = ctx.data.feed_samples()
-    nets = Networks(ctx)
-    inputs = model_inputs(ctx, [] if arm.method == "base" else [method])
+    nets = Networks(ctx.cfg, layout, k, ctx.models.sampling)
+    inputs = model_inputs(ctx.cfg, layout, k, [] if arm.method == "base" else [method])
     ctx.lineage.log_params(run_id, {"feed_samples": total, "feed_method": arm.method, "w": w}
                            | ({"loop": ctx.loop.name, "feed_fraction": ctx.loop.fraction} if ctx.loop else
                               {"feed_sampler": ctx.cfg.iterations.feed_sampler}))

@@ -120,7 +120,9 @@ TABLE: tuple[StageRow, ...] = (
     StageRow("finetune-real-aux", "the control: fine-tunes the base on the real training split", "iteration",
              "training", "sims_platform.stages.training:finetune_real_aux", reads=("encode", "train-base"),
              settings=MODEL + ("finetune_aux",), section="finetune_aux", seed_salt=209459,
-             when=lambda cfg, k, loop: loop is None and any(m.name == "sims-real-aux" for m in cfg.evaluate.methods)),
+             # a method's row guides with this stage's model (the method table)
+             when=lambda cfg, k, loop: loop is None and any("finetune-real-aux" in m.row.stages
+                                                            for m in cfg.evaluate.methods)),
     StageRow("evaluate", "every method's samples' feature statistics, as parts", "iteration", "array",
              "sims_platform.stages.evaluate:evaluate", reducer="evaluate-reduce",
              reads=("encode", "reference", "train-base", "finetune-aux", "finetune-real-aux"),

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from sims_platform.config.methods import is_base, parse_w_key, w_key
 from sims_platform.metrics.preprocess import quantize_uint8
 from sims_platform.storage.fsio import exists, read_json, write_json
 from sims_platform.storage.layout import RunLayout
@@ -77,6 +78,19 @@ def _one_repeat(row: Mapping[str, Any]) -> bool:
     return int(row.get("repeats", 2)) < 2
 
 
+def _weights(key: str) -> tuple[float, ...]:
+    """A summary.json weight key ('0.5', or '0.25,1.0' for a vector) as a tuple that sorts."""
+    w = parse_w_key(key)
+    assert w is not None, f"{key!r} is no weight setting"
+    return w if isinstance(w, tuple) else (w,)
+
+
+def _best_key(m: Mapping[str, Any]) -> str:
+    """A method's selected weights as its summary.json key (best_w is a number, or a list for a vector)."""
+    best = m["best_w"]
+    return w_key(tuple(best) if isinstance(best, list) else best)
+
+
 def format_iteration(row: Mapping[str, Any], digits: int = 2) -> str:
     """One iteration: every (method, w) with FID mean ± sd, precision, recall and cost, then each method's verdict.
     With one report seed set the sd and the significance test are left out (an sd of one value is undefined)."""
@@ -93,23 +107,23 @@ def format_iteration(row: Mapping[str, Any], digits: int = 2) -> str:
     body = [["base", "0.0", str(first["nfe_per_w"]["0.0"]), fid(first["fid"]["0.0"], first["fid_sd"]["0.0"]),
              _fmt(first["precision"]["0.0"], 3), _fmt(first["recall"]["0.0"], 3)]]
     for name, m in methods.items():
-        for w in sorted(m["fid"], key=float):
-            if float(w) == 0:
+        for w in sorted(m["fid"], key=_weights):
+            if is_base(_weights(w)):
                 continue
-            star = "*" if float(w) == m["best_w"] else " "
+            star = "*" if w == _best_key(m) else " "
             body.append([name, w + star, str(m["nfe_per_w"][w]), fid(m["fid"][w], m["fid_sd"][w]),
                          _fmt(m["precision"][w], 3), _fmt(m["recall"][w], 3)])
     lines += _grid(["method", "w", "NFE/sample", "FID" if one else "FID (mean ± sd)", "precision", "recall"], body)
     lines.append("")
     body = []
     for name, m in methods.items():
-        if m["best_w"] == 0:
+        if is_base(_weights(_best_key(m))):
             verdict = "no gain (best w = 0)"
         elif one:
             verdict = "n/a (1 repeat)"
         else:
             verdict = "yes" if m["significant"] else "no"
-        body.append([name, str(m["best_w"]), _fmt(m["fid_base"], digits), _fmt(m["fid_best"], digits),
+        body.append([name, _best_key(m) if isinstance(m["best_w"], list) else str(m["best_w"]), _fmt(m["fid_base"], digits), _fmt(m["fid_best"], digits),
                      fid(m["gain"], m["gain_sd"]), verdict])
     lines += _grid(["method", "best w", "FID base", "FID at best w", "gain (base - best)", "gain > 2 sd?"], body)
     return "\n".join(lines)

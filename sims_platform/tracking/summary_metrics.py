@@ -18,6 +18,8 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from sims_platform.config.methods import curves as method_curves
+from sims_platform.config.methods import metric_tag, parse_w_key, w_key
 from sims_platform.tracking.lineage import Lineage
 from sims_platform.tracking.results import fid_curves_png
 
@@ -31,14 +33,6 @@ def _number(value: Any) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
-def _is_weight(key: str) -> bool:
-    try:
-        float(key)
-        return True
-    except ValueError:
-        return False
-
-
 def row_metrics(row: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
     """The numbers of a summary row as flat metric names; missing or non-finite values are left out."""
     out: dict[str, float] = {}
@@ -47,25 +41,32 @@ def row_metrics(row: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
             continue
         if isinstance(value, Mapping):  # per guidance weight, e.g. {"0.0": 30.1, "1.0": 18.2}
             for sub, v in value.items():
-                name = f"{key}_w_{float(sub)}" if _is_weight(str(sub)) else f"{key}.{sub}"
+                w = parse_w_key(str(sub))
+                name = f"{key}.{sub}" if w is None else f"{key}_w_{w_key(w).replace(',', '_')}"
                 if (x := _number(v)) is not None:
                     out[prefix + name] = x
         elif (x := _number(value)) is not None:
             out[prefix + key] = x
     for method, sub_row in (row.get("methods") or {}).items():
         if isinstance(sub_row, Mapping):
-            out.update(row_metrics(sub_row, f"{prefix}{method}."))
+            out.update(row_metrics(sub_row, f"{prefix}{metric_tag(method)}."))
     return out
 
 
+def _curves(label: str, fid: Mapping[str, Any] | None) -> dict[str, dict[float, float]]:
+    """The finite points of a per-w mapping as plot lines (one for a w; several for a weight vector)."""
+    lines = method_curves(label, {w: x for w, v in (fid or {}).items() if (x := _number(v)) is not None})
+    return {name: line for name, line in lines.items() if line}
+
+
 def _curve(fid: Mapping[str, Any] | None) -> dict[float, float]:
-    return {float(w): x for w, v in (fid or {}).items() if (x := _number(v)) is not None}
+    return _curves("", fid).get("", {})
 
 
 def row_curves(row: Mapping[str, Any]) -> dict[str, dict[float, float]]:
     """FID-vs-w curves of one row: one per method when the row compares methods, else the row's own."""
-    methods = {m: _curve(r.get("fid")) for m, r in (row.get("methods") or {}).items() if isinstance(r, Mapping)}
-    curves = {m: c for m, c in methods.items() if c}
+    curves = {label: line for m, r in (row.get("methods") or {}).items() if isinstance(r, Mapping)
+              for label, line in _curves(m, r.get("fid")).items()}
     return curves or {"": _curve(row.get("fid"))}
 
 
