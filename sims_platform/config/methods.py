@@ -12,16 +12,38 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
-
-if TYPE_CHECKING:
-    from sims_platform.config.schema import MethodConfig, PipelineConfig
+from typing import Any, Protocol
 
 # An arm's weights: a float for a one-guide method, one float per guide (in the row's order) otherwise.
 Weights = float | tuple[float, ...]
 # A network (torch.nn.Module) and a denoiser (sampling/guidance.py's Denoiser): this layer does not import torch.
 Net = Any
 Denoiser = Callable[[Any, Any, Any], Any]
+
+
+class MethodConfig(Protocol):
+    """What a row reads of its evaluate.methods entry (config/schema.py's MethodConfig; the schema imports this
+    table, so the table names what it needs instead of importing the schema back)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def guide_images(self) -> int | None: ...
+
+
+class PipelineConfig(Protocol):
+    """What a row reads of the pipeline (config/schema.py's PipelineConfig): where its guides come from and what
+    the base was trained with."""
+
+    @property
+    def pretrained(self) -> Any: ...
+
+    @property
+    def train_base(self) -> Any: ...
+
+    @property
+    def data(self) -> Any: ...
 
 
 class Layout(Protocol):
