@@ -2,6 +2,7 @@
 happens to each (docs/reliability.md).
 
   python benchmarks/faults.py fuzz --examples 10000 --seed 0 --out out/faults
+  python benchmarks/faults.py kill --config pipelines/quick.yaml --kills 20 --seed 0 --out out/faults-kill
 
 Each target is a reader of something that comes from storage or from a user: the pipeline config loader, the
 synthetic-shard reader, the shard-set manifest, torch's weights-only loader and the restricted unpickler of EDM2
@@ -12,6 +13,12 @@ errors the command line prints as one line (ConfigError, DataError, UnsafePickle
 other exception counts as a crash, an input that takes longer than --hang-s as a hang, and a pickle that touches
 the canary file as code execution. The run writes faults.json (counts and the first example of each crash) and
 prints the table that docs/reliability.md records.
+
+`kill` runs a pipeline once without interruption, then again under kill -9 (the whole process group, at random
+instants drawn from a seeded generator, each within the step that is running) until every step has been killed
+--kills times, resuming with the same command after each kill. The resumed run's outputs must equal the
+uninterrupted run's bit for bit: every model, shard, manifest, statistics file and results file (run
+identifiers, timings and MLflow's own files aside).
 """
 
 from __future__ import annotations
@@ -21,6 +28,10 @@ import io
 import json
 import os
 import pickle
+import re
+import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -317,6 +328,141 @@ def cmd_fuzz(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+# ----------------------------------------------------------------------------
+# kill -9 at random instants, then resume
+
+STEP_LINE = re.compile(r"^\[(?:iter \d+ )?([a-z][a-z0-9-]*)")
+# Files that record how a run went (MLflow's store, completion and part records, timings, checkpoints on the way),
+# not what it computed.
+VOLATILE = re.compile(r"(^|/)(mlflow\.db.*|mlartifacts/.*|run\.json|_SUCCESS\.json|parts/.*\.json|.*\.lock|"
+                      r"checkpoints/.*|.*\.log)$")
+# Keys that differ between two runs of the same computation: a run id, wall-clock time, where the folder is.
+VOLATILE_KEYS = re.compile(r"mlflow_run_id|seconds|^root$")
+
+
+def _canonical(value: Any, root: str) -> Any:
+    """A value with the run folder's own path replaced and volatile keys dropped; tensors as (dtype, shape, sha)."""
+    import hashlib
+    if isinstance(value, dict):
+        return {str(k): _canonical(v, root) for k, v in value.items() if not VOLATILE_KEYS.search(str(k))}
+    if isinstance(value, (list, tuple)):
+        return [_canonical(v, root) for v in value]
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu().contiguous()
+        data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        return [str(t.dtype), list(t.shape), hashlib.sha256(data).hexdigest()]
+    if isinstance(value, str):
+        return value.replace(root, "<run>")
+    return value
+
+
+def _outputs(root: Path) -> dict[str, str]:
+    """A digest of the content of every output file under a run folder (relative path -> digest): bytes for
+    shards and images; for .pt, .json and .yaml the values, with the folder's own path and volatile keys (run
+    ids, timings) left out, so two folders that computed the same thing compare equal."""
+    import hashlib
+    out = {}
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root).as_posix()
+        if not path.is_file() or VOLATILE.search(rel):
+            continue
+        if path.suffix == ".pt":
+            value: Any = torch.load(path, map_location="cpu", weights_only=True)
+        elif path.suffix == ".json":
+            value = json.loads(path.read_text())
+        elif path.suffix in (".yaml", ".yml"):
+            value = yaml.safe_load(path.read_text())
+        else:
+            out[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+            continue
+        text = json.dumps(_canonical(value, str(root)), sort_keys=True, default=str)
+        out[rel] = hashlib.sha256(text.encode()).hexdigest()
+    return out
+
+
+def _current_step(log: Path, offset: int) -> str | None:
+    """The step the process writing `log` from byte `offset` on is in (its latest progress line), if any yet."""
+    with log.open("rb") as f:
+        f.seek(offset)
+        text = f.read().decode(errors="replace")
+    steps = [m.group(1) for line in text.splitlines() if (m := STEP_LINE.match(line))]
+    return steps[-1] if steps else None
+
+
+def _run(cmd: list[str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen(cmd, stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def cmd_kill(args: argparse.Namespace) -> int:
+    import random
+    args.out.mkdir(parents=True, exist_ok=True)
+    sims = [sys.executable, "-m", "sims_platform.cli", "run", "--config", str(args.config)]
+    reference, killed = args.out / "uninterrupted", args.out / "killed"
+    for folder in (reference, killed):
+        if folder.exists():
+            shutil.rmtree(folder)
+    t0 = time.time()
+    ref_log = args.out / "uninterrupted.log"
+    ref_log.unlink(missing_ok=True)
+    if _run(sims + ["--out", str(reference)], ref_log).wait() != 0:
+        print(f"the uninterrupted run failed: {ref_log}")
+        return 1
+    print(f"[kill] uninterrupted run: {time.time() - t0:.0f} s", flush=True)
+
+    rng = random.Random(args.seed)
+    kills: Counter = Counter()
+    record: list[dict[str, Any]] = []
+    log = args.out / "killed.log"
+    log.unlink(missing_ok=True)
+    t0 = time.time()
+    while True:
+        offset = log.stat().st_size if log.exists() else 0
+        proc = _run(sims + ["--out", str(killed)], log)
+        start, deadline, step_at_schedule = time.time(), None, None
+        while proc.poll() is None:
+            step = _current_step(log, offset)
+            if step is not None and (deadline is None or step != step_at_schedule):
+                # A kill at a random instant of this step (uniform over --max-delay seconds from now), while the
+                # step has had fewer than --kills; after that it runs to its end undisturbed.
+                step_at_schedule = step
+                deadline = time.time() + rng.uniform(0, args.max_delay) if kills[step] < args.kills else None
+            if deadline is not None and time.time() >= deadline:
+                step = _current_step(log, offset) or "start-up"
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                kills[step] += 1
+                record.append({"step": step, "after_s": round(time.time() - start, 2)})
+                print(f"[kill] kill -9 #{len(record)} in {step} ({kills[step]}/{args.kills}) "
+                      f"{time.time() - start:.1f} s after the restart", flush=True)
+                break
+            time.sleep(0.05)
+        else:
+            if proc.returncode != 0:
+                print(f"[kill] the resumed run failed (exit {proc.returncode}): {log}")
+                return 1
+            break
+    print(f"[kill] {len(record)} kills, resumed to completion in {time.time() - t0:.0f} s", flush=True)
+
+    want, got = _outputs(reference), _outputs(killed)
+    differ = sorted(f for f in set(want) & set(got) if want[f] != got[f])
+    missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    same_summary = "summary.json" in want and want["summary.json"] == got.get("summary.json")
+    report = {"command": " ".join(sys.argv), "config": str(args.config), "seed": args.seed,
+              "kills_per_step": dict(kills), "kills": record, "files_compared": len(want),
+              "files_differing": differ, "files_missing": missing, "files_extra": extra,
+              "summary_equal": same_summary}
+    (args.out / "kill.json").write_text(json.dumps(report, indent=2) + "\n")
+    print("\n| step | kills |\n|---|---|")
+    for step, n in kills.items():
+        print(f"| {step} | {n} |")
+    print(f"\n{len(want)} output files compared: {len(differ)} differ, {len(missing)} missing, {len(extra)} extra; "
+          f"summary.json {'equal' if same_summary else 'DIFFERS'}")
+    for f in differ + missing + extra:
+        print(f"  {f}")
+    return 0 if not (differ or missing or extra) and same_summary else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -327,6 +473,13 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--only", nargs="*", help="run only these targets (names as printed)")
     f.add_argument("--out", type=Path, default=Path("out/faults"))
     f.set_defaults(func=cmd_fuzz)
+    k = sub.add_parser("kill", help="kill -9 a pipeline at random instants of every step, resume, compare")
+    k.add_argument("--config", type=Path, default=REPO / "pipelines" / "quick.yaml")
+    k.add_argument("--kills", type=int, default=20, help="kills per step")
+    k.add_argument("--max-delay", type=float, default=8.0, help="a kill lands within this many seconds")
+    k.add_argument("--seed", type=int, default=0, help="seed of the kill instants")
+    k.add_argument("--out", type=Path, default=Path("out/faults-kill"))
+    k.set_defaults(func=cmd_kill)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
