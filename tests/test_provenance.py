@@ -138,9 +138,11 @@ def test_sims_stage_refuses_a_record_of_other_settings_unless_forced(finished, t
     lines = _refused(capsys, argv)
     assert len(lines) == 1 and "generate" in lines[0] and "generate.sampler.steps" in lines[0]
     assert "--force" in lines[0]
+    samples = _files(run / "iter-00" / "generate" / "shards")
     assert main(argv + ["--force"]) == 0
     rec = json.loads((run / "iter-00" / "generate" / "_SUCCESS.json").read_text())
     assert rec["provenance"]["settings"]["generate"]["sampler"]["steps"] == 3
+    assert _files(run / "iter-00" / "generate" / "shards") != samples  # sampled anew, not the old shards relabelled
 
 
 def test_a_record_without_a_digest_is_refused(finished, tmp_path, capsys):

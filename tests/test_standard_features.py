@@ -296,11 +296,10 @@ def test_evaluate_stage_builds_the_configured_network(inception, inception_file,
     data["evaluate"] |= {"features": "inception", "inception_weights": str(inception_file),
                          "inception_sha256": _sha(inception_file)}
     cfg = config_from_dict(data)
-    ctx = SimpleNamespace(cfg=cfg, layout=SimpleNamespace(features=str(tmp_path / "features")), real=NO_DATA,
-                          device=torch.device("cpu"))
-    got = feature_extractor(ctx.cfg, ctx.layout.features, ctx.data, ctx.device)
+    features, cpu = str(tmp_path / "features"), torch.device("cpu")
+    got = feature_extractor(cfg, features, NO_DATA, cpu)  # a standard network needs no training data
     u = _uint8(1, 1, 8, 8, seed=7)  # the tiny pipeline's 8x8 grey digits
     assert got.dim == 2048 and torch.equal(got(u), inception(u))
     cfg.evaluate.inception_sha256 = "1" * 64
     with pytest.raises(WeightsError, match="expected " + "1" * 64):
-        feature_extractor(ctx.cfg, ctx.layout.features, ctx.data, ctx.device)
+        feature_extractor(cfg, features, NO_DATA, cpu)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from sims_platform.k8s.settings import DriverSettings
+from sims_platform.steps import Step, stage_of
 
 RUN = "sims.io/run"
 ITERATION = "sims.io/iteration"
@@ -18,9 +19,10 @@ def run_selector(run: str) -> str:
     return f"{RUN}={run}"
 
 
-def workload_labels(settings: DriverSettings, run: str, iteration: int, stage: str, step: str,
-                    loop: str | None = None) -> dict[str, str]:
-    """Labels of a workload the driver creates (its pods get the same, minus the Kueue queue)."""
+def workload_labels(settings: DriverSettings, run: str, at: Step) -> dict[str, str]:
+    """Labels of a workload the driver creates (its pods get the same, minus the Kueue queue); `stage` is the
+    stage whose folder the step completes (a reducer's is its array's)."""
+    iteration, stage, step, loop = at.iteration, stage_of(at.stage), at.stage, at.loop
     labels = {
         "app.kubernetes.io/name": "sims",
         "app.kubernetes.io/instance": settings.release,

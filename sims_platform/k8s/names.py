@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import re
 
+from sims_platform.steps import Step
+
 # Pods and Services are named after the workload (<job>-master-0, <job>-worker-12, <job>-<index>); their names
 # must stay DNS-1035 labels of at most 63 characters, so the workload name itself keeps 11 spare.
 MAX_NAME = 52
@@ -15,11 +17,10 @@ def is_dns_label(name: str, limit: int = 63) -> bool:
     return len(name) <= limit and bool(_DNS1035.match(name))
 
 
-def workload_name(run: str, iteration: int, step: str, loop: str | None = None) -> str:
+def workload_name(run: str, at: Step) -> str:
     """'<run>-i<KK>-<step>' ('<run>-<loop>-i<KK>-<step>' for a self-consuming loop's step), shortened with a
     stable hash of the full name when it would exceed MAX_NAME."""
-    if iteration < 0:
-        raise ValueError(f"iteration must be >= 0, got {iteration}")
+    iteration, step, loop = at.iteration, at.stage, at.loop
     tail = f"{'-' + loop if loop else ''}-i{iteration:02d}-{step}"
     full = f"{run}{tail}"
     if not full[0].isalpha():

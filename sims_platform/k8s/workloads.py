@@ -13,7 +13,7 @@ from sims_platform.k8s.names import workload_name
 from sims_platform.k8s.pods import pod_template, stage_argv
 from sims_platform.k8s.settings import DriverSettings
 from sims_platform.pipeline.plan import pipeline_plan, stages_for
-from sims_platform.steps import row, stage_of, steps_of
+from sims_platform.steps import Step, row, stage_of, steps_of
 
 
 @dataclass(frozen=True)
@@ -47,8 +47,8 @@ def build_workload(cfg: PipelineConfig, settings: DriverSettings, k: int, stage:
     """The step as its row's kind in the stage table says: training as the backend's kind (PyTorchJob or TrainJob), a job
     array as an Indexed Job (each index owns a disjoint slice), a single step (import-base, a reducer, feed) as a
     one-pod Job."""
-    name = workload_name(cfg.name, k, step, loop)
-    labels = L.workload_labels(settings, cfg.name, k, stage, step, loop)
+    name = workload_name(cfg.name, Step(k, step, loop))
+    labels = L.workload_labels(settings, cfg.name, Step(k, step, loop))
     st = settings.stage(step)
     pod_labels = L.pod_labels(labels)
     kind = row(step).kind

@@ -11,7 +11,7 @@ from sims_platform.pipeline.plan import base_step_error
 from sims_platform.pipeline.provenance import Provenance, StaleStageError, explain, step_provenance
 from sims_platform.stages import stage_function
 from sims_platform.stages.context import StageContext
-from sims_platform.steps import STAGE_NAMES, Step, base_step, stage_of
+from sims_platform.steps import STAGE_NAMES, Step, base_step, row, stage_of
 from sims_platform.storage import fsio
 from sims_platform.utils.accel import PeakMemory, describe_device
 
@@ -47,6 +47,12 @@ def run_stage(ctx: StageContext, stage: str, force: bool = False) -> dict:
             where = f"{ctx.loop_name} " if ctx.loop else ""
             print(f"[{where}iter {ctx.iteration} {stage}] already complete ({done}); skipping", flush=True)
             return fsio.read_json(done)["result"]
+    if force and ctx.parts == 1 and not any(row(s).reducer == stage for s in STAGE_NAMES):
+        # Forced: from scratch, so nothing made under other settings (shards, checkpoints) is resumed from. Not for
+        # one part of an array (the other parts' outputs share the folder) nor a reducer (it merges them).
+        folder = ctx.layout.stage(ctx.iteration, stage_of(stage))
+        if ctx.lineage.writes and fsio.exists(folder):
+            fsio.remove(folder)
     run_id = ctx.lineage.stage_run(ctx.step(stage))
     if prov is not None:  # a tag, not a param: a redo under new settings logs into the same run
         ctx.lineage.set_tags(run_id, {"sims.provenance": prov.digest})

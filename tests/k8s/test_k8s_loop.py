@@ -10,6 +10,7 @@ import kubernetes_validate
 import pytest
 from k8s_support import K8S_VERSIONS, containers, sims_parser
 
+from sims_platform.steps import Step
 from sims_platform.k8s.names import MAX_NAME, is_dns_label, workload_name
 from sims_platform.k8s.render import render_objects, run_specs
 from sims_platform.k8s.workloads import plan
@@ -61,10 +62,10 @@ def test_loop_renders_a_shared_generation_0_and_each_loops_own_workloads(loop_ma
 
 
 def test_loop_workload_names_are_deterministic_and_unique_per_loop():
-    a = workload_name("digits-dev", 1, "evaluate-reduce", "standard-dp200")
-    assert a == "digits-dev-standard-dp200-i01-evaluate-reduce" == workload_name("digits-dev", 1, "evaluate-reduce",
-                                                                                 "standard-dp200")
-    assert a != workload_name("digits-dev", 1, "evaluate-reduce", "standard-dp50")
-    long = [workload_name("a" * 40, 2, "evaluate-reduce", loop) for loop in ("sims-dp50", "sims-dp200")]
+    a = workload_name("digits-dev", Step(1, "evaluate-reduce", "standard-dp200"))
+    assert a == "digits-dev-standard-dp200-i01-evaluate-reduce" == workload_name(
+        "digits-dev", Step(1, "evaluate-reduce", "standard-dp200"))
+    assert a != workload_name("digits-dev", Step(1, "evaluate-reduce", "standard-dp50"))
+    long = [workload_name("a" * 40, Step(2, "evaluate-reduce", loop)) for loop in ("sims-dp50", "sims-dp200")]
     assert len(set(long)) == 2 and all(is_dns_label(n, MAX_NAME) for n in long)
-    assert workload_name("digits", 0, "train-base") == "digits-i00-train-base"  # the shared pipeline's are unchanged
+    assert workload_name("digits", Step(0, "train-base")) == "digits-i00-train-base"  # the shared pipeline's: as before

@@ -10,6 +10,7 @@ from fake_kube import PTJ_SUSPENDED, FakeCluster
 from k8s_support import docs_of, sims_parser
 
 from sims_platform.k8s.kube import Apis
+from sims_platform.steps import Step
 from sims_platform.k8s.names import MAX_NAME, is_dns_label, workload_name
 from sims_platform.k8s.status import format_rows, run_status, status_rows
 from sims_platform.k8s.render import run_specs
@@ -17,15 +18,15 @@ from sims_platform.storage.layout import RunLayout
 
 
 def test_names_are_deterministic_short_dns_labels():
-    assert workload_name("digits", 0, "train-base") == "digits-i00-train-base"
-    long = workload_name("a" * 60, 12, "evaluate-reduce")
-    assert long == workload_name("a" * 60, 12, "evaluate-reduce") and len(long) <= MAX_NAME
+    assert workload_name("digits", Step(0, "train-base")) == "digits-i00-train-base"
+    long = workload_name("a" * 60, Step(12, "evaluate-reduce"))
+    assert long == workload_name("a" * 60, Step(12, "evaluate-reduce")) and len(long) <= MAX_NAME
     assert long.endswith(tuple(f"-i12-evaluate-reduce-{h}" for h in [long[-8:]]))
-    assert workload_name("a" * 60, 12, "evaluate") != workload_name("a" * 61, 12, "evaluate")
-    assert is_dns_label(workload_name("9lives", 0, "feed"))  # services need a leading letter
+    assert workload_name("a" * 60, Step(12, "evaluate")) != workload_name("a" * 61, Step(12, "evaluate"))
+    assert is_dns_label(workload_name("9lives", Step(0, "feed")))  # services need a leading letter
     assert is_dns_label(long + "-worker-99", 63)
     with pytest.raises(ValueError):
-        workload_name("x", -1, "feed")
+        workload_name("x", Step(-1, "feed"))
 
 
 @pytest.fixture
