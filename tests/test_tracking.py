@@ -294,6 +294,46 @@ def test_plots_star_the_w_chosen_on_selection_seeds_not_the_lowest_report_fid():
     assert row_best({"best_w": 1.0, "fid": {"0.0": 3.0, "1.0": 2.0}}) == {"": 1.0}
 
 
+def test_a_star_only_where_the_selected_w_beats_the_base(monkeypatch):
+    """sims's selected w beats its base (a star); neon's selected w is worse than the base (none); cfg selected
+    the base itself (none)."""
+    from matplotlib.axes import Axes
+
+    stars = []
+    plot = Axes.plot
+
+    def spy(self, *args, **kwargs):
+        if kwargs.get("marker") == "*":
+            stars.append((args[0][0], args[1][0]))
+        return plot(self, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "plot", spy)
+    curves = {"sims": {0.0: 20.0, 0.5: 18.0}, "neon": {0.0: 20.0, 0.5: 21.0}, "cfg": {0.0: 20.0, 0.5: 19.0}}
+    fid_curves_png(curves, "methods", best={"sims": 0.5, "neon": 0.5, "cfg": 0.0})
+    assert stars == [(0.5, 18.0)]
+
+
+def test_the_pipeline_plot_shows_every_method_of_every_iteration(monkeypatch):
+    from sims_platform.tracking import summary_metrics
+
+    drawn = {}
+    monkeypatch.setattr(summary_metrics, "fid_curves_png",
+                        lambda curves, title, best=None: drawn.setdefault(title, (dict(curves), best)) and b"png")
+    logged = []
+    lineage = type("L", (), {"pipeline_id": "p", "iteration_run": lambda self, k, loop=None: f"it{k}",
+                             "log_metrics": lambda self, *a, **k: None,
+                             "log_png": lambda self, run, path, png: logged.append((run, path))})()
+    row = {"best_w": 0.5, "fid": {"0.0": 20.0, "0.5": 18.0}, "fid_base": 20.0, "fid_best": 18.0,
+           "methods": {"sims": {"best_w": 0.5, "fid": {"0.0": 20.0, "0.5": 18.0}},
+                       "neon": {"best_w": 0.0, "fid": {"0.0": 20.0, "0.1": 20.5}}}}
+    summary = {"iterations": [dict(row, iteration=0), dict(row, iteration=1)]}
+    summary_metrics.log_iteration_results(lineage, summary, 1)
+    curves, best = drawn["FID vs guidance weight, every iteration and method"]
+    assert set(curves) == {"iter 0 sims", "iter 0 neon", "iter 1 sims", "iter 1 neon"}
+    assert best == {"iter 0 sims": 0.5, "iter 0 neon": 0.0, "iter 1 sims": 0.5, "iter 1 neon": 0.0}
+    assert ("p", "fid_vs_w.png") in logged
+
+
 @pytest.mark.parametrize("channels", [1, 3])
 def test_image_grid_png(channels):
     images = torch.linspace(-1, 1, 5 * channels * 16 * 16).reshape(5, channels, 16, 16)

@@ -159,8 +159,9 @@ def fid_curves_png(curves: Mapping[str, Mapping[float, float | tuple[float, floa
                    title: str = "FID vs guidance weight", best: Mapping[str, float] | None = None,
                    ylabel: str = "FID") -> bytes:
     """One FID-vs-w line per label (a method, an iteration) on shared axes; values are FIDs or (mean, sd) pairs
-    (drawn with error bars). A star marks each line's best w: `best[label]` when given (e.g. chosen on selection
-    seeds), else its lowest point. `ylabel` names another quantity drawn the same way (e.g. a paired gap)."""
+    (drawn with error bars). A star marks each line's best w (`best[label]` when given, e.g. chosen on selection
+    seeds, else its lowest point) only where it is lower than the line's w = 0 (the base): a selected w that does
+    not beat the base gets no star. `ylabel` names another quantity drawn the same way (e.g. a paired gap)."""
     fig = new_figure(figsize=(5.5, 3.8), dpi=100)
     ax = fig.add_subplot()
     for label, fid_by_w in curves.items():
@@ -177,10 +178,12 @@ def fid_curves_png(curves: Mapping[str, Mapping[float, float | tuple[float, floa
         color = line.lines[0].get_color()
         bw = best.get(label) if best else None
         bx, by = next(((x, y) for x, y, _ in pts if x == bw), min(((x, y) for x, y, _ in pts), key=lambda p: p[1]))
-        ax.plot([bx], [by], marker="*", markersize=14, color=color)
-        if 0.0 in xs:
-            ax.axhline(ys[xs.index(0.0)], linestyle="--", linewidth=0.8, color=color)
-    ax.set_xlabel("guidance weight w")
+        base = ys[xs.index(0.0)] if 0.0 in xs else None
+        if bx != 0.0 and (base is None or by < base):
+            ax.plot([bx], [by], marker="*", markersize=14, color=color)
+        if base is not None:
+            ax.axhline(base, linestyle="--", linewidth=0.8, color=color)
+    ax.set_xlabel("guidance weight w   (star: the selected w, where it beats w = 0; dashed: w = 0)")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)

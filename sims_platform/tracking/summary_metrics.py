@@ -9,7 +9,8 @@ Metric names (a row's numbers, whatever else it holds):
   ``<method>.fid_w_<w>``, ...
 
 Plots: ``fid_vs_w.png`` on the iteration run; on the pipeline run ``fid_vs_w/iter-<k>.png`` for each
-iteration (one curve per method when there are several) and ``fid_vs_w.png`` with every iteration's curve.
+iteration (one curve per method when there are several) and ``fid_vs_w.png`` with every iteration's and method's
+curve.
 """
 
 from __future__ import annotations
@@ -104,10 +105,14 @@ def log_iteration_results(lineage: Lineage, summary: Mapping[str, Any], k: int,
                              best=row_best(row))
         lineage.log_png(iteration_run, "fid_vs_w.png", png)
         lineage.log_png(pipeline_run, f"{where}fid_vs_w/iter-{k}.png", png)
-    # Every iteration so far on shared axes (a row's own "fid", which is SIMS's when it compares methods).
-    overlay = {f"iter {j}": _curve(r.get("fid")) for j, r in sorted(rows.items())}
+    # Every iteration so far on shared axes, a line per iteration and method.
+    overlay, best = {}, {}
+    for j, r in sorted(rows.items()):
+        for label, line in row_curves(r).items():
+            overlay[f"iter {j} {label}".rstrip()] = line
+        for label, w in row_best(r).items():
+            best[f"iter {j} {label}".rstrip()] = w
     if any(overlay.values()):
-        best = {f"iter {j}": float(r["best_w"]) for j, r in rows.items() if _number(r.get("best_w")) is not None}
         lineage.log_png(pipeline_run, f"{where}fid_vs_w.png",
-                        fid_curves_png(overlay, "FID vs guidance weight per iteration", best=best))
+                        fid_curves_png(overlay, "FID vs guidance weight, every iteration and method", best=best))
     return metrics
