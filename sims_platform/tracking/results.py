@@ -183,7 +183,7 @@ def fid_curves_png(curves: Mapping[str, Mapping[float, float | tuple[float, floa
             ax.plot([bx], [by], marker="*", markersize=14, color=color)
         if base is not None:
             ax.axhline(base, linestyle="--", linewidth=0.8, color=color)
-    ax.set_xlabel("guidance weight w   (star: the selected w, where it beats w = 0; dashed: w = 0)")
+    ax.set_xlabel("guidance weight w\nstar: the selected w, where it beats w = 0; dashed: w = 0", fontsize=9)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
