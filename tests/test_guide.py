@@ -103,7 +103,6 @@ def test_a_record_whose_architecture_names_an_unknown_argument_is_refused(tmp_pa
 
 @pytest.mark.parametrize("change, field", [
     (lambda d: d["guide"].update(images=10**6), "guide.images"),
-    (lambda d: d["evaluate"].update(methods=[{"name": "sims", "weights": [1.0]}]), "guide: "),
     (lambda d: d.update(pretrained={"guide": "file:///models/xs.pt"}), "pretrained.guide"),
     (lambda d: d["evaluate"]["methods"][0].update(guide_images=256), "guide_images"),
     (lambda d: d["guide"].update(ema_std=0.5), "guide.ema_std"),
@@ -120,6 +119,18 @@ def test_validate_refuses_a_bad_guide_section_naming_the_field(tmp_path, capsys,
     head, *lines = capsys.readouterr().err.strip().splitlines()
     assert "invalid pipeline configuration" in head
     assert len(lines) == 1 and field in lines[0], lines  # one line, naming the field
+
+
+def test_a_guide_no_method_uses_is_a_note_and_not_trained(tmp_path, capsys):
+    import yaml
+
+    d = guided_dict(str(tmp_path / "run"))
+    d["evaluate"]["methods"] = [{"name": "sims", "weights": [1.0]}]  # e.g. the demo's methods replaced by --set
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(d))
+    assert main(["validate", str(path)]) == 0
+    assert "note: guide: no evaluate.methods entry uses it (autoguidance, sims+autoguidance)" in capsys.readouterr().out
+    assert "train-guide" not in {s.stage for s in pipeline_plan(config_from_dict(d))}
 
 
 def test_autoguidance_over_an_imported_base_needs_a_guide(tmp_path):

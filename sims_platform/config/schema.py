@@ -761,11 +761,15 @@ class PipelineConfig(Strict):
             self._check_loop(self.loop)
         return self
 
+    def notes(self) -> list[str]:
+        """Settings that are valid but do nothing in this config (`sims validate` prints them)."""
+        if self.guide is not None and not any(m.row.takes_guide_images for m in self.evaluate.methods):
+            guided = [m.name for m in methods.METHODS.values() if m.takes_guide_images]
+            # Not an error: replacing the demo's evaluate.methods (--set) must not also require removing its guide.
+            return [f"guide: no evaluate.methods entry uses it ({', '.join(guided)}), so train-guide does not run"]
+        return []
+
     def _check_guide(self, g: GuideConfig) -> None:
-        guided = [m.name for m in methods.METHODS.values() if m.takes_guide_images]
-        if not any(m.row.takes_guide_images for m in self.evaluate.methods):
-            raise ValueError(f"guide: it trains {guided[0]}'s guide network, which no evaluate.methods entry uses: add "
-                             f"an entry of {' or '.join(map(repr, guided))} to evaluate.methods or remove guide")
         if self.pretrained.guide is not None:
             raise ValueError("guide: pretrained.guide names autoguidance's guide too (one trained here, one "
                              "imported); keep one of them")
