@@ -40,7 +40,11 @@ class ModelIO:
             raise FileNotFoundError(f"model not found at {uri}: run the stage that writes it first")
         rec = read_network(uri)
         check_encoder(rec, self.cfg.encoder, "encoder")
-        net = rec.build().to(self.device) if rec.kwargs is not None else self.build()
+        if rec.kwargs is None:
+            net = self.build()
+        else:  # seeded as build() is: loading leaves the global generator in one state, whatever the record holds
+            torch.manual_seed(self.cfg.seed)
+            net = rec.build().to(self.device)
         net.load_state_dict(rec.state_dict)
         return net.eval().requires_grad_(False)
 
