@@ -35,7 +35,7 @@ from pathlib import Path
 from sims_platform.config import load_config
 from sims_platform.config.methods import method
 from sims_platform.evaluation.intervals import confidence_interval, excludes_zero
-from sims_platform.pipeline.runner import run_pipeline
+from sims_platform.pipeline.runner import StaleStageError, run_pipeline
 from sims_platform.tracking.results import fid_curves_png
 
 
@@ -67,22 +67,24 @@ def run_seed(config: str, root: Path, seed: int, extra: list[str], modes: tuple[
     process (the seeds are the parallelism)."""
     common = [f"seed={seed}", f"storage.root={root}", "iterations.count=1", "runtime.local_parts=1", *extra]
     t0, rows = time.time(), {}
-    for mode in modes[1:]:
+    for mode in [*modes[1:], modes[0]]:
         saved = root / f"row-{mode}.json"
         if not saved.exists():
-            only = json.dumps(aux_methods(config, common))
-            cfg = load_config(config, [*common, *mode_overrides(config, mode, common), f"evaluate.methods={only}"])
-            redo = ["finetune-aux"] if (root / "config.yaml").exists() else None
-            row = run_pipeline(cfg, redo_from=redo)["iterations"][0]
-            saved.write_text(json.dumps(row))
+            only = [] if mode == modes[0] else \
+                [f"evaluate.methods={json.dumps(aux_methods(config, common))}", "guide=null"]
+            cfg = load_config(config, [*common, *mode_overrides(config, mode, common), *only])
+            saved.write_text(json.dumps(_run_mode(cfg)["iterations"][0]))
         rows[mode] = json.loads(saved.read_text())
-    first = load_config(config, [*common, *mode_overrides(config, modes[0], common)])
-    done = root / f"row-{modes[0]}.json"
-    if not done.exists():
-        redo = ["finetune-aux"] if len(modes) > 1 else None
-        done.write_text(json.dumps(run_pipeline(first, redo_from=redo)["iterations"][0]))
-    rows[modes[0]] = json.loads(done.read_text())
     return {"seed": seed, "root": str(root), "seconds": time.time() - t0, "row": merged_row(rows, modes)}
+
+
+def _run_mode(cfg):
+    """The pipeline in cfg's fine-tune mode: the aux models (and what reads them) are redone when the folder's were
+    fine-tuned in another mode; anything else stale still stops the run."""
+    try:
+        return run_pipeline(cfg)
+    except StaleStageError:
+        return run_pipeline(cfg, redo_from=["finetune-aux", "finetune-real-aux"])
 
 
 def merged_row(rows: dict[str, dict], modes: tuple[str, ...]) -> dict:
