@@ -36,6 +36,10 @@ class ModelIO:
         """A model record (built with the architecture it records: e.g. a guide smaller than the config's network;
         a record without one, written before records carried it, with the config's), or an EDM2 pickle; float32,
         eval mode."""
+        return self.read(uri)[0]
+
+    def read(self, uri: str) -> tuple[Precond, int | None]:
+        """load, and how many training images the network saw when its record says (None: unknown)."""
         if not fsio.exists(uri):
             raise FileNotFoundError(f"model not found at {uri}: run the stage that writes it first")
         rec = read_network(uri)
@@ -46,7 +50,7 @@ class ModelIO:
             torch.manual_seed(self.cfg.seed)
             net = rec.build().to(self.device)
         net.load_state_dict(rec.state_dict)
-        return net.eval().requires_grad_(False)
+        return net.eval().requires_grad_(False), rec.images
 
     def sampling(self, uri: str) -> Precond:
         """load for sampling: in the runtime's memory layout (runtime.channels_last)."""
