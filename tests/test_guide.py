@@ -136,6 +136,7 @@ def test_a_guide_no_method_uses_is_a_note_and_not_trained(tmp_path, capsys):
 def test_autoguidance_over_an_imported_base_needs_a_guide(tmp_path):
     d = tiny_config_dict(str(tmp_path / "run"))
     d["pretrained"] = {"base": "file:///models/base.pt"}
+    d["finetune_aux"]["init"] = {"mode": "restart"}  # an imported base has no training state to resume
     d["evaluate"]["methods"] = [{"name": "autoguidance", "weights": [1.0]}]
     with pytest.raises(ConfigError, match="pretrained.guide"):
         config_from_dict(d)
