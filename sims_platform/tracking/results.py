@@ -115,8 +115,8 @@ def format_iteration(row: Mapping[str, Any], digits: int = 2) -> str:
             star = "*" if w == _best_key(m) else " "
             body.append([name, w + star, str(m["nfe_per_w"][w]), fid(m["fid"][w], m["fid_sd"][w]),
                          _fmt(m["precision"][w], 3), _fmt(m["recall"][w], 3)])
-    floor = row.get("fid_floor")  # absent from rows written before the floor was measured
-    measured = bool(floor) and floor.get("mean") is not None
+    floor: Mapping[str, Any] = row.get("fid_floor") or {}  # absent from rows written before the floor existed
+    measured = floor.get("mean") is not None
     if measured:
         body.append([FLOOR_LABEL, "-", "-", _fmt(floor["mean"], digits) if floor.get("sd") is None
                      else f"{_fmt(floor['mean'], digits)} ± {_fmt(floor['sd'], digits)}",
