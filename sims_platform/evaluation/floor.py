@@ -121,5 +121,5 @@ def describe_floor(record: dict[str, Any]) -> str:
     return f"FID {record['mean']:.3f}{sd} over {record['sets']} set(s) of {record['samples']} training images"
 
 
-__all__ = ["FLOOR_SEED", "compute_floor", "describe_floor", "floor_metrics", "floor_row", "floor_sets", "not_computed", "read_floor",
-           "training_source", "write_floor"]
+__all__ = ["FLOOR_SEED", "compute_floor", "describe_floor", "floor_metrics", "floor_row", "floor_sets",
+           "not_computed", "read_floor", "training_source", "write_floor"]

@@ -8,7 +8,8 @@ precision_recall.max_samples reference images, and rewrites its part file every 
 resumes where it was (the sums then add the same batches in the same order: the result is unchanged). The reducer
 merges the parts into ROOT/features/reference/<net>-<key>/reference.pt, which evaluate reads, and measures the
 real-vs-real floor beside it (fid_floor.json, evaluation/floor.py: sets of training images, only those decoded).
-With one part, `reference` does both. Not run when evaluate.reference names published EDM2 statistics (pipeline/runner.py).
+With one part, `reference` does both. Not run when evaluate.reference names published EDM2 statistics
+(pipeline/runner.py).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import torch
 from sims_platform.data import SourceIndex, holdout_split
 from sims_platform.evaluation import floor as F
 from sims_platform.evaluation import reference as R
-from sims_platform.evaluation.floor import describe_floor, floor_metrics
 from sims_platform.stages.context import StageContext
 from sims_platform.evaluation.features import feature_extractor
 from sims_platform.storage import fsio
@@ -99,9 +99,9 @@ def reduce_parts(ctx: StageContext, run_id: str, extractor, files: R.ReferenceFi
         F.write_floor(files, floor)
     R.write_result(files, extractor, parts, stats, features)  # last: its presence says the reference is whole
     ctx.lineage.log_metrics(run_id, {"reference_images": float(stats.count), "reference_parts": float(parts)}
-                            | floor_metrics(floor), step=0)
+                            | F.floor_metrics(floor), step=0)
     print(f"[reference] {count} reference images, {parts} part(s) -> {files.result}; real-vs-real floor: "
-          f"{describe_floor(floor)}", flush=True)
+          f"{F.describe_floor(floor)}", flush=True)
     return {"reference": files.result, "images": count, "parts": parts, "floor": files.floor, "complete": True}
 
 
