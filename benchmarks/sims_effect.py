@@ -5,11 +5,16 @@ evaluation protocol: a converged sampler, the held-out reference, one selection 
 is chosen, and `evaluate.repeats` report seed sets. Per seed and method it records the paired gap
 FID(base) - FID(method at its selected w) on the report sets (mean ± sd); across seeds, the mean gap with a 95%
 confidence interval (t distribution, n - 1 degrees of freedom). A method "holds" when that interval excludes 0.
+With several fine-tune modes (--modes resume transfer), the aux methods are measured once per mode over the same
+base (named 'sims [transfer]'), and the paired gap FID(real-data control) - FID(sims) is given per mode, at each w
+and at the selected w: what the synthetic set adds over fine-tuning on real data the same way. Every row also
+carries the real-vs-real floor (fid_floor) of the shared feature network.
 Writes records.json and report.md; a negative result is reported like any other (exit code 0).
 
   python benchmarks/sims_effect.py --config pipelines/digits.yaml --seeds 0 1 2 3 4 --out out/bench-sims
   python benchmarks/sims_effect.py --seeds 0 1 2 3 4 --reuse 0=out/digits   # seed 0 = a finished `make demo`
   python benchmarks/sims_effect.py --seeds 0 1 2 3 4 --jobs 2   # two seeds at a time, one thread each
+  python benchmarks/sims_effect.py --seeds 0 1 2 3 4 --modes resume transfer   # the aux fine-tuned both ways
 
 Each seed's folder keeps its completed stages, so an interrupted benchmark resumes where it stopped.
 """
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import functools
 import json
 import math
 import statistics
@@ -27,19 +33,72 @@ from collections.abc import Callable
 from pathlib import Path
 
 from sims_platform.config import load_config
+from sims_platform.config.methods import method
 from sims_platform.evaluation.intervals import confidence_interval, excludes_zero
-from sims_platform.pipeline.runner import run_pipeline
+from sims_platform.pipeline.runner import StaleStageError, run_pipeline
 from sims_platform.tracking.results import fid_curves_png
 
 
-def run_seed(config: str, root: Path, seed: int, extra: list[str]) -> dict:
-    """One pipeline run (complete stages in `root` are skipped); returns its iteration-0 summary row. Every stage
-    runs in this process (the seeds are the parallelism; the recorded results were trained by one process)."""
-    cfg = load_config(config, [f"seed={seed}", f"storage.root={root}", "iterations.count=1",
-                               "runtime.local_parts=1", *extra])
-    t0 = time.time()
-    row = run_pipeline(cfg)["iterations"][0]
-    return {"seed": seed, "root": str(root), "seconds": time.time() - t0, "row": row}
+def mode_overrides(config: str, mode: str, extra: list[str]) -> list[str]:
+    """The overrides that make `config` fine-tune its aux models in `mode` (finetune_aux.init.mode): resume takes
+    the base's optimizer; transfer and restart take it too (lr, betas, ref_images), transfer warmed up over a tenth
+    of the budget B, restart without warm-up (as the platform fine-tuned before the modes existed)."""
+    if mode == "resume":
+        return ["finetune_aux.init.mode=resume"]
+    cfg = load_config(config, extra)
+    opt = cfg.train_base.optimizer.model_dump(mode="json")
+    opt["rampup_images"] = cfg.finetune_aux.images // 10 if mode == "transfer" else 0
+    return [f"finetune_aux.init.mode={mode}", f"finetune_aux.optimizer={json.dumps(opt)}",
+            f"finetune_aux.batch_size={cfg.train_base.batch_size}", f"finetune_aux.ema_std={cfg.train_base.ema_std}"]
+
+
+def aux_methods(config: str, extra: list[str]) -> list[dict]:
+    """The config's evaluate.methods that guide with an aux model (the ones a fine-tune mode changes)."""
+    cfg = load_config(config, extra)
+    return [m.model_dump(mode="json", exclude_none=True) for m in cfg.evaluate.methods
+            if {"finetune-aux", "finetune-real-aux"} & set(method(m.name).stages)]
+
+
+def run_seed(config: str, root: Path, seed: int, extra: list[str], modes: tuple[str, ...] = ("resume",)) -> dict:
+    """One seed's pipeline runs (complete stages in `root` are skipped); returns its iteration-0 summary row per
+    fine-tune mode. The first mode runs every method of the config; each further mode refits only the aux models
+    and evaluates only the methods that use them, in the same folder over the same base, synthetic set, guide and
+    reference (run first, then the first mode redoes finetune-aux and what reads it). Every stage runs in this
+    process (the seeds are the parallelism)."""
+    common = [f"seed={seed}", f"storage.root={root}", "iterations.count=1", "runtime.local_parts=1", *extra]
+    t0, rows = time.time(), {}
+    for mode in [*modes[1:], modes[0]]:
+        saved = root / f"row-{mode}.json"
+        if not saved.exists():
+            only = [] if mode == modes[0] else \
+                [f"evaluate.methods={json.dumps(aux_methods(config, common))}", "guide=null"]
+            cfg = load_config(config, [*common, *mode_overrides(config, mode, common), *only])
+            saved.write_text(json.dumps(_run_mode(cfg)["iterations"][0]))
+        rows[mode] = json.loads(saved.read_text())
+    return {"seed": seed, "root": str(root), "seconds": time.time() - t0, "row": merged_row(rows, modes)}
+
+
+def _run_mode(cfg):
+    """The pipeline in cfg's fine-tune mode: the aux models (and what reads them) are redone when the folder's were
+    fine-tuned in another mode; anything else stale still stops the run."""
+    try:
+        return run_pipeline(cfg)
+    except StaleStageError:
+        return run_pipeline(cfg, redo_from=["finetune-aux", "finetune-real-aux"])
+
+
+def merged_row(rows: dict[str, dict], modes: tuple[str, ...]) -> dict:
+    """One summary row whose methods are every mode's: an aux method is named with its mode ('sims [transfer]')
+    when more than one mode ran."""
+    first = rows[modes[0]]
+    out = {**first, "methods": {}, "modes": list(modes)}
+    for mode in modes:
+        for name, res in rows[mode]["methods"].items():
+            aux = {"finetune-aux", "finetune-real-aux"} & set(method(name).stages)
+            if mode != modes[0] and not aux:
+                continue
+            out["methods"][f"{name} [{mode}]" if aux and len(modes) > 1 else name] = res
+    return out
 
 
 def _one_thread() -> None:
@@ -76,16 +135,24 @@ def report(records: list[dict], command: str) -> tuple[str, dict]:
              "## Per seed: paired gap on the report sets (FID base - FID at the selected w; mean ± sd over sets)", "",
              "| seed | method | selected w | FID base | FID at w | gap (mean ± sd) | gap > 2 sd | precision (w) | recall (w) |",
              "|---|---|---|---|---|---|---|---|---|"]
+    lines_floor = ["", "## The ruler's floor: FID of real training images against the held-out reference", "",
+                   "| seed | fid_floor (mean ± sd) | sets x images |", "|---|---|---|"]
     for r in records:
+        floor = r["row"].get("fid_floor") or {}
+        lines_floor.append(f"| {r['seed']} | {_f(floor.get('mean'))} ± {_f(floor.get('sd'))} | {floor.get('sets', 'n/a')} "
+                           f"x {floor.get('samples', 'n/a')} |")
         for m in methods:
             res = r["row"]["methods"][m]
             w = str(res["best_w"])
             lines.append(f"| {r['seed']} | {m} | {res['best_w']} | {_f(res['fid_base'])} | {_f(res['fid_best'])} | "
                          f"{_f(res['gain'])} ± {_f(res['gain_sd'])} | {'yes' if res['significant'] else 'no'} | "
                          f"{_f(res['precision'].get(w), 3)} | {_f(res['recall'].get(w), 3)} |")
-    lines += ["", "## Across seeds: mean gap with a 95% confidence interval (t, n - 1 dof)", "",
+    lines += lines_floor
+    lines += ["", "## Across seeds at the selected w: mean gap with a 95% confidence interval (t, n - 1 dof)", "",
+              "A seed whose selection set chose w = 0 contributes a gap of exactly 0 (the base itself); the last "
+              "column counts them.", "",
               "| method | seeds | mean gap | 95% CI | interval excludes 0 | seeds with gap > 2 sd | mean FID base | "
-              "mean FID at w |", "|---|---|---|---|---|---|---|---|"]
+              "mean FID at w | seeds at w = 0 |", "|---|---|---|---|---|---|---|---|---|"]
     verdict = {}
     for m in methods:
         gaps = [r["row"]["methods"][m]["gain"] for r in records]
@@ -96,11 +163,47 @@ def report(records: list[dict], command: str) -> tuple[str, dict]:
         sig = sum(r["row"]["methods"][m]["significant"] for r in records)
         base = statistics.fmean(r["row"]["methods"][m]["fid_base"] for r in records)
         best = statistics.fmean(r["row"]["methods"][m]["fid_best"] for r in records)
+        zeros = sum(float(r["row"]["methods"][m]["best_w"]) == 0 for r in records)
         lines.append(f"| {m} | {len(gaps)} | {_f(mean)} | [{_f(lo)}, {_f(hi)}] | "
                      f"{'yes' if holds else 'no'}{' (worse)' if holds and hi < 0 else ''} | {sig}/{len(gaps)} | "
-                     f"{_f(base)} | {_f(best)} |")
+                     f"{_f(base)} | {_f(best)} | {zeros}/{len(gaps)} |")
     lines += fixed_w_table(records, methods)
+    lines += control_gap_table(records, methods)
     return "\n".join(lines), verdict
+
+
+def _pairs(methods: list[str]) -> list[tuple[str, str]]:
+    """(sims, its real-data control) in the same fine-tune mode: 'sims [m]' with 'sims-real-aux [m]'."""
+    out = []
+    for m in methods:
+        if m.split(" [")[0] == "sims":
+            control = m.replace("sims", "sims-real-aux", 1)
+            if control in methods:
+                out.append((m, control))
+    return out
+
+
+def control_gap_table(records: list[dict], methods: list[str]) -> list[str]:
+    """FID(control) - FID(sims), paired per seed (> 0: the synthetic set beats real data as the aux's training
+    set), across seeds with a 95% interval: at each w both grids share, and at each method's selected w."""
+    pairs = _pairs(methods)
+    if not pairs:
+        return []
+    lines = ["", "## SIMS against its real-data control: FID(control) - FID(sims), paired per seed (95% CI)", "",
+             "| fine-tune | w | mean | 95% CI | interval excludes 0 | seeds with sims better |", "|---|---|---|---|---|---|"]
+    for sims, control in pairs:
+        label = sims[len("sims "):].strip("[]") if " [" in sims else "as configured"
+        grid = [w for w in records[0]["row"]["methods"][sims]["fid"] if w in records[0]["row"]["methods"][control]["fid"]
+                and float(w) != 0]
+        for w in [*grid, "selected"]:
+            if w == "selected":
+                diffs = [r["row"]["methods"][control]["fid_best"] - r["row"]["methods"][sims]["fid_best"] for r in records]
+            else:
+                diffs = [r["row"]["methods"][control]["fid"][w] - r["row"]["methods"][sims]["fid"][w] for r in records]
+            mean, lo, hi = confidence_interval(diffs)
+            lines.append(f"| {label} | {w} | {_f(mean)} | [{_f(lo)}, {_f(hi)}] | {'yes' if excludes_zero(lo, hi) else 'no'} "
+                         f"| {sum(d > 0 for d in diffs)}/{len(diffs)} |")
+    return lines
 
 
 def fixed_w_table(records: list[dict], methods: list[str]) -> list[str]:
@@ -145,12 +248,14 @@ def main() -> int:
                     help="take this seed's run from an existing folder (e.g. 0=out/digits after `make demo`)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config override")
     ap.add_argument("--jobs", type=int, default=1, help="seeds run at once, each in its own process (one thread)")
+    ap.add_argument("--modes", nargs="+", default=["resume"], choices=["resume", "transfer", "restart"],
+                    help="fine-tune modes of the aux models (finetune_aux.init.mode); the first runs every method")
     args = ap.parse_args()
 
     out = Path(args.out).resolve()
     reuse = {int(k): Path(v).resolve() for k, v in (item.split("=", 1) for item in args.reuse)}
     roots = {seed: reuse.get(seed, out / f"seed-{seed}") for seed in args.seeds}
-    records = run_seeds(run_seed, args.config, roots, args.set, args.jobs)
+    records = run_seeds(functools.partial(run_seed, modes=tuple(args.modes)), args.config, roots, args.set, args.jobs)
     command = "python benchmarks/sims_effect.py " + " ".join(sys.argv[1:])
     table, verdict = report(records, command)
     out.mkdir(parents=True, exist_ok=True)

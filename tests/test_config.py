@@ -63,8 +63,8 @@ def test_missing_budget_and_cross_field_rules(tiny_cfg):
     with pytest.raises(ConfigError, match="feed_method 'neon' is not one of evaluate.methods"):
         config_from_dict(data)
     data = tiny_cfg.model_dump()
-    data["finetune_aux"]["init"] = {"weights": "ema", "optimizer": "continued"}
-    with pytest.raises(ConfigError, match="init.optimizer 'continued' needs init.weights 'raw'"):
+    data["finetune_aux"]["init"] = {"mode": "transfer"}
+    with pytest.raises(ConfigError, match="rampup_images: init.mode 'transfer' warms the learning rate up"):
         config_from_dict(data)
     data = tiny_cfg.model_dump()
     data["evaluate"] = {"method": "sims", "weights": [0, 1]}  # the old form names its replacement
@@ -258,6 +258,8 @@ def test_an_imported_base_needs_a_named_guide_for_autoguidance():
     d["train_base"]["snapshots"] = [1024]
     d.pop("loop", None)
     d["pretrained"] = {"base": "s3://bucket/models/base.pkl"}
+    d["finetune_aux"]["init"] = {"mode": "transfer"}  # an imported base has no training state to resume
+    d["finetune_aux"]["optimizer"] = {"lr": 0.01, "rampup_images": 1000}
     with pytest.raises(ConfigError, match="imported .*set pretrained.guide"):
         config_from_dict(d)
     d["pretrained"]["guide"] = "s3://bucket/models/guide.pkl"

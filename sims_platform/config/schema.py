@@ -276,25 +276,27 @@ class TrainConfig(Strict):
         return self
 
 
+# What the base's training state fixes: a `resume` fine-tune takes these from train_base (stages/training.py); the
+# rest of finetune_aux (budget, checkpoints, logging, launch) stays its own.
+RESUMED_SETTINGS = ("batch_size", "optimizer", "p_mean", "p_std", "ema_std", "label_dropout")
+
+
 class AuxInitConfig(Strict):
-    """How the auxiliary fine-tune starts from the base (README: "Fine-tuning the aux model")."""
+    """How the auxiliary fine-tune starts from the base (README: "Fine-tuning the aux model"); the real-data control
+    always starts the same way."""
 
-    weights: Literal["ema", "raw"] = Field(
-        "ema", description="ema: the base's EMA weights (the network that sampled the synthetic set); raw: the "
-        "base's final training weights (its last checkpoint)")
-    optimizer: Literal["fresh", "continued"] = Field(
-        "fresh", description="fresh: new Adam moments; continued: the base's final Adam state (needs weights raw, "
-        "the weights those moments belong to)")
-    schedule: Literal["restart", "continue"] = Field(
-        "restart", description="restart: finetune_aux.optimizer's schedule from image 0; continue: the same "
-        "schedule evaluated from the base's final image count on (lr keeps decaying where the base stopped)")
-
-    @model_validator(mode="after")
-    def _optimizer(self) -> AuxInitConfig:
-        if self.optimizer == "continued" and self.weights != "raw":
-            raise ValueError("finetune_aux.init.optimizer 'continued' needs init.weights 'raw' (the base's Adam "
-                             "moments belong to its raw weights, not to its EMA)")
-        return self
+    mode: Literal["resume", "transfer", "restart"] = Field(
+        "resume", description="resume: continue the base's training state (its final checkpoint: raw weights, "
+        "Adam moments, learning-rate schedule, EMA and batch seeds), only the data changes; the base's optimizer, "
+        "ema_std and batch_size apply, and B counts from the base's last image. transfer: EDM's transfer learning, "
+        "for any base (also imported ones with only EMA weights): the base's EMA weights, fresh Adam warmed up over "
+        "finetune_aux.optimizer.rampup_images, its learning-rate schedule evaluated from the base's final image "
+        "count on, and an EMA that starts at the starting weights as if they were the average of those images. "
+        "restart: the EMA weights, fresh Adam and finetune_aux.optimizer's schedule from image 0, an EMA that "
+        "forgets the start at the first step")
+    base_images: int | None = Field(
+        None, ge=1, description="transfer: the image count where the base's training ended, when its model record "
+        "does not say (an imported checkpoint); default: the record's count")
 
 
 class FinetuneConfig(TrainConfig):
@@ -715,6 +717,21 @@ class PipelineConfig(Strict):
             return self.finetune_aux
         raise ValueError(f"'{stage}' is not a training stage")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _resume_inherits(cls, data: Any) -> Any:
+        """With finetune_aux.init.mode resume, the training settings the base's state fixes default to train_base's."""
+        if not isinstance(data, dict) or not isinstance(data.get("finetune_aux"), dict):
+            return data
+        ft, base = data["finetune_aux"], data.get("train_base")
+        init = ft.get("init")
+        mode = init.get("mode") if isinstance(init, dict) else getattr(init, "mode", None)
+        if (mode or AuxInitConfig.model_fields["mode"].default) != "resume" or base is None:
+            return data
+        inherited = {name: base[name] if isinstance(base, dict) else getattr(base, name) for name in RESUMED_SETTINGS
+                     if name not in ft and (not isinstance(base, dict) or name in base)}
+        return {**data, "finetune_aux": {**inherited, **ft}}
+
     @model_validator(mode="after")
     def _cross(self) -> PipelineConfig:
         refuse_credentials(self)
@@ -746,7 +763,23 @@ class PipelineConfig(Strict):
             self._check_shift(self.shift)
         if self.loop is not None:
             self._check_loop(self.loop)
+        self._check_aux_init()
         return self
+
+    def _check_aux_init(self) -> None:
+        ft, mode = self.finetune_aux, self.finetune_aux.init.mode
+        if mode == "resume":
+            if self.pretrained.base is not None:
+                raise ValueError("finetune_aux.init.mode 'resume' continues the base's training state, but iteration "
+                                 "0's base is imported (pretrained.base: weights only); use 'transfer'")
+            # Left out, they are the base's (_resume_inherits); a different value would be silently replaced.
+            for name in RESUMED_SETTINGS:
+                if getattr(ft, name) != getattr(self.train_base, name):
+                    raise ValueError(f"finetune_aux.{name}: init.mode 'resume' continues the base's training with "
+                                     f"train_base.{name}; remove it, make it equal, or use init.mode 'transfer'")
+        if mode == "transfer" and ft.optimizer.rampup_images == 0:
+            raise ValueError("finetune_aux.optimizer.rampup_images: init.mode 'transfer' warms the learning rate up "
+                             "from fresh Adam moments; set it > 0 (e.g. a tenth of finetune_aux.images)")
 
     def _check_loop(self, lp: LoopConfig) -> None:
         if self.iterations.count > 1:

@@ -33,13 +33,17 @@ class ModelIO:
     def load(self, uri: str) -> Precond:
         """A model record of this run, or any network file that describes itself (an EDM2 pickle, a
         `sims import-edm2` record: e.g. a pretrained guide of another size), float32, eval mode."""
+        return self.read(uri)[0]
+
+    def read(self, uri: str) -> tuple[Precond, int | None]:
+        """load, and how many training images the network saw when its record says (None: unknown)."""
         if not fsio.exists(uri):
             raise FileNotFoundError(f"model not found at {uri}: run the stage that writes it first")
         rec = read_network(uri)
         check_encoder(rec, self.cfg.encoder, "encoder")
         net = rec.build().to(self.device) if rec.kwargs is not None else self.build()
         net.load_state_dict(rec.state_dict)
-        return net.eval().requires_grad_(False)
+        return net.eval().requires_grad_(False), rec.images
 
     def sampling(self, uri: str) -> Precond:
         """load for sampling: in the runtime's memory layout (runtime.channels_last)."""

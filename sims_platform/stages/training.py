@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import torch
 
+from sims_platform.config.schema import RESUMED_SETTINGS, TrainConfig
 from sims_platform.data import ShardStream
 from sims_platform.stages.context import StageContext
 from sims_platform.steps import row
 from sims_platform.training import distributed
-from sims_platform.training.loop import train
+from sims_platform.stages.drift import log_drift
+from sims_platform.training.loop import Start, train
 
 
 def _run_training(ctx: StageContext, stage: str, run_id: str, net, x, y, tcfg, inputs: dict[str, str],
-                  **train_kwargs) -> dict:
-    """Every rank of a torchrun/PyTorchJob launch runs this; rank 0 alone logs to MLflow and writes model.pt."""
+                  seed_of: str | None = None, **train_kwargs) -> dict:
+    """Every rank of a torchrun/PyTorchJob launch runs this; rank 0 alone logs to MLflow and writes model.pt.
+    seed_of: the stage whose batch seeds the steps take (a resumed fine-tune's are the base's)."""
     lin, layout, k = ctx.lineage, ctx.layout, ctx.iteration
     out_uri = layout.model(k, stage)
     main = distributed.detect().is_main
@@ -23,7 +26,7 @@ def _run_training(ctx: StageContext, stage: str, run_id: str, net, x, y, tcfg, i
                                 "train_set_size": len(x) if y is not None else x.num_samples,
                                 "distributed": tcfg.distributed.model_dump_json()})
         lin.link(run_id, inputs=inputs, outputs={"model": out_uri})
-    salt = row(stage).seed_salt
+    salt = row(seed_of or stage).seed_salt
     if ctx.cfg.runtime.channels_last and not tcfg.distributed.uses_deepspeed():
         # oneDNN/cuDNN convolutions run faster on channels-last weights (the demo's train-base: 285 -> 305 img/s
         # on this project's CPU); DeepSpeed flattens parameters into its own buffers, so it keeps the default layout.
@@ -59,30 +62,51 @@ def train_base(ctx: StageContext, run_id: str, **train_kwargs) -> dict:
                          snapshot_uri=snap, **train_kwargs)
 
 
+def _resumed(ctx: StageContext, start_images: int) -> TrainConfig:
+    """finetune_aux's settings for a fine-tune that continues the base's training state: the base's training
+    hyperparameters, B images more than the base's final count."""
+    tcfg, base = ctx.cfg.finetune_aux, ctx.cfg.train_base
+    return tcfg.model_copy(update={name: getattr(base, name) for name in RESUMED_SETTINGS} | {
+        "images": start_images + tcfg.images, "snapshots": [start_images + n for n in tcfg.snapshots]})
+
+
+def _base_images(ctx: StageContext, record_images: int | None) -> int:
+    """The image count where the base's training ended (transfer's schedule and EMA start there)."""
+    if record_images:
+        return record_images
+    given = ctx.cfg.finetune_aux.init.base_images
+    if given is None:
+        raise ValueError(f"finetune_aux.init.base_images is required: the base model "
+                         f"{ctx.layout.model(ctx.iteration, 'train-base')} does not record how many images it was "
+                         "trained on (an imported checkpoint); init.mode 'transfer' starts its schedule and EMA there")
+    return given
+
+
 def _finetune(ctx: StageContext, stage: str, run_id: str, data_uri: str | None, **train_kwargs) -> dict:
-    """Fine-tune a copy of the base for the budget B, starting as finetune_aux.init says (README: "Fine-tuning
+    """Fine-tune a copy of the base for the budget B, starting as finetune_aux.init.mode says (README: "Fine-tuning
     the aux model"). data_uri: shards to train on (the synthetic set); None: the real training split."""
     from sims_platform.data import read_shards
-    from sims_platform.training.checkpoints import latest, read_state
+    from sims_platform.training.checkpoints import latest
 
-    k, layout, tcfg = ctx.iteration, ctx.layout, ctx.cfg.finetune_aux
-    init = tcfg.init
+    k, layout = ctx.iteration, ctx.layout
+    tcfg: TrainConfig = ctx.cfg.finetune_aux
+    mode = ctx.cfg.finetune_aux.init.mode
     base_uri = layout.model(k, "train-base")
-    net = ctx.models.load(base_uri).train().requires_grad_(True)  # the base's EMA weights
     inputs = {"base_model": base_uri}
-    init_optimizer, offset = None, 0
-    if init.weights == "raw" or init.optimizer == "continued" or init.schedule == "continue":
+    seed_of, start = stage, Start()
+    if mode == "resume":
         ckpt = latest(layout.checkpoints(k, "train-base"))
         if ckpt is None:
-            raise FileNotFoundError(f"finetune_aux.init needs the base's final checkpoint, but "
-                                    f"{layout.checkpoints(k, 'train-base')} has none")
-        state = read_state(ckpt)
-        offset = int(state["images"]) if init.schedule == "continue" else 0
-        if init.weights == "raw":
-            net.load_state_dict(state["net"])
-            inputs["base_checkpoint"] = ckpt.uri
-        if init.optimizer == "continued":
-            init_optimizer = state["optimizer"]
+            raise FileNotFoundError(f"finetune_aux.init.mode 'resume' continues the base's training state, but "
+                                    f"{layout.checkpoints(k, 'train-base')} holds no checkpoint (use 'transfer')")
+        tcfg, start, seed_of = _resumed(ctx, ckpt.images), Start(checkpoint=ckpt), "train-base"
+        net = ctx.models.build()  # the checkpoint's raw weights replace these
+        inputs["base_checkpoint"] = ckpt.uri
+    else:
+        net, base_images = ctx.models.read(base_uri)  # the base's EMA weights
+        net.train().requires_grad_(True)
+        if mode == "transfer":
+            start = Start(offset=_base_images(ctx, base_images))
     if data_uri is not None:
         inputs["synthetic"] = data_uri
         if tcfg.loader == "stream":
@@ -95,10 +119,13 @@ def _finetune(ctx: StageContext, stage: str, run_id: str, data_uri: str | None, 
     else:
         x, y, sources = ctx.data.real_training_data()
         inputs |= sources
-    ctx.lineage.log_params(run_id, {"init.weights": init.weights, "init.optimizer": init.optimizer,
-                                    "init.schedule": init.schedule, "schedule_offset": offset})
-    return _run_training(ctx, stage, run_id, net, x, y, tcfg, inputs, init_optimizer=init_optimizer,
-                         schedule_offset=offset, **train_kwargs)
+    ctx.lineage.log_params(run_id, {"init.mode": mode, "start_images": start.checkpoint.images
+                                    if start.checkpoint is not None else start.offset})
+    result = _run_training(ctx, stage, run_id, net, x, y, tcfg, inputs, start=start, seed_of=seed_of,
+                           **train_kwargs)
+    if distributed.detect().is_main:
+        log_drift(ctx, run_id, stage)
+    return result
 
 
 def finetune_aux(ctx: StageContext, run_id: str, **train_kwargs) -> dict:

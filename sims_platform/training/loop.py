@@ -43,11 +43,12 @@ from sims_platform.training.engines import Engine, PlainEngine
 from sims_platform.utils.progress import Progress
 
 
-def learning_rate(opt: OptimizerConfig, images: int) -> float:
-    """EDM2 schedule: warm-up over rampup_images, then 1/sqrt decay after ref_images."""
+def learning_rate(opt: OptimizerConfig, images: int, offset: int = 0) -> float:
+    """EDM2 schedule: warm-up over rampup_images, then 1/sqrt decay after ref_images. A fine-tune that starts where
+    another run's schedule ended (`offset` images) decays from there, and warms up over its own images."""
     lr = opt.lr
     if opt.ref_images > 0:
-        lr /= math.sqrt(max(images / opt.ref_images, 1))
+        lr /= math.sqrt(max((offset + images) / opt.ref_images, 1))
     if opt.rampup_images > 0:
         lr *= min(images / opt.rampup_images, 1)
     return lr
@@ -63,6 +64,20 @@ def noise_generator(seed: int, step: int, device: torch.device, host: torch.Gene
     if device.type == "cpu":
         return host
     return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
+
+
+@dataclass(frozen=True)
+class Start:
+    """Where a run starts while its own folder holds no checkpoint (a fine-tune; stages/training.py).
+
+    checkpoint: another run's checkpoint to continue (weights, Adam moments, EMA, image and step counters: with the
+    same seed, the steps are the ones that run would have taken next). offset: images the run counts as already
+    seen: its learning-rate decay and its EMA's averaging length start there (its warm-up at 0), so the EMA's first
+    update keeps most of the starting weights instead of replacing them.
+    """
+
+    checkpoint: Checkpoint | None = None
+    offset: int = 0
 
 
 @dataclass
@@ -91,12 +106,8 @@ def _native_resume(ckpt: Checkpoint | None, cfg: TrainConfig, world: int) -> boo
 
 
 def _start(net: Precond, cfg: TrainConfig, ckpt: Checkpoint | None, plan, device: torch.device,
-           main: bool, init_optimizer: dict | None) -> tuple[Engine, PowerFunctionEMA[Precond] | None, int, int]:
-    """The engine and EMA (rank 0), resumed from `ckpt` if given; returns (engine, ema, images, step).
-
-    Without a checkpoint, `init_optimizer` (another run's consolidated Adam state for these weights) seeds the
-    optimizer: a fine-tune that continues the base's optimizer.
-    """
+           main: bool) -> tuple[Engine, PowerFunctionEMA[Precond] | None, int, int]:
+    """The engine and EMA (rank 0), resumed from `ckpt` if given; returns (engine, ema, images, step)."""
     native = _native_resume(ckpt, cfg, plan.world_size)
     # Native DeepSpeed resumes need the consolidated state only for the EMA (rank 0); others need it all.
     state = read_state(ckpt) if ckpt is not None and (main or not native) else None
@@ -106,8 +117,7 @@ def _start(net: Precond, cfg: TrainConfig, ckpt: Checkpoint | None, plan, device
     if cfg.distributed.uses_deepspeed():
         from sims_platform.training.ds_engine import DeepSpeedEngine
 
-        initial = (state["net"], state["optimizer"]) if state is not None and not native else \
-            ((net.state_dict(), init_optimizer) if ckpt is None and init_optimizer is not None else None)
+        initial = (state["net"], state["optimizer"]) if state is not None and not native else None
         engine: Engine = DeepSpeedEngine(net, cfg, plan, device, initial=initial)
         if native:
             assert ckpt is not None
@@ -120,8 +130,6 @@ def _start(net: Precond, cfg: TrainConfig, ckpt: Checkpoint | None, plan, device
         engine = PlainEngine(net.to(device), cfg, device)
         if state is not None:
             engine.load_consolidated(state["net"], state["optimizer"])
-        elif ckpt is None and init_optimizer is not None:
-            engine.load_consolidated(net.state_dict(), init_optimizer)
     if ckpt is None:
         return engine, ema, 0, 0
     counters = state if state is not None else ckpt.commit
@@ -137,7 +145,7 @@ def train(net: Precond, data: torch.Tensor | ShardStream, labels: torch.Tensor |
           checkpoints: str, snapshot_uri: Callable[[int], str] | None = None,
           on_log: Callable[[int, dict[str, float]], None] | None = None,
           after_checkpoint: Callable[[int], None] | None = None, desc: str = "train",
-          where: str = "train", init_optimizer: dict | None = None, schedule_offset: int = 0) -> TrainResult:
+          where: str = "train", start: Start = Start()) -> TrainResult:
     """Train `net` on (data, labels) for cfg.images images; resume from the newest checkpoint if any.
 
     `data` is the training set in memory with its `labels`, or a ShardStream (labels None) that each rank
@@ -145,9 +153,8 @@ def train(net: Precond, data: torch.Tensor | ShardStream, labels: torch.Tensor |
 
     Under torchrun or a PyTorchJob every rank calls this with the same arguments. Rank 0 alone keeps the
     EMA, calls `on_log`, writes snapshots and returns the EMA network. `where` names the config section
-    in errors (train_base, finetune_aux). A fine-tune may start from another run's optimizer state
-    (`init_optimizer`, used only when there is no checkpoint yet) and evaluate its lr schedule from
-    `schedule_offset` images on (the base's final count, to continue the base's schedule).
+    in errors (train_base, finetune_aux). While `checkpoints` holds none, the run begins as `start` says (a
+    fine-tune continuing the base's checkpoint, or counting the base's images before its first step).
     """
     if (data.num_samples if isinstance(data, ShardStream) else len(data)) == 0:
         raise ValueError(f"{desc}: the training set is empty")
@@ -156,8 +163,9 @@ def train(net: Precond, data: torch.Tensor | ShardStream, labels: torch.Tensor |
     plan = plan_batches(cfg, world, where)
     device = distributed.device_for(denv) if denv.launched else next(net.parameters()).device
     net.train()
-    ckpt = distributed.broadcast(latest(checkpoints) if main else None)  # one answer for every rank
-    engine, ema, images, step = _start(net, cfg, ckpt, plan, device, main, init_optimizer)
+    # One answer for every rank: the run's own newest checkpoint, else the one it starts from.
+    ckpt = distributed.broadcast((latest(checkpoints) or start.checkpoint) if main else None)
+    engine, ema, images, step = _start(net, cfg, ckpt, plan, device, main)
 
     losses: list[tuple[int, float]] = []
     window: list[torch.Tensor] = []
@@ -183,7 +191,7 @@ def train(net: Precond, data: torch.Tensor | ShardStream, labels: torch.Tensor |
             assert stream is not None  # made above for a ShardStream
             d = draw_stream_batch(stream, *span, tuple(data.manifest["shape"]), cfg, net.label_dim, batch, gen,
                                   noise_gen, posterior)
-        engine.set_lr(learning_rate(cfg.optimizer, schedule_offset + images + batch))
+        engine.set_lr(learning_rate(cfg.optimizer, images + batch, start.offset))
         # Summed on the device in float64, in the order a Python float sum would take, and read back only at
         # log points: a per-step .item() would stall the GPU's queue at every micro-batch.
         step_loss = torch.zeros((), dtype=torch.float64, device=device)
@@ -198,7 +206,7 @@ def train(net: Precond, data: torch.Tensor | ShardStream, labels: torch.Tensor |
         step += 1
         params = engine.full_params()  # collective under ZeRO: every rank takes part
         if ema is not None:
-            ema.update(params, images, batch)
+            ema.update(params, start.offset + images, batch)
         engine.post_step()
         window.append(step_loss)
         if progress is not None:
