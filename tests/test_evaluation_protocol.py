@@ -12,6 +12,7 @@ from sims_platform.config import config_from_dict
 from sims_platform.config.schema import EvaluateConfig, MethodConfig
 from sims_platform.data import holdout_split, load_images
 from sims_platform.evaluation.plan import BASE, Arm, arms, report_sets, set_offset, work_units
+from sims_platform.evaluation.floor import floor_row, not_computed
 from sims_platform.evaluation.report import iteration_row, method_result
 from sims_platform.metrics.prdc import precision_recall
 from sims_platform.models.presets import build_network
@@ -175,7 +176,7 @@ def test_best_w_is_chosen_on_selection_seeds_and_reported_on_the_others():
     assert res["gain"] == pytest.approx(1.5) and res["gain_sd"] == pytest.approx(0.5)
     assert res["significant"] is True  # 1.5 > 2 x 0.5
     assert res["fid_selection"]["1.0"] == 8.0 and res["nfe_per_sample"] == 62
-    row = iteration_row(0, ev, {"sims": res})
+    row = iteration_row(0, ev, {"sims": res}, floor_row(not_computed("no training split", ev.num_samples)))
     assert row["best_w"] == 1.0 and row["fid"]["0.0"] == pytest.approx(11.0) and row["repeats"] == 3
     assert row["fid_sd"]["0.0"] == pytest.approx(1.0) and row["sampler_steps"] == ev.sampler.steps
     table = format_table({"iterations": [row], "mlflow_run_id": None})

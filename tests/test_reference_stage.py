@@ -79,14 +79,19 @@ def test_three_parts_equal_one_process_and_the_direct_statistics(run, tmp_path, 
     for i in (2, 0, 1):  # any order: the reducer merges in block order
         result = run_stage(ctx(i, 3), "reference")
         assert result["complete"] is False and result["parts"] == 3
-    reduced = run_stage(ctx(), "reference-reduce")
-    assert reduced["complete"] and reduced["images"] == 100 and reduced["parts"] == 3
 
-    # Only held-out images were decoded, each exactly once: never a training image.
+    # The parts decoded only held-out images, each exactly once: never a training image.
     cfg = ctx().cfg
     train, held = holdout_split(load_images(cfg.data).labels, cfg.data.holdout_fraction, cfg.data.holdout_seed)
     assert sorted(loaded) == held.tolist()
     assert not set(loaded) & set(train.tolist())
+
+    loaded.clear()
+    reduced = run_stage(ctx(), "reference-reduce")
+    assert reduced["complete"] and reduced["images"] == 100 and reduced["parts"] == 3
+    # The reducer decodes only the real-vs-real floor's set (repeats = 1) of training images, never a reference one.
+    assert len(loaded) == len(set(loaded)) == cfg.evaluate.num_samples
+    assert set(loaded) <= set(train.tolist())
 
     extractor = feature_extractor(ctx().cfg, ctx().layout.features, ctx().data, ctx().device)
     streamed = read_result(ReferenceFiles.of(ctx().layout, cfg, extractor))
@@ -236,12 +241,18 @@ def test_a_separate_reference_set_streams_from_s3_in_three_parts(tmp_path, s3_bu
     opened["SourceIndex"].clear()
     for i in (2, 0, 1):
         assert run_stage(ctx(i, 3), "reference")["complete"] is False
-    reduced = run_stage(ctx(), "reference-reduce")
-    assert reduced["complete"] and reduced["images"] == 100 and reduced["parts"] == 3
     # Every reference image decoded exactly once, streamed from the S3 shards; data.path never opened.
     assert sorted(loaded) == list(range(100))
     streamed = opened["SourceIndex"]
     assert streamed and all(u.startswith(f"{s3_bucket}/val/") for u in streamed), sorted(set(streamed))
+    loaded.clear()
+    opened["SourceIndex"].clear()
+    reduced = run_stage(ctx(), "reference-reduce")
+    assert reduced["complete"] and reduced["images"] == 100 and reduced["parts"] == 3
+    # The reducer decodes only the real-vs-real floor's training images (one set), streamed from data.path's
+    # shards (it indexes the reference shards to count them, decoding none).
+    assert len(loaded) == len(set(loaded)) == cfg.evaluate.num_samples and set(loaded) <= set(range(300))
+    assert any(u.startswith(f"file://{tmp_path}/train/") for u in opened["SourceIndex"])
 
     files = ReferenceFiles.of(layout, cfg, extractor)
     stats, features = read_result(files)

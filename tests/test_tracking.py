@@ -218,7 +218,9 @@ def _row(k: int, base: list[float], guided: list[float], w: float = 1.0) -> dict
     metrics = {key: {"fid": dict(enumerate(v)), **{m: dict.fromkeys(range(len(v)), 0.5)
                                                    for m in ("precision", "recall", "density", "coverage")}}
                for key, v in (("base", base), (f"sims_w-{float(w)}", guided))}
-    return iteration_row(k, ev, {"sims": method_result(ev, "sims", metrics, steps=8)})
+    floor = {"mean": 4.0, "sd": None if ev.repeats == 1 else 0.25, "sets": ev.repeats, "samples": ev.num_samples,
+             "precision": 0.7, "recall": 0.7}  # what evaluation/floor.py floor_row gives, m = repeats
+    return iteration_row(k, ev, {"sims": method_result(ev, "sims", metrics, steps=8)}, floor)
 
 
 def test_summary_schema(tmp_path):

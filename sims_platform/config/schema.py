@@ -446,6 +446,9 @@ class EvaluateConfig(Strict):
     features: Literal["digits-classifier", "inception", "dinov2"] = Field(
         "digits-classifier", description="FID feature network: digits-classifier (trained on the run's data), "
         "inception (standard FID: Inception-v3, TF 2015-12-05 weights) or dinov2 (FD_DINOv2: ViT-L/14)")
+    features_seed: int = Field(0, ge=0, description="digits-classifier: seed of its training, fixed across the run's "
+                               "seed so every training seed of a benchmark is measured with the same feature "
+                               "network (the ruler); the network trains on the training split only")
     inception_weights: str | None = Field(
         None, description="inception: path or storage URI (s3://, file://) of the FID Inception-v3 state dict "
         "(pytorch-fid's pt_inception-2015-12-05-6726825d.pth, or the same tensors as .safetensors)")

@@ -37,9 +37,10 @@ class _TrainingImages:
 def feature_extractor(cfg: PipelineConfig, cache_uri: str, split: TrainingSplit,
                       device: torch.device) -> FeatureExtractor:
     """evaluate.features' network on `device`, cached under cache_uri (the run's features folder); the digits
-    classifier is trained on the training split only (never a reference image)."""
+    classifier is trained on the training split only (never a reference image), seeded by evaluate.features_seed:
+    the run's seed never enters it, so every training seed of a benchmark is measured with the same network."""
     ev = cfg.evaluate
     weights, sha256 = ev.feature_weights()
     # Built (or trained) on the CPU, then moved: features are computed on the device.
     return build_feature_extractor(ev.features, cache_uri=cache_uri, real=_TrainingImages(split),
-                                   seed=cfg.seed, weights=weights, sha256=sha256, device=device)
+                                   seed=ev.features_seed, weights=weights, sha256=sha256, device=device)

@@ -2,8 +2,9 @@
 
 The reference images are every image of data.reference_path when it is set, else the held-out split of data.path
 (data/split.py). Everything lives under ROOT/features/reference/<feature network>-<key>/, where the key digests the
-feature network's fingerprint, the reference source (reference_source) and precision_recall.max_samples: another
-feature network or another reference never reuses these files. Part i of N owns the contiguous block
+feature network's fingerprint, the reference source (reference_source), precision_recall.max_samples and the
+settings of the real-vs-real floor kept beside the statistics (evaluation/floor.py): another feature network or
+another reference never reuses these files. Part i of N owns the contiguous block
 part_block(n, i, N) of the reference positions 0..n-1 (sorted source indices) and stores float64 FeatureStats of
 its block plus the feature vectors of the positions below max_samples; the reducer checks the blocks tile 0..n
 exactly once and merges them in block order (sums: any split equals the single-process statistics up to float64
@@ -27,6 +28,7 @@ from sims_platform.storage.layout import RunLayout
 
 PART_FILE = re.compile(r"^part-(\d{5})-of-(\d{5})\.pt$")
 RESULT = "reference.pt"
+FLOOR = "fid_floor.json"  # the real-vs-real floor (evaluation/floor.py)
 _PART_KEYS = {"key", "part", "parts", "start", "stop", "done", "stats", "features"}
 _RESULT_KEYS = {"key", "extractor", "count", "parts", "stats", "features"}
 
@@ -48,9 +50,13 @@ def reference_source(d: DataConfig) -> dict:
 
 
 def reference_key(cfg: PipelineConfig, extractor: FeatureExtractor) -> str:
-    """What the statistics depend on: the feature network's weights, the reference images, the kept features."""
+    """What the statistics depend on: the feature network's weights, the reference images, the kept features;
+    and what the real-vs-real floor stored beside them depends on besides (evaluation/floor.py): the report-set
+    size and count, and precision/recall's k."""
+    ev = cfg.evaluate
     what = {"extractor": extractor.name, "fingerprint": extractor.fingerprint,
-            "data": reference_source(cfg.data), "max_samples": cfg.evaluate.precision_recall.max_samples}
+            "data": reference_source(cfg.data), "max_samples": ev.precision_recall.max_samples,
+            "floor": {"num_samples": ev.num_samples, "repeats": ev.repeats, "k": ev.precision_recall.k}}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
 
 
@@ -76,6 +82,10 @@ class ReferenceFiles:
     @property
     def result(self) -> str:
         return fsio.join(self.root, RESULT)
+
+    @property
+    def floor(self) -> str:
+        return fsio.join(self.root, FLOOR)
 
 
 # ----------------------------------------------------------------------------

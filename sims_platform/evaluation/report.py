@@ -34,15 +34,20 @@ def arm_metrics(data: ArmData, ref_stats: FeatureStats, ref_features: torch.Tens
         if stats.count != expected:
             raise ValueError(f"seed set {s}: merged statistics hold {stats.count} samples, expected "
                              f"evaluate.num_samples = {expected}")
-        out["fid"][s] = fid_from_stats(stats, ref_stats)
-        if ref_features is None:
-            for name in METRICS[1:]:
-                out[name][s] = float("nan")
-            continue
-        n = min(len(ref_features), len(data.features[s]))
-        for name, value in precision_recall(ref_features[:n], data.features[s][:n], k).items():
+        for name, value in set_metrics(stats, data.features[s], ref_stats, ref_features, k).items():
             out[name][s] = value
     return out
+
+
+def set_metrics(stats: FeatureStats, features: torch.Tensor | None, ref_stats: FeatureStats,
+                ref_features: torch.Tensor | None, k: int) -> dict[str, float]:
+    """The METRICS of one set of images (its statistics and first feature vectors) against the reference: the one
+    place a set is measured (a method's seed set, a real-vs-real floor set)."""
+    out = {"fid": fid_from_stats(stats, ref_stats)}
+    if ref_features is None or features is None:
+        return out | {name: float("nan") for name in METRICS[1:]}
+    n = min(len(ref_features), len(features))
+    return out | precision_recall(ref_features[:n], features[:n], k)
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float]:
@@ -92,10 +97,13 @@ def method_result(ev: EvaluateConfig, method: str, metrics: dict[str, dict[str, 
     return res
 
 
-def iteration_row(k: int, ev: EvaluateConfig, methods: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """summary.json's row: the primary (first) method's results at the top level, every method under 'methods'."""
+def iteration_row(k: int, ev: EvaluateConfig, methods: dict[str, dict[str, Any]],
+                  fid_floor: dict[str, Any]) -> dict[str, Any]:
+    """summary.json's row: the primary (first) method's results at the top level, every method under 'methods',
+    and the real-vs-real floor the FIDs are read against (evaluation/floor.py floor_row)."""
     primary = methods[ev.primary.name]
     keys = ("fid", "fid_sd", "precision", "recall", "best_w", "fid_base", "fid_best")
-    return {"iteration": int(k), **{key: primary[key] for key in keys}, "sampler_steps": ev.sampler.steps,
+    return {"iteration": int(k), **{key: primary[key] for key in keys}, "fid_floor": fid_floor,
+            "sampler_steps": ev.sampler.steps,
             "repeats": ev.repeats, "num_samples": ev.num_samples, "primary_method": ev.primary.name,
             "method_order": [m.name for m in ev.methods], "methods": methods}

@@ -16,6 +16,8 @@ import torch
 
 from sims_platform.evaluation import parts as P
 from sims_platform.evaluation.features import feature_extractor
+from sims_platform.evaluation.floor import (compute_floor, describe_floor, floor_metrics, floor_row, not_computed,
+                                            read_floor, training_source)
 from sims_platform.evaluation.methods import Networks, model_inputs
 from sims_platform.evaluation.plan import arms, part_block, set_offset, w_key, work_units
 from sims_platform.evaluation.reference import ReferenceFiles, in_memory_reference, read_result
@@ -114,6 +116,22 @@ def reference(ctx: StageContext, extractor: FeatureExtractor) -> tuple[FeatureSt
     return in_memory_reference(extractor, ctx.data.reference.images, ev.batch_size, ev.precision_recall.max_samples)
 
 
+def real_floor(ctx: StageContext, extractor: FeatureExtractor, ref_stats: FeatureStats,
+               ref_features: torch.Tensor | None) -> dict:
+    """The real-vs-real floor (evaluation/floor.py): as the reference stage stored it beside the statistics; when
+    evaluate computed the reference itself (no reference stage ran), measured here the same way; none against
+    published statistics."""
+    ev = ctx.cfg.evaluate
+    if ev.reference:
+        return not_computed("evaluate.reference names published statistics: no reference stage runs, so no real "
+                            "images are measured against them", ev.num_samples)
+    stored = read_floor(ReferenceFiles.of(ctx.layout, ctx.cfg, extractor))
+    if stored is not None:
+        return stored
+    index, train = training_source(ctx.cfg.data)
+    return compute_floor(extractor, index, train, ref_stats, ref_features, ev)
+
+
 def _log_at_w(lineage: Lineage, run_id: str, method: str, key: str, metrics: dict[str, float]) -> None:
     """A method's metrics at one weight setting (its summary.json key) under their MLflow names and step."""
     w = parse_w_key(key)
@@ -156,11 +174,13 @@ def write_results(ctx: StageContext, run_id: str, merged: dict[str, P.ArmData]) 
     out = layout.stage(k, "evaluate")
     extractor = feature_extractor(ctx.cfg, ctx.layout.features, ctx.data, ctx.device)
     ref_stats, ref_features = reference(ctx, extractor)
+    floor = real_floor(ctx, extractor, ref_stats, ref_features)
     metrics = {key: arm_metrics(data, ref_stats, ref_features, ev.precision_recall.k, ev.num_samples)
                for key, data in merged.items()}
     methods: dict[str, dict[str, Any]] = {m.name: method_result(ev, m.name, metrics, ev.sampler.steps)
                                           for m in ev.methods}
-    row = iteration_row(k, ev, methods)
+    row = iteration_row(k, ev, methods, floor_row(floor))
+    print(f"[iter {k} evaluate] real vs real (floor): {describe_floor(floor)}", flush=True)
 
     for arm in arms(ev):
         data, m = merged[arm.key], metrics[arm.key]
@@ -177,7 +197,7 @@ def write_results(ctx: StageContext, run_id: str, merged: dict[str, P.ArmData]) 
         best = {f"{tag}.best_w": res["best_w"]} if not isinstance(res["best_w"], list) else {}
         lin.log_metrics(run_id, best | {f"{tag}.fid_best": res["fid_best"], f"{tag}.gain": res["gain"],
                                         f"{tag}.gain_sd": res["gain_sd"]}, step=0)
-    lin.log_metrics(run_id, {"fid_base": row["fid_base"], "fid_best": row["fid_best"]}
+    lin.log_metrics(run_id, {"fid_base": row["fid_base"], "fid_best": row["fid_best"]} | floor_metrics(floor)
                     | ({"best_w": row["best_w"]} if not isinstance(row["best_w"], list) else {}), step=0)
     curves = {label: line for name, res in methods.items()
               for label, line in method_curves(name, {w: (res["fid"][w], res["fid_sd"][w]) for w in res["fid"]}).items()}

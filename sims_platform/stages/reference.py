@@ -6,8 +6,10 @@ evaluate.batch_size images at a time (SourceIndex decodes just those, reading sh
 ever holds the reference set in memory; it keeps float64 feature sums and the features of the first
 precision_recall.max_samples reference images, and rewrites its part file every SAVE_SECONDS, so a restarted part
 resumes where it was (the sums then add the same batches in the same order: the result is unchanged). The reducer
-merges the parts into ROOT/features/reference/<net>-<key>/reference.pt, which evaluate reads. With one part,
-`reference` does both. Not run when evaluate.reference names published EDM2 statistics (pipeline/runner.py).
+merges the parts into ROOT/features/reference/<net>-<key>/reference.pt, which evaluate reads, and measures the
+real-vs-real floor beside it (fid_floor.json, evaluation/floor.py: sets of training images, only those decoded).
+With one part, `reference` does both. Not run when evaluate.reference names published EDM2 statistics
+(pipeline/runner.py).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import time
 import torch
 
 from sims_platform.data import SourceIndex, holdout_split
+from sims_platform.evaluation import floor as F
 from sims_platform.evaluation import reference as R
 from sims_platform.stages.context import StageContext
 from sims_platform.evaluation.features import feature_extractor
@@ -89,11 +92,17 @@ def reduce_parts(ctx: StageContext, run_id: str, extractor, files: R.ReferenceFi
     if stats.count != count:
         raise ReferencePartsError(f"reference parts under {files.parts_dir} hold {stats.count} images, the "
                                   f"reference set has {count}: remove them and rerun every part")
-    R.write_result(files, extractor, parts, stats, features)
-    ctx.lineage.log_metrics(run_id, {"reference_images": float(stats.count), "reference_parts": float(parts)},
-                            step=0)
-    print(f"[reference] {count} reference images, {parts} part(s) -> {files.result}", flush=True)
-    return {"reference": files.result, "images": count, "parts": parts, "complete": True}
+    floor = F.read_floor(files)  # a reducer killed after the floor keeps it
+    if floor is None:
+        index, train = F.training_source(ctx.cfg.data)
+        floor = F.compute_floor(extractor, index, train, stats, features, ctx.cfg.evaluate)
+        F.write_floor(files, floor)
+    R.write_result(files, extractor, parts, stats, features)  # last: its presence says the reference is whole
+    ctx.lineage.log_metrics(run_id, {"reference_images": float(stats.count), "reference_parts": float(parts)}
+                            | F.floor_metrics(floor), step=0)
+    print(f"[reference] {count} reference images, {parts} part(s) -> {files.result}; real-vs-real floor: "
+          f"{F.describe_floor(floor)}", flush=True)
+    return {"reference": files.result, "images": count, "parts": parts, "floor": files.floor, "complete": True}
 
 
 # ----------------------------------------------------------------------------

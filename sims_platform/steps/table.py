@@ -92,8 +92,9 @@ TABLE: tuple[StageRow, ...] = (
     StageRow("reference", "the reference images' feature statistics, as parts", "run", "array",
              "sims_platform.stages.reference:reference", reducer="reference-reduce",
              folder="features/reference",  # next to the feature networks it is computed with
-             settings=("data", "evaluate.features", "evaluate.inception_weights", "evaluate.precision_recall",
-                       "evaluate.batch_size"),
+             settings=("data", "evaluate.features", "evaluate.features_seed", "evaluate.inception_weights",
+                       "evaluate.precision_recall", "evaluate.batch_size",
+                       "evaluate.num_samples", "evaluate.repeats"),  # the last two: the real-vs-real floor's sets
              when=lambda cfg, k, loop: not cfg.evaluate.reference),
     StageRow("reference-reduce", "merges the reference parts into the statistics evaluate compares with", "run",
              "single", "sims_platform.stages.reference:reference_reduce", completes="reference"),

@@ -25,6 +25,8 @@ def _finite(x: float | None) -> bool:
     return x is not None and math.isfinite(x)
 
 
+FLOOR_LABEL = "real vs real (floor)"
+
 # Keys every summary row has (evaluation/report.py iteration_row builds them); the primary method's values.
 ROW_KEYS = {"iteration", "fid", "fid_sd", "precision", "recall", "best_w", "fid_base", "fid_best",
             "sampler_steps", "repeats", "methods"}
@@ -113,7 +115,20 @@ def format_iteration(row: Mapping[str, Any], digits: int = 2) -> str:
             star = "*" if w == _best_key(m) else " "
             body.append([name, w + star, str(m["nfe_per_w"][w]), fid(m["fid"][w], m["fid_sd"][w]),
                          _fmt(m["precision"][w], 3), _fmt(m["recall"][w], 3)])
+    floor: Mapping[str, Any] = row.get("fid_floor") or {}  # absent from rows written before the floor existed
+    measured = floor.get("mean") is not None
+    if measured:
+        body.append([FLOOR_LABEL, "-", "-", _fmt(floor["mean"], digits) if floor.get("sd") is None
+                     else f"{_fmt(floor['mean'], digits)} ± {_fmt(floor['sd'], digits)}",
+                     _fmt(floor.get("precision"), 3), _fmt(floor.get("recall"), 3)])
     lines += _grid(["method", "w", "NFE/sample", "FID" if one else "FID (mean ± sd)", "precision", "recall"], body)
+    if measured:
+        sets = f"{floor['sets']} set" if floor["sets"] == 1 else f"{floor['sets']} sets"
+        noise = "; FID gaps under its sd are noise" if floor.get("sd") is not None else ""
+        lines.append(f"{FLOOR_LABEL}: {sets} of {floor['samples']} real training images vs the same reference: no "
+                     f"method can meaningfully go below it{noise}")
+    elif floor:
+        lines.append(f"{FLOOR_LABEL}: not computed ({floor.get('reason') or 'a set FID is not finite'})")
     lines.append("")
     body = []
     for name, m in methods.items():
