@@ -65,7 +65,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from sims_platform.data.check import check_data_paths
 
     cfg = load_config(args.file, list(args.set or []))
-    notes = check_data_paths(cfg.data)
+    notes = check_data_paths(cfg.data) + cfg.notes()
     sweeps = "; ".join(f"{m.name} w {m.weights}" for m in cfg.evaluate.methods)
     what = " (Helm values file: its pipeline)" if is_values_file(args.file) else ""
     print(f"{args.file}{what}: valid ({cfg.iterations.count} iteration(s), {sweeps})")

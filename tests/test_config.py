@@ -257,6 +257,7 @@ def test_an_imported_base_needs_a_named_guide_for_autoguidance():
     d["evaluate"]["methods"] = [{"name": "autoguidance", "weights": [1.0], "guide_images": 1024}]
     d["train_base"]["snapshots"] = [1024]
     d.pop("loop", None)
+    d.pop("guide", None)  # a trained guide would guide the imported base (tests/test_guide.py)
     d["pretrained"] = {"base": "s3://bucket/models/base.pkl"}
     d["finetune_aux"]["init"] = {"mode": "transfer"}  # an imported base has no training state to resume
     d["finetune_aux"]["optimizer"] = {"lr": 0.01, "rampup_images": 1000}

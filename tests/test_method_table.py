@@ -137,11 +137,11 @@ def tiny_guidance_dict(root: str) -> dict:
     """The guidance pipeline's methods on the tiny pipeline of the end-to-end tests."""
     d = tiny_config_dict(root)
     methods = yaml.safe_load(PIPELINE.read_text())["evaluate"]["methods"]
-    for m in methods:
-        if "guide_images" in m:
-            m["guide_images"] = 256
+    # its trained guide, smaller than the tiny network (16 channels)
+    d["guide"] = {"network": {"preset": "digits-mini", "model_channels": 8, "channel_mult": [1, 2]},
+                  "images": 128, "batch_size": 64, "ema_std": 0.05, "checkpoint_images": 128, "log_images": 128}
     d["data"]["max_images"] = 200
-    d["train_base"].update(images=512, snapshots=[256], checkpoint_images=512)
+    d["train_base"].update(images=512, checkpoint_images=512)
     d["finetune_aux"].update(images=128, checkpoint_images=128)
     d["evaluate"].update(methods=methods, num_samples=8, batch_size=8)
     d["generate"].update(num_samples=16, batch_size=16, shard_size=16)

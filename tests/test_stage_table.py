@@ -26,7 +26,10 @@ def cfg(tmp_path):
     d["data"].update(conditional=False, class_fractions={5: 0.25, 6: 0.25, 7: 0.25, 8: 0.25, 9: 0.25})
     d["encoder"] = {"kind": "latent", "vae_config": TINY_VAE, "shard_size": 8, "batch_size": 4}
     d["shift"] = {"target": "uniform", "w": 1.0, "aux_samples": 120}
-    d["evaluate"]["methods"] = [{"name": "sims", "weights": [1.0]}, {"name": "sims-real-aux", "weights": [1.0]}]
+    d["evaluate"]["methods"] = [{"name": "sims", "weights": [1.0]}, {"name": "sims-real-aux", "weights": [1.0]},
+                                {"name": "autoguidance", "weights": [1.0]}]
+    d["guide"] = {"network": {"preset": "digits-mini", "channel_mult": [1, 2]}, "images": 256, "batch_size": 64,
+                  "checkpoint_images": 256, "log_images": 256}
     d["iterations"] = {"count": 2, "train_data": "real+synthetic", "feed_samples": 40}
     return config_from_dict(d)
 

@@ -40,6 +40,9 @@ class PipelineConfig(Protocol):
     def pretrained(self) -> Any: ...
 
     @property
+    def guide(self) -> Any: ...
+
+    @property
     def train_base(self) -> Any: ...
 
     @property
@@ -65,6 +68,9 @@ class StageModel:
     stage: str
     takes_guide_images = False
 
+    def trained_by(self, cfg: PipelineConfig) -> str | None:
+        return self.stage
+
     def uri(self, cfg: PipelineConfig, method: MethodConfig, layout: Layout, k: int) -> str | None:
         return layout.model(k, self.stage)
 
@@ -74,33 +80,47 @@ class StageModel:
 
 @dataclass(frozen=True)
 class EarlyBase:
-    """An early or small base: pretrained.guide, else the snapshot of train-base at the method's guide_images."""
+    """A smaller or earlier base, the first of: the model `stage` trains when the config has a guide section (EDM2's
+    recipe), pretrained.guide, the snapshot of train-base at the method's guide_images."""
 
-    stage = None
+    stage: str  # the training stage of a guide section
     takes_guide_images = True
 
+    def trained_by(self, cfg: PipelineConfig) -> str | None:
+        return self.stage if cfg.guide is not None else None
+
     def uri(self, cfg: PipelineConfig, method: MethodConfig, layout: Layout, k: int) -> str | None:
+        if cfg.guide is not None:
+            return layout.model(k, self.stage)
         if cfg.pretrained.guide:
             return cfg.pretrained.guide
         assert method.guide_images is not None  # check() made the config name a snapshot
         return layout.snapshot(k, "train-base", method.guide_images)
 
     def check(self, cfg: PipelineConfig, method: MethodConfig) -> None:
+        if cfg.guide is not None:
+            if method.guide_images is not None:
+                raise ValueError(f"evaluate.methods {method.name}: guide_images names a train_base snapshot, but the "
+                                 "guide section trains the guide; remove one of them")
+            return
         if cfg.pretrained.guide is None and cfg.pretrained.base is not None:
             raise ValueError(f"evaluate.methods {method.name}: iteration 0's base is imported (pretrained.base), so "
-                             "it has no training snapshots to guide with; set pretrained.guide (e.g. EDM2-XS)")
+                             "it has no training snapshots to guide with; set pretrained.guide (e.g. EDM2-XS) or "
+                             "a guide section (a guide trained here)")
         if cfg.pretrained.guide is None and method.guide_images not in cfg.train_base.snapshots:
             raise ValueError(f"evaluate.methods {method.name}: guide_images must be one of train_base.snapshots "
                              f"{cfg.train_base.snapshots} (the early base checkpoint that guides), or "
-                             "pretrained.guide must name a guide")
+                             "pretrained.guide or a guide section must name a guide")
 
 
 @dataclass(frozen=True)
 class BaseWithoutLabels:
     """The base itself with its class input dropped (classifier-free guidance): no network of its own."""
 
-    stage = None
     takes_guide_images = False
+
+    def trained_by(self, cfg: PipelineConfig) -> str | None:
+        return None
 
     def uri(self, cfg: PipelineConfig, method: MethodConfig, layout: Layout, k: int) -> str | None:
         return None
@@ -128,7 +148,7 @@ class Guide:
 
 AUX = Guide("sims", StageModel("finetune-aux"), "aux_model")
 REAL_AUX = Guide("sims", StageModel("finetune-real-aux"), "real_aux_model")
-EARLY_BASE = Guide("autoguidance", EarlyBase(), "guide_model")
+EARLY_BASE = Guide("autoguidance", EarlyBase("train-guide"), "guide_model")
 UNCONDITIONAL = Guide("cfg", BaseWithoutLabels(), None)
 
 
@@ -220,10 +240,9 @@ class Method:
     def takes_guide_images(self) -> bool:
         return any(g.source.takes_guide_images for g in self.guides)
 
-    @property
-    def stages(self) -> tuple[str, ...]:
-        """The training stages whose models it guides with."""
-        return tuple(g.source.stage for g in self.guides if g.source.stage is not None)
+    def stages(self, cfg: PipelineConfig) -> tuple[str, ...]:
+        """The training stages whose models it guides with in this config."""
+        return tuple(st for g in self.guides if (st := g.source.trained_by(cfg)) is not None)
 
     def guide_uris(self, cfg: PipelineConfig, method: MethodConfig, layout: Layout,
                    k: int) -> list[str | None]:
@@ -263,7 +282,8 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("neon", "one network with weights (1+w) theta_base - w theta_aux", (AUX,), weight_space, networks=1),
     Method("sims-real-aux", "the control: an aux fine-tuned the same way on real training data", (REAL_AUX,),
            extrapolate, networks=2),
-    Method("autoguidance", "an early base snapshot (or pretrained.guide) as guide", (EARLY_BASE,), extrapolate,
+    Method("autoguidance", "a bad version of the base as guide: the guide section's trained guide, else "
+           "pretrained.guide, else an early base snapshot", (EARLY_BASE,), extrapolate,
            networks=2),
     Method("cfg", "the unconditional base as guide", (UNCONDITIONAL,), extrapolate, networks=2),
     Method("sims+autoguidance", "D_base + w_s (D_base - D_aux) + w_a (D_base - D_guide): sims and autoguidance "

@@ -303,6 +303,14 @@ class FinetuneConfig(TrainConfig):
     init: AuxInitConfig = AuxInitConfig()
 
 
+class GuideConfig(TrainConfig):
+    """Autoguidance's guide as EDM2 trains one (Karras et al. 2024): a smaller network than the base, trained on the
+    same data for a fraction of its images with a shorter EMA (the train-guide stage)."""
+
+    network: NetworkConfig = Field(..., description="the guide's architecture (e.g. a smaller preset, or fewer "
+                                   "model_channels than network)")
+
+
 # ----------------------------------------------------------------------------
 # Sampling, generation, evaluation
 
@@ -700,6 +708,10 @@ class PipelineConfig(Strict):
     evaluate: EvaluateConfig = EvaluateConfig()
     iterations: IterationsConfig = IterationsConfig()
     pretrained: PretrainedConfig = PretrainedConfig()
+    guide: GuideConfig | None = Field(None, description="autoguidance's guide, trained by the train-guide stage on "
+                                      "the base's data (EDM2's recipe: a smaller network, a fraction of "
+                                      "train_base.images, a shorter ema_std); null = pretrained.guide, else a "
+                                      "train_base snapshot at the method's guide_images")
     shift: ShiftConfig | None = Field(None, description="distribution shifting (a select-aux stage between "
                                       "generate and finetune-aux); null = off")
     loop: LoopConfig | None = Field(None, description="self-consuming loops as an experiment: standard vs SIMS "
@@ -715,6 +727,8 @@ class PipelineConfig(Strict):
             return self.train_base
         if stage in ("finetune-aux", "finetune-real-aux"):
             return self.finetune_aux
+        if stage == "train-guide" and self.guide is not None:
+            return self.guide
         raise ValueError(f"'{stage}' is not a training stage")
 
     @model_validator(mode="before")
@@ -743,6 +757,8 @@ class PipelineConfig(Strict):
             guided = [m.name for m in methods.METHODS.values() if m.takes_guide_images]
             raise ValueError(f"pretrained.guide is {guided[0]}'s guide network: add an entry of "
                              f"{' or '.join(map(repr, guided))} to evaluate.methods or remove pretrained.guide")
+        if self.guide is not None:
+            self._check_guide(self.guide)
         for m in self.evaluate.methods:
             m.row.check(self, m)
         it = self.iterations
@@ -766,6 +782,22 @@ class PipelineConfig(Strict):
         self._check_aux_init()
         return self
 
+    def notes(self) -> list[str]:
+        """Settings that are valid but do nothing in this config (`sims validate` prints them)."""
+        if self.guide is not None and not any(m.row.takes_guide_images for m in self.evaluate.methods):
+            guided = [m.name for m in methods.METHODS.values() if m.takes_guide_images]
+            # Not an error: replacing the demo's evaluate.methods (--set) must not also require removing its guide.
+            return [f"guide: no evaluate.methods entry uses it ({', '.join(guided)}), so train-guide does not run"]
+        return []
+
+    def _check_guide(self, g: GuideConfig) -> None:
+        if self.pretrained.guide is not None:
+            raise ValueError("guide: pretrained.guide names autoguidance's guide too (one trained here, one "
+                             "imported); keep one of them")
+        if g.images > self.train_base.images:
+            raise ValueError(f"guide.images: {g.images} exceeds train_base.images ({self.train_base.images}); the "
+                             "guide is a bad version of the base, trained for a fraction of its images")
+
     def _check_aux_init(self) -> None:
         ft, mode = self.finetune_aux, self.finetune_aux.init.mode
         if mode == "resume":
@@ -785,8 +817,8 @@ class PipelineConfig(Strict):
         if self.iterations.count > 1:
             raise ValueError(f"loop runs its own generations (loop.generations = {lp.generations}): "
                              f"iterations.count must be 1, got {self.iterations.count}")
-        if set(methods.method(lp.method).stages) != {"finetune-aux"}:
-            own = [m.name for m in methods.METHODS.values() if set(m.stages) == {"finetune-aux"}]
+        if set(methods.method(lp.method).stages(self)) != {"finetune-aux"}:
+            own = [m.name for m in methods.METHODS.values() if set(m.stages(self)) == {"finetune-aux"}]
             raise ValueError(f"loop.method '{lp.method}' must guide with the generation's own aux only: one of {own}")
         if "sims" in lp.arms and lp.method not in [m.name for m in self.evaluate.methods]:
             raise ValueError(f"loop.arms 'sims' guides with loop.method '{lp.method}', which evaluate.methods "
@@ -820,5 +852,5 @@ class PipelineConfig(Strict):
             if missing:
                 raise ValueError(f"shift.target: classes {missing} have no proportion; list every class "
                                  f"0..{k - 1} with p > 0 (guidance cannot remove a class)")
-        if not any("finetune-aux" in m.row.stages for m in self.evaluate.methods):
+        if not any("finetune-aux" in m.row.stages(self) for m in self.evaluate.methods):
             raise ValueError("shift selects the aux set of sims/neon: add a 'sims' entry to evaluate.methods")

@@ -38,6 +38,10 @@ class Precond(nn.Module):
     def __init__(self, img_resolution: int, img_channels: int, label_dim: int, sigma_data: float = 0.5,
                  logvar_channels: int = 128, **unet_kwargs):
         super().__init__()
+        # Its constructor arguments, as EDM2's persistence keeps _init_kwargs: a model record carries them, so the
+        # network loads with its own architecture (models/pretrained.py model_record).
+        self.init_kwargs = dict(img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim,
+                                sigma_data=sigma_data, logvar_channels=logvar_channels, **unet_kwargs)
         self.img_resolution = img_resolution
         self.img_channels = img_channels
         self.label_dim = label_dim

@@ -12,6 +12,8 @@ _EDM2 = dict(channel_mult=[1, 2, 3, 4], num_blocks=3, attn_resolutions=[16, 8])
 PRESETS: dict[str, dict] = {
     # Demo: 16x16 grayscale digits on a CPU. Small enough to train in minutes on two cores.
     "digits-tiny": dict(model_channels=32, channel_mult=[1, 2, 2], num_blocks=1, attn_resolutions=[], dropout=0.0),
+    # Autoguidance's guide for digits-tiny (the guide section): half its channels, a quarter of its parameters.
+    "digits-mini": dict(model_channels=16, channel_mult=[1, 2, 2], num_blocks=1, attn_resolutions=[], dropout=0.0),
     "digits-small": dict(model_channels=64, channel_mult=[1, 2, 2], num_blocks=2, attn_resolutions=[8], dropout=0.0),
     "edm2-xs": dict(model_channels=128, dropout=0.0, **_EDM2),   # 124.7M, FID 3.53
     "edm2-s": dict(model_channels=192, dropout=0.0, **_EDM2),    # 280.2M, FID 2.56

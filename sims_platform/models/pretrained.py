@@ -7,7 +7,8 @@ from typing import Any
 import numpy as np
 
 from sims_platform.config.schema import EncoderConfig
-from sims_platform.models.edm2_pickle import EDM2_DEFAULTS, Edm2Network, read_edm2
+from sims_platform.models.edm2_pickle import EDM2_DEFAULTS, Edm2Network, precond_kwargs, read_edm2
+from sims_platform.models.precond import Precond
 from sims_platform.storage import fsio
 from sims_platform.storage.safe_pickle import load_torch_bytes
 
@@ -15,8 +16,9 @@ from sims_platform.storage.safe_pickle import load_torch_bytes
 def read_network(uri: str) -> Edm2Network:
     """Weights (float32) at uri and, when the file describes its network, the network's arguments.
 
-    A torch.save file (zip) is a platform record: {"ema": state dict, "images": n, ...}, plus "precond"
-    (the network's arguments) when `sims import-edm2` wrote it. Anything else is read as an EDM2 pickle.
+    A torch.save file (zip) is a platform record: {"ema": state dict, "images": n, "precond": the network's
+    arguments, ...} (model_record; records written before they carried "precond" load with the config's network).
+    Anything else is read as an EDM2 pickle.
     """
     raw = fsio.read_bytes(uri)
     if not raw.startswith(b"PK"):  # torch.save's zip container; EDM2's pickles are plain pickles
@@ -27,12 +29,21 @@ def read_network(uri: str) -> Edm2Network:
     kwargs = rec.get("precond")
     if kwargs is not None and not isinstance(kwargs, dict):
         raise ValueError(f"{uri}: 'precond' is a {type(kwargs).__name__}, expected the network's arguments")
+    if kwargs is not None:  # checked as an EDM2 pickle's are: only arguments our network takes
+        kwargs = precond_kwargs(kwargs, uri)
     images = rec.get("images")
     encoder = rec.get("encoder")
     if encoder is not None and not isinstance(encoder, dict):
         raise ValueError(f"{uri}: 'encoder' is a {type(encoder).__name__}, expected the encoder's settings")
     return Edm2Network(kwargs, rec["ema"], int(images) if images is not None else None, uri,
                        encoder)
+
+
+def model_record(net: Precond, images: int, **meta: Any) -> dict[str, Any]:
+    """What a model file holds: the EMA weights, the training images behind them and the network's arguments (so
+    it loads with its own architecture, e.g. a guide smaller than the config's network), plus `meta`."""
+    return {"ema": net.state_dict(), "images": images, "precond": precond_kwargs(net.init_kwargs, "network"),
+            **meta}
 
 
 def import_edm2(src: str, dst: str) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from sims_platform.storage.layout import RunLayout
 
 # Each step's settings (the config paths its results depend on) and inputs (the stages it reads) are its row's in
 # the stage table (steps.table). A loop's stages also depend on its own settings (the arm and fraction are the
-# loop's name). train-base of k > 0 also reads the feeds of earlier iterations.
+# loop's name). A stage on the base's data (train-base, train-guide) of k > 0 also reads the earlier feeds.
 LOOP_SETTINGS = ("loop.accumulate", "loop.train_data", "loop.method")
 EXCLUDED = {"iterations.count"}
 
@@ -65,7 +65,7 @@ def _settings(cfg: PipelineConfig, step: Step) -> dict[str, Any]:
     view = cfg.for_loop(loop) if loop is not None else cfg
     dump = view.model_dump(mode="json")
     paths = row(step.stage).settings + (LOOP_SETTINGS if step.loop is not None else ())
-    if step.stage == "train-base" and step.iteration == 0:  # iteration 0's base trains on the real data alone
+    if row(step.stage).base_data and step.iteration == 0:  # iteration 0's base trains on the real data alone
         paths = tuple(p for p in paths if p != "iterations")
     out = {p: _pick(dump, p) for p in paths}
     for path in EXCLUDED:
@@ -95,7 +95,7 @@ def plan_provenance(cfg: PipelineConfig) -> dict[Step, Provenance]:
     by_key: dict[Step, tuple[str, str]] = {}  # key -> (step name, digest)
     for step in pipeline_plan(cfg):
         names = [Step(step.iteration, s, step.loop) for s in row(step.stage).reads]
-        if step.stage == "train-base" and (step.loop is not None or cfg.iterations.train_data != "real"):
+        if row(step.stage).base_data and (step.loop is not None or cfg.iterations.train_data != "real"):
             names += [Step(j, "feed", step.loop) for j in range(step.iteration)]
         inputs: dict[str, str] = {}
         for read in names:

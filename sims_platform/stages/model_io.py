@@ -7,10 +7,10 @@ from dataclasses import dataclass
 
 import torch
 
-from sims_platform.config.schema import PipelineConfig
+from sims_platform.config.schema import NetworkConfig, PipelineConfig
 from sims_platform.models.precond import Precond
 from sims_platform.models.presets import architecture, build_network
-from sims_platform.models.pretrained import check_encoder, read_network
+from sims_platform.models.pretrained import check_encoder, model_record, read_network
 from sims_platform.storage import fsio
 
 
@@ -22,17 +22,20 @@ class ModelIO:
     device: torch.device
     shape: Callable[[], tuple[int, int, int]]
 
-    def build(self) -> Precond:
+    def build(self, network: NetworkConfig | None = None) -> Precond:
+        """A new network of `network` (default: the config's network), in this config's model space."""
         c, h, _ = self.shape()
         torch.manual_seed(self.cfg.seed)  # identical initial weights on every rank and every relaunch
-        return build_network(self.cfg.network, h, c, self.cfg.data.label_dim).to(self.device)
+        return build_network(network or self.cfg.network, h, c, self.cfg.data.label_dim).to(self.device)
 
     def save(self, uri: str, net: Precond, images: int, **meta) -> None:
-        fsio.save_torch(uri, {"ema": net.state_dict(), "images": images, **meta})
+        """The model record: its weights with its architecture, so `load` builds it whatever the config says."""
+        fsio.save_torch(uri, model_record(net, images, **meta))
 
     def load(self, uri: str) -> Precond:
-        """A model record of this run, or any network file that describes itself (an EDM2 pickle, a
-        `sims import-edm2` record: e.g. a pretrained guide of another size), float32, eval mode."""
+        """A model record (built with the architecture it records: e.g. a guide smaller than the config's network;
+        a record without one, written before records carried it, with the config's), or an EDM2 pickle; float32,
+        eval mode."""
         return self.read(uri)[0]
 
     def read(self, uri: str) -> tuple[Precond, int | None]:
@@ -41,7 +44,11 @@ class ModelIO:
             raise FileNotFoundError(f"model not found at {uri}: run the stage that writes it first")
         rec = read_network(uri)
         check_encoder(rec, self.cfg.encoder, "encoder")
-        net = rec.build().to(self.device) if rec.kwargs is not None else self.build()
+        if rec.kwargs is None:
+            net = self.build()
+        else:  # seeded as build() is: loading leaves the global generator in one state, whatever the record holds
+            torch.manual_seed(self.cfg.seed)
+            net = rec.build().to(self.device)
         net.load_state_dict(rec.state_dict)
         return net.eval().requires_grad_(False), rec.images
 

@@ -1,4 +1,4 @@
-"""train-base, finetune-aux and finetune-real-aux: the same loop, different data and starting point."""
+"""train-base, train-guide, finetune-aux and finetune-real-aux: the same loop, different data and starting point."""
 
 from __future__ import annotations
 
@@ -47,18 +47,35 @@ def _stream(ctx: StageContext, uri: str, tcfg, salt: int):
     return ShardStream(uri, seed=ctx.cfg.seed + salt, buffer_size=tcfg.shuffle_buffer)
 
 
-def train_base(ctx: StageContext, run_id: str, **train_kwargs) -> dict:
-    """Train iteration k's base model from scratch on the data its config names (with pretrained.base, iteration
-    0's base is import-base's instead: stages.import_base)."""
-    k, tcfg = ctx.iteration, ctx.cfg.train_base
+def _base_data(ctx: StageContext, tcfg, salt: int = 0):
+    """Iteration k's base training data (x, labels, lineage sources): what train-base and train-guide train on."""
+    k = ctx.iteration
     if tcfg.loader == "stream":  # one shard set: the encoded latents, or the previous feed (validated)
         uri = ctx.layout.encoded if k == 0 or ctx.cfg.iterations.train_data == "real" \
             else ctx.layout.shards(k - 1, "feed")
-        x, y, sources = _stream(ctx, uri, tcfg, 7919 * k), None, {"data": uri}
-    else:
-        x, y, sources = ctx.data.base_training_data()
+        return _stream(ctx, uri, tcfg, 7919 * k + salt), None, {"data": uri}
+    return ctx.data.base_training_data()
+
+
+def train_base(ctx: StageContext, run_id: str, **train_kwargs) -> dict:
+    """Train iteration k's base model from scratch on the data its config names (with pretrained.base, iteration
+    0's base is import-base's instead: stages.import_base)."""
+    k = ctx.iteration
+    x, y, sources = _base_data(ctx, ctx.cfg.train_base)
     snap = lambda images: ctx.layout.snapshot(k, "train-base", images)  # noqa: E731
     return _run_training(ctx, "train-base", run_id, ctx.models.build(), x, y, ctx.cfg.train_base, sources,
+                         snapshot_uri=snap, **train_kwargs)
+
+
+def train_guide(ctx: StageContext, run_id: str, **train_kwargs) -> dict:
+    """Train autoguidance's guide (EDM2's recipe: the guide section's smaller network, a fraction of the base's
+    images, a shorter EMA) from scratch on the base's data; its model record carries its own architecture."""
+    k, gcfg = ctx.iteration, ctx.cfg.guide
+    if gcfg is None:
+        raise ValueError("stage train-guide needs a guide section in the config")
+    x, y, sources = _base_data(ctx, gcfg, row("train-guide").seed_salt)
+    snap = lambda images: ctx.layout.snapshot(k, "train-guide", images)  # noqa: E731
+    return _run_training(ctx, "train-guide", run_id, ctx.models.build(gcfg.network), x, y, gcfg, sources,
                          snapshot_uri=snap, **train_kwargs)
 
 

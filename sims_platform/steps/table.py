@@ -52,6 +52,7 @@ class StageRow:
     pods: Mapping[str, Any] = field(default_factory=dict)  # its pods on a cluster when the chart does not say
     cpu_only: bool = False  # never needs an accelerator (its process ignores runtime.device)
     folder: str | None = None  # a run-level stage's folder under the run's root, when not its name
+    base_data: bool = False  # a training stage on iteration k's base data (for k > 0 with earlier feeds: provenance)
 
     def training_section(self) -> str:
         """The config section of a training stage's settings; a ValueError for any other step."""
@@ -99,7 +100,7 @@ TABLE: tuple[StageRow, ...] = (
              "single", "sims_platform.stages.reference:reference_reduce", completes="reference"),
     StageRow("train-base", "trains iteration k's base", "iteration", "training",
              "sims_platform.stages.training:train_base", reads=("encode",),
-             settings=MODEL + ("train_base", "iterations"), section="train_base",
+             settings=MODEL + ("train_base", "iterations"), section="train_base", base_data=True,
              when=lambda cfg, k, loop: not _base_imported(cfg, k, loop)),
     # Nothing is trained, so it needs no GPU, torchrun or gang: a few cores and room for the file, its weights and
     # the network at once (EDM2-XXL, the largest: ~3 GB as an fp16 pickle, ~6 GB per fp32 copy).
@@ -107,6 +108,14 @@ TABLE: tuple[StageRow, ...] = (
              "iteration", "single", "sims_platform.stages.import_base:import_base", completes="train-base",
              settings=("data", "encoder", "network", "pretrained.base"), when=_base_imported, cpu_only=True,
              pods={"resources": {"requests": {"cpu": "2", "memory": "16Gi"}, "limits": {"memory": "32Gi"}}}),
+    # EDM2's autoguidance: a smaller network on the base's data for a fraction of its images (the guide section).
+    StageRow("train-guide", "trains autoguidance's guide on iteration k's base data (the guide section)",
+             "iteration", "training", "sims_platform.stages.training:train_guide", reads=("encode",),
+             settings=("seed", "data", "encoder", "guide", "iterations"), section="guide", seed_salt=314159,
+             base_data=True,
+             # a method's row guides with this stage's model (the method table)
+             when=lambda cfg, k, loop: loop is None and any("train-guide" in m.row.stages(cfg)
+                                                            for m in cfg.evaluate.methods)),
     StageRow("generate", "the base's synthetic set, as shard-writing parts", "iteration", "array",
              "sims_platform.stages.sampling:generate", reads=("train-base",), settings=MODEL + ("generate",),
              when=_sims_model, local_parts=True, writes_shards=True),
@@ -122,16 +131,17 @@ TABLE: tuple[StageRow, ...] = (
              "training", "sims_platform.stages.training:finetune_real_aux", reads=("encode", "train-base"),
              settings=MODEL + ("finetune_aux",), section="finetune_aux", seed_salt=209459,
              # a method's row guides with this stage's model (the method table)
-             when=lambda cfg, k, loop: loop is None and any("finetune-real-aux" in m.row.stages
+             when=lambda cfg, k, loop: loop is None and any("finetune-real-aux" in m.row.stages(cfg)
                                                             for m in cfg.evaluate.methods)),
     StageRow("evaluate", "every method's samples' feature statistics, as parts", "iteration", "array",
              "sims_platform.stages.evaluate:evaluate", reducer="evaluate-reduce",
-             reads=("encode", "reference", "train-base", "finetune-aux", "finetune-real-aux"),
+             reads=("encode", "reference", "train-base", "train-guide", "finetune-aux",
+                    "finetune-real-aux"),
              settings=MODEL + ("evaluate", "shift", "pretrained.guide"), local_parts=True),
     StageRow("evaluate-reduce", "merges the evaluate parts into FID, precision, recall and the summary",
              "iteration", "single", "sims_platform.stages.evaluate:evaluate_reduce", completes="evaluate"),
     StageRow("feed", "the next iteration's synthetic training data, guided at the selected w", "loop", "single",
-             "sims_platform.stages.sampling:feed", reads=("train-base", "finetune-aux", "evaluate"),
+             "sims_platform.stages.sampling:feed", reads=("train-base", "train-guide", "finetune-aux", "evaluate"),
              settings=MODEL + ("generate", "evaluate", "iterations"), when=_feeds),
 )
 

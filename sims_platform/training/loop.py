@@ -21,6 +21,7 @@ from sims_platform.config.schema import OptimizerConfig, TrainConfig
 from sims_platform.data.stream import ShardStream
 from sims_platform.models.ema import PowerFunctionEMA
 from sims_platform.models.precond import Precond
+from sims_platform.models.pretrained import model_record
 from sims_platform.storage import fsio
 from sims_platform.training import distributed
 from sims_platform.training.batches import (
@@ -221,7 +222,7 @@ def train(net: Precond, data: torch.Tensor | ShardStream, labels: torch.Tensor |
             next_log = (images // cfg.log_images + 1) * cfg.log_images
         while pending_snaps and images >= pending_snaps[0]:
             if snapshot_uri is not None and ema is not None:
-                fsio.save_torch(snapshot_uri(pending_snaps[0]), {"ema": ema.state_dict(), "images": images})
+                fsio.save_torch(snapshot_uri(pending_snaps[0]), model_record(ema.ema, images))
             pending_snaps.pop(0)
         if images >= next_ckpt or images >= cfg.images:
             _checkpoint(engine, ema, cfg, checkpoints, images, step, world)
