@@ -52,11 +52,18 @@ def mode_overrides(config: str, mode: str, extra: list[str]) -> list[str]:
             f"finetune_aux.batch_size={cfg.train_base.batch_size}", f"finetune_aux.ema_std={cfg.train_base.ema_std}"]
 
 
+AUX_STAGES = ("finetune-aux", "finetune-real-aux")
+
+
+def uses_aux(name: str) -> bool:
+    """Whether a method guides with an aux model (the models a fine-tune mode changes)."""
+    return any(getattr(g.source, "stage", None) in AUX_STAGES for g in method(name).guides)
+
+
 def aux_methods(config: str, extra: list[str]) -> list[dict]:
-    """The config's evaluate.methods that guide with an aux model (the ones a fine-tune mode changes)."""
+    """The config's evaluate.methods that guide with an aux model."""
     cfg = load_config(config, extra)
-    return [m.model_dump(mode="json", exclude_none=True) for m in cfg.evaluate.methods
-            if {"finetune-aux", "finetune-real-aux"} & set(method(m.name).stages)]
+    return [m.model_dump(mode="json", exclude_none=True) for m in cfg.evaluate.methods if uses_aux(m.name)]
 
 
 def run_seed(config: str, root: Path, seed: int, extra: list[str], modes: tuple[str, ...] = ("resume",)) -> dict:
@@ -94,7 +101,7 @@ def merged_row(rows: dict[str, dict], modes: tuple[str, ...]) -> dict:
     out = {**first, "methods": {}, "modes": list(modes)}
     for mode in modes:
         for name, res in rows[mode]["methods"].items():
-            aux = {"finetune-aux", "finetune-real-aux"} & set(method(name).stages)
+            aux = uses_aux(name)
             if mode != modes[0] and not aux:
                 continue
             out["methods"][f"{name} [{mode}]" if aux and len(modes) > 1 else name] = res
