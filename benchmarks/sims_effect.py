@@ -36,6 +36,7 @@ from sims_platform.config import load_config
 from sims_platform.config.methods import method
 from sims_platform.evaluation.intervals import confidence_interval, excludes_zero
 from sims_platform.pipeline.runner import StaleStageError, run_pipeline
+from sims_platform.stages.drift import AUX_STAGES
 from sims_platform.tracking.results import fid_curves_png
 
 
@@ -50,9 +51,6 @@ def mode_overrides(config: str, mode: str, extra: list[str]) -> list[str]:
     opt["rampup_images"] = cfg.finetune_aux.images // 10 if mode == "transfer" else 0
     return [f"finetune_aux.init.mode={mode}", f"finetune_aux.optimizer={json.dumps(opt)}",
             f"finetune_aux.batch_size={cfg.train_base.batch_size}", f"finetune_aux.ema_std={cfg.train_base.ema_std}"]
-
-
-AUX_STAGES = ("finetune-aux", "finetune-real-aux")
 
 
 def uses_aux(name: str) -> bool:

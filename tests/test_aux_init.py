@@ -129,8 +129,8 @@ def test_resume_is_the_default_takes_the_bases_settings_and_refuses_others(tmp_p
     d["finetune_aux"]["ema_std"] = d["train_base"].get("ema_std", 0.1)  # repeating the base's value is fine
     PipelineConfig.model_validate(d)
     d["pretrained"] = {"base": "s3://bucket/base.pt"}
-    _refused(tmp_path, d, r"init\.mode 'resume' continues the base's training state, but iteration 0's base is "
-                          r"imported")
+    _refused(tmp_path, d, r"finetune_aux\.init\.mode: 'resume' continues the base's training state, but iteration "
+                          r"0's base is imported")
 
 
 def test_transfer_needs_a_warm_up(tmp_path):
@@ -154,19 +154,19 @@ def test_each_mode_runs_in_a_pipeline_and_logs_its_start_and_drift(tmp_path, mod
     cfg = PipelineConfig.model_validate(d)
     run_pipeline(cfg)
     layout = RunLayout.of(cfg.storage.root)
-    for stage in ("finetune-aux", "finetune-real-aux"):
-        drift = fsio.read_json(layout.drift(0, stage))
-        assert 0 < drift["weight_distance"] < 1
-        assert set(drift["mse"]) == {"real", "synthetic"}
-        assert all(len(v) == len(drift["sigmas"]) and all(x > 0 for x in v) for v in drift["mse"].values())
+    drift = fsio.read_json(layout.drift(0))
+    assert set(drift["models"]) == {"finetune-aux", "finetune-real-aux"}
+    for stage, rec in drift["models"].items():
+        assert 0 < rec["weight_distance"] < 1
+        assert set(rec["mse"]) == {"real", "synthetic"}
+        assert all(len(v) == len(drift["sigmas"]) and all(x > 0 for x in v) for v in rec["mse"].values())
     client = open_client(resolve_tracking_uri(cfg, layout))
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                              "tags.`sims.stage` = 'finetune-aux'")
-    (run,) = runs
-    assert run.data.params["init.mode"] == mode
-    assert int(run.data.params["start_images"]) == 2048  # the base's final count, in both modes
-    assert "drift.weight_distance" in run.data.metrics and "drift.mse_real" in run.data.metrics
-    history = client.get_metric_history(run.info.run_id, "drift.mse_synthetic")
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    (aux_run,) = client.search_runs(experiments, "tags.`sims.stage` = 'finetune-aux'")
+    assert aux_run.data.params["init.mode"] == mode
+    assert int(aux_run.data.params["start_images"]) == 2048  # the base's final count, in both modes
+    (run,) = client.search_runs(experiments, "tags.`sims.stage` = 'evaluate'")
+    assert {"drift.finetune-aux.weight_distance", "drift.finetune-real-aux.mse_real"} <= set(run.data.metrics)
+    history = client.get_metric_history(run.info.run_id, "drift.finetune-aux.mse_synthetic")
     assert [m.step for m in history] == list(range(len(drift["sigmas"])))
-    artifacts = [a.path for a in client.list_artifacts(run.info.run_id)]
-    assert "drift.png" in artifacts
+    assert "drift.png" in [a.path for a in client.list_artifacts(run.info.run_id)]

@@ -51,6 +51,8 @@ def _pretrained_pipeline(tmp_path, iterations: int = 2) -> tuple[str, str, Preco
     d["network"].update(num_blocks=1, attn_resolutions=[4])
     d["iterations"] = {"count": iterations, "train_data": "real"}
     d["pretrained"] = {"base": fsio.normalize_uri(str(model))}
+    # An imported base has weights only: its aux models are fine-tuned by transfer, not resumed.
+    d["finetune_aux"].update(init={"mode": "transfer"}, optimizer={"rampup_images": 64})
     cfg = tmp_path / "pipeline.yaml"
     cfg.write_text(yaml.safe_dump(d))
     return str(cfg), d["pretrained"]["base"], src

@@ -802,7 +802,7 @@ class PipelineConfig(Strict):
         ft, mode = self.finetune_aux, self.finetune_aux.init.mode
         if mode == "resume":
             if self.pretrained.base is not None:
-                raise ValueError("finetune_aux.init.mode 'resume' continues the base's training state, but iteration "
+                raise ValueError("finetune_aux.init.mode: 'resume' continues the base's training state, but iteration "
                                  "0's base is imported (pretrained.base: weights only); use 'transfer'")
             # Left out, they are the base's (_resume_inherits); a different value would be silently replaced.
             for name in RESUMED_SETTINGS:

@@ -1,4 +1,4 @@
-"""After a fine-tune: how far the aux moved from its base, logged to its MLflow run and written beside its model."""
+"""How far each aux model moved from its base, measured when the iteration is evaluated."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from sims_platform.evaluation.drift import SIGMAS, denoiser_gap, drift_png, weig
 from sims_platform.stages.context import StageContext
 from sims_platform.storage import fsio
 
+# The training stages whose models are aux models (fine-tuned copies of the base).
+AUX_STAGES = ("finetune-aux", "finetune-real-aux")
 # Images per set: enough for a stable mean at every sigma, few enough to cost seconds even for ImageNet latents.
 DRIFT_IMAGES = 256
 
@@ -35,25 +37,32 @@ def _synthetic(ctx: StageContext, n: int) -> tuple[torch.Tensor, torch.Tensor | 
     return torch.cat(xs)[:n], torch.cat(ys)[:n] if ctx.cfg.data.label_dim else None
 
 
-def log_drift(ctx: StageContext, run_id: str, stage: str) -> dict:
-    """Weight distance and per-sigma denoiser gaps of the aux `stage` wrote from the iteration's base, on held-out
-    real images and on the synthetic set: MLflow metrics (drift.* ; per sigma at step = index into SIGMAS), a plot,
-    and drift.json in its folder. Returns the record."""
+def log_drift(ctx: StageContext, run_id: str, stages: list[str]) -> dict:
+    """Weight distance and per-sigma denoiser gaps from the iteration's base of each aux model `stages` wrote, on
+    held-out real images and on the synthetic set (the same images and noise for every aux: paired): MLflow metrics
+    of `run_id` (drift.<stage>.*; per sigma at step = index into SIGMAS), one plot, and drift.json in the evaluate
+    folder. Measured at evaluation, the one stage that reads the held-out images (no training stage does)."""
     k = ctx.iteration
-    base, aux = ctx.models.load(ctx.layout.model(k, "train-base")), ctx.models.load(ctx.layout.model(k, stage))
-    seed = ctx.cfg.seed + 7919 * k  # the same noise for both aux models of an iteration: paired
+    base = ctx.models.load(ctx.layout.model(k, "train-base"))
+    seed = ctx.cfg.seed + 7919 * k
     sets = {"real": _held_out(ctx, DRIFT_IMAGES), "synthetic": _synthetic(ctx, DRIFT_IMAGES)}
-    gaps = {name: denoiser_gap(base, aux, x, y, SIGMAS, seed) for name, (x, y) in sets.items()}
-    distance = weight_distance(base, aux)
-    record = {"weight_distance": distance, "sigmas": list(SIGMAS), "images": DRIFT_IMAGES, "mse": gaps}
-    ctx.lineage.log_metrics(run_id, {"drift.weight_distance": distance})
-    for i, sigma in enumerate(SIGMAS):
-        ctx.lineage.log_metrics(run_id, {f"drift.mse_{name}": values[i] for name, values in gaps.items()}, step=i)
+    models: dict[str, dict] = {}
+    curves: dict[str, list[float]] = {}
+    for stage in stages:
+        aux = ctx.models.load(ctx.layout.model(k, stage))
+        gaps = {name: denoiser_gap(base, aux, x, y, SIGMAS, seed) for name, (x, y) in sets.items()}
+        distance = weight_distance(base, aux)
+        models[stage] = {"weight_distance": distance, "mse": gaps}
+        ctx.lineage.log_metrics(run_id, {f"drift.{stage}.weight_distance": distance})
+        for i in range(len(SIGMAS)):
+            ctx.lineage.log_metrics(run_id, {f"drift.{stage}.mse_{name}": v[i] for name, v in gaps.items()}, step=i)
+        curves |= {f"{stage}, {name} images": v for name, v in gaps.items()}
+        print(f"[drift] {stage}: weight distance {distance:.4f}; mean (D_aux - D_base)^2 at sigma "
+              f"{SIGMAS[0]:g}..{SIGMAS[-1]:g}: " + "; ".join(f"{name} " + " ".join(f"{x:.2e}" for x in v)
+                                                        for name, v in gaps.items()), flush=True)
     ctx.lineage.log_params(run_id, {"drift.sigmas": ",".join(f"{s:g}" for s in SIGMAS)})
-    title = f"iteration {k} {stage}: aux vs base, relative weight distance {distance:.4f}"
-    ctx.lineage.log_png(run_id, "drift.png", drift_png(title, SIGMAS, {f"{n} images": v for n, v in gaps.items()}))
-    fsio.write_json(ctx.layout.drift(k, stage), record)
-    print(f"[drift] {stage}: weight distance {distance:.4f}; mean (D_aux - D_base)^2 at sigma "
-          f"{SIGMAS[0]:g}..{SIGMAS[-1]:g}: real " + " ".join(f"{v:.2e}" for v in gaps["real"]) + "; synthetic " +
-          " ".join(f"{v:.2e}" for v in gaps["synthetic"]), flush=True)
+    ctx.lineage.log_png(run_id, "drift.png", drift_png(f"iteration {k}: each aux model against the base", SIGMAS,
+                                                       curves))
+    record = {"sigmas": list(SIGMAS), "images": DRIFT_IMAGES, "models": models}
+    fsio.write_json(ctx.layout.drift(k), record)
     return record

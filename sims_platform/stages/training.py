@@ -9,7 +9,6 @@ from sims_platform.data import ShardStream
 from sims_platform.stages.context import StageContext
 from sims_platform.steps import row
 from sims_platform.training import distributed
-from sims_platform.stages.drift import log_drift
 from sims_platform.training.loop import Start, train
 
 
@@ -138,11 +137,8 @@ def _finetune(ctx: StageContext, stage: str, run_id: str, data_uri: str | None, 
         inputs |= sources
     ctx.lineage.log_params(run_id, {"init.mode": mode, "start_images": start.checkpoint.images
                                     if start.checkpoint is not None else start.offset})
-    result = _run_training(ctx, stage, run_id, net, x, y, tcfg, inputs, start=start, seed_of=seed_of,
-                           **train_kwargs)
-    if distributed.detect().is_main:
-        log_drift(ctx, run_id, stage)
-    return result
+    return _run_training(ctx, stage, run_id, net, x, y, tcfg, inputs, start=start, seed_of=seed_of,
+                         **train_kwargs)
 
 
 def finetune_aux(ctx: StageContext, run_id: str, **train_kwargs) -> dict:

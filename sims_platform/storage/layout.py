@@ -122,9 +122,9 @@ class RunLayout:
         """The final (EMA) network a training stage hands to the next stages."""
         return join(self.stage(k, stage), "model.pt")
 
-    def drift(self, k: int, stage: str) -> str:
-        """How far a fine-tuned aux moved from its base (stages/drift.py)."""
-        return join(self.stage(k, stage), "drift.json")
+    def drift(self, k: int) -> str:
+        """How far each aux model of iteration k moved from its base (stages/drift.py)."""
+        return join(self.stage(k, "evaluate"), "drift.json")
 
     def snapshot(self, k: int, stage: str, images: int) -> str:
         return join(self.stage(k, stage), "snapshots", f"model-{images:010d}.pt")

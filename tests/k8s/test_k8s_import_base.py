@@ -13,6 +13,9 @@ from sims_platform.k8s.status import workload_status
 
 TRAINING_KIND = {"pytorchjob": "PyTorchJob", "trainjob": "TrainJob"}
 GPU = "nvidia.com/gpu"
+# An imported base on the digits values: its aux models are fine-tuned by transfer (no training state to resume).
+IMPORTED = ("pipeline.pretrained.base=s3://models/base.pt", "pipeline.finetune_aux.init.mode=transfer",
+            "pipeline.finetune_aux.optimizer.rampup_images=3000")
 
 
 def _template(helm, backend: str, values: str, *sets: str) -> str:
@@ -71,7 +74,7 @@ def test_imagenet_base_is_imported_by_a_cpu_job_not_a_training_job(helm, backend
 def test_import_base_pod_has_a_cpu_default_when_the_values_do_not_list_it(helm):
     from sims_platform.k8s.settings import DEFAULT_STAGES
 
-    text = _template(helm, "pytorchjob", "values-digits-dev.yaml", "pipeline.pretrained.base=s3://models/base.pt")
+    text = _template(helm, "pytorchjob", "values-digits-dev.yaml", *IMPORTED)
     spec = run_specs(text)[0]
     assert "import-base" not in spec.settings.stages
     job = _by_step(render_objects(text))[(0, "import-base")]
@@ -83,7 +86,7 @@ def test_import_base_pod_has_a_cpu_default_when_the_values_do_not_list_it(helm):
 
 
 def test_status_shows_the_import_base_job(helm, tmp_path):
-    w = World(helm, str(tmp_path / "run"), "pipeline.pretrained.base=s3://models/base.pt").reference_done()
+    w = World(helm, str(tmp_path / "run"), *IMPORTED).reference_done()
     assert w.drive() == 0, w.logs
     assert w.cluster.objects[("jobs", "digits-dev-i00-import-base")]["kind"] == "Job"
     assert not [key for key in w.cluster.objects if key[0] in ("pytorchjobs", "trainjobs")
