@@ -4,7 +4,7 @@ of the two denoisers per noise level on given images (held-out real, synthetic),
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -47,7 +47,7 @@ def denoiser_gap(base: nn.Module, aux: nn.Module, x: torch.Tensor, labels: torch
     return out
 
 
-def drift_png(title: str, sigmas: Sequence[float], curves: dict[str, Sequence[float]]) -> bytes:
+def drift_png(title: str, sigmas: Sequence[float], curves: Mapping[str, Sequence[float]]) -> bytes:
     """The per-sigma denoiser gap of each image set (log-log)."""
     fig = new_figure(figsize=(6, 4), dpi=100)
     ax = fig.add_subplot(1, 1, 1)
