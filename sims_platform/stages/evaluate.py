@@ -32,6 +32,7 @@ from sims_platform.shift.reference import per_class_stats, reweighted_stats
 from sims_platform.shift.report import shift_results
 from sims_platform.stages.context import StageContext
 from sims_platform.stages.drift import AUX_STAGES, log_drift
+from sims_platform.steps import row as stage_row
 from sims_platform.stages.seeds import sample_seeds
 from sims_platform.stages.sampling import sample_batch
 from sims_platform.storage import fsio
@@ -210,7 +211,9 @@ def write_results(ctx: StageContext, run_id: str, merged: dict[str, P.ArmData]) 
     results = {"row": row, "per_arm": per_arm}
     if ctx.cfg.shift is not None:
         results["shift"] = shift_section(ctx, run_id, extractor, merged)
-    aux = [s for s in AUX_STAGES if any(s in m.row.stages(ctx.cfg) for m in ev.methods)]
+    # The aux models this step's plan trains (a standard loop arm has none) that its methods guide with.
+    aux = [s for s in AUX_STAGES if stage_row(s).when(ctx.pipeline_cfg, k, ctx.loop)
+           and any(s in m.row.stages(ctx.cfg) for m in ev.methods)]
     if aux:
         results["drift"] = log_drift(ctx, run_id, aux)
     fsio.write_json(fsio.join(out, "results.json"), results)
