@@ -218,6 +218,8 @@ def commit_json(uri: str, obj: Any) -> None:
     try:
         create_bytes(uri, data)
     except FileExistsError:
+        fs, path = filesystem(uri)
+        _fresh(fs, path)  # the winner's record is newer than this process's listing of the folder
         if read_bytes(uri) != data:
             raise ConflictingWriteError(
                 f"{uri}: another writer already committed a different record here; not overwriting it "
