@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from sims_platform.data import SourceIndex, holdout_split, iter_shards
+from sims_platform.data import iter_shards
 from sims_platform.evaluation.drift import SIGMAS, denoiser_gap, drift_png, weight_distance
 from sims_platform.stages.context import StageContext
+from sims_platform.stages.reference import reference_images
 from sims_platform.storage import fsio
 
 # The training stages whose models are aux models (fine-tuned copies of the base).
@@ -17,10 +18,7 @@ DRIFT_IMAGES = 256
 
 def _held_out(ctx: StageContext, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The first n held-out real images (never trained on) in model space."""
-    d = ctx.cfg.data
-    index = SourceIndex(d.reference_data() if d.reference_path is not None else d)
-    held = torch.arange(len(index)) if d.reference_path is not None else \
-        holdout_split(index.labels, d.holdout_fraction, d.holdout_seed)[1]
+    index, held = reference_images(ctx)
     real = index.load(held[:n].tolist())
     return ctx.data.encoder.encode(real.images), real.labels if ctx.cfg.data.label_dim else None
 
