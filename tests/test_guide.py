@@ -34,6 +34,13 @@ def guided_dict(root: str) -> dict:
     return d
 
 
+def _tiny_context(tmp_path) -> StageContext:
+    """Iteration 0 of the tiny pipeline, its run opened."""
+    cfg = config_from_dict(tiny_config_dict(str(tmp_path / "run")))
+    layout, lineage, _ = open_run(cfg)
+    return StageContext(cfg, layout, 0, lineage)
+
+
 def _x(n: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(3)
     return torch.randn(n, 1, 8, 8, generator=g), torch.full((n,), 2.5), torch.arange(n) % 10
@@ -74,9 +81,8 @@ def test_a_smaller_guide_trains_saves_and_loads_with_its_own_architecture(tmp_pa
 
 
 def test_a_record_without_an_architecture_loads_into_the_configs_network(tmp_path):
-    cfg = config_from_dict(tiny_config_dict(str(tmp_path / "run")))
-    layout, lineage, _ = open_run(cfg)
-    ctx = StageContext(cfg, layout, 0, lineage)
+    ctx = _tiny_context(tmp_path)
+    layout = ctx.layout
     net = ctx.models.build().eval()
     uri = fsio.join(layout.root, "old-model.pt")
     fsio.save_torch(uri, {"ema": net.state_dict(), "images": 7})  # as records were written before
@@ -87,9 +93,8 @@ def test_a_record_without_an_architecture_loads_into_the_configs_network(tmp_pat
 
 
 def test_a_record_whose_architecture_names_an_unknown_argument_is_refused(tmp_path):
-    cfg = config_from_dict(tiny_config_dict(str(tmp_path / "run")))
-    layout, lineage, _ = open_run(cfg)
-    ctx = StageContext(cfg, layout, 0, lineage)
+    ctx = _tiny_context(tmp_path)
+    layout = ctx.layout
     net = ctx.models.build()
     uri = fsio.join(layout.root, "odd.pt")
     fsio.save_torch(uri, {"ema": net.state_dict(), "images": 7, "precond": {**net.init_kwargs, "evil": 1}})
