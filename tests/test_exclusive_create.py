@@ -113,3 +113,19 @@ def test_a_second_writer_with_other_content_is_refused(root):
     with pytest.raises(fsio.ConflictingWriteError, match=r"set/shard-000000\.json: another writer"):
         _fill(other, offset=0.5)  # other samples for shard 0: its committed record is not replaced
     assert first.read_record(0) == record
+
+
+def test_a_record_another_process_committed_after_this_one_listed_the_folder_is_read(s3_bucket):
+    # Two parts finalize one shard set: this process listed the folder before the other part's manifest landed
+    # (s3fs keeps listings for the process's life), so its own create fails and it must compare with what S3
+    # holds now, not with its old listing.
+    from s3_support import s3_client
+
+    folder = fsio.join(s3_bucket, "set")
+    fsio.write_json(fsio.join(folder, "shard-000000.json"), {"n": 1})
+    assert fsio.listdir(folder) == ["shard-000000.json"]  # cached
+    record = fsio._json_bytes({"samples": 2})
+    s3_client().put_object(Bucket=s3_bucket.removeprefix("s3://"), Key="set/manifest.json", Body=record)
+    fsio.commit_json(fsio.join(folder, "manifest.json"), {"samples": 2})  # the same content: kept
+    with pytest.raises(fsio.ConflictingWriteError, match="manifest.json: another writer"):
+        fsio.commit_json(fsio.join(folder, "manifest.json"), {"samples": 3})

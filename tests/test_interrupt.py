@@ -23,6 +23,12 @@ def _env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "OMP_NUM_THREADS")}
 
 
+def _as_from_a_terminal() -> None:
+    """preexec_fn: SIGINT as a terminal's foreground job has it. A run started in the background of a shell
+    inherits SIGINT ignored (and rightly keeps ignoring it), so a test run that way would never see Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _wait_for_parts(proc: subprocess.Popen, timeout: float = 300) -> list[psutil.Process]:
     """The `sims stage` part processes of a running `sims run`, once both have started."""
     deadline = time.monotonic() + timeout
@@ -49,7 +55,7 @@ def test_an_interrupted_run_stops_every_process_in_one_line_and_resumes(tmp_path
     cfg.write_text(yaml.safe_dump(tiny_config_dict(str(tmp_path / "run"))))
     argv = SIMS + ["run", "--config", str(cfg), "--parts", "2"]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_as_from_a_terminal)
     kids = _wait_for_parts(proc)
     time.sleep(3)  # the parts are inside their stage now
     if sig == signal.SIGINT:
