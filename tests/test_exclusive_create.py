@@ -3,6 +3,7 @@ drivers claiming one storage root make exactly one owner."""
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 
@@ -100,7 +101,7 @@ def test_concurrent_finalizes_of_one_set_make_one_manifest(root):
 
 
 def test_a_second_writer_with_other_content_is_refused(root):
-    from sims_platform.data import read_manifest
+    from sims_platform.data import read_manifest, read_shards
 
     first = _writer(root, {"w": 1})
     _fill(first)
@@ -113,6 +114,24 @@ def test_a_second_writer_with_other_content_is_refused(root):
     with pytest.raises(fsio.ConflictingWriteError, match=r"set/shard-000000\.json: another writer"):
         _fill(other, offset=0.5)  # other samples for shard 0: its committed record is not replaced
     assert first.read_record(0) == record
+    # Nor its tar: the loser's samples are never published, and the set still reads whole and verified.
+    assert hashlib.sha256(fsio.read_bytes(fsio.join(root, "set", "shard-000000.tar"))).hexdigest() == record["sha256"]
+    assert sorted(fsio.listdir(fsio.join(root, "set"))) == ["manifest.json", "shard-000000.json", "shard-000000.tar",
+                                                           "shard-000001.json", "shard-000001.tar"]
+    assert read_shards(fsio.join(root, "set"))[0][:2].unique().tolist() == [0.0]
+
+
+def test_a_killed_writers_staged_shard_is_never_read_and_is_cleaned_at_finalize(root):
+    from sims_platform.data import read_manifest
+
+    writer = _writer(root, {"w": 1})
+    staged = fsio.stage_name(fsio.join(root, "set", "shard-000000.tar"))
+    fsio.write_bytes(staged, b"a writer killed after staging, before its record")
+    assert writer.missing_shards() == [0, 1]
+    _fill(writer)
+    writer.finalize()
+    assert read_manifest(fsio.join(root, "set"))["total"] == 4
+    assert not [n for n in fsio.listdir(fsio.join(root, "set")) if ".staged-" in n]
 
 
 def test_a_record_another_process_committed_after_this_one_listed_the_folder_is_read(s3_bucket):

@@ -148,7 +148,8 @@ def test_writer_killed_mid_shard_then_restarted(s3_bucket, s3_endpoint, tmp_path
     killed = _keys(s3_bucket, "gen/")
     assert "gen/shard-000001.tar" not in killed and "gen/manifest.json" not in killed
     assert {"gen/shard-000000.tar", "gen/shard-000000.json"} <= set(killed)
-    assert _uploads(s3_bucket) == ["gen/shard-000001.tar"]  # killed mid multipart upload: invisible
+    # Killed mid multipart upload of its staged copy: invisible, and never under the shard's own name.
+    assert [u.split(".staged-")[0] for u in _uploads(s3_bucket)] == ["gen/shard-000001.tar"]
     shape = list(fake_samples([0])[0].shape[1:])
     record = read_json(uri + "/shard-000000.json")
     assert read_shard(uri, record, shape)[2].tolist() == list(range(size))  # what was visible is whole

@@ -17,7 +17,8 @@ from webdataset.autodecode import npy_loads
 from webdataset.tariterators import group_by_keys
 
 from sims_platform.data.errors import DataError
-from sims_platform.storage.fsio import atomic_open, commit_json, exists, join, listdir, read_json
+from sims_platform.storage.fsio import (atomic_open, commit_json, exists, join, listdir, publish, read_json, remove,
+                                       remove_leftovers, stage_name)
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -189,13 +190,19 @@ class ShardWriter:
 
     def commit_shard(self, j: int, samples: Iterable[dict[str, Any]], info: dict[str, Any]) -> dict[str, Any]:
         """Write the samples as shard j atomically, then its record (name, count, sha256, bytes, plus info, which
-        holds at least the sample shape): the record's presence marks shard j as committed.
+        holds at least the sample shape): the record and the shard together mark shard j as committed.
 
         samples may be a generator that fails midway (a bad input file): the partial tar is then discarded
         (storage/fsio.atomic_open) and no record is written, so the shard stays missing.
+
+        One writer at a time: the tar is staged under a name of its own, the record is created only if absent
+        (commit_json), and the tar is published under the shard's name only after that. A second writer of other
+        samples loses at the record (ConflictingWriteError) with its staged tar removed, so it never replaces the
+        committed tar; one with the same samples publishes the same bytes.
         """
         count = 0
-        with atomic_open(join(self.uri, shard_name(j)), "wb") as f:
+        staged = stage_name(join(self.uri, shard_name(j)))
+        with atomic_open(staged, "wb") as f:
             out = HashingFile(f)
             with TarWriter(out, mtime=_MTIME) as tar:
                 for sample in samples:
@@ -205,7 +212,12 @@ class ShardWriter:
                     raise ValueError(f"{self.uri}: shard {j} got {count} samples, expected "
                                      f"{len(self.shard_range(j))}")
         record = {**info, "name": shard_name(j), "count": count, "sha256": out.sha.hexdigest(), "bytes": out.size}
-        commit_json(join(self.uri, record_name(j)), record)
+        try:
+            commit_json(join(self.uri, record_name(j)), record)
+        except BaseException:
+            remove(staged)
+            raise
+        publish(staged, join(self.uri, shard_name(j)))
         return record
 
     def read_record(self, j: int) -> dict[str, Any]:
@@ -228,6 +240,8 @@ class ShardWriter:
                     "total": self.total, "shard_size": self.shard_size, "dtype": self.DTYPE,
                     "shape": list(shapes.pop()), **self.meta}
         commit_json(join(self.uri, MANIFEST), manifest)
+        for j in range(self.num_shards):  # what killed or losing writers staged (every shard is committed now)
+            remove_leftovers(join(self.uri, shard_name(j)))
         return manifest
 
 

@@ -92,6 +92,7 @@ def remove(uri: str) -> None:
 
 
 _TMP = ".tmp-"  # a local atomic write's temporary name: <path>.tmp-<8 hex digits>
+_STAGED = ".staged-"  # a fenced write's staged copy (stage_name): <path>.staged-<8 hex digits>, on every store
 
 
 def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
@@ -141,13 +142,32 @@ def atomic_open(uri: str, mode: str = "wb") -> Iterator[IO[Any]]:
         raise
 
 
+def stage_name(uri: str) -> str:
+    """A name no other writer uses, beside uri: a fenced write stages its file there, commits the record that
+    describes it, and only then publishes it at uri (publish), so a writer that loses the record never replaces
+    the winner's file."""
+    return f"{uri}{_STAGED}{uuid.uuid4().hex[:8]}"
+
+
+def publish(staged: str, uri: str) -> None:
+    """Move a staged file to its name (a rename locally; a server-side copy and delete on object stores, where
+    readers see the whole object or none)."""
+    fs, src = filesystem(staged)
+    _, dst = filesystem(uri)
+    if _is_local(fs):
+        os.replace(src, dst)
+    else:
+        fs.mv(src, dst)
+    _fresh(fs, dst)
+
+
 def remove_leftovers(uri: str) -> int:
-    """Remove what killed atomic_open writers of uri left behind (local temporary files; object stores leave
-    nothing visible); returns how many. Only the one writer that owns uri may call it, before writing it."""
+    """Remove what killed writers of uri left behind (atomic_open's local temporary files, staged copies on any
+    store); returns how many. Only the one writer that owns uri may call it, before writing it, or a reducer
+    once every writer of uri is done."""
     fs, path = filesystem(uri)
-    if not _is_local(fs):
-        return 0
-    stale = fs.glob(f"{path}{_TMP}*")
+    _fresh(fs, path)
+    stale = fs.glob(f"{path}{_STAGED}*") + (fs.glob(f"{path}{_TMP}*") if _is_local(fs) else [])
     for p in stale:
         with contextlib.suppress(FileNotFoundError):
             fs.rm(p)
