@@ -3,6 +3,7 @@ happens to each (docs/reliability.md).
 
   python benchmarks/faults.py fuzz --examples 10000 --seed 0 --out out/faults
   python benchmarks/faults.py kill --config pipelines/quick.yaml --kills 20 --seed 0 --out out/faults-kill
+  python benchmarks/faults.py s3 --config pipelines/quick.yaml --rate 0.05 --seed 0 --out out/faults-s3
 
 Each target is a reader of something that comes from storage or from a user: the pipeline config loader, the
 synthetic-shard reader, the shard-set manifest, torch's weights-only loader and the restricted unpickler of EDM2
@@ -19,6 +20,11 @@ instants drawn from a seeded generator, each within the step that is running) un
 --kills times, resuming with the same command after each kill. The resumed run's outputs must equal the
 uninterrupted run's bit for bit: every model, shard, manifest, statistics file and results file (run
 identifiers, timings and MLflow's own files aside).
+
+`s3` runs `sims local-cluster` twice, each with every process (stages, reducer, MLflow server) talking to S3
+through a loopback proxy (benchmarks/s3_faults.py): once forwarding everything, once answering a --rate share of
+requests with 500, 503, SlowDown, a response cut mid-body or an upload cut mid-body. The faulty run must
+complete, and the run folder it leaves in the bucket must equal the clean run's, file for file (as for `kill`).
 """
 
 from __future__ import annotations
@@ -338,6 +344,7 @@ VOLATILE = re.compile(r"(^|/)(mlflow\.db.*|mlartifacts/.*|run\.json|_SUCCESS\.js
                       r"checkpoints/.*|.*\.log)$")
 # Keys that differ between two runs of the same computation: a run id, wall-clock time, where the folder is.
 VOLATILE_KEYS = re.compile(r"mlflow_run_id|seconds|^root$")
+LOOPBACK = re.compile(r"http://127\.0\.0\.1:\d+")
 
 
 def _canonical(value: Any, root: str) -> Any:
@@ -351,8 +358,8 @@ def _canonical(value: Any, root: str) -> Any:
         t = value.detach().cpu().contiguous()
         data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
         return [str(t.dtype), list(t.shape), hashlib.sha256(data).hexdigest()]
-    if isinstance(value, str):
-        return value.replace(root, "<run>")
+    if isinstance(value, str):  # also a loopback server's port (the run's MLflow server), new on every run
+        return LOOPBACK.sub("http://127.0.0.1:<port>", value.replace(root, "<run>"))
     return value
 
 
@@ -463,6 +470,73 @@ def cmd_kill(args: argparse.Namespace) -> int:
     return 0 if not (differ or missing or extra) and same_summary else 1
 
 
+def _download(s3: Any, prefix: str, dest: Path) -> None:
+    """Copy what the bucket holds under prefix into dest, straight from the emulator (no faults)."""
+    import s3fs
+    fs = s3fs.S3FileSystem(key=s3.access_key, secret=s3.secret_key, skip_instance_cache=True,
+                           client_kwargs={"endpoint_url": s3.url, "region_name": s3.region})
+    fs.get(prefix.rstrip("/") + "/", str(dest) + "/", recursive=True)
+
+
+def cmd_s3(args: argparse.Namespace) -> int:
+    import contextlib
+    import dataclasses
+
+    from s3_faults import FaultProxy
+
+    from sims_platform.launch.local_cluster import BUCKET, run_local_cluster
+    args.out.mkdir(parents=True, exist_ok=True)
+    runs: dict[str, dict[str, Any]] = {}
+    for name, rate in (("clean", 0.0), ("faulty", args.rate)):
+        folder = args.out / name
+        shutil.rmtree(folder, ignore_errors=True)
+        proxies: list[FaultProxy] = []
+
+        @contextlib.contextmanager
+        def through_proxy(s3: Any, rate: float = rate, folder: Path = folder, proxies: list = proxies) -> Any:
+            with FaultProxy(s3.url, rate, args.seed) as proxy:
+                proxies.append(proxy)
+                yield dataclasses.replace(s3, url=proxy.url)
+            _download(s3, f"{BUCKET}/runs", folder / "storage")
+
+        t0, error = time.time(), None
+        try:
+            run_local_cluster(str(args.config), folder, extra=args.set or [], s3_wrap=through_proxy)
+        except Exception as e:  # noqa: BLE001 - a failed run is this benchmark's finding, reported below
+            error = f"{type(e).__name__}: {e}"
+        counts = dict(proxies[0].counts) if proxies else {}
+        runs[name] = {"rate": rate, "seconds": round(time.time() - t0), "completed": error is None,
+                      "error": error, "requests": sum(counts.values()),
+                      "faults": {k: counts.get(k, 0) for k in ("500", "503", "slowdown", "reset-read",
+                                                               "reset-write")}}
+        print(f"[s3] {name} run (rate {rate}): {'completed' if error is None else error} in "
+              f"{runs[name]['seconds']} s; {runs[name]['requests']} requests, faults {runs[name]['faults']}",
+              flush=True)
+        if error is not None:
+            break
+    report: dict[str, Any] = {"command": " ".join(sys.argv), "config": str(args.config), "seed": args.seed,
+                              "runs": runs}
+    if all(r["completed"] for r in runs.values()) and len(runs) == 2:
+        want, got = _outputs(args.out / "clean" / "storage"), _outputs(args.out / "faulty" / "storage")
+        report.update(files_compared=len(want), files_differing=sorted(f for f in set(want) & set(got)
+                                                                        if want[f] != got[f]),
+                      files_missing=sorted(set(want) - set(got)), files_extra=sorted(set(got) - set(want)))
+    (args.out / "s3.json").write_text(json.dumps(report, indent=2) + "\n")
+    faulty = runs.get("faulty", {})
+    injected = sum(faulty.get("faults", {}).values())
+    lost = len(report.get("files_differing", [])) + len(report.get("files_missing", []))
+    print("\n| fault | injected |\n|---|---|")
+    for k, n in faulty.get("faults", {}).items():
+        print(f"| {k} | {n} |")
+    if "files_compared" in report:
+        print(f"\n{injected} faults in {faulty['requests']} requests; the run completed; "
+              f"{report['files_compared']} output files compared with the clean run: "
+              f"{len(report['files_differing'])} differ, {len(report['files_missing'])} missing, "
+              f"{len(report['files_extra'])} extra")
+    ok = "files_compared" in report and lost == 0 and not report["files_extra"]
+    return 0 if ok else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -480,6 +554,13 @@ def main(argv: list[str] | None = None) -> int:
     k.add_argument("--seed", type=int, default=0, help="seed of the kill instants")
     k.add_argument("--out", type=Path, default=Path("out/faults-kill"))
     k.set_defaults(func=cmd_kill)
+    s3 = sub.add_parser("s3", help="a whole local-cluster run with S3 answering a share of requests with faults")
+    s3.add_argument("--config", type=Path, default=REPO / "pipelines" / "quick.yaml")
+    s3.add_argument("--rate", type=float, default=0.05, help="share of S3 requests answered with a fault")
+    s3.add_argument("--seed", type=int, default=0, help="seed of the proxy's fault draws")
+    s3.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override")
+    s3.add_argument("--out", type=Path, default=Path("out/faults-s3"))
+    s3.set_defaults(func=cmd_s3)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
