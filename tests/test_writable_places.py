@@ -72,8 +72,10 @@ def test_a_run_writes_only_under_home_tmpdir_and_its_storage_root(tmp_path):
     cfg = tmp / "pipeline.yaml"  # the driver's copy of the config lives in a writable place too
     cfg.write_text(yaml.safe_dump(tiny_config_dict(str(root))))
     report = tmp / "writes.json"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "XDG_", "MPLCONFIGDIR"))}
-    env.update(HOME=str(home), TMPDIR=str(tmp), PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS="1")
+    # A pod's environment, not this test process's (whose earlier tests may have set cache folders, e.g. torch's
+    # inductor puts TORCHINDUCTOR_CACHE_DIR in os.environ): the image's variables, the chart's HOME and TMPDIR.
+    env = {"PATH": os.environ["PATH"], "HOME": str(home), "TMPDIR": str(tmp), "PYTHONDONTWRITEBYTECODE": "1",
+           "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "LANG": "C.UTF-8"}
     # The working directory stands for the image's (read-only) WORKDIR: nothing may be written relative to it.
     proc = subprocess.run([sys.executable, "-c", AUDITED_RUN, os.pathsep.join(map(str, (home, tmp, root))),
                            str(report), str(cfg)], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
