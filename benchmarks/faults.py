@@ -61,6 +61,7 @@ from sims_platform.config import ConfigError, load_config  # noqa: E402
 from sims_platform.data.errors import DataError  # noqa: E402
 from sims_platform.data.shards import ShardWriter, read_manifest, read_shard  # noqa: E402
 from sims_platform.models.edm2_pickle import read_pickle  # noqa: E402
+from sims_platform.steps.table import STAGE_NAMES  # noqa: E402
 from sims_platform.storage.safe_pickle import UnsafePickleError, load_torch_bytes  # noqa: E402
 
 # What the command line turns into one line and exit code 2 (sims_platform/cli.py).
@@ -338,6 +339,9 @@ def cmd_fuzz(args: argparse.Namespace) -> int:
 # kill -9 at random instants, then resume
 
 STEP_LINE = re.compile(r"^\[(?:iter \d+ )?([a-z][a-z0-9-]*)")
+# Lines tagged with a phase of a stage rather than the stage (the feature network and the floor are computed by
+# reference, drift by evaluate); other tags (e.g. [local]) name no step.
+PHASE_OF = {"digits-classifier": "reference", "real-vs-real": "reference", "drift": "evaluate"}
 # Files that record how a run went (MLflow's store, completion and part records, timings, checkpoints on the way),
 # not what it computed.
 VOLATILE = re.compile(r"(^|/)(mlflow\.db.*|mlartifacts/.*|run\.json|_SUCCESS\.json|parts/.*\.json|.*\.lock|"
@@ -392,7 +396,8 @@ def _current_step(log: Path, offset: int) -> str | None:
     with log.open("rb") as f:
         f.seek(offset)
         text = f.read().decode(errors="replace")
-    steps = [m.group(1) for line in text.splitlines() if (m := STEP_LINE.match(line))]
+    tags = [m.group(1) for line in text.splitlines() if (m := STEP_LINE.match(line))]
+    steps = [PHASE_OF.get(t, t) for t in tags if t in STAGE_NAMES or t in PHASE_OF]
     return steps[-1] if steps else None
 
 

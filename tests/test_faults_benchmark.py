@@ -63,3 +63,20 @@ def test_the_s3_fault_proxy_injects_every_fault_and_the_platforms_s3_io_survives
         assert all(fsio.read_bytes(f"s3://faults/x{i}") == blob[:n] for i, n in enumerate(sizes))
     s3fs.S3FileSystem.clear_instance_cache()
     assert all(proxy.counts[k] > 0 for k in ("500", "503", "slowdown", "reset-read", "reset-write")), proxy.counts
+
+
+def test_the_kill_harness_attributes_each_instant_to_the_stage_that_runs(tmp_path):
+    """A kill counts for the stage whose progress line came last; a phase's own tag (the feature network, the floor,
+    drift) counts for its stage, and the launcher's lines for none."""
+    log = tmp_path / "run.log"
+    log.write_text("[local] starting\n")
+    assert faults._current_step(log, 0) is None
+    log.write_text("[digits-classifier] training\n[reference part 0/1] 5/10 img\n[real-vs-real floor] 3/6 img\n")
+    assert faults._current_step(log, 0) == "reference"
+    log.write_text("[iter 0 evaluate part 1/2] 5/10 img\n[drift] finetune-aux: weight distance 0.01\n"
+                   "[local] iter 0 evaluate (2 parts): ok in 9 s\n")
+    assert faults._current_step(log, 0) == "evaluate"
+    offset = log.stat().st_size
+    with log.open("a") as f:
+        f.write("[iter 1 train-base] 64/128 img\n")
+    assert faults._current_step(log, offset) == "train-base"
