@@ -18,7 +18,7 @@ from webdataset.tariterators import group_by_keys
 
 from sims_platform.data.errors import DataError
 from sims_platform.storage.fsio import (atomic_open, commit_json, exists, join, listdir, publish, read_json, remove,
-                                       remove_leftovers, stage_name)
+                                       remove_staged, stage_name)
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -240,8 +240,7 @@ class ShardWriter:
                     "total": self.total, "shard_size": self.shard_size, "dtype": self.DTYPE,
                     "shape": list(shapes.pop()), **self.meta}
         commit_json(join(self.uri, MANIFEST), manifest)
-        for j in range(self.num_shards):  # what killed or losing writers staged (every shard is committed now)
-            remove_leftovers(join(self.uri, shard_name(j)))
+        remove_staged(self.uri)  # what killed or losing writers staged (every shard is committed now)
         return manifest
 
 

@@ -32,9 +32,9 @@ from sims_platform.shift.reference import per_class_stats, reweighted_stats
 from sims_platform.shift.report import shift_results
 from sims_platform.stages.context import StageContext
 from sims_platform.stages.drift import AUX_STAGES, log_drift
-from sims_platform.steps import row as stage_row
 from sims_platform.stages.seeds import sample_seeds
 from sims_platform.stages.sampling import sample_batch
+from sims_platform.steps import row as stage_row
 from sims_platform.storage import fsio
 from sims_platform.tracking import Lineage, fid_curves_png, image_grid_png, update_summary
 from sims_platform.tracking.summary_metrics import log_iteration_results

@@ -161,6 +161,18 @@ def publish(staged: str, uri: str) -> None:
     _fresh(fs, dst)
 
 
+def remove_staged(folder: str) -> int:
+    """Remove every staged copy (stage_name) left in folder, with one listing; returns how many. Only once every
+    writer of the folder is done (a set's finalize)."""
+    fs, path = filesystem(folder)
+    _fresh(fs, path)
+    stale = [p for p in fs.ls(path, detail=False) if _STAGED in os.path.basename(p)] if fs.exists(path) else []
+    for p in stale:
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm(p)
+    return len(stale)
+
+
 def remove_leftovers(uri: str) -> int:
     """Remove what killed writers of uri left behind (atomic_open's local temporary files, staged copies on any
     store); returns how many. Only the one writer that owns uri may call it, before writing it, or a reducer
