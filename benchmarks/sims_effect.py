@@ -174,6 +174,7 @@ def report(records: list[dict], command: str) -> tuple[str, dict]:
                      f"{_f(base)} | {_f(best)} | {zeros}/{len(gaps)} |")
     lines += fixed_w_table(records, methods)
     lines += control_gap_table(records, methods)
+    lines += selection_table(records, methods)
     return "\n".join(lines), verdict
 
 
@@ -208,6 +209,34 @@ def control_gap_table(records: list[dict], methods: list[str]) -> list[str]:
             mean, lo, hi = confidence_interval(diffs)
             lines.append(f"| {label} | {w} | {_f(mean)} | [{_f(lo)}, {_f(hi)}] | {'yes' if excludes_zero(lo, hi) else 'no'} "
                          f"| {sum(d > 0 for d in diffs)}/{len(diffs)} |")
+    return lines
+
+
+def selection_table(records: list[dict], methods: list[str]) -> list[str]:
+    """What the settings (fine-tune mode, w) may be chosen on: the selection set, never reported elsewhere. Per
+    method, the across-seed mean of the selection-set gap FID(base) - FID(w) at each w and at the selected w, and
+    for SIMS the selection-set FID(control) - FID(sims) at each shared w."""
+    if not all("fid_selection" in r["row"]["methods"][m] for r in records for m in methods):
+        return []
+    lines = ["", "## The selection sets (what modes and w are chosen on): mean over seeds", "",
+             "| method | w | mean selection-set gap FID(base) - FID(w) | seeds better than the base | "
+             "mean FID(control) - FID(sims) at w |", "|---|---|---|---|---|"]
+    controls = dict(_pairs(methods))
+    for m in methods:
+        sel = [r["row"]["methods"][m]["fid_selection"] for r in records]
+        for w in [w for w in sel[0] if float(w) != 0] + ["selected"]:
+            if w == "selected":
+                picks = [str(r["row"]["methods"][m]["best_w"]) for r in records]
+                gaps = [s["0.0"] - s[p] for s, p in zip(sel, picks)]
+            else:
+                gaps = [s["0.0"] - s[w] for s in sel]
+            vs = ""
+            if m in controls and w != "selected":
+                ctl = [r["row"]["methods"][controls[m]]["fid_selection"].get(w) for r in records]
+                if None not in ctl:
+                    vs = _f(statistics.fmean(c - s[w] for c, s in zip(ctl, sel)))
+            lines.append(f"| {m} | {w} | {_f(statistics.fmean(gaps))} | {sum(g > 0 for g in gaps)}/{len(gaps)} | "
+                         f"{vs} |")
     return lines
 
 

@@ -29,7 +29,7 @@ def test_each_mode_override_gives_a_runnable_config(mode):
 
 def _res(base: float, fids: dict[str, float], best: str) -> dict:
     fid = {"0.0": base, **fids}
-    return {"fid": fid, "best_w": float(best), "fid_base": base, "fid_best": fid[best], "gain": base - fid[best],
+    return {"fid": fid, "fid_selection": {k: v + 0.5 for k, v in fid.items()}, "best_w": float(best), "fid_base": base, "fid_best": fid[best], "gain": base - fid[best],
             "gain_sd": 0.5, "significant": False, "precision": {k: 0.8 for k in fid}, "recall": {k: 0.9 for k in fid}}
 
 
@@ -63,3 +63,14 @@ def test_the_report_names_each_mode_and_pairs_sims_with_its_control():
     assert "| resume | selected | 2.00 |" in table
     assert "| transfer | 0.25 | 0.00 |" in table
     assert "| 0 | 3.00 ± 0.10 | 2 x 500 |" in table
+
+
+def test_the_selection_sets_compare_the_modes_without_touching_the_report_sets():
+    table, _ = sims_effect.report(records(), "cmd")
+    section = table.split("## The selection sets")[1]
+    # selection FIDs are the report FIDs + 0.5 in this fixture, so the gaps are the report gaps: sims [resume]
+    # 2 at w = 0.25 in every seed, 1 better than its control; sims [transfer] 1 worse than the base at 0.25.
+    assert "| sims [resume] | 0.25 | 2.00 | 3/3 | 1.00 |" in section
+    assert "| sims [resume] | selected | 2.00 | 3/3 |  |" in section
+    assert "| sims [transfer] | 0.25 | -1.00 | 0/3 | 0.00 |" in section
+    assert "| sims [transfer] | selected | 0.00 | 0/3 |  |" in section
