@@ -44,11 +44,10 @@ def mode_overrides(config: str, mode: str, extra: list[str]) -> list[str]:
     """The overrides that make `config` fine-tune its aux models in `mode` (finetune_aux.init.mode): resume takes
     the base's optimizer; transfer and restart take it too (lr, betas, ref_images), transfer warmed up over a tenth
     of the budget B, restart without warm-up (as the platform fine-tuned before the modes existed)."""
-    if mode == "resume":
-        return ["finetune_aux.init.mode=resume"]
     cfg = load_config(config, extra)
     opt = cfg.train_base.optimizer.model_dump(mode="json")
-    opt["rampup_images"] = cfg.finetune_aux.images // 10 if mode == "transfer" else 0
+    if mode != "resume":
+        opt["rampup_images"] = cfg.finetune_aux.images // 10 if mode == "transfer" else 0
     return [f"finetune_aux.init.mode={mode}", f"finetune_aux.optimizer={json.dumps(opt)}",
             f"finetune_aux.batch_size={cfg.train_base.batch_size}", f"finetune_aux.ema_std={cfg.train_base.ema_std}"]
 
