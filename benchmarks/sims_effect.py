@@ -188,6 +188,13 @@ def _pairs(methods: list[str]) -> list[tuple[str, str]]:
     return out
 
 
+def _control_minus_sims(records: list[dict], sims: str, control: str, w: str, key: str) -> list[float] | None:
+    """Per seed FID(control) - FID(sims) at w, from each row's `key` ('fid': the report sets, 'fid_selection': the
+    selection set); None when some seed's control was not sampled at w."""
+    pairs = [(r["row"]["methods"][control][key].get(w), r["row"]["methods"][sims][key][w]) for r in records]
+    return None if any(c is None for c, _ in pairs) else [c - x for c, x in pairs]
+
+
 def control_gap_table(records: list[dict], methods: list[str]) -> list[str]:
     """FID(control) - FID(sims), paired per seed (> 0: the synthetic set beats real data as the aux's training
     set), across seeds with a 95% interval: at each w both grids share, and at each method's selected w."""
@@ -201,10 +208,10 @@ def control_gap_table(records: list[dict], methods: list[str]) -> list[str]:
         grid = [w for w in records[0]["row"]["methods"][sims]["fid"] if w in records[0]["row"]["methods"][control]["fid"]
                 and float(w) != 0]
         for w in [*grid, "selected"]:
-            if w == "selected":
-                diffs = [r["row"]["methods"][control]["fid_best"] - r["row"]["methods"][sims]["fid_best"] for r in records]
-            else:
-                diffs = [r["row"]["methods"][control]["fid"][w] - r["row"]["methods"][sims]["fid"][w] for r in records]
+            diffs = [r["row"]["methods"][control]["fid_best"] - r["row"]["methods"][sims]["fid_best"] for r in records] \
+                if w == "selected" else _control_minus_sims(records, sims, control, w, "fid")
+            if diffs is None:
+                continue
             mean, lo, hi = confidence_interval(diffs)
             lines.append(f"| {label} | {w} | {_f(mean)} | [{_f(lo)}, {_f(hi)}] | {'yes' if excludes_zero(lo, hi) else 'no'} "
                          f"| {sum(d > 0 for d in diffs)}/{len(diffs)} |")
@@ -229,11 +236,9 @@ def selection_table(records: list[dict], methods: list[str]) -> list[str]:
                 gaps = [s["0.0"] - s[p] for s, p in zip(sel, picks)]
             else:
                 gaps = [s["0.0"] - s[w] for s in sel]
-            vs = ""
-            if m in controls and w != "selected":
-                ctl = [r["row"]["methods"][controls[m]]["fid_selection"].get(w) for r in records]
-                if None not in ctl:
-                    vs = _f(statistics.fmean(c - s[w] for c, s in zip(ctl, sel)))
+            diffs = _control_minus_sims(records, m, controls[m], w, "fid_selection") \
+                if m in controls and w != "selected" else None
+            vs = _f(statistics.fmean(diffs)) if diffs else ""
             lines.append(f"| {m} | {w} | {_f(statistics.fmean(gaps))} | {sum(g > 0 for g in gaps)}/{len(gaps)} | "
                          f"{vs} |")
     return lines

@@ -29,8 +29,8 @@ def test_each_mode_override_gives_a_runnable_config(mode):
 
 def _res(base: float, fids: dict[str, float], best: str) -> dict:
     fid = {"0.0": base, **fids}
-    return {"fid": fid, "fid_selection": {k: v + 0.5 for k, v in fid.items()}, "best_w": float(best), "fid_base": base, "fid_best": fid[best], "gain": base - fid[best],
-            "gain_sd": 0.5, "significant": False, "precision": {k: 0.8 for k in fid}, "recall": {k: 0.9 for k in fid}}
+    return {"fid": fid, "fid_selection": {k: v + 0.5 for k, v in fid.items()}, "best_w": float(best), "fid_base": base,
+            "fid_best": fid[best], "gain": base - fid[best], "gain_sd": 0.5, "significant": False, "precision": {k: 0.8 for k in fid}, "recall": {k: 0.9 for k in fid}}
 
 
 def records() -> list[dict]:
