@@ -188,3 +188,32 @@ def test_no_gain_when_selection_keeps_the_base():
     res = method_result(ev, "neon", _metrics({"base": [5.0, 6.0, 6.5], "neon_w-0.5": [5.5, 4.0, 4.0]}), steps=8)
     assert res["best_w"] == 0.0 and res["gain"] == 0.0 and res["significant"] is False
     assert math.isclose(res["fid_best"], res["fid_base"])
+
+
+def test_without_a_selection_set_each_method_is_reported_at_its_preset_w_on_the_same_report_seeds():
+    """evaluate.selection false: set 0 is never sampled, the report sets keep their seeds, and a preset w that
+    loses to the base is reported as a loss (no forced zero)."""
+    preset = EvaluateConfig(methods=[MethodConfig(name="neon", weights=[0.5])], repeats=2, num_samples=70,
+                            batch_size=30, selection=False)
+    selected = preset.model_copy(update={"selection": True})
+    units = {(u.arm, u.seed_set, u.start, u.count) for u in work_units(preset)}
+    assert {s for _, s, _, _ in units} == {1, 2}
+    assert units == {(u.arm, u.seed_set, u.start, u.count) for u in work_units(selected) if u.seed_set != 0}
+    # Worse than the base on both report sets: the gain is negative, not 0 ± 0.
+    metrics = _metrics({"base": [5.0, 4.0, 4.0], "neon_w-0.5": [4.0, 5.0, 5.5]})
+    metrics = {key: {m: {s: v for s, v in by_set.items() if s != 0} for m, by_set in m_.items()}
+               for key, m_ in metrics.items()}  # what a run without the selection set has
+    res = method_result(preset, "neon", metrics, steps=8)
+    assert res["best_w"] == 0.5 and "fid_selection" not in res
+    assert res["gain"] == pytest.approx(-1.25) and res["gain_sd"] == pytest.approx(0.3535534)
+    assert res["significant"] is False
+    row = iteration_row(0, preset, {"neon": res}, floor_row(not_computed("no training split", preset.num_samples)))
+    table = format_table({"iterations": [row], "mlflow_run_id": None})
+    assert "preset w" in table and "0.5*" in table and "no selection set" in table and "-1.25" in table
+
+
+def test_without_a_selection_set_a_method_must_list_exactly_one_w():
+    with pytest.raises(ValueError, match=r"evaluate.methods\[1\].weights.*neon lists 2"):
+        EvaluateConfig(methods=[MethodConfig(name="sims", weights=[0.5]),
+                                MethodConfig(name="neon", weights=[0.5, 1.0])], selection=False)
+    EvaluateConfig(methods=[MethodConfig(name="sims", weights=[0.0, 0.5])], selection=False)  # w = 0 is the base

@@ -78,6 +78,26 @@ def test_pipeline_writes_summary_lineage_and_artifacts(tiny_cfg):
     assert again == summary and time.time() - t0 < 20
 
 
+def test_a_run_without_a_selection_set_reports_its_preset_w_on_the_same_report_samples(tmp_path):
+    """evaluate.selection false samples no selection set; its report sets are the very samples a run with one
+    reports (the same FID per set, bit for bit), so a preset-w table reads against a benchmark's fixed-w rows."""
+    d = tiny_config_dict(str(tmp_path / "run"))
+    d["evaluate"].update(repeats=2, num_samples=32, batch_size=32)
+    with_set = run_pipeline(config_from_dict(d))["iterations"][0]
+    layout = RunLayout.of(d["storage"]["root"])
+    per_arm = json.loads(Path(layout.stage(0, "evaluate")[len("file://"):], "results.json").read_text())["per_arm"]
+    d["evaluate"]["selection"] = False
+    without = run_pipeline(config_from_dict(d), redo_from=["evaluate"])["iterations"][0]
+    again = json.loads(Path(layout.stage(0, "evaluate")[len("file://"):], "results.json").read_text())["per_arm"]
+    for arm in ("base", "sims_w-1.0"):
+        assert set(again[arm]["fid"]) == {"1", "2"} and set(per_arm[arm]["fid"]) == {"0", "1", "2"}
+        assert all(again[arm]["fid"][s] == per_arm[arm]["fid"][s] for s in ("1", "2"))
+    assert without["selection"] is False and with_set["selection"] is True
+    sims = without["methods"]["sims"]
+    assert sims["best_w"] == 1.0 and sims["fid"] == with_set["methods"]["sims"]["fid"]
+    assert sims["gain"] == pytest.approx(sims["fid_base"] - sims["fid_best"])  # a loss stays a loss
+
+
 def write_cfg(tmp_path: Path, **changes) -> Path:
     d = tiny_config_dict(str(tmp_path / "run"))
     for key, value in changes.items():

@@ -1,8 +1,9 @@
 """What an evaluation computes: arms (method, w), seed sets (selection + report repeats), and units of work.
 
 An arm is one sampler: the base (w = 0, shared by every method) or a method at one w > 0. Seed set 0 is the
-selection set, on which each method's best w is chosen; sets 1..repeats are the report sets, whose FID,
-precision and recall are reported as mean and sd. All sets are disjoint slices of the evaluation seed stream,
+selection set, on which each method's best w is chosen (sampled only with evaluate.selection: a run without it
+reports each method at its one preset w); sets 1..repeats are the report sets, whose FID, precision and recall are
+reported as mean and sd. All sets are disjoint slices of the evaluation seed stream,
 and every arm samples exactly the same seeds in each set, so arms differ only in their sampler (paired).
 A unit is (arm, set, batch of seeds); a job array's part i computes a contiguous, balanced block of units.
 """
@@ -57,8 +58,9 @@ def arm_by_key(ev: EvaluateConfig) -> dict[str, Arm]:
 
 
 def seed_sets(ev: EvaluateConfig) -> list[int]:
-    """Set indices: 0 = selection, 1..repeats = report."""
-    return list(range(ev.repeats + 1))
+    """Set indices: 0 = selection (with evaluate.selection), 1..repeats = report. A report set holds the same seeds
+    with or without a selection set."""
+    return ([SELECTION_SET] if ev.selection else []) + report_sets(ev)
 
 
 def report_sets(ev: EvaluateConfig) -> list[int]:

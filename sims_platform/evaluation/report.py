@@ -1,7 +1,7 @@
 """From merged statistics to results: metrics per arm and seed set, each method's selected w, paired gains.
 
 Protocol (README "Measuring honestly"): each method's best w is the argmin of FID on the selection set (set 0),
-which is never reported; FID, precision and recall are reported as mean and sd over the report sets 1..R;
+which is never reported (with evaluate.selection false, its one preset w, chosen beforehand on other seeds); FID, precision and recall are reported as mean and sd over the report sets 1..R;
 the gain of a method is the paired difference FID(base) - FID(method at its best w) on each report set (the
 same seeds), summarised as mean and sd; it counts as significant when the mean exceeds twice that sd.
 """
@@ -69,18 +69,22 @@ def method_result(ev: EvaluateConfig, method: str, metrics: dict[str, dict[str, 
     cfg = ev.method(method)
     interval = cfg.guidance_interval  # outside it a sampler step evaluates the base alone
     res: dict[str, Any] = {name: {} for name in ("fid", "fid_sd", "precision", "recall", "density", "coverage",
-                                                 "fid_selection", "nfe_per_w")}
+                                                 "nfe_per_w") + (("fid_selection",) if ev.selection else ())}
     for arm in sweep:
         key, m = w_key(arm.w), metrics[arm.key]
         res["fid"][key], res["fid_sd"][key] = _mean_sd([m["fid"][s] for s in reps])
         for name in ("precision", "recall", "density", "coverage"):
             res[name][key] = _mean_sd([m[name][s] for s in reps])[0]
-        res["fid_selection"][key] = m["fid"][SELECTION_SET]
+        if ev.selection:
+            res["fid_selection"][key] = m["fid"][SELECTION_SET]
         res["nfe_per_w"][key] = arm.nfe_per_sample(steps) if arm == BASE or interval is None else \
             cfg.row.nfe_in_interval(call_sigmas(ev.sampler), arm.w, interval)
-    finite = {a: metrics[a.key]["fid"][SELECTION_SET] for a in sweep
-              if math.isfinite(metrics[a.key]["fid"][SELECTION_SET])}
-    best = min(finite, key=lambda a: (finite[a], _vector(a.w))) if finite else BASE
+    if ev.selection:
+        finite = {a: metrics[a.key]["fid"][SELECTION_SET] for a in sweep
+                  if math.isfinite(metrics[a.key]["fid"][SELECTION_SET])}
+        best = min(finite, key=lambda a: (finite[a], _vector(a.w))) if finite else BASE
+    else:  # the one preset w (validated): reported whether or not it beats the base
+        best = sweep[-1]
     guided = not is_base(best.w)
     gaps = [metrics[BASE.key]["fid"][s] - metrics[best.key]["fid"][s] for s in reps]
     gain, gain_sd = _mean_sd(gaps)
@@ -105,5 +109,6 @@ def iteration_row(k: int, ev: EvaluateConfig, methods: dict[str, dict[str, Any]]
     keys = ("fid", "fid_sd", "precision", "recall", "best_w", "fid_base", "fid_best")
     return {"iteration": int(k), **{key: primary[key] for key in keys}, "fid_floor": fid_floor,
             "sampler_steps": ev.sampler.steps,
-            "repeats": ev.repeats, "num_samples": ev.num_samples, "primary_method": ev.primary.name,
+            "repeats": ev.repeats, "num_samples": ev.num_samples, "selection": ev.selection,
+            "primary_method": ev.primary.name,
             "method_order": [m.name for m in ev.methods], "methods": methods}

@@ -27,12 +27,12 @@ def normalize(x: torch.Tensor, dim: list[int] | int | None = None, eps: float = 
 
 def mp_silu(x: torch.Tensor) -> torch.Tensor:
     """SiLU divided by its output RMS under a unit normal input (0.596)."""
-    return F.silu(x) / 0.596
+    return F.silu(x).div_(0.596)  # in place on SiLU's own output (its backward reads the input): same values
 
 
 def mp_sum(a: torch.Tensor, b: torch.Tensor, t: float = 0.5) -> torch.Tensor:
     """Blend a -> b by t and rescale so two independent unit-variance inputs give unit variance."""
-    return a.lerp(b, t) / math.sqrt((1 - t) ** 2 + t**2)
+    return a.lerp(b, t).div_(math.sqrt((1 - t) ** 2 + t**2))  # in place on lerp's output, as in mp_silu
 
 
 def mp_cat(a: torch.Tensor, b: torch.Tensor, dim: int = 1, t: float = 0.5) -> torch.Tensor:
@@ -41,7 +41,10 @@ def mp_cat(a: torch.Tensor, b: torch.Tensor, dim: int = 1, t: float = 0.5) -> to
     c = math.sqrt((na + nb) / ((1 - t) ** 2 + t**2))
     wa = c / math.sqrt(na) * (1 - t)
     wb = c / math.sqrt(nb) * t
-    return torch.cat([wa * a, wb * b], dim=dim)
+    out = torch.cat([a, b], dim=dim)  # then each part scaled in place: the same products, one tensor fewer
+    out.narrow(dim, 0, na).mul_(wa)
+    out.narrow(dim, na, nb).mul_(wb)
+    return out
 
 
 def resample(x: torch.Tensor, mode: str = "keep") -> torch.Tensor:

@@ -103,8 +103,11 @@ def format_iteration(row: Mapping[str, Any], digits: int = 2) -> str:
     def fid(mean: float | None, sd: float | None) -> str:
         return _fmt(mean, digits) if one else f"{_fmt(mean, digits)} ± {_fmt(sd, digits)}"
 
+    selected = row.get("selection", True)  # rows written before evaluate.selection existed all had the set
+    how = "each method's w chosen on a separate selection set" if selected else \
+        "each method at its one preset w, chosen beforehand on other seeds (no selection set)"
     lines = [f"iteration {row['iteration']}: Heun {row['sampler_steps']} steps; {row['repeats']} report seed "
-             f"set(s) x {row.get('num_samples', '?')} samples; each method's w chosen on a separate selection set"]
+             f"set(s) x {row.get('num_samples', '?')} samples; {how}"]
     first = next(iter(methods.values()))
     body = [["base", "0.0", str(first["nfe_per_w"]["0.0"]), fid(first["fid"]["0.0"], first["fid_sd"]["0.0"]),
              _fmt(first["precision"]["0.0"], 3), _fmt(first["recall"]["0.0"], 3)]]
@@ -140,7 +143,9 @@ def format_iteration(row: Mapping[str, Any], digits: int = 2) -> str:
             verdict = "yes" if m["significant"] else "no"
         body.append([name, _best_key(m) if isinstance(m["best_w"], list) else str(m["best_w"]), _fmt(m["fid_base"], digits), _fmt(m["fid_best"], digits),
                      fid(m["gain"], m["gain_sd"]), verdict])
-    lines += _grid(["method", "best w", "FID base", "FID at best w", "gain (base - best)", "gain > 2 sd?"], body)
+    which = "best" if selected else "preset"
+    lines += _grid(["method", f"{which} w", "FID base", f"FID at {which} w", f"gain (base - {which})",
+                    "gain > 2 sd?"], body)
     return "\n".join(lines)
 
 
@@ -150,7 +155,10 @@ def format_table(summary: Mapping[str, Any], digits: int = 2) -> str:
     if not rows:
         return "(no iterations evaluated yet)"
     parts = [format_iteration(r, digits) for r in rows]
-    legend = ["* = the w each method selected on its selection seed set (its best w); w = 0 is the base model"]
+    legend = ["* = the w each method selected on its selection seed set (its best w); w = 0 is the base model"
+              if any(r.get("selection", True) for r in rows) else
+              "* = each method's preset w (evaluate.selection false: reported whether or not it beats the base); "
+              "w = 0 is the base model"]
     if any(not _one_repeat(r) for r in rows):
         legend.append("FID (lower is better), mean ± sd over the report seed sets; gain = paired FID(base) - "
                       "FID(best w) on the same seeds, mean ± sd")
