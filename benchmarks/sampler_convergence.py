@@ -8,7 +8,8 @@ reuses) the pipeline's iteration-0 base, then for each step count samples `--rep
 reference, with the same feature network as the evaluation. Writes JSON, a Markdown table and a PNG plot.
 
 Guided arms (--arms sims=0.25 neon=0.1, or --arms selected: every method of the run's summary.json at the w its
-selection set chose) need the run's aux and guide models: run the pipeline in --root first.
+selection set chose, or its preset w in a run without a selection set) need the run's aux and guide models: run
+the pipeline in --root first.
 
   python benchmarks/sampler_convergence.py --config pipelines/digits.yaml --root out/bench-sims/seed-0 \\
       --steps 6 8 10 12 16 20 32 --repeats 3 --num-samples 1000 --doc docs/sampler-convergence.md
@@ -45,7 +46,7 @@ from sims_platform.tracking.figures import figure_png, new_figure
 
 def arms(ctx: StageContext, wanted: list[str]) -> list[Arm]:
     """The base, then each METHOD=W of `wanted` ('selected': every method of the run's summary.json at its selected
-    w, when that w is not 0)."""
+    or preset w, when that w is not 0)."""
     out = [Arm("base", 0.0)]
     for item in wanted:
         if item == "selected":
