@@ -41,10 +41,7 @@ def mp_cat(a: torch.Tensor, b: torch.Tensor, dim: int = 1, t: float = 0.5) -> to
     c = math.sqrt((na + nb) / ((1 - t) ** 2 + t**2))
     wa = c / math.sqrt(na) * (1 - t)
     wb = c / math.sqrt(nb) * t
-    out = torch.cat([a, b], dim=dim)  # then each part scaled in place: the same products, one tensor fewer
-    out.narrow(dim, 0, na).mul_(wa)
-    out.narrow(dim, na, nb).mul_(wb)
-    return out
+    return torch.cat([wa * a, wb * b], dim=dim)
 
 
 def resample(x: torch.Tensor, mode: str = "keep") -> torch.Tensor:
