@@ -18,6 +18,14 @@ else:
     torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Modules holding end-to-end (`slow`) tests run first, each module's tests kept together and in order: the
+    parallel workers then start on the minute-long tests and end on the short ones, instead of one worker finishing
+    a long test while the other waits."""
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow)  # a stable sort: the order within each group is kept
+
+
 @pytest.fixture
 def tiny_cfg(tmp_path):
     return config_from_dict(tiny_config_dict(str(tmp_path / "run")))

@@ -139,6 +139,7 @@ def test_transfer_needs_a_warm_up(tmp_path):
     _refused(tmp_path, _cfg(tmp_path, mode="sideways"), r"finetune_aux\.init\.mode")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["resume", "transfer"])
 def test_each_mode_runs_in_a_pipeline_and_logs_its_start_and_drift(tmp_path, mode):
     from sims_platform.pipeline.runner import run_pipeline

@@ -47,6 +47,7 @@ def _check_self_contained(folder: Path, expected: dict[str, list[str]]) -> None:
             assert (Path(run.info.artifact_uri[len("file://"):]) / name).is_file()
 
 
+@pytest.mark.slow
 def test_a_copied_and_a_moved_run_folder_keep_their_artifacts(tmp_path):
     first = tmp_path / "first"
     run_pipeline(config_from_dict(tiny_config_dict(str(first))))
@@ -75,6 +76,7 @@ def test_a_copied_and_a_moved_run_folder_keep_their_artifacts(tmp_path):
     _check_self_contained(moved, expected)
 
 
+@pytest.mark.slow
 def test_sims_ui_serves_a_moved_folders_artifacts(tmp_path):
     """`sims ui <folder>` re-roots a moved folder's store and serves it: the artifact is downloadable."""
     import json

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from pipeline_support import tiny_config_dict
@@ -65,6 +66,7 @@ with open(report, "w") as f:
 """
 
 
+@pytest.mark.slow
 def test_a_run_writes_only_under_home_tmpdir_and_its_storage_root(tmp_path):
     home, tmp, root, cwd = (tmp_path / d for d in ("home", "tmp", "run", "image"))
     for d in (home, tmp, cwd):
