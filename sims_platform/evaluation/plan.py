@@ -3,8 +3,8 @@
 An arm is one sampler: the base (w = 0, shared by every method) or a method at one w > 0. Seed set 0 is the
 selection set, on which each method's best w is chosen (sampled only with evaluate.selection: a run without it
 reports each method at its one preset w); sets 1..repeats are the report sets, whose FID, precision and recall are
-reported as mean and sd. All sets are disjoint slices of the evaluation seed stream,
-and every arm samples exactly the same seeds in each set, so arms differ only in their sampler (paired).
+reported as mean and sd. All sets are disjoint slices of the evaluation seed stream, and every arm samples exactly
+the same seeds in each set, so arms differ only in their sampler (paired).
 A unit is (arm, set, batch of seeds); a job array's part i computes a contiguous, balanced block of units.
 """
 

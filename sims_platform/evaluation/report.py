@@ -1,9 +1,10 @@
 """From merged statistics to results: metrics per arm and seed set, each method's selected w, paired gains.
 
 Protocol (README "Measuring honestly"): each method's best w is the argmin of FID on the selection set (set 0),
-which is never reported (with evaluate.selection false, its one preset w, chosen beforehand on other seeds); FID, precision and recall are reported as mean and sd over the report sets 1..R;
-the gain of a method is the paired difference FID(base) - FID(method at its best w) on each report set (the
-same seeds), summarised as mean and sd; it counts as significant when the mean exceeds twice that sd.
+which is never reported (with evaluate.selection false, its one preset w, chosen beforehand on other seeds);
+FID, precision and recall are reported as mean and sd over the report sets 1..R; the gain of a method is the
+paired difference FID(base) - FID(method at its best w) on each report set (the same seeds), summarised as mean
+and sd; it counts as significant when the mean exceeds twice that sd.
 """
 
 from __future__ import annotations
