@@ -15,10 +15,9 @@ other exception counts as a crash, an input that takes longer than --hang-s as a
 the canary file as code execution. The run writes faults.json (counts and the first example of each crash) and
 prints the table that docs/reliability.md records.
 
-`kill` runs a pipeline once without interruption (or takes --reference, a finished run of the same config and
-code), then again under kill -9 (the whole process group, at random instants drawn from a seeded generator, each
-within the step that is running) until every step has been killed --kills times, resuming with the same command
-after each kill. The resumed run's outputs must equal the
+`kill` runs a pipeline once without interruption, then again under kill -9 (the whole process group, at random
+instants drawn from a seeded generator, each within the step that is running) until every step has been killed
+--kills times, resuming with the same command after each kill. The resumed run's outputs must equal the
 uninterrupted run's bit for bit: every model, shard, manifest, statistics file and results file (run
 identifiers, timings and MLflow's own files aside).
 
@@ -412,22 +411,16 @@ def cmd_kill(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     sims = [sys.executable, "-m", "sims_platform.cli", "run", "--config", str(args.config)]
     reference, killed = args.out / "uninterrupted", args.out / "killed"
-    if args.reference is not None:  # a finished run of the same config and code (e.g. `make demo`'s folder)
-        reference = args.reference.resolve()
-        if not (reference / "summary.json").is_file():
-            print(f"--reference {reference}: no summary.json there; give the folder of a finished run")
-            return 2
-    for folder in (reference, killed) if args.reference is None else (killed,):
+    for folder in (reference, killed):
         if folder.exists():
             shutil.rmtree(folder)
     t0 = time.time()
-    if args.reference is None:
-        ref_log = args.out / "uninterrupted.log"
-        ref_log.unlink(missing_ok=True)
-        if _run(sims + ["--out", str(reference)], ref_log).wait() != 0:
-            print(f"the uninterrupted run failed: {ref_log}")
-            return 1
-        print(f"[kill] uninterrupted run: {time.time() - t0:.0f} s", flush=True)
+    ref_log = args.out / "uninterrupted.log"
+    ref_log.unlink(missing_ok=True)
+    if _run(sims + ["--out", str(reference)], ref_log).wait() != 0:
+        print(f"the uninterrupted run failed: {ref_log}")
+        return 1
+    print(f"[kill] uninterrupted run: {time.time() - t0:.0f} s", flush=True)
 
     rng = random.Random(args.seed)
     kills: Counter = Counter()
@@ -468,7 +461,6 @@ def cmd_kill(args: argparse.Namespace) -> int:
     missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
     same_summary = "summary.json" in want and want["summary.json"] == got.get("summary.json")
     report = {"command": " ".join(sys.argv), "config": str(args.config), "seed": args.seed,
-              "reference": str(reference),
               "kills_per_step": dict(kills), "kills": record, "files_compared": len(want),
               "files_differing": differ, "files_missing": missing, "files_extra": extra,
               "summary_equal": same_summary}
@@ -566,8 +558,6 @@ def main(argv: list[str] | None = None) -> int:
     k.add_argument("--max-delay", type=float, default=8.0, help="a kill lands within this many seconds")
     k.add_argument("--seed", type=int, default=0, help="seed of the kill instants")
     k.add_argument("--out", type=Path, default=Path("out/faults-kill"))
-    k.add_argument("--reference", type=Path, help="compare with this finished, uninterrupted run of the same config "
-                   "and code (e.g. out/digits after `make demo`) instead of running one first")
     k.set_defaults(func=cmd_kill)
     s3 = sub.add_parser("s3", help="a whole local-cluster run with S3 answering a share of requests with faults")
     s3.add_argument("--config", type=Path, default=REPO / "pipelines" / "quick.yaml")

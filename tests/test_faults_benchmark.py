@@ -80,11 +80,3 @@ def test_the_kill_harness_attributes_each_instant_to_the_stage_that_runs(tmp_pat
     with log.open("a") as f:
         f.write("[iter 1 train-base] 64/128 img\n")
     assert faults._current_step(log, offset) == "train-base"
-
-
-def test_the_kill_suite_refuses_a_reference_that_is_not_a_finished_run(tmp_path, capsys):
-    """--reference replaces the uninterrupted run only with the folder of a finished one (its summary.json)."""
-    unfinished = tmp_path / "digits"
-    unfinished.mkdir()
-    assert faults.main(["kill", "--reference", str(unfinished), "--out", str(tmp_path / "kill")]) == 2
-    assert "no summary.json" in capsys.readouterr().out and not (tmp_path / "kill" / "killed").exists()
