@@ -62,20 +62,20 @@ def test_sims_run_samples_in_parts_and_agrees_with_one_process(tmp_path):
     assert runs["tiny"].info.run_id == summary["mlflow_run_id"]
     assert runs["iter-0/evaluate"].data.metrics["eval_parts"] == 2
 
-    # The same pipeline in one process: the same results up to float rounding (a sample depends only on its seed).
-    d["storage"]["root"] = str(tmp_path / "one")
-    cfg.write_text(yaml.safe_dump(d))
-    one = _sims_run(cfg)
+    # The sampling stages again, in one process, from the same base model: the same results up to float rounding
+    # (a sample depends only on its seed, not on the part that drew it).
+    base = root / "iter-00" / "train-base" / "model.pt"
+    base_written = base.stat().st_mtime_ns
+    one = _sims_run(cfg, "--redo-from", "generate")
     assert one.returncode == 0, one.stderr[-3000:]
-    assert "(2 parts)" not in one.stdout
-    alone = json.loads((tmp_path / "one" / "summary.json").read_text())["iterations"][0]["methods"]
+    assert "(2 parts)" not in one.stdout and base.stat().st_mtime_ns == base_written
+    assert json.loads((root / "iter-00" / "generate" / "_SUCCESS.json").read_text())["parts"] == 1
+    alone = json.loads((root / "summary.json").read_text())["iterations"][0]["methods"]
     for name, res in summary["iterations"][0]["methods"].items():
         for w, fid in res["fid"].items():
             assert fid == pytest.approx(alone[name]["fid"][w], rel=1e-5, abs=1e-6), (name, w)
 
     # A second `sims run` finds every stage complete and launches nothing.
-    d["storage"]["root"] = str(root)
-    cfg.write_text(yaml.safe_dump(d))
     again = _sims_run(cfg, "--parts", "2")
     assert again.returncode == 0, again.stderr[-2000:]
     assert "(2 parts)" not in again.stdout and "already complete" in again.stdout

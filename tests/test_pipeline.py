@@ -141,21 +141,6 @@ def test_interrupted_stage_resumes_from_its_newest_checkpoint(tmp_path):
     assert out.returncode == 0 and "already complete" in out.stdout
 
 
-def test_stages_run_one_by_one_join_one_mlflow_run(tmp_path):
-    cfg_path = write_cfg(tmp_path)
-    for stage in ("train-base", "generate", "finetune-aux", "evaluate"):
-        out = subprocess.run(SIMS + ["stage", stage, "--config", str(cfg_path), "--iteration", "0"],
-                             capture_output=True, text=True, timeout=300)
-        assert out.returncode == 0, out.stderr
-    cfg = config_from_dict(yaml.safe_load(cfg_path.read_text()))
-    layout = RunLayout.of(cfg.storage.root)
-    client = MlflowClient(resolve_tracking_uri(cfg, layout))
-    runs = stage_runs(client, "tests")
-    parents = {r.data.tags.get("mlflow.parentRunId") for name, r in runs.items() if name.startswith("iter-0/")}
-    assert len(parents) == 1, "all stage runs nest under one iteration run"
-    assert sum(1 for r in runs.values() if r.data.tags.get("sims.kind") == "pipeline") == 1
-
-
 def test_two_iterations_feed_the_next_generation(tmp_path):
     d = tiny_config_dict(str(tmp_path / "run"))
     d["iterations"] = {"count": 2, "train_data": "real+synthetic", "feed_samples": 80, "feed_sampler": "guided"}
