@@ -14,6 +14,10 @@ from sims_platform.config import config_from_dict
 os.environ.setdefault("SIMS_PROGRESS_INTERVAL", "30")
 if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs several workers: they share the cores, a thread each
     torch.set_num_threads(1)
+    # And so does every process a test starts (`sims run`, its parts, torchrun ranks): a process with two OpenMP
+    # threads on cores another worker keeps busy spends most of its time waiting for its second thread (a tiny
+    # `sims run` beside two busy processes: 30 s with one thread, 300 s with two).
+    os.environ["OMP_NUM_THREADS"] = "1"
 else:
     torch.set_num_threads(min(2, torch.get_num_threads()))
 

@@ -20,7 +20,7 @@ SIMS = [sys.executable, "-m", "sims_platform.cli"]
 
 
 def _env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "OMP_NUM_THREADS")}
+    return {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
 
 
 def _as_from_a_terminal() -> None:

@@ -20,14 +20,16 @@ from mlflow.tracking import MlflowClient
 from pipeline_support import tiny_config_dict
 
 from sims_platform.config import config_from_dict
+from sims_platform.pipeline.processes import cpu_threads
 from sims_platform.pipeline.provenance import step_provenance
 from sims_platform.steps import Step
+from sims_platform.storage.layout import RunLayout
 
 SIMS = [sys.executable, "-m", "sims_platform.cli"]
 
 
 def _env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "OMP_NUM_THREADS")}
+    return {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
 
 
 def _sims_run(cfg, *extra: str) -> subprocess.CompletedProcess:
@@ -43,7 +45,7 @@ def test_sims_run_samples_in_parts_and_agrees_with_one_process(tmp_path):
     cfg.write_text(yaml.safe_dump(d))
     proc = _sims_run(cfg, "--parts", "2")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    threads = max(1, len(os.sched_getaffinity(0)) // 2)
+    threads = os.environ.get("OMP_NUM_THREADS") or cpu_threads(2)  # a thread count the user set is kept
     assert f"generate and evaluate as 2 processes ({threads} CPU thread(s) each)" in proc.stdout
     assert "iter 0 generate (2 parts): ok" in proc.stdout and "iter 0 evaluate (2 parts): ok" in proc.stdout
     root = tmp_path / "parts"
@@ -79,6 +81,27 @@ def test_sims_run_samples_in_parts_and_agrees_with_one_process(tmp_path):
     again = _sims_run(cfg, "--parts", "2")
     assert again.returncode == 0, again.stderr[-2000:]
     assert "(2 parts)" not in again.stdout and "already complete" in again.stdout
+
+
+@pytest.mark.parametrize("cores, set_by_user, each", [(4, None, "2"), (2, None, "1"), (1, None, "1"),
+                                                      (4, "3", "3")])
+def test_the_parts_share_the_cores_unless_the_user_set_a_thread_count(tiny_cfg, monkeypatch, capsys, cores,
+                                                                       set_by_user, each):
+    from sims_platform.pipeline import runner
+    envs: list[str] = []
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+    if set_by_user is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", set_by_user)
+    monkeypatch.setattr(runner, "run_stage", lambda ctx, stage: None)
+    monkeypatch.setattr(runner, "is_done", lambda ctx, stage: False)
+    monkeypatch.setattr(runner, "close_complete_runs", lambda ctx: None)
+    monkeypatch.setattr(runner, "run_parts", lambda step, config, extra, env, n: envs.append(env["OMP_NUM_THREADS"]))
+    cfg = tiny_cfg.model_copy(update={"runtime": tiny_cfg.runtime.model_copy(update={"local_parts": 2})})
+    runner._run_with_parts(cfg, RunLayout.of(cfg.storage.root), None)
+    assert envs and set(envs) == {each}
+    assert f"as 2 processes ({each} CPU thread(s) each)" in capsys.readouterr().out
 
 
 class _Payload:
