@@ -15,9 +15,9 @@ other exception counts as a crash, an input that takes longer than --hang-s as a
 the canary file as code execution. The run writes faults.json (counts and the first example of each crash) and
 prints the table that docs/reliability.md records.
 
-`kill` runs a pipeline once without interruption, then again under kill -9 (the whole process group, at random
-instants drawn from a seeded generator, each within the step that is running) until every step has been killed
---kills times, resuming with the same command after each kill. The resumed run's outputs must equal the
+`kill` runs a pipeline twice side by side: once without interruption, once under kill -9 (the whole process
+group, at instants drawn from a seeded generator over each step's progress: KillPlan) until every step has been
+killed --kills times, resuming with the same command after each kill. The resumed run's outputs must equal the
 uninterrupted run's bit for bit: every model, shard, manifest, statistics file and results file (run
 identifiers, timings and MLflow's own files aside).
 
@@ -338,10 +338,13 @@ def cmd_fuzz(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------
 # kill -9 at random instants, then resume
 
-STEP_LINE = re.compile(r"^\[(?:iter \d+ )?([a-z][a-z0-9-]*)")
+STEP_LINE = re.compile(r"^\[(?:iter \d+ )?([a-z][a-z0-9-]*)(?!.*\] already complete \()")  # not a skipped step
 # Lines tagged with a phase of a stage rather than the stage (the feature network and the floor are computed by
 # reference, drift by evaluate); other tags (e.g. [local]) name no step.
 PHASE_OF = {"digits-classifier": "reference", "real-vs-real": "reference", "drift": "evaluate"}
+# A progress line's count (utils/progress.py): "[tag] 250/1000 img (25%) ...", "[tag] done 1000/1000 img ...",
+# "[tag] resumed at 250/1000 img ...".
+PROGRESS = re.compile(r"\] (?:done |resumed at )?(\d+)/(\d+) ")
 # Files that record how a run went (MLflow's store, completion and part records, timings, checkpoints on the way),
 # not what it computed.
 VOLATILE = re.compile(r"(^|/)(mlflow\.db.*|mlartifacts/.*|run\.json|_SUCCESS\.json|parts/.*\.json|.*\.lock|"
@@ -391,25 +394,91 @@ def _outputs(root: Path) -> dict[str, str]:
     return out
 
 
-def _current_step(log: Path, offset: int) -> str | None:
-    """The step the process writing `log` from byte `offset` on is in (its latest progress line), if any yet."""
+def _position(log: Path, offset: int) -> tuple[str | None, float | None]:
+    """The step the process writing `log` from byte `offset` on is in (its latest step line), and how far that
+    step's latest progress line says it has come (done/total; None before it prints one)."""
     with log.open("rb") as f:
         f.seek(offset)
         text = f.read().decode(errors="replace")
-    tags = [m.group(1) for line in text.splitlines() if (m := STEP_LINE.match(line))]
-    steps = [PHASE_OF.get(t, t) for t in tags if t in STAGE_NAMES or t in PHASE_OF]
-    return steps[-1] if steps else None
+    step, fraction = None, None
+    for line in text.splitlines():
+        m = STEP_LINE.match(line)
+        if not m or not (m.group(1) in STAGE_NAMES or m.group(1) in PHASE_OF):
+            continue
+        tag = PHASE_OF.get(m.group(1), m.group(1))
+        if tag != step:
+            step, fraction = tag, None
+        if p := PROGRESS.search(line):
+            fraction = int(p.group(1)) / max(1, int(p.group(2)))
+    return step, fraction
 
 
-def _run(cmd: list[str], log: Path) -> subprocess.Popen:
+def _steps_in(log: Path) -> list[str]:
+    """Every step a log shows, in the order it first appears."""
+    tags = [m.group(1) for line in log.read_text(errors="replace").splitlines() if (m := STEP_LINE.match(line))]
+    return list(dict.fromkeys(PHASE_OF.get(t, t) for t in tags if t in STAGE_NAMES or t in PHASE_OF))
+
+
+@dataclass
+class KillPlan:
+    """When to kill the attempt that runs now, from what its log says. Each step gets two kinds of kill, in order:
+
+    - `early` kills, each at a random instant within `early_s` of the step's first line after the restart. A
+      resumed step starts again from its newest checkpoint, so these stay near its start, and they always land
+      before it ends: every step gets all of them.
+    - then up to `late` kills at a point drawn uniformly from what is left of the step (done/total from its
+      progress lines, from the first line of the attempt to the end), at a random instant before the next line
+      (they come every `gap` s); a phase that ends before that point is killed as its `done` line appears, while
+      it writes its results. These reach the rest of a step, checkpoints and last writes included; a kill that
+      comes too late for a step's final write lets it complete, so a step may get fewer.
+
+    A step with no progress line gets a no-progress instant within `early_s`. If a step ends before its drawn
+    instant, the kill lands as the next step begins (and counts there)."""
+
+    rng: Any
+    early: int
+    late: int
+    gap: float
+    early_s: float
+    counts: Counter = field(default_factory=Counter)
+    step: str | None = None
+    target: float | None = None
+    deadline: float | None = None
+
+    def restart(self) -> None:
+        self.step = self.target = self.deadline = None
+
+    def due(self, step: str | None, fraction: float | None, now: float) -> bool:
+        if step != self.step:
+            pending = self.deadline is not None
+            self.step, self.target = step, None
+            self.deadline = (now + self.rng.uniform(0, self.early_s)
+                             if step is not None and self.counts[step] < self.early + self.late else None)
+            if pending:
+                return True
+        if step is None or self.counts[step] >= self.early + self.late:
+            return False
+        if fraction is not None and self.counts[step] >= self.early:
+            if self.target is None:  # this attempt's first progress line: the point to kill at, from here on
+                self.target, self.deadline = self.rng.uniform(fraction, 1.0), None
+            if fraction >= 1.0:
+                return True
+            if self.deadline is None and fraction >= self.target:
+                self.deadline = now + self.rng.uniform(0, self.gap)
+        return self.deadline is not None and now >= self.deadline
+
+
+def _run(cmd: list[str], log: Path, progress_s: float = 10.0) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "SIMS_PROGRESS_INTERVAL": str(progress_s)})
 
 
 def cmd_kill(args: argparse.Namespace) -> int:
     import random
     args.out.mkdir(parents=True, exist_ok=True)
     sims = [sys.executable, "-m", "sims_platform.cli", "run", "--config", str(args.config)]
+    for override in args.set or []:
+        sims += ["--set", override]
     reference, killed = args.out / "uninterrupted", args.out / "killed"
     for folder in (reference, killed):
         if folder.exists():
@@ -423,29 +492,33 @@ def cmd_kill(args: argparse.Namespace) -> int:
 
     rng = random.Random(args.seed)
     kills: Counter = Counter()
+    plan = KillPlan(rng, args.kills, args.late_kills, args.gap, args.early_s, kills)
     record: list[dict[str, Any]] = []
     log = args.out / "killed.log"
     log.unlink(missing_ok=True)
     t0 = time.time()
     while True:
         offset = log.stat().st_size if log.exists() else 0
-        proc = _run(sims + ["--out", str(killed)], log)
-        start, deadline, step_at_schedule = time.time(), None, None
+        proc = _run(sims + ["--out", str(killed)], log, progress_s=args.gap)
+        start = time.time()
+        plan.restart()
         while proc.poll() is None:
-            step = _current_step(log, offset)
-            if step is not None and (deadline is None or step != step_at_schedule):
-                # A kill at a random instant of this step (uniform over --max-delay seconds from now), while the
-                # step has had fewer than --kills; after that it runs to its end undisturbed.
-                step_at_schedule = step
-                deadline = time.time() + rng.uniform(0, args.max_delay) if kills[step] < args.kills else None
-            if deadline is not None and time.time() >= deadline:
-                step = _current_step(log, offset) or "start-up"
+            step, fraction = _position(log, offset)
+            if plan.due(step, fraction, time.time()):
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+                step, fraction = _position(log, offset)  # the step and point it was in when it died
+                step = step or "start-up"
                 kills[step] += 1
-                record.append({"step": step, "after_s": round(time.time() - start, 2)})
-                print(f"[kill] kill -9 #{len(record)} in {step} ({kills[step]}/{args.kills}) "
-                      f"{time.time() - start:.1f} s after the restart", flush=True)
+                record.append({"step": step, "after_s": round(time.time() - start, 2),
+                               "progress": None if fraction is None else round(fraction, 4)})
+                where = "" if fraction is None else f" at {fraction:.0%} of its progress"
+                print(f"[kill] kill -9 #{len(record)} in {step}{where} ({kills[step]} of {args.kills} early + "
+                      f"{args.late_kills} late) {time.time() - start:.1f} s after the restart", flush=True)
+                if len(record) > 2 * (args.kills + args.late_kills) * len(STAGE_NAMES):  # the harness's fault
+                    print("[kill] more kills than twice the planned number: stopping")
+                    os.killpg(ref_proc.pid, signal.SIGKILL)
+                    return 1
                 break
             time.sleep(0.05)
         else:
@@ -464,8 +537,11 @@ def cmd_kill(args: argparse.Namespace) -> int:
     differ = sorted(f for f in set(want) & set(got) if want[f] != got[f])
     missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
     same_summary = "summary.json" in want and want["summary.json"] == got.get("summary.json")
+    steps = _steps_in(ref_log)
+    short = {s: kills[s] for s in steps if kills[s] < args.kills}
     report = {"command": " ".join(sys.argv), "config": str(args.config), "seed": args.seed,
-              "kills_per_step": dict(kills), "kills": record, "files_compared": len(want),
+              "kills_per_step": dict(kills), "steps_short_of_kills": short, "kills": record,
+              "files_compared": len(want),
               "files_differing": differ, "files_missing": missing, "files_extra": extra,
               "summary_equal": same_summary}
     (args.out / "kill.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -476,7 +552,9 @@ def cmd_kill(args: argparse.Namespace) -> int:
           f"summary.json {'equal' if same_summary else 'DIFFERS'}")
     for f in differ + missing + extra:
         print(f"  {f}")
-    return 0 if not (differ or missing or extra) and same_summary else 1
+    if short:
+        print(f"steps that ended before their {args.kills} kills: {short}")
+    return 0 if not (differ or missing or extra or short) and same_summary else 1
 
 
 def _download(s3: Any, prefix: str, dest: Path) -> None:
@@ -558,8 +636,14 @@ def main(argv: list[str] | None = None) -> int:
     f.set_defaults(func=cmd_fuzz)
     k = sub.add_parser("kill", help="kill -9 a pipeline at random instants of every step, resume, compare")
     k.add_argument("--config", type=Path, default=REPO / "pipelines" / "quick.yaml")
-    k.add_argument("--kills", type=int, default=20, help="kills per step")
-    k.add_argument("--max-delay", type=float, default=8.0, help="a kill lands within this many seconds")
+    k.add_argument("--kills", type=int, default=20, help="kills near each step's start (every step gets them)")
+    k.add_argument("--late-kills", type=int, default=10,
+                   help="then up to this many kills per step drawn over the rest of it")
+    k.add_argument("--gap", type=float, default=1.0,
+                   help="seconds between the killed run's progress lines (a kill lands between two)")
+    k.add_argument("--early-s", type=float, default=8.0,
+                   help="an early kill lands within this many seconds of the step's first line")
+    k.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, for both runs")
     k.add_argument("--seed", type=int, default=0, help="seed of the kill instants")
     k.add_argument("--out", type=Path, default=Path("out/faults-kill"))
     k.set_defaults(func=cmd_kill)

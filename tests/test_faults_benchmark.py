@@ -7,6 +7,8 @@ import pickle
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 import faults  # noqa: E402
@@ -67,16 +69,72 @@ def test_the_s3_fault_proxy_injects_every_fault_and_the_platforms_s3_io_survives
 
 def test_the_kill_harness_attributes_each_instant_to_the_stage_that_runs(tmp_path):
     """A kill counts for the stage whose progress line came last; a phase's own tag (the feature network, the floor,
-    drift) counts for its stage, and the launcher's lines for none."""
+    drift) counts for its stage, and the launcher's lines for none. Its point is the step's latest done/total."""
     log = tmp_path / "run.log"
     log.write_text("[local] starting\n")
-    assert faults._current_step(log, 0) is None
-    log.write_text("[digits-classifier] training\n[reference part 0/1] 5/10 img\n[real-vs-real floor] 3/6 img\n")
-    assert faults._current_step(log, 0) == "reference"
-    log.write_text("[iter 0 evaluate part 1/2] 5/10 img\n[drift] finetune-aux: weight distance 0.01\n"
+    assert faults._position(log, 0) == (None, None)
+    log.write_text("[digits-classifier] training\n[reference part 0/1] 5/10 img (50%)\n[real-vs-real floor] 3/6 img\n")
+    assert faults._position(log, 0) == ("reference", 0.5)
+    log.write_text("[iter 0 evaluate part 1/2] resumed at 5/10 img\n[drift] finetune-aux: weight distance 0.01\n"
                    "[local] iter 0 evaluate (2 parts): ok in 9 s\n")
-    assert faults._current_step(log, 0) == "evaluate"
+    assert faults._position(log, 0) == ("evaluate", 0.5)
     offset = log.stat().st_size
     with log.open("a") as f:
         f.write("[iter 1 train-base] 64/128 img\n")
-    assert faults._current_step(log, offset) == "train-base"
+    assert faults._position(log, offset) == ("train-base", 0.5)
+    with log.open("a") as f:
+        f.write("[iter 1 train-base] done 128/128 img (100%)\n[iter 1 generate] writing\n")
+    assert faults._position(log, offset) == ("generate", None)
+    offset = log.stat().st_size  # a restart: the steps it skips are not running
+    with log.open("a") as f:
+        f.write("[iter 1 generate] already complete (file:///run/iter-01/generate/_SUCCESS.json); skipping\n")
+    assert faults._position(log, offset) == (None, None)
+    with log.open("a") as f:
+        f.write("[iter 1 finetune-aux] 8/32 img\n")
+    assert faults._position(log, offset) == ("finetune-aux", 0.25)
+    assert faults._steps_in(log) == ["evaluate", "train-base", "generate", "finetune-aux"]
+
+
+class _Draws:
+    """A stand-in for random.Random whose uniform(a, b) returns a + share * (b - a), share from a list."""
+
+    def __init__(self, *shares: float) -> None:
+        self.shares = list(shares)
+
+    def uniform(self, a: float, b: float) -> float:
+        return a + self.shares.pop(0) * (b - a)
+
+
+def test_the_early_kills_land_near_each_steps_start_whatever_its_progress():
+    plan = faults.KillPlan(_Draws(0.5), early=1, late=0, gap=1.0, early_s=8.0)
+    assert not plan.due("train-base", None, 0.0)  # the step's first line: the kill comes 4 s on
+    assert not plan.due("train-base", 0.99, 3.9)
+    assert plan.due("train-base", 0.99, 4.0)
+    plan.counts["train-base"] = 1
+    plan.restart()
+    assert not any(plan.due("train-base", f, t) for t, f in enumerate((0.0, 0.5, 1.0)))  # had its kill: undisturbed
+
+
+def test_a_late_kill_lands_at_a_drawn_point_of_what_is_left_of_the_step():
+    plan = faults.KillPlan(_Draws(0.9, 0.5, 0.5), early=1, late=1, gap=1.0, early_s=8.0)
+    plan.counts["train-base"] = 1  # its early kill is done
+    assert not plan.due("train-base", None, 0.0)  # no progress line yet: a no-progress instant, 7.2 s on
+    assert not plan.due("train-base", 0.2, 1.0)  # the first line: the point is 0.2 + 0.5 * 0.8 = 0.6
+    assert plan.target == pytest.approx(0.6) and plan.deadline is None
+    assert not plan.due("train-base", 0.5, 2.0)
+    assert not plan.due("train-base", 0.7, 3.0)  # past the point: the kill lands before the next line...
+    assert plan.deadline == 3.5 and not plan.due("train-base", 0.7, 3.4)
+    assert plan.due("train-base", 0.7, 3.5)  # ...at 3.5 s
+
+
+def test_a_late_kill_reaches_a_steps_last_writes():
+    plan = faults.KillPlan(_Draws(0.0, 0.99), early=0, late=1, gap=1.0, early_s=8.0)
+    assert not plan.due("generate", 0.0, 0.0)  # the point: 0.99 of the way
+    assert not plan.due("generate", 0.98, 5.0)
+    assert plan.due("generate", 1.0, 6.0)  # done before the drawn point: killed while it writes its results
+
+
+def test_a_step_that_ends_before_its_instant_is_killed_as_the_next_begins():
+    plan = faults.KillPlan(_Draws(0.5, 0.5), early=20, late=0, gap=1.0, early_s=8.0)
+    assert not plan.due("evaluate", None, 0.0)  # a reducer printing no progress: killed within 8 s, at 4 s...
+    assert plan.due("feed", None, 2.0)  # ...but it ended at 2 s: the kill lands as the next step begins
