@@ -394,6 +394,14 @@ def _outputs(root: Path) -> dict[str, str]:
     return out
 
 
+def _step_of(line: str) -> str | None:
+    """The step a log line belongs to: its tag, or the stage whose phase the tag names; None for other lines."""
+    m = STEP_LINE.match(line)
+    if not m or not (m.group(1) in STAGE_NAMES or m.group(1) in PHASE_OF):
+        return None
+    return PHASE_OF.get(m.group(1), m.group(1))
+
+
 def _position(log: Path, offset: int) -> tuple[str | None, float | None]:
     """The step the process writing `log` from byte `offset` on is in (its latest step line), and how far that
     step's latest progress line says it has come (done/total; None before it prints one)."""
@@ -402,10 +410,8 @@ def _position(log: Path, offset: int) -> tuple[str | None, float | None]:
         text = f.read().decode(errors="replace")
     step, fraction = None, None
     for line in text.splitlines():
-        m = STEP_LINE.match(line)
-        if not m or not (m.group(1) in STAGE_NAMES or m.group(1) in PHASE_OF):
+        if (tag := _step_of(line)) is None:
             continue
-        tag = PHASE_OF.get(m.group(1), m.group(1))
         if tag != step:
             step, fraction = tag, None
         if p := PROGRESS.search(line):
@@ -415,8 +421,8 @@ def _position(log: Path, offset: int) -> tuple[str | None, float | None]:
 
 def _steps_in(log: Path) -> list[str]:
     """Every step a log shows, in the order it first appears."""
-    tags = [m.group(1) for line in log.read_text(errors="replace").splitlines() if (m := STEP_LINE.match(line))]
-    return list(dict.fromkeys(PHASE_OF.get(t, t) for t in tags if t in STAGE_NAMES or t in PHASE_OF))
+    steps = (_step_of(line) for line in log.read_text(errors="replace").splitlines())
+    return list(dict.fromkeys(s for s in steps if s is not None))
 
 
 @dataclass
@@ -497,36 +503,40 @@ def cmd_kill(args: argparse.Namespace) -> int:
     log = args.out / "killed.log"
     log.unlink(missing_ok=True)
     t0 = time.time()
-    while True:
-        offset = log.stat().st_size if log.exists() else 0
-        proc = _run(sims + ["--out", str(killed)], log, progress_s=args.gap)
-        start = time.time()
-        plan.restart()
-        while proc.poll() is None:
-            step, fraction = _position(log, offset)
-            if plan.due(step, fraction, time.time()):
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-                step, fraction = _position(log, offset)  # the step and point it was in when it died
-                step = step or "start-up"
-                kills[step] += 1
-                record.append({"step": step, "after_s": round(time.time() - start, 2),
-                               "progress": None if fraction is None else round(fraction, 4)})
-                where = "" if fraction is None else f" at {fraction:.0%} of its progress"
-                print(f"[kill] kill -9 #{len(record)} in {step}{where} ({kills[step]} of {args.kills} early + "
-                      f"{args.late_kills} late) {time.time() - start:.1f} s after the restart", flush=True)
-                if len(record) > 2 * (args.kills + args.late_kills) * len(STAGE_NAMES):  # the harness's fault
-                    print("[kill] more kills than twice the planned number: stopping")
-                    os.killpg(ref_proc.pid, signal.SIGKILL)
+    completed = False
+    try:
+        while True:
+            offset = log.stat().st_size if log.exists() else 0
+            proc = _run(sims + ["--out", str(killed)], log, progress_s=args.gap)
+            start = time.time()
+            plan.restart()
+            while proc.poll() is None:
+                step, fraction = _position(log, offset)
+                if plan.due(step, fraction, time.time()):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                    step, fraction = _position(log, offset)  # the step and point it was in when it died
+                    step = step or "start-up"
+                    kills[step] += 1
+                    record.append({"step": step, "after_s": round(time.time() - start, 2),
+                                   "progress": None if fraction is None else round(fraction, 4)})
+                    where = "" if fraction is None else f" at {fraction:.0%} of its progress"
+                    print(f"[kill] kill -9 #{len(record)} in {step}{where} ({kills[step]} of {args.kills} early + "
+                          f"{args.late_kills} late) {time.time() - start:.1f} s after the restart", flush=True)
+                    if len(record) > 2 * (args.kills + args.late_kills) * len(STAGE_NAMES):  # the harness's fault
+                        print("[kill] more kills than twice the planned number: stopping")
+                        return 1
+                    break
+                time.sleep(0.05)
+            else:
+                if proc.returncode != 0:
+                    print(f"[kill] the resumed run failed (exit {proc.returncode}): {log}")
                     return 1
                 break
-            time.sleep(0.05)
-        else:
-            if proc.returncode != 0:
-                print(f"[kill] the resumed run failed (exit {proc.returncode}): {log}")
-                os.killpg(ref_proc.pid, signal.SIGKILL)
-                return 1
-            break
+        completed = True
+    finally:  # an early exit (a failure, Ctrl-C) stops the uninterrupted run too: it runs in its own session
+        if not completed:
+            os.killpg(ref_proc.pid, signal.SIGKILL)
     print(f"[kill] {len(record)} kills, resumed to completion in {time.time() - t0:.0f} s", flush=True)
     if ref_proc.wait() != 0:
         print(f"the uninterrupted run failed: {ref_log}")
