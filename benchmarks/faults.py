@@ -339,6 +339,7 @@ def cmd_fuzz(args: argparse.Namespace) -> int:
 # kill -9 at random instants, then resume
 
 STEP_LINE = re.compile(r"^\[(?:iter \d+ )?([a-z][a-z0-9-]*)(?!.*\] already complete \()")  # not a skipped step
+SKIP_LINE = re.compile(r"^\[(?:iter \d+ )?([a-z][a-z0-9-]*)\] already complete \(")  # a step found complete
 # Lines tagged with a phase of a stage rather than the stage (the feature network and the floor are computed by
 # reference, drift by evaluate); other tags (e.g. [local]) name no step.
 PHASE_OF = {"digits-classifier": "reference", "real-vs-real": "reference", "drift": "evaluate"}
@@ -419,6 +420,16 @@ def _position(log: Path, offset: int) -> tuple[str | None, float | None]:
     return step, fraction
 
 
+def _last_skipped(log: Path, offset: int) -> str | None:
+    """The last step the process writing `log` from byte `offset` on found complete and skipped: steps run in
+    order, so it is the one that completed last."""
+    with log.open("rb") as f:
+        f.seek(offset)
+        text = f.read().decode(errors="replace")
+    skipped = [m.group(1) for line in text.splitlines() if (m := SKIP_LINE.match(line))]
+    return skipped[-1] if skipped else None
+
+
 def _steps_in(log: Path) -> list[str]:
     """Every step a log shows, in the order it first appears."""
     steps = (_step_of(line) for line in log.read_text(errors="replace").splitlines())
@@ -429,9 +440,9 @@ def _steps_in(log: Path) -> list[str]:
 class KillPlan:
     """When to kill the attempt that runs now, from what its log says. Each step gets two kinds of kill, in order:
 
-    - `early` kills, each at a random instant within `early_s` of the step's first line after the restart. A
-      resumed step starts again from its newest checkpoint, so these stay near its start, and they always land
-      before it ends: every step gets all of them.
+    - `early` kills, each at a random instant within `early_s` of the step's first line after the restart, or as
+      a phase's `done` line appears if that comes first (a step of a few seconds is killed while it writes, not
+      after it ends). A resumed step starts again from its newest checkpoint, so these stay near its start.
     - then up to `late` kills at a point drawn uniformly from what is left of the step (done/total from its
       progress lines, from the first line of the attempt to the end), at a random instant before the next line
       (they come every `gap` s); a phase that ends before that point is killed as its `done` line appears, while
@@ -439,7 +450,9 @@ class KillPlan:
       comes too late for a step's final write lets it complete, so a step may get fewer.
 
     A step with no progress line gets a no-progress instant within `early_s`. If a step ends before its drawn
-    instant, the kill lands as the next step begins (and counts there)."""
+    instant, the kill lands as the next step begins (and counts there); one that lands after a step's completion
+    record, before the next step's first line, counts for neither (`cmd_kill` finds it when the resumed run skips
+    the step)."""
 
     rng: Any
     early: int
@@ -464,11 +477,11 @@ class KillPlan:
                 return True
         if step is None or self.counts[step] >= self.early + self.late:
             return False
+        if fraction is not None and fraction >= 1.0:  # a phase's last line: it is writing its results
+            return True
         if fraction is not None and self.counts[step] >= self.early:
             if self.target is None:  # this attempt's first progress line: the point to kill at, from here on
                 self.target, self.deadline = self.rng.uniform(fraction, 1.0), None
-            if fraction >= 1.0:
-                return True
             if self.deadline is None and fraction >= self.target:
                 self.deadline = now + self.rng.uniform(0, self.gap)
         return self.deadline is not None and now >= self.deadline
@@ -504,6 +517,19 @@ def cmd_kill(args: argparse.Namespace) -> int:
     log.unlink(missing_ok=True)
     t0 = time.time()
     completed = False
+
+    def recount(offset: int) -> None:
+        """Once an attempt is past the steps it skips: if the last of them is the one the last kill counted for,
+        that kill came after the step had written its completion record, in the gap before the next step."""
+        last = record[-1] if record else None
+        if last and "complete" not in last:
+            last["complete"] = last["step"] == _last_skipped(log, offset)
+            if last["complete"]:
+                kills[last["step"]] -= 1
+                last["step"] = f"after {last['step']}"
+                kills[last["step"]] += 1
+                print(f"[kill] #{len(record)} came after its step had completed: counted {last['step']}", flush=True)
+
     try:
         while True:
             offset = log.stat().st_size if log.exists() else 0
@@ -512,6 +538,8 @@ def cmd_kill(args: argparse.Namespace) -> int:
             plan.restart()
             while proc.poll() is None:
                 step, fraction = _position(log, offset)
+                if step is not None:  # the attempt is past the steps it skips
+                    recount(offset)
                 if plan.due(step, fraction, time.time()):
                     os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait()
@@ -532,6 +560,7 @@ def cmd_kill(args: argparse.Namespace) -> int:
                 if proc.returncode != 0:
                     print(f"[kill] the resumed run failed (exit {proc.returncode}): {log}")
                     return 1
+                recount(offset)
                 break
         completed = True
     finally:  # an early exit (a failure, Ctrl-C) stops the uninterrupted run too: it runs in its own session

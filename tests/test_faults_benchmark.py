@@ -138,3 +138,25 @@ def test_a_step_that_ends_before_its_instant_is_killed_as_the_next_begins():
     plan = faults.KillPlan(_Draws(0.5, 0.5), early=20, late=0, gap=1.0, early_s=8.0)
     assert not plan.due("evaluate", None, 0.0)  # a reducer printing no progress: killed within 8 s, at 4 s...
     assert plan.due("feed", None, 2.0)  # ...but it ended at 2 s: the kill lands as the next step begins
+
+
+def test_an_early_kill_comes_at_the_latest_as_a_phase_writes_its_results():
+    """A step of a few seconds (the feature network's training) is killed by its `done` line if its drawn instant
+    is later: an instant after its end would let it complete."""
+    plan = faults.KillPlan(_Draws(0.9), early=20, late=0, gap=1.0, early_s=8.0)
+    assert not plan.due("reference", None, 0.0)  # the instant: 7.2 s on
+    assert not plan.due("reference", 0.67, 2.0)
+    assert plan.due("reference", 1.0, 3.0)
+
+
+def test_a_kill_after_a_steps_completion_record_is_told_apart_by_the_resumed_run(tmp_path):
+    """The resumed run skips the steps that completed, in order: the last it skips is the one that completed last."""
+    log = tmp_path / "run.log"
+    log.write_text("[iter 0 reference] 3/6 img\n")
+    offset = log.stat().st_size
+    assert faults._last_skipped(log, offset) is None
+    with log.open("a") as f:
+        f.write("[iter 0 reference] already complete (file:///r/_SUCCESS.json); skipping\n"
+                "[iter 0 train-base] already complete (file:///r/t/_SUCCESS.json); skipping\n"
+                "[iter 0 generate] 0/8 img\n")
+    assert faults._last_skipped(log, offset) == "train-base"
