@@ -11,8 +11,11 @@ TOOLS := .tools/bin/helm
 
 .PHONY: demo demo-cluster-local test setup clean benchmark-sims benchmark-mad benchmark-faults chart-schema gpu-wheels
 
+# The pip a venv starts with (23.x here) spends most of the set-up reading the package indexes' pages; 26.3 reads
+# them in half the time (user CPU 81 s -> 40 s for the test install).
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --no-compile pip==26.3 || { rm -rf $(VENV); exit 1; }
 
 # Bytecode: pip would compile all ~24k installed modules (72 s here, most never imported by the demo). Installing
 # without it and letting Python cache what it imports, as it does by default, costs the first import ~7 s once.
