@@ -403,12 +403,16 @@ def _step_of(line: str) -> str | None:
     return PHASE_OF.get(m.group(1), m.group(1))
 
 
+def _text_from(log: Path, offset: int) -> str:
+    with log.open("rb") as f:
+        f.seek(offset)
+        return f.read().decode(errors="replace")
+
+
 def _position(log: Path, offset: int) -> tuple[str | None, float | None]:
     """The step the process writing `log` from byte `offset` on is in (its latest step line), and how far that
     step's latest progress line says it has come (done/total; None before it prints one)."""
-    with log.open("rb") as f:
-        f.seek(offset)
-        text = f.read().decode(errors="replace")
+    text = _text_from(log, offset)
     step, fraction = None, None
     for line in text.splitlines():
         if (tag := _step_of(line)) is None:
@@ -423,9 +427,7 @@ def _position(log: Path, offset: int) -> tuple[str | None, float | None]:
 def _last_skipped(log: Path, offset: int) -> str | None:
     """The last step the process writing `log` from byte `offset` on found complete and skipped: steps run in
     order, so it is the one that completed last."""
-    with log.open("rb") as f:
-        f.seek(offset)
-        text = f.read().decode(errors="replace")
+    text = _text_from(log, offset)
     skipped = [m.group(1) for line in text.splitlines() if (m := SKIP_LINE.match(line))]
     return skipped[-1] if skipped else None
 
