@@ -23,8 +23,9 @@ $(BIN)/python:
 # its imports again (+5 s each), so the recipes here run without it.
 # The demo installs the package alone (~20 s less); the tests add the test extras (moto, kubernetes-validate, ...).
 unexport PYTHONDONTWRITEBYTECODE
+# setuptools' "Editable installation" note (an InformationOnly warning that pip 26 prints even with -q) is left out.
 define install
-	$(BIN)/pip install -q --no-compile -c constraints-dev.txt -e '$(1)'
+	PYTHONWARNINGS="ignore:Editable installation" $(BIN)/pip install -q --no-compile -c constraints-dev.txt -e '$(1)'
 endef
 
 $(STAMP): $(BIN)/python pyproject.toml constraints-dev.txt
