@@ -339,7 +339,8 @@ def cmd_fuzz(args: argparse.Namespace) -> int:
 # kill -9 at random instants, then resume
 
 STEP_LINE = re.compile(r"^\[(?:iter \d+ )?([a-z][a-z0-9-]*)(?!.*\] already complete \()")  # not a skipped step
-SKIP_LINE = re.compile(r"^\[(?:iter \d+ )?([a-z][a-z0-9-]*)\] already complete \(")  # a step found complete
+# A step found complete: its stage record (_SUCCESS.json), not one of its parts' records (parts/part-*.json).
+SKIP_LINE = re.compile(r"^\[(?:iter \d+ )?([a-z][a-z0-9-]*)\] already complete \([^)]*/_SUCCESS\.json\)")
 # Lines tagged with a phase of a stage rather than the stage (the feature network and the floor are computed by
 # reference, drift by evaluate); other tags (e.g. [local]) name no step.
 PHASE_OF = {"digits-classifier": "reference", "real-vs-real": "reference", "drift": "evaluate"}

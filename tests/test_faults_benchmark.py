@@ -160,3 +160,10 @@ def test_a_kill_after_a_steps_completion_record_is_told_apart_by_the_resumed_run
                 "[iter 0 train-base] already complete (file:///r/t/_SUCCESS.json); skipping\n"
                 "[iter 0 generate] 0/8 img\n")
     assert faults._last_skipped(log, offset) == "train-base"
+    # A stage whose parts completed is not complete: the kill came as it merged them.
+    offset = log.stat().st_size
+    with log.open("a") as f:
+        f.write("[iter 0 generate] already complete (file:///r/g/_SUCCESS.json); skipping\n"
+                "[iter 0 evaluate] already complete (file:///r/e/parts/part-00000-of-00002.json); skipping\n"
+                "[iter 0 evaluate] real vs real (floor): FID 16.5\n")
+    assert faults._last_skipped(log, offset) == "generate"
