@@ -16,8 +16,9 @@ the canary file as code execution. The run writes faults.json (counts and the fi
 prints the table that docs/reliability.md records.
 
 `kill` runs a pipeline twice side by side: once without interruption, once under kill -9 (the whole process
-group, at instants drawn from a seeded generator over each step's progress: KillPlan) until every step has been
-killed --kills times, resuming with the same command after each kill. The resumed run's outputs must equal the
+group, at instants drawn from a seeded generator over each step's progress: KillPlan) until every step has had
+--kills early and up to --late-kills late kills, resuming with the same command after each kill; a kill that came
+after its step had completed counts as `after STEP`. The resumed run's outputs must equal the
 uninterrupted run's bit for bit: every model, shard, manifest, statistics file and results file (run
 identifiers, timings and MLflow's own files aside).
 
@@ -338,9 +339,10 @@ def cmd_fuzz(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------
 # kill -9 at random instants, then resume
 
-STEP_LINE = re.compile(r"^\[(?:iter \d+ )?([a-z][a-z0-9-]*)(?!.*\] already complete \()")  # not a skipped step
+TAG = r"^\[(?:iter \d+ )?([a-z][a-z0-9-]*)"  # a log line's tag: "[iter 0 train-base] ...", "[drift] ..."
+STEP_LINE = re.compile(TAG + r"(?!.*\] already complete \()")  # not a skipped step
 # A step found complete: its stage record (_SUCCESS.json), not one of its parts' records (parts/part-*.json).
-SKIP_LINE = re.compile(r"^\[(?:iter \d+ )?([a-z][a-z0-9-]*)\] already complete \([^)]*/_SUCCESS\.json\)")
+SKIP_LINE = re.compile(TAG + r"\] already complete \([^)]*/_SUCCESS\.json\)")
 # Lines tagged with a phase of a stage rather than the stage (the feature network and the floor are computed by
 # reference, drift by evaluate); other tags (e.g. [local]) name no step.
 PHASE_OF = {"digits-classifier": "reference", "real-vs-real": "reference", "drift": "evaluate"}
